@@ -1,0 +1,494 @@
+"""The activation store: one Zarr (v3) store per extraction, read lazily with xarray.
+
+Layout of `<store>.zarr/`:
+```
+zarr.json                 group attrs: identity + fingerprint, provenance, chunk size, complete
+stimulus, label           coordinates along `presentation` (written once, at creation)
+<layer>/                  one array per layer: (presentation, channel, y, x) or (presentation, neuroid)
+.done/<layer>/<chunk>     a marker per finished chunk, written temp + rename (atomic)
+```
+Why this shape:
+- Arrays are chunked along `presentation` only, one chunk per batch, so a batch is written as
+  whole chunk files: no read-modify-write, no locks, and a shard owns a chunk-aligned range.
+- A chunk counts as done only when its marker exists; the marker is written after the chunk, so a
+  job killed at any point redoes exactly the unmarked chunks (same batches, same bits).
+- The store is first built in a temporary folder and renamed into place, so two shards starting at
+  once never see (or clobber) a half-made store: one rename wins, the other opens the winner's.
+- No HDF5, no file locks: safe on network filesystems.
+
+Analysis code only needs `open_activations(path, layer)`; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bonnerlab.errors import UserError
+
+PRESENTATION = "presentation"
+COORDS = ("stimulus", "label")
+DONE_DIR = ".done"
+
+
+class StoreError(UserError):
+    """An activation store that is missing, incomplete or made with another config."""
+
+
+@contextlib.contextmanager
+def _quiet_zarr():
+    # Zarr warns that consolidated metadata is not in the v3 spec yet, and that `.done` is not a
+    # zarr node; both are expected here and would only clutter job logs and notebooks.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
+        yield
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that decides the store's contents."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{k}: {_short(a)} -> {_short(b)}")
+    return out
+
+
+def _short(value: Any, n: int = 40) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+@dataclass
+class LayerSpec:
+    """One layer's array: feature dims and shape (without the presentation dim) and its attrs."""
+
+    name: str
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def shard_chunks(n_chunks: int, shard_index: int, num_shards: int) -> range:
+    """The contiguous, disjoint range of chunk ids that shard `shard_index` of `num_shards` owns."""
+    if not 0 <= shard_index < num_shards:
+        raise StoreError(f"shard_index {shard_index} is out of range for num_shards {num_shards}")
+    base, extra = divmod(n_chunks, num_shards)
+    start = shard_index * base + min(shard_index, extra)
+    return range(start, start + base + (1 if shard_index < extra else 0))
+
+
+class ActivationStore:
+    """Writer side of a store: which chunks are missing, write one chunk, finalize."""
+
+    def __init__(self, path: str | Path):
+        import zarr
+
+        self.path = Path(path)
+        with _quiet_zarr():
+            self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+        attrs = dict(self.group.attrs)
+        if "bonnerlab" not in attrs:
+            raise StoreError(f"{self.path} is not a bonnerlab activation store")
+        meta = attrs["bonnerlab"]
+        self.layers: list[str] = list(meta["layers"])
+        self.n: int = int(meta["n_presentations"])
+        self.chunk_size: int = int(meta["chunk_size"])
+        self.fingerprint: str = meta["fingerprint"]
+        self.identity: dict[str, Any] = meta["identity"]
+        self._arrays = {name: self.group[name] for name in self.layers}
+
+    # ------------------------------------------------------------------ chunks and markers
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+    def chunk_slice(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.n))
+
+    def _marker(self, layer: str, chunk: int) -> Path:
+        return self.path / DONE_DIR / layer / str(chunk)
+
+    def is_done(self, chunk: int) -> bool:
+        return all(self._marker(layer, chunk).exists() for layer in self.layers)
+
+    def missing_chunks(self, chunks: Iterable[int] | None = None) -> list[int]:
+        chunks = range(self.n_chunks) if chunks is None else chunks
+        done = {layer: set(os.listdir(self.path / DONE_DIR / layer)) for layer in self.layers}
+        return [c for c in chunks if any(str(c) not in done[layer] for layer in self.layers)]
+
+    def write_chunk(
+        self, chunk: int, data: dict[str, np.ndarray], skipped: Sequence[str] = ()
+    ) -> None:
+        """Write one chunk of every layer, then mark each one done (temp file + rename)."""
+        sl = self.chunk_slice(chunk)
+        payload = json.dumps({"skipped": list(skipped)}) if skipped else ""
+        for layer in self.layers:
+            values = data[layer]
+            if values.shape[0] != sl.stop - sl.start:
+                raise ValueError(
+                    f"chunk {chunk} of {layer}: {values.shape[0]} rows, expected {sl.stop - sl.start}"
+                )
+            self._arrays[layer][sl] = values
+            marker = self._marker(layer, chunk)
+            tmp = marker.with_name(f".{chunk}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(payload)
+            os.replace(tmp, marker)
+
+    def skipped_stimuli(self) -> list[str]:
+        """Stimuli that could not be read (their rows are NaN), from the chunk markers."""
+        out: list[str] = []
+        first = self.path / DONE_DIR / self.layers[0]
+        for name in sorted(os.listdir(first), key=lambda s: int(s) if s.isdigit() else -1):
+            if not name.isdigit():
+                continue
+            text = (first / name).read_text()
+            if text:
+                out.extend(json.loads(text)["skipped"])
+        return out
+
+    def finalize(self) -> dict[str, Any]:
+        """Check every chunk of every layer is marked, then consolidate the metadata."""
+        import zarr
+
+        missing = self.missing_chunks()
+        if missing:
+            raise StoreError(
+                f"{self.path}: {len(missing)} of {self.n_chunks} chunks not written yet "
+                f"(first missing: {missing[:5]}); run the remaining shards (same config) first"
+            )
+        skipped = self.skipped_stimuli()
+        meta = dict(self.group.attrs["bonnerlab"])
+        meta.update(complete=True, skipped_stimuli=skipped)
+        with _quiet_zarr():
+            self.group.attrs["bonnerlab"] = meta
+            zarr.consolidate_metadata(str(self.path), zarr_format=3)
+        return {"store": str(self.path), "chunks": self.n_chunks, "skipped": len(skipped)}
+
+
+def open_store(
+    path: str | Path,
+    *,
+    identity: dict[str, Any],
+    layers: Sequence[LayerSpec],
+    stimuli: Sequence[str],
+    labels: Sequence[int] | None,
+    chunk_size: int,
+    attrs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    compression: str = "zstd",
+) -> tuple[ActivationStore, str]:
+    """Open the store at `path` for writing, creating it if needed.
+
+    Returns the store and what happened: "created", "reused" (same fingerprint: resume or no-op)
+    or "replaced" (different fingerprint and `overwrite`). A store made with a different identity
+    is refused unless `overwrite`; a path that is not a zarr store is never touched.
+    """
+    path = Path(path)
+    fp = fingerprint(identity)
+    for _attempt in range(3):
+        if path.exists():
+            existing = _read_meta(path)
+            if existing is None:
+                raise StoreError(
+                    f"{path} exists and is not an activation store; choose another output path"
+                )
+            if existing.get("fingerprint") == fp:
+                return ActivationStore(path), "reused"
+            if not overwrite:
+                diff = _differences(existing.get("identity", {}), identity)
+                raise StoreError(
+                    f"{path} was made with a different config ({'; '.join(diff[:3]) or 'unknown'}); "
+                    "pass --overwrite to replace it or choose another output path"
+                )
+            # Rename aside first: atomic, so of several shards told to overwrite only one removes it.
+            aside = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(path, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            overwrite = False  # the old one is gone; a store that appears now is a sibling shard's
+            outcome = "replaced"
+        else:
+            outcome = "created"
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        _create(tmp, fp, identity, layers, stimuli, labels, chunk_size, attrs or {}, compression)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another shard renamed its store into place first; use that one if it matches.
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        return ActivationStore(path), outcome
+    raise StoreError(f"{path}: could not create the store (other jobs keep replacing it)")
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    meta_file = path / "zarr.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return meta.get("attributes", {}).get("bonnerlab")
+
+
+def _compressors(name: str) -> Any:
+    from zarr.codecs import BloscCodec, ZstdCodec
+
+    if name == "none":
+        return None
+    if name == "zstd":
+        return ZstdCodec(level=1)
+    if name == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    raise StoreError(f"compression must be none, zstd or lz4; got {name!r}")
+
+
+def _create(
+    path: Path,
+    fp: str,
+    identity: dict[str, Any],
+    layers: Sequence[LayerSpec],
+    stimuli: Sequence[str],
+    labels: Sequence[int] | None,
+    chunk_size: int,
+    attrs: dict[str, Any],
+    compression: str,
+) -> None:
+    import zarr
+
+    names = [spec.name for spec in layers]
+    clash = set(names) & set(COORDS)
+    if clash or len(set(names)) != len(names) or not names:
+        raise StoreError(f"layer names must be unique and not {COORDS}; got {names}")
+    n = len(stimuli)
+    with _quiet_zarr():
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group.attrs["bonnerlab"] = {
+            "fingerprint": fp,
+            "identity": identity,
+            "layers": names,
+            "n_presentations": n,
+            "chunk_size": chunk_size,
+            "complete": False,
+            "skipped_stimuli": [],
+            **attrs,
+        }
+        stim = group.create_array(
+            "stimulus", shape=(n,), dtype=str, chunks=(max(n, 1),), dimension_names=[PRESENTATION]
+        )
+        stim[:] = np.asarray(list(stimuli), dtype=str)
+        lab = group.create_array(
+            "label",
+            shape=(n,),
+            dtype="int64",
+            chunks=(max(n, 1),),
+            dimension_names=[PRESENTATION],
+            fill_value=-1,
+        )
+        lab[:] = np.asarray(list(labels) if labels is not None else [-1] * n, dtype=np.int64)
+        for spec in layers:
+            group.create_array(
+                spec.name,
+                shape=(n, *spec.shape),
+                dtype=spec.dtype,
+                chunks=(chunk_size, *spec.shape),
+                dimension_names=[PRESENTATION, *spec.dims],
+                compressors=_compressors(compression),
+                fill_value=np.nan,
+                attributes={"coordinates": " ".join(COORDS), **spec.attrs},
+            )
+            (path / DONE_DIR / spec.name).mkdir(parents=True)
+
+
+def finalize(path: str | Path) -> dict[str, Any]:
+    """Finalize a store by hand (after all shards ran): `python -m bonnerlab.activations finalize PATH`."""
+    if not Path(path, "zarr.json").is_file():
+        raise StoreError(f"{path} is not an activation store")
+    return ActivationStore(path).finalize()
+
+
+# ============================================================================ reading (analysis)
+
+
+def _meta_or_error(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise StoreError(f"activation store {path} not found")
+    meta = _read_meta(path)
+    if meta is None:
+        raise StoreError(f"{path} is not an activation store")
+    return meta
+
+
+def list_layers(path: str | Path) -> list[str]:
+    """Names of the layers in the store, in extraction order."""
+    return list(_meta_or_error(Path(path))["layers"])
+
+
+def store_info(path: str | Path) -> dict[str, Any]:
+    """The store's group attributes: identity, provenance, completeness, skipped stimuli."""
+    return _meta_or_error(Path(path))
+
+
+def open_activations(
+    path: str | Path, layer: str, *, allow_incomplete: bool = False, drop_skipped: bool = True
+):
+    """One layer as a lazy `xarray.DataArray` (presentation, ...) with `stimulus`/`label` coords.
+
+    Nothing is read until you index or call `.values`/`to_numpy`; indexing reads only the chunks
+    it touches. Attributes hold the layer's provenance (arch, weights, channels, pooling, ...).
+    Refuses an unfinished store unless `allow_incomplete` (unwritten rows read as NaN).
+    Stimuli that were skipped as unreadable are dropped unless `drop_skipped=False`.
+    """
+    import xarray as xr
+
+    path = Path(path)
+    meta = _meta_or_error(path)
+    if layer not in meta["layers"]:
+        import difflib
+
+        close = difflib.get_close_matches(layer, meta["layers"], n=5, cutoff=0.3)
+        raise StoreError(
+            f"layer {layer!r} is not in {path}; closest: {', '.join(close or meta['layers'][:5])}"
+        )
+    complete = bool(meta.get("complete"))
+    if not complete and not allow_incomplete:
+        raise StoreError(
+            f"{path} is not finalized (some chunks may be missing); finish the extraction or run "
+            f"`python -m bonnerlab.activations finalize {path}`, or pass allow_incomplete=True"
+        )
+    with _quiet_zarr():
+        # chunks=None: xarray's own lazy indexing (no dask); mask_and_scale=False keeps float16.
+        ds = xr.open_zarr(
+            str(path), chunks=None, consolidated=complete, zarr_format=3, mask_and_scale=False
+        )
+    da = ds[layer]
+    da = da.assign_coords(stimulus=da["stimulus"].astype(object))
+    provenance = {k: v for k, v in meta.items() if k not in ("identity", "layers")}
+    da.attrs = {**provenance, **da.attrs}
+    skipped = meta.get("skipped_stimuli") or []
+    if drop_skipped and skipped:
+        keep = ~np.isin(da["stimulus"].values.astype(str), np.asarray(skipped, dtype=str))
+        da = da.isel({PRESENTATION: np.flatnonzero(keep)})
+    return da
+
+
+def flatten(da):
+    """(presentation, ...) -> (presentation, neuroid), neuroid running over the feature dims in C order."""
+    feature_dims = [d for d in da.dims if d != PRESENTATION]
+    if feature_dims == ["neuroid"]:
+        return da
+    if not feature_dims:
+        raise StoreError("nothing to flatten: the array has only the presentation dimension")
+    out = da.stack(neuroid=feature_dims, create_index=False)
+    return out.transpose(PRESENTATION, "neuroid")
+
+
+def select_stimuli(da, stimuli: Sequence[str]):
+    """Rows for `stimuli` (relative paths), in the order given; unknown names are an error."""
+    names = da["stimulus"].values.astype(str)
+    position = {name: i for i, name in enumerate(names)}
+    missing = [s for s in stimuli if s not in position]
+    if missing:
+        raise StoreError(f"{len(missing)} stimuli not in the store, e.g. {missing[0]!r}")
+    return da.isel({PRESENTATION: [position[s] for s in stimuli]})
+
+
+def to_numpy(da) -> np.ndarray:
+    """Read the (selected) values into memory as a NumPy array."""
+    return np.asarray(da.values)
+
+
+def export_netcdf(path: str | Path, out: str | Path, layers: Sequence[str] | None = None) -> Path:
+    """Write the store's layers (all by default) to one netCDF file for tools that need it.
+
+    netCDF-4 through h5netcdf when h5py is installed, else netCDF-3 through scipy (float16 is
+    widened to float32 there: netCDF-3 has no half floats). Loads the layers into memory.
+    """
+    import importlib.util
+
+    import xarray as xr
+
+    netcdf4 = (
+        importlib.util.find_spec("h5py") is not None
+        and importlib.util.find_spec("h5netcdf") is not None
+    )
+
+    out = Path(out)
+    layers = list(layers) if layers is not None else list_layers(path)
+    variables = {}
+    for layer in layers:
+        da = open_activations(path, layer, drop_skipped=False)
+        # netCDF has no nested attributes: keep scalars and lists, JSON-encode the rest.
+        attrs = {
+            k: (v if isinstance(v, str | int | float) else json.dumps(v, default=str))
+            for k, v in da.attrs.items()
+            if k != "coordinates"
+        }
+        # netCDF dims are global: prefix feature dims with the layer so shapes may differ.
+        rename = {d: f"{layer}.{d}" for d in da.dims if d != PRESENTATION}
+        da = da.load().rename(rename).assign_attrs(attrs)
+        if not netcdf4 and da.dtype == np.float16:
+            da = da.astype(np.float32, keep_attrs=True)
+        variables[layer] = da
+    ds = xr.Dataset(variables)
+    ds = ds.assign_coords(stimulus=ds["stimulus"].astype(str))
+    ds.attrs = {}
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if netcdf4:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+    else:
+        ds.to_netcdf(tmp, engine="scipy", format="NETCDF3_64BIT")
+    os.replace(tmp, out)
+    return out
+
+
+def _main(argv: list[str]) -> int:
+    usage = "usage: python -m bonnerlab.activations {finalize,info,layers} STORE"
+    if len(argv) != 2 or argv[0] not in ("finalize", "info", "layers"):
+        print(usage, file=sys.stderr)
+        return 2
+    command, path = argv
+    try:
+        if command == "finalize":
+            print(json.dumps(finalize(path)))
+        elif command == "layers":
+            print("\n".join(list_layers(path)))
+        else:
+            info = store_info(path)
+            print(
+                json.dumps(
+                    {k: v for k, v in info.items() if k != "skipped_stimuli"}, indent=1, default=str
+                )
+            )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
