@@ -1,0 +1,1 @@
+"""bonnerlab: cluster batch jobs for PyTorch research labs."""

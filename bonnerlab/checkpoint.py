@@ -1,0 +1,77 @@
+"""Checkpoints: atomic save, weights-only load, and everything needed to resume exactly."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bonnerlab.errors import CheckpointError
+from bonnerlab.runs import RunPaths, atomic_write_bytes, latest_run
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        # MT19937 keys followed by the position in them
+        "numpy": torch.from_numpy(np.append(np.random.get_state()[1], np.random.get_state()[2]).astype(np.int64)),
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"].numpy()
+    np.random.set_state(("MT19937", numpy_state[:-1].astype(np.uint32), int(numpy_state[-1]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Serialize to memory, then temp file + rename: a kill mid-save leaves the old file intact."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True (no arbitrary code from pickles); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {str(e).splitlines()[0]}") from e
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a bonnerlab checkpoint (no model/config)")
+    return payload
+
+
+def find_checkpoint(run_or_file: str | Path = "", which: str = "best", runs_root: str | Path = "runs") -> Path:
+    """A checkpoint file from a file path, a run folder, or the newest run under `runs_root`."""
+    if not str(run_or_file):
+        run = latest_run(runs_root)
+        if run is None:
+            raise CheckpointError(f"no runs under {runs_root}/; train one first or pass --checkpoint")
+        run_or_file = run
+    path = Path(run_or_file)
+    if path.is_dir():
+        paths = RunPaths(path)
+        chosen = paths.best if which == "best" else paths.latest
+        if not chosen.exists() and paths.latest.exists():
+            chosen = paths.latest
+        if not chosen.exists():
+            raise CheckpointError(f"run folder {path} has no checkpoints/{which}.pt")
+        return chosen
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    return path

@@ -1,0 +1,377 @@
+"""Job configs: one dataclass per job, nested per component, with laptop defaults.
+
+Every field carries a comment that simple-parsing turns into `--help` text. Flags are the dotted
+field paths (`--optim.lr 0.01`), the same keys a `--config_path run.yaml` file uses.
+Precedence: dataclass defaults < YAML file < command line. Unknown keys are errors.
+This module knows nothing of torch or SLURM so it imports in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from bonnerlab.errors import ConfigError
+
+DATASETS = ("digits", "mnist", "imagefolder")
+OPTIMIZERS = ("sgd", "adamw", "adadelta")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on and how to feed them."""
+
+    # dataset: digits (scikit-learn's handwritten digits, offline default), mnist, imagefolder
+    dataset: str = "digits"
+    # folder with the data: MNIST's torchvision layout (root/MNIST/raw) or root/<class>/*.png
+    root: str = "data"
+    # MNIST files to train from: train (60k) or test (10k, the files in ../shared/data/mnist)
+    mnist_files: str = "train"
+    # download MNIST into root when its files are missing (needs internet)
+    download: bool = True
+    # share of the training files held out for validation, carved with split_seed
+    val_fraction: float = 0.2
+    # seed of the train/validation split (fixed so every run sees the same held-out images)
+    split_seed: int = 0
+    # images are resized to image_size x image_size
+    image_size: int = 28
+    # colour channels given to the model: 1 (grayscale) or 3 (RGB); digits and mnist are grayscale
+    channels: int = 1
+    # global batch size, split evenly over all processes
+    batch_size: int = 128
+    # batch size for evaluation
+    eval_batch_size: int = 1000
+    # DataLoader worker processes that decode image folders (in-memory datasets need none)
+    num_workers: int = 2
+    # random affine augmentation of training batches (none at evaluation)
+    augment: bool = True
+    # largest rotation, in degrees
+    rotation: float = 10.0
+    # largest translation, as a fraction of the image size
+    translate: float = 0.1
+    # smallest and largest zoom factor
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    # probability of erasing a random rectangle of each training image (0 = off)
+    erasing: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.dataset", self.dataset, DATASETS)
+        _check_choice("data.mnist_files", self.mnist_files, ("train", "test"))
+        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
+        _check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
+        _check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
+        _check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
+        _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
+        _check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
+        _check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
+        _check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    # mnist_cnn (the from-scratch tutorial model) or any torchvision classifier name, e.g. resnet18
+    arch: str = "mnist_cnn"
+    # none, a torchvision weights name (e.g. ResNet18_Weights.IMAGENET1K_V1 or DEFAULT), or a local file
+    weights: str = "none"
+    # train only the new classification head (fine-tuning a pretrained backbone)
+    freeze_backbone: bool = False
+    # mnist_cnn: channels of the first conv layer (later layers double it)
+    width: int = 32
+    # mnist_cnn: dropout before the classifier (0 = off)
+    dropout: float = 0.0
+    # mnist_cnn: batch normalization after each conv (turn off for bit-level DDP comparisons)
+    batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.arch), "model.arch must not be empty")
+        _check(self.width > 0, f"model.width must be > 0; got {self.width}")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1); got {self.dropout}")
+
+
+@dataclass
+class OptimConfig:
+    """How to optimize."""
+
+    # sgd, adamw or adadelta
+    optimizer: str = "adamw"
+    # peak learning rate
+    lr: float = 0.003
+    # decoupled weight decay (adamw) or L2 penalty (sgd, adadelta)
+    weight_decay: float = 0.0005
+    # sgd momentum
+    momentum: float = 0.9
+    # learning-rate schedule: onecycle, cosine, step (x gamma every step_epochs), constant
+    schedule: str = "onecycle"
+    # onecycle: share of the steps spent warming up
+    warmup_fraction: float = 0.25
+    # step schedule: epochs between decays
+    step_epochs: int = 1
+    # step schedule: decay factor
+    gamma: float = 0.7
+    # label smoothing of the cross-entropy loss (0 = off)
+    label_smoothing: float = 0.0
+    # clip gradients to this global norm (0 = off)
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+        _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
+        _check(0.0 < self.warmup_fraction < 1.0, "optim.warmup_fraction must be in (0, 1)")
+        _check(self.step_epochs > 0, f"optim.step_epochs must be > 0; got {self.step_epochs}")
+        _check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
+        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    """Train a classifier; the defaults finish on a laptop CPU in seconds, offline."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # passes over the training split
+    epochs: int = 4
+    # seed of initialization, shuffling, augmentation and dropout
+    seed: int = 0
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # mixed precision (bfloat16, else float16 with loss scaling) when on CUDA
+    amp: bool = True
+    # channels-last memory format when on CUDA (faster convolutions on tensor cores)
+    channels_last: bool = True
+    # run folder; empty = <runs_root>/<date>-<time>-<arch>-<dataset>
+    run_dir: str = ""
+    # parent of automatically named run folders
+    runs_root: str = "runs"
+    # continue from <run_dir>/checkpoints/latest.pt when it exists (else start fresh)
+    resume: bool = False
+    # also save latest.pt every this many steps (0 = at the end of each epoch only)
+    checkpoint_every_steps: int = 0
+    # stop each epoch after this many steps (0 = the whole split); for smoke tests
+    max_steps_per_epoch: int = 0
+    # write per-step TensorBoard scalars every this many steps
+    log_every_steps: int = 10
+    # show a progress bar (rank 0, at a terminal)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"epochs must be > 0; got {self.epochs}")
+        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
+        _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
+        _check(self.log_every_steps > 0, "log_every_steps must be > 0")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be auto, cpu or cuda[:N]; got {self.device!r}",
+        )
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a trained checkpoint; accuracy, loss, per-class accuracy, confusion matrix."""
+
+    # run folder or checkpoint file; empty = the newest run under runs_root (its best.pt)
+    checkpoint: str = ""
+    # where to look for the newest run when checkpoint is empty
+    runs_root: str = "runs"
+    # which checkpoint of a run folder: best or latest
+    which: str = "best"
+    # split to evaluate: val (held out from training), test (MNIST test files) or train
+    split: str = "val"
+    # data folder; empty = the one the model was trained with
+    data_root: str = ""
+    # batch size for evaluation
+    batch_size: int = 1000
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # where to write the results; empty = <run folder>/eval-<split>
+    output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check_choice("which", self.which, ("best", "latest"))
+        _check_choice("split", self.split, ("val", "test", "train"))
+        _check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------- dict <-> dataclass
+
+T = TypeVar("T")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples) that YAML and JSON can hold."""
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation; convert only where no information is lost."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a {annotation}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{key}.")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item_type = args[0] if args else Any
+        items = [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build `cls` from a nested dict; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"unknown config key {dotted}")
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown config key {dotted}")
+    node[parts[-1]] = value
+
+
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    value = cfg
+    for part in dotted.split("."):
+        if not hasattr(value, part):
+            raise ConfigError(f"unknown config key {dotted}")
+        value = getattr(value, part)
+    return value
+
+
+def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
+    """A new config with dotted keys replaced (`{"optim.lr": 0.01}`), validated like a YAML file."""
+    tree = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value)
+    return from_dict(type(cfg), tree)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    from bonnerlab.runs import atomic_write_text  # runs imports config; keep the cycle lazy
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    return from_dict(cls, load_yaml(path))
+
+
+def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
+    """Parse `argv` into `cls`: defaults < `--config_path` YAML < dotted command-line flags."""
+    import simple_parsing
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config_path", default=None)
+    known, _ = pre.parse_known_args(argv)
+    default = load_config(cls, known.config_path) if known.config_path else cls()
+
+    parser = simple_parsing.ArgumentParser(
+        prog=prog,
+        description=cls.__doc__,
+        nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT,
+        argument_generation_mode=simple_parsing.ArgumentGenerationMode.NESTED,
+        add_config_path_arg=False,
+    )
+    parser.add_argument(
+        "--config_path", default=None, help="YAML file of config values (command-line flags win)"
+    )
+    parser.add_arguments(cls, dest="cfg", default=default)
+    try:
+        namespace = parser.parse_args(argv)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    return namespace.cfg

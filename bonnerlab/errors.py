@@ -1,0 +1,25 @@
+"""Errors a user can fix: the job scripts print them as one line and exit with status 2."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, weights, checkpoint, run folder): the message says what to do."""
+
+
+class ConfigError(UserError):
+    """Unknown key, wrong type or bad value in a config."""
+
+
+class DataError(UserError):
+    """Missing or unreadable data."""
+
+
+class WeightsError(UserError):
+    """Model weights that cannot be found, downloaded or loaded."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt or from another architecture."""
+
+
+class RunDirError(UserError):
+    """A run folder that already holds a different run."""

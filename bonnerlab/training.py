@@ -1,0 +1,474 @@
+"""Training and evaluation as plain functions: `train(cfg) -> dict`, `evaluate(cfg) -> dict`.
+
+They never know how they were started (laptop, torchrun, SLURM): `bonnerlab.distributed`
+answers rank/world/device, and a stop request (a signal on the cluster) makes `train` save
+`latest.pt` at the next step boundary and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bonnerlab import distributed as dist
+from bonnerlab import interrupt
+from bonnerlab.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
+from bonnerlab.data import Preprocess, Splits, TrainBatches, eval_batches, load_splits
+from bonnerlab.errors import CheckpointError, ConfigError, RunDirError, UserError
+from bonnerlab.models import build_model, count_parameters
+from bonnerlab.runs import (
+    Logger,
+    RunPaths,
+    atomic_write_text,
+    default_run_name,
+    load_yaml_if_exists,
+    truncate_metrics,
+    write_git_info,
+    write_state,
+)
+
+# Config keys that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = {
+    "resume", "progress", "device", "run_dir", "runs_root", "log_every_steps",
+    "checkpoint_every_steps", "data.root", "data.num_workers", "data.download", "data.eval_batch_size",
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # Decay weights only: decaying biases and norm scales hurts and saves nothing.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adadelta":
+        return torch.optim.Adadelta(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per optimizer step, so a mid-epoch resume restores it exactly."""
+    total = steps_per_epoch * epochs
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_fraction,
+            cycle_momentum=cfg.optimizer == "sgd",
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@dataclass
+class Precision:
+    """Autocast + loss scaling on CUDA; plain float32 on CPU (CPU autocast is rarely faster)."""
+
+    device: torch.device
+    enabled: bool
+
+    def __post_init__(self) -> None:
+        self.enabled = self.enabled and self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 has float32's range: no loss scaling needed.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.dtype)
+
+
+def step_seed(seed: int, global_step: int, rank: int) -> int:
+    return (seed * 1_000_003 + global_step) * 1_009 + rank
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@dataclass
+class EpochState:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epoch in progress (0-based)
+    step: int = 0  # next step within that epoch
+    global_step: int = 0
+    best_val_acc: float = -1.0
+    loss_sum: float = 0.0  # running sums of the epoch in progress, so a mid-epoch resume
+    correct: int = 0  # reports the same epoch averages as an uninterrupted run
+    seen: int = 0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: TrainBatches,
+    preprocess: Preprocess,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    precision: Precision,
+    cfg: TrainConfig,
+    state: EpochState,
+    logger: Logger,
+    on_step_end: Any = None,
+) -> bool:
+    """Run the rest of epoch `state.epoch`; returns False when stopped early by a stop request."""
+    info = dist.info()
+    model.train()
+    channels_last = cfg.channels_last and info.device.type == "cuda"
+    show = cfg.progress and info.is_main and sys.stderr.isatty()
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not show, leave=False, dynamic_ncols=True)
+    for images, labels, step in batches.batches(state.epoch, state.step):
+        torch.manual_seed(step_seed(cfg.seed, state.global_step, info.rank))  # dropout masks
+        x = preprocess.augment(images, cfg.seed, state.epoch, step, info.rank, info.world_size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip > 0:
+            precision.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        scheduler.step()
+
+        state.step, state.global_step = step + 1, state.global_step + 1
+        state.loss_sum += loss.item() * len(labels)
+        state.correct += int((logits.argmax(1) == labels).sum())
+        state.seen += len(labels)
+        bar.update(1)
+        if state.global_step % cfg.log_every_steps == 0:
+            logger.scalars({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, state.global_step)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step_end is not None:
+            on_step_end(state)
+        if dist.any_rank(interrupt.stop_requested()) and state.step < len(batches):
+            bar.close()
+            return False
+    bar.close()
+    return True
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module, source: Any, preprocess: Preprocess, num_classes: int, batch_size: int,
+    channels_last: bool = False, precision: Precision | None = None, num_workers: int = 0,
+) -> dict[str, Any]:
+    """Loss, accuracy, per-class accuracy and confusion matrix over `source`, across all ranks."""
+    info = dist.info()
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=info.device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=info.device)
+    autocast = precision.autocast() if precision else contextlib.nullcontext()
+    with autocast:
+        for images, labels in eval_batches(source, batch_size, info.rank, info.world_size, info.device, num_workers):
+            x = preprocess.normalize(images)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).double()
+    dist.all_reduce_sum(confusion)
+    dist.all_reduce_sum(loss_sum)
+    model.train(was_training)
+    matrix = confusion.view(num_classes, num_classes).cpu().numpy().astype(np.int64)  # rows: true class
+    total = max(int(matrix.sum()), 1)
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
+    return {
+        "loss": float(loss_sum.item()) / total,
+        "acc": float(matrix.diagonal().sum()) / total,
+        "per_class_acc": [float(v) for v in per_class],
+        "count": int(matrix.sum()),
+        "confusion": matrix,
+    }
+
+
+def _resolve_run_dir(cfg: TrainConfig) -> Path:
+    name = cfg.run_dir or str(Path(cfg.runs_root) / default_run_name(cfg.model.arch, cfg.data.dataset))
+    return Path(dist.broadcast_object(name))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a folder that holds another run; on resume, refuse a config that changes results."""
+    saved = load_yaml_if_exists(RunPaths(run_dir).config_yaml)
+    if saved is None:
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
+            raise RunDirError(f"run folder {run_dir} is not empty; choose a new --run_dir")
+        return
+    if not cfg.resume:
+        raise RunDirError(
+            f"run folder {run_dir} already holds a run; pass --resume to continue it or choose a new --run_dir"
+        )
+    ours, theirs = _flat(to_dict(cfg)), _flat(saved)
+    changed = sorted(k for k in ours.keys() | theirs.keys()
+                     if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k))
+    if changed:
+        raise RunDirError(
+            f"cannot resume {run_dir} with a different config ({', '.join(changed[:4])}); "
+            f"use the saved config (--config_path {RunPaths(run_dir).config_yaml}) or a new --run_dir"
+        )
+
+
+def _payload(model, optimizer, scheduler, precision, state: EpochState, cfg: TrainConfig, splits: Splits):
+    return {
+        "model": dist.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": precision.scaler.state_dict(),
+        "state": dict(vars(state)),
+        "rng": rng_state(),
+        "config": to_dict(cfg),
+        "arch": cfg.model.arch,
+        "classes": list(splits.classes),
+        "preprocess": {
+            "mean": list(splits.mean), "std": list(splits.std),
+            "image_size": cfg.data.image_size, "channels": splits.channels,
+        },
+    }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train `cfg.model` on `cfg.data`; returns the final metrics. Resumes when `cfg.resume`."""
+    info = dist.setup(cfg.device)
+    owns_group = info.distributed
+    try:
+        return _train(cfg, info)
+    finally:
+        if owns_group:
+            dist.teardown()
+
+
+def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    run_dir = _resolve_run_dir(cfg)
+    paths = RunPaths(run_dir)
+    # Everything that can fail on bad input happens before the run folder is touched.
+    splits = load_splits(cfg.data)
+    model = build_model(cfg.model, splits.channels, splits.num_classes).to(info.device)
+    batches = TrainBatches(splits.train, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
+                           info.device, cfg.data.num_workers, cfg.max_steps_per_epoch)
+    check_run_dir(cfg, run_dir)
+    resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
+    checkpoint = load_checkpoint(resume_from) if resume_from else None
+
+    if cfg.channels_last and info.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs)
+    precision = Precision(info.device, cfg.amp)
+    preprocess = Preprocess(splits.mean, splits.std, cfg.data)
+    state = EpochState()
+    if checkpoint is not None:
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{resume_from} does not fit model.arch {cfg.model.arch}: "
+                                  f"{str(e).splitlines()[0]}") from e
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        precision.scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        state = EpochState(**checkpoint["state"])
+    model = dist.wrap_model(model)
+
+    logger = Logger(run_dir if info.is_main else None)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, paths.config_yaml)
+        write_git_info(run_dir)
+        write_state(run_dir, "RUNNING")
+        if checkpoint is not None:
+            truncate_metrics(run_dir, state.epoch)
+    total, trainable = count_parameters(dist.unwrap(model))
+    where = f"resuming epoch {state.epoch + 1} step {state.step}" if checkpoint else "starting"
+    dist.print0(f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
+                f"({len(splits.train)} train / {len(splits.val)} val), {trainable:,}/{total:,} trainable "
+                f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}")
+
+    def save(kind: str = "latest") -> None:
+        if info.is_main:
+            save_checkpoint(paths.latest if kind == "latest" else paths.best,
+                            _payload(model, optimizer, scheduler, precision, state, cfg, splits))
+
+    def on_step_end(s: EpochState) -> None:
+        if cfg.checkpoint_every_steps and s.global_step % cfg.checkpoint_every_steps == 0 and s.step < len(batches):
+            save()
+
+    channels_last = cfg.channels_last and info.device.type == "cuda"
+    last: dict[str, Any] = {}
+    try:
+        while state.epoch < cfg.epochs:
+            start = time.perf_counter()
+            seen_before = state.seen
+            finished = train_one_epoch(model, batches, preprocess, optimizer, scheduler, precision,
+                                       cfg, state, logger, on_step_end)
+            if not finished:
+                save()
+                if info.is_main:
+                    write_state(run_dir, "INTERRUPTED")
+                dist.print0(f"[bonnerlab] stop requested: saved {paths.latest} at epoch {state.epoch + 1} "
+                            f"step {state.step}")
+                return {"interrupted": True, "epoch": state.epoch, "step": state.step, "run_dir": str(run_dir)}
+            train_time = time.perf_counter() - start
+            val = evaluate_model(model, splits.val, preprocess, splits.num_classes, cfg.data.eval_batch_size,
+                                 channels_last, precision, cfg.data.num_workers)
+            totals = torch.tensor([state.loss_sum, float(state.correct), float(state.seen)], dtype=torch.float64)
+            dist.all_reduce_sum(totals)
+            last = {
+                "epoch": state.epoch + 1,
+                "step": state.global_step,
+                "train_loss": totals[0].item() / max(totals[2].item(), 1),
+                "train_acc": totals[1].item() / max(totals[2].item(), 1),
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_time_s": round(time.perf_counter() - start, 3),
+                "train_samples_per_s": round((state.seen - seen_before) * info.world_size / max(train_time, 1e-9), 1),
+            }
+            logger.epoch(last)
+            logger.scalars({f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")}, last["epoch"])
+            improved = val["acc"] > state.best_val_acc
+            state.best_val_acc = max(state.best_val_acc, val["acc"])
+            state.epoch, state.step = state.epoch + 1, 0
+            state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+            save()
+            if improved:
+                save("best")
+            dist.print0(f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} train_loss {last['train_loss']:.4f} "
+                        f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
+                        f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)")
+    except BaseException:
+        if info.is_main:
+            write_state(run_dir, "FAILED")
+        raise
+    finally:
+        logger.close()
+    if info.is_main:
+        write_state(run_dir, "DONE")
+    dist.barrier()
+    result = dict(last) if last else {"epoch": state.epoch}
+    result.update(best_val_acc=state.best_val_acc, run_dir=str(run_dir), checkpoint=str(paths.best))
+    return result
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def load_trained(checkpoint_path: Path, device: torch.device) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the model a checkpoint was trained as and load its weights."""
+    payload = load_checkpoint(checkpoint_path)
+    try:
+        train_cfg = from_dict(TrainConfig, payload["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {checkpoint_path} holds an unreadable config: {e}") from e
+    pre = payload["preprocess"]
+    model = build_model(
+        # the head is rebuilt from the checkpoint itself; never download weights again
+        type(train_cfg.model)(**{**to_dict(train_cfg.model), "weights": "none", "freeze_backbone": False}),
+        pre["channels"], len(payload["classes"]),
+    )
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {checkpoint_path} does not fit {train_cfg.model.arch}: "
+                              f"{str(e).splitlines()[0]}") from e
+    return model.to(device).eval(), train_cfg, payload
+
+
+def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint on a split; writes metrics.json and the confusion matrix."""
+    info = dist.setup(cfg.device)
+    owns_group = info.distributed
+    try:
+        path = find_checkpoint(cfg.checkpoint, cfg.which, cfg.runs_root)
+        model, train_cfg, payload = load_trained(path, info.device)
+        data_cfg = train_cfg.data
+        if cfg.data_root:
+            data_cfg = type(data_cfg)(**{**to_dict(data_cfg), "root": cfg.data_root})
+        splits = load_splits(data_cfg)
+        source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
+        if source is None:
+            raise UserError(f"split test exists only for mnist trained from its train files; use --split val")
+        pre = payload["preprocess"]
+        result = evaluate_model(model, source, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
+                                len(payload["classes"]), cfg.batch_size,
+                                precision=Precision(info.device, train_cfg.amp))
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"
+        confusion = result.pop("confusion")
+        summary = {"checkpoint": str(path), "split": cfg.split, "classes": payload["classes"], **result}
+        if info.is_main:
+            import json
+
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+            header = "true\\pred," + ",".join(payload["classes"])
+            rows = [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(payload["classes"], confusion)]
+            atomic_write_text(out / "confusion_matrix.csv", "\n".join([header, *rows]) + "\n")
+            _plot_confusion(confusion, payload["classes"], out / "confusion_matrix.png")
+            dist.print0(f"[bonnerlab] {cfg.split}: acc {result['acc']:.4f} loss {result['loss']:.4f} "
+                        f"on {result['count']} images; results in {out}")
+        summary["confusion"] = confusion.tolist()
+        summary["output_dir"] = str(out)
+        return summary
+    finally:
+        if owns_group:
+            dist.teardown()
+
+
+def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * n, 1 + 0.45 * n))
+    ax.imshow(np.log1p(matrix), cmap="Blues")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(n), classes)
+        ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+

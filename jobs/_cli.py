@@ -1,0 +1,24 @@
+"""Shared by the job scripts: run a job function and turn user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# Let `python jobs/x.py` work from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bonnerlab.errors import UserError  # noqa: E402
+
+
+def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
