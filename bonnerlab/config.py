@@ -115,7 +115,7 @@ class OptimConfig:
     # sgd, adamw or adadelta
     optimizer: str = "adamw"
     # peak learning rate
-    lr: float = 0.003
+    lr: float = 0.02
     # decoupled weight decay (adamw) or L2 penalty (sgd, adadelta)
     weight_decay: float = 0.0005
     # sgd momentum
@@ -153,7 +153,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     # passes over the training split
-    epochs: int = 4
+    epochs: int = 5
     # seed of initialization, shuffling, augmentation and dropout
     seed: int = 0
     # auto (cuda when available), cpu, cuda, cuda:1, ...

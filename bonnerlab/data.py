@@ -135,23 +135,64 @@ def load_digits_source(cfg: DataConfig) -> InMemorySource:
     return InMemorySource(images, labels, [f"digits/{i:04d}" for i in range(len(labels))])
 
 
-def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemorySource:
-    """torchvision's MNIST: read from cfg.root/MNIST/raw, downloading when allowed and missing."""
-    from torchvision.datasets import MNIST
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file (MNIST's format), gzipped or not: magic, dims, then big-endian uint8 data."""
+    import gzip
 
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an uint8 IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return torch.from_numpy(body.reshape(dims).copy())
+
+
+def _find_mnist_files(raw: Path, kind: str) -> tuple[Path, Path] | None:
+    found = []
+    for stem in (f"{kind}-images-idx3-ubyte", f"{kind}-labels-idx1-ubyte"):
+        candidates = [raw / stem, raw / f"{stem}.gz"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            return None
+        found.append(path)
+    return found[0], found[1]
+
+
+def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemorySource:
+    """MNIST in torchvision's layout (root/MNIST/raw, .gz or not), downloaded by torchvision when
+    missing and allowed. Read directly so a read-only folder of .gz files works as is."""
     root = Path(cfg.root)
+    raw = root / "MNIST" / "raw"
     kind = "train" if train_files else "t10k"
-    try:
-        ds = MNIST(str(root), train=train_files, download=cfg.download)
-    except Exception as e:  # urllib/HTTP errors, or RuntimeError "Dataset not found"
+    files = _find_mnist_files(raw, kind)
+    if files is None and cfg.download:
+        from torchvision.datasets import MNIST
+
+        try:
+            MNIST(str(root), train=train_files, download=True)
+        except Exception as e:  # urllib errors surface as RuntimeError("Error downloading ...")
+            raise DataError(
+                f"MNIST {kind} files not in {raw} and the download failed (offline?): put "
+                f"{kind}-images-idx3-ubyte(.gz) and {kind}-labels-idx1-ubyte(.gz) there, "
+                f"e.g. --data.root ../shared/data/mnist"
+            ) from e
+        files = _find_mnist_files(raw, kind)
+    if files is None:
         raise DataError(
-            f"MNIST {kind} files not found under {root}/MNIST/raw and could not be downloaded "
-            f"({type(e).__name__}); put {kind}-images-idx3-ubyte(.gz) and {kind}-labels-idx1-ubyte(.gz) "
-            f"there (e.g. --data.root ../shared/data/mnist) or go online"
-        ) from e
-    images = _to_channels(_resize_uint8(ds.data.unsqueeze(1), cfg.image_size), cfg.channels)
+            f"MNIST {kind} files not in {raw}: put {kind}-images-idx3-ubyte(.gz) and "
+            f"{kind}-labels-idx1-ubyte(.gz) there or allow --data.download"
+        )
+    images, labels = _read_idx(files[0]), _read_idx(files[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels")
+    images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.channels)
     prefix = "train" if train_files else "test"
-    return InMemorySource(images, ds.targets.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(ds))])
+    return InMemorySource(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
 
 
 def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
@@ -191,8 +232,6 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.dataset == "digits":
         full, test = load_digits_source(cfg), None
     else:
-        if not Path(cfg.root).exists() and not cfg.download:
-            raise DataError(f"data root {cfg.root} does not exist (set --data.root or --data.download)")
         full = load_mnist_source(cfg, train_files=cfg.mnist_files == "train")
         test = load_mnist_source(cfg, train_files=False) if cfg.mnist_files == "train" else None
     tr, va = _split_indices(len(full), cfg.val_fraction, cfg.split_seed)

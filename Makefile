@@ -1,0 +1,47 @@
+# Every target that needs Python depends on `install`, which builds .venv once (and again only
+# when pyproject.toml changes), so `make train-local` and `make test` work on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train-local evaluate-local test test-fast lint bench gpu-check slurm-up slurm-down clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train-local: install  ## train mnist_cnn on the embedded digits dataset (CPU, offline, < 1 min)
+	$(PY) jobs/train.py $(ARGS)
+
+evaluate-local: install  ## evaluate the newest run's best checkpoint
+	$(PY) jobs/evaluate.py $(ARGS)
+
+test: install  ## the whole suite, slow and cluster tests included
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: install  ## skip tests marked slow
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install  ## benchmarks: ratios against reference implementations, measured in one run
+	$(PY) bench/bench_train.py $(ARGS)
+
+gpu-check: install  ## only when a GPU is lent: AMP + channels-last training, NCCL DDP, CUDA evaluation
+	$(PY) bench/gpu_check.py
+
+slurm-up:  ## start the one-node SLURM cluster on localhost (root; installs Debian packages)
+	bash slurm/start-cluster.sh
+
+slurm-down:
+	bash slurm/stop-cluster.sh
+
+clean:
+	rm -rf runs .pytest_cache
