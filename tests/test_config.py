@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bonnerlab.config import (
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_config,
+    save_yaml,
+    to_dict,
+)
+from bonnerlab.errors import ConfigError
+
+
+def test_dotted_flags_set_nested_fields():
+    cfg = parse_config(TrainConfig, ["--optim.lr", "0.05", "--data.batch_size", "256", "--model.arch", "resnet18"])
+    assert cfg.optim.lr == 0.05
+    assert cfg.data.batch_size == 256
+    assert cfg.model.arch == "resnet18"
+    assert cfg.epochs == TrainConfig().epochs
+
+
+def test_precedence_defaults_yaml_cli(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"epochs": 7, "optim": {"lr": 0.5, "optimizer": "sgd"}}))
+    cfg = parse_config(TrainConfig, ["--config_path", str(path), "--optim.lr", "0.1"])
+    assert cfg.epochs == 7  # YAML beats default
+    assert cfg.optim.optimizer == "sgd"
+    assert cfg.optim.lr == 0.1  # CLI beats YAML
+    assert cfg.data.dataset == "digits"  # default kept
+
+
+def test_saved_config_reproduces_run(tmp_path):
+    cfg = parse_config(TrainConfig, ["--optim.lr", "0.07", "--data.augment", "false", "--seed", "3"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
+    assert parse_config(TrainConfig, ["--config_path", str(tmp_path / "config.yaml")]) == cfg
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"optim": {"lrr": 0.1}}))
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        parse_config(TrainConfig, ["--config_path", str(path)])
+
+
+def test_unknown_flag_and_wrong_type_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(TrainConfig, ["--optim.lrr", "0.1"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        parse_config(TrainConfig, ["--epochs", "three"])
+    assert e.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"optim.lr": 0.0}, "optim.lr must be > 0"),
+        ({"optim.lr": -1.0}, "optim.lr must be > 0"),
+        ({"data.batch_size": 0}, "data.batch_size must be > 0"),
+        ({"epochs": 0}, "epochs must be > 0"),
+        ({"data.dataset": "cifar"}, "data.dataset must be one of"),
+        ({"optim.optimizer": "lion"}, "optim.optimizer must be one of"),
+        ({"data.val_fraction": 1.5}, "val_fraction"),
+        ({"epochs": "3"}, "expected an integer"),
+        ({"data.augment": "yes"}, "expected true or false"),
+    ],
+)
+def test_bad_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(TrainConfig(), overrides)
+
+
+def test_bad_value_on_command_line_is_a_config_error():
+    with pytest.raises(ConfigError, match="optim.lr must be > 0"):
+        parse_config(TrainConfig, ["--optim.lr", "-0.1"])
+
+
+def test_from_dict_roundtrip_and_int_to_float():
+    d = to_dict(TrainConfig())
+    d["optim"]["lr"] = 1  # YAML writes 1.0 as 1 sometimes: an int is a valid float
+    cfg = from_dict(TrainConfig, d)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0
+
+
+def test_help_shows_field_comments(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(TrainConfig, ["--help"])
+    out = capsys.readouterr().out
+    assert "--optim.lr" in out and "peak learning rate" in out
+    assert "--data.batch_size" in out and "global batch size" in out
