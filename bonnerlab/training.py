@@ -21,7 +21,13 @@ from torch import nn
 
 from bonnerlab import distributed as dist
 from bonnerlab import interrupt
-from bonnerlab.checkpoint import find_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bonnerlab.checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
 from bonnerlab.data import Preprocess, Splits, TrainBatches, eval_batches, load_splits
 from bonnerlab.errors import CheckpointError, ConfigError, RunDirError, UserError
@@ -421,7 +427,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         splits = load_splits(data_cfg)
         source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
         if source is None:
-            raise UserError(f"split test exists only for mnist trained from its train files; use --split val")
+            raise UserError("split test exists only for mnist trained from its train files; use --split val")
         pre = payload["preprocess"]
         result = evaluate_model(model, source, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
                                 len(payload["classes"]), cfg.batch_size,
@@ -436,7 +442,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
             header = "true\\pred," + ",".join(payload["classes"])
-            rows = [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(payload["classes"], confusion)]
+            rows = [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(payload["classes"], confusion, strict=True)]
             atomic_write_text(out / "confusion_matrix.csv", "\n".join([header, *rows]) + "\n")
             _plot_confusion(confusion, payload["classes"], out / "confusion_matrix.png")
             dist.print0(f"[bonnerlab] {cfg.split}: acc {result['acc']:.4f} loss {result['loss']:.4f} "

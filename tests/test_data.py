@@ -3,13 +3,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_MNIST
 from PIL import Image
 
 from bonnerlab.config import DataConfig
 from bonnerlab.data import Preprocess, TrainBatches, eval_batches, load_splits
 from bonnerlab.errors import DataError
-
-from conftest import SHARED_MNIST
 
 
 def test_digits_split_is_fixed_and_disjoint():
@@ -44,7 +43,7 @@ def test_same_seed_same_batches_and_ranks_slice_the_global_batch():
     ranks = [TrainBatches(s.train, 64, seed=5, rank=r, world_size=2, device=torch.device("cpu")) for r in (0, 1)]
     full = list(one.batches(epoch=1))
     again = list(one.batches(epoch=1))
-    assert all(torch.equal(x[1], y[1]) for x, y in zip(full, again))
+    assert all(torch.equal(x[1], y[1]) for x, y in zip(full, again, strict=True))
     halves = [list(r.batches(epoch=1)) for r in ranks]
     for step, (x, y, _) in enumerate(full):
         assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
