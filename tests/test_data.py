@@ -45,7 +45,7 @@ def test_same_seed_same_batches_and_ranks_slice_the_global_batch():
     again = list(one.batches(epoch=1))
     assert all(torch.equal(x[1], y[1]) for x, y in zip(full, again, strict=True))
     halves = [list(r.batches(epoch=1)) for r in ranks]
-    for step, (x, y, _) in enumerate(full):
+    for step, (x, _y, _) in enumerate(full):
         assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
     # resume mid-epoch: skipping k batches gives the tail of the same sequence
     tail = list(one.batches(epoch=1, start_step=3))
