@@ -382,8 +382,15 @@ def open_activations(
         )
     with _quiet_zarr():
         # chunks=None: xarray's own lazy indexing (no dask); mask_and_scale=False keeps float16.
+        # Only this layer: dims are per dataset in xarray, and layers disagree on `channel`.
+        others = [name for name in meta["layers"] if name != layer]
         ds = xr.open_zarr(
-            str(path), chunks=None, consolidated=complete, zarr_format=3, mask_and_scale=False
+            str(path),
+            chunks=None,
+            consolidated=complete,
+            zarr_format=3,
+            mask_and_scale=False,
+            drop_variables=others,
         )
     da = ds[layer]
     da = da.assign_coords(stimulus=da["stimulus"].astype(object))

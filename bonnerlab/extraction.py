@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bonnerlab.activations import LayerSpec, open_store, shard_chunks
-from bonnerlab.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from bonnerlab.config import ConfigError, DataConfig, ModelConfig, to_dict
 from bonnerlab.errors import DataError, UserError
 
 POOLINGS = ("none", "avg", "max", "flatten")
@@ -243,49 +243,29 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _head_classes(state: dict[str, torch.Tensor]) -> int:
-    weights = [k for k, v in state.items() if k.endswith(".weight") and v.ndim == 2]
-    if not weights:
-        raise UserError("cannot tell the number of classes from the checkpoint (no Linear head)")
-    return int(state[weights[-1]].shape[0])
-
-
 def load_model(cfg: ExtractConfig) -> ModelInfo:
     """The model in eval mode on CPU, plus what preprocessing it expects."""
     from bonnerlab.models import build_model
 
     torch.manual_seed(cfg.seed)  # weights "none": the same random network in every task
     if cfg.checkpoint:
-        from bonnerlab.checkpoint import find_checkpoint, load_checkpoint
+        from bonnerlab.checkpoint import find_checkpoint
+        from bonnerlab.training import load_trained
 
+        # The training job's own loader: same head, same channels, same error messages.
         path = find_checkpoint(cfg.checkpoint, cfg.which)
-        payload = load_checkpoint(path)
-        train_cfg = from_dict(TrainConfig, payload["config"])
-        state = payload["model"]
-        pre = payload.get("preprocess") or {}
-        channels = int(pre.get("channels", train_cfg.data.channels))
-        num_classes = int(payload.get("num_classes") or _head_classes(state))
-        model_cfg = ModelConfig(**{**to_dict(train_cfg.model), "weights": "none"})
-        model = build_model(model_cfg, channels, num_classes)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise UserError(
-                f"checkpoint {path} does not fit {model_cfg.arch}: {str(e).splitlines()[0]}"
-            ) from e
-        default_mean, default_std = (
-            ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        )
+        model, train_cfg, payload = load_trained(path, torch.device("cpu"))
+        pre = payload["preprocess"]
         info = ModelInfo(
             model,
-            model_cfg.arch,
+            train_cfg.model.arch,
             str(path),
             "",
             _file_sha256(path),
-            int(pre.get("image_size", train_cfg.data.image_size)),
-            channels,
-            tuple(pre.get("mean", default_mean)),
-            tuple(pre.get("std", default_std)),
+            int(pre["image_size"]),
+            int(pre["channels"]),
+            tuple(pre["mean"]),
+            tuple(pre["std"]),
             train_cfg.data,
         )
     else:
