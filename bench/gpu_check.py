@@ -101,8 +101,8 @@ def main() -> int:
             from bonnerlab.extraction import ExtractConfig, extract
         except ImportError:
             return "skipped (no extraction module)"
-        cfg = ExtractConfig(model=str(tmp / "amp"), stimuli="digits", layers=["features.1", "fc"],
-                            output=str(tmp / "acts.zarr"), device="cuda")
+        cfg = ExtractConfig(checkpoint=str(tmp / "amp"), stimuli="digits", layers=["features.1", "fc"],
+                            output=str(tmp / "acts.zarr"), device="cuda", amp=True, progress=False)
         result = extract(cfg)
         return f"{result.get('images_per_s', 0):.0f} images/s"
 
