@@ -310,8 +310,19 @@ class TrainBatches:
             pin_memory=pin,
             persistent_workers=False,
         )
-        for step, (x, y) in enumerate(loader, start=start_step):
+        for step, (x, y) in enumerate(_unwrap_worker_errors(loader), start=start_step):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), step
+
+
+def _unwrap_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator:
+    """A DataError raised in a worker arrives wrapped in the worker's traceback; keep its line."""
+    try:
+        yield from loader
+    except DataError as e:
+        message = str(e)
+        if "DataError: " in message:
+            raise DataError(message.rsplit("DataError: ", 1)[1].strip()) from None
+        raise
 
 
 def eval_batches(
@@ -328,7 +339,7 @@ def eval_batches(
         source, batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-    for x, y in loader:
+    for x, y in _unwrap_worker_errors(loader):
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 

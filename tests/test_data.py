@@ -107,3 +107,14 @@ def test_image_folder_errors_name_the_problem(tmp_path):
     index = s.train.files.index(broken)
     with pytest.raises(DataError, match="broken.png"):
         s.train[index]
+
+
+def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
+    _write_folder(tmp_path)
+    (tmp_path / "dog" / "zz-broken.png").write_bytes(b"not a png")
+    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), channels=3, image_size=16,
+                               val_fraction=0.0))
+    batches = TrainBatches(s.train, 13, 0, 0, 1, torch.device("cpu"), num_workers=2)
+    with pytest.raises(DataError) as e:
+        list(batches.batches(0))
+    assert "zz-broken.png" in str(e.value) and "\n" not in str(e.value)
