@@ -173,30 +173,35 @@ class Partition:
     name: str
     default: bool
     max_time_min: float
-    gpus_per_node: int  # the fewest GPUs any node of the partition has
+    gpus_per_node: int  # the most GPUs a node of the partition has (0: a CPU-only partition)
     nodes: int
 
 
-def partitions() -> dict[str, Partition]:
-    """Every partition as `sinfo` reports it (one line per partition and node configuration)."""
-    out = _run(["sinfo", "-h", "-o", "%P|%l|%G|%D"])
+SINFO_FORMAT = "%P|%l|%G|%D"
+
+
+def parse_sinfo(text: str) -> dict[str, Partition]:
+    """`sinfo -h -o SINFO_FORMAT` (one line per partition and node configuration) -> partitions."""
     found: dict[str, Partition] = {}
-    for line in out.splitlines():
+    for line in text.splitlines():
         if not line.strip():
             continue
         name, limit, gres, count = line.split("|")
         default = name.endswith("*")
         name = name.rstrip("*")
-        gpus = 0
         match = re.search(r"gpu(?::[^:,(]+)?:(\d+)", gres)
-        if match:
-            gpus = int(match.group(1))
+        gpus = int(match.group(1)) if match else 0
+        nodes = int(count)
         old = found.get(name)
-        if old is not None:  # several node kinds: a job may land on any, so keep the weakest
-            gpus = min(gpus, old.gpus_per_node)
-            count = str(int(count) + old.nodes)
-        found[name] = Partition(name, default, parse_time_min(limit), gpus, int(count))
+        if old is not None:  # several node kinds in one partition
+            gpus, nodes = max(gpus, old.gpus_per_node), nodes + old.nodes
+        found[name] = Partition(name, default, parse_time_min(limit), gpus, nodes)
     return found
+
+
+def partitions() -> dict[str, Partition]:
+    """Every partition of the cluster, as `sinfo` reports it."""
+    return parse_sinfo(_run(["sinfo", "-h", "-o", SINFO_FORMAT]))
 
 
 def max_array_size() -> int:
@@ -206,10 +211,8 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else 1001
 
 
-def check_against_cluster(cfg: SlurmConfig) -> Partition:
-    """Refuse, before anything is queued, what SLURM would refuse or never schedule."""
-    require_slurm()
-    parts = partitions()
+def check_partition(cfg: SlurmConfig, parts: dict[str, Partition]) -> Partition:
+    """Refuse what SLURM would refuse or never schedule on these partitions."""
     _check(bool(parts), "sinfo lists no partitions: is slurmctld up? (make slurm-up)")
     if cfg.partition:
         _check(
@@ -234,6 +237,12 @@ def check_against_cluster(cfg: SlurmConfig) -> Partition:
     )
     _check(cfg.nodes <= part.nodes, f"{cfg.nodes} nodes requested; partition {part.name} has {part.nodes}")
     return part
+
+
+def check_against_cluster(cfg: SlurmConfig) -> Partition:
+    """Fail fast, before anything is queued, against the live cluster."""
+    require_slurm()
+    return check_partition(cfg, partitions())
 
 
 # ----------------------------------------------------------------------------- job registry

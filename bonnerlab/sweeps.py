@@ -52,7 +52,12 @@ from bonnerlab.errors import ConfigError
 
 
 def _parse_value(text: str) -> Any:
-    """YAML scalars: 0.1 -> float, 3 -> int, true -> bool, adamw -> str."""
+    """0.1 -> float, 3 -> int, 1e-3 -> float, true -> bool, adamw -> str."""
+    for kind in (int, float):  # before YAML: YAML 1.1 reads 1e-3 as a string
+        try:
+            return kind(text)
+        except ValueError:
+            pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

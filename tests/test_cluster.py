@@ -1,0 +1,196 @@
+"""SlurmConfig checks, the generated sbatch script (--dry-run), fail-fast errors, the job wrapper
+run in-process. None of these need SLURM; tests/test_cluster_slurm.py uses the real cluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonnerlab.cluster import (
+    ClusterError,
+    ClusterJob,
+    SlurmConfig,
+    parse_time_min,
+    prepare_job_config,
+)
+from bonnerlab.config import EvaluateConfig
+from bonnerlab.runs import read_state
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
+
+
+def launch(*args, env=None, cwd=None):
+    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_tasks_default_to_one_per_gpu():
+    assert SlurmConfig().ntasks_per_node == 1
+    assert SlurmConfig(gpus_per_node=4).ntasks_per_node == 4
+    assert SlurmConfig(gpus_per_node=2, nodes=3).ntasks == 6
+    assert SlurmConfig(tasks_per_node=2).ntasks_per_node == 2  # CPU DDP
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gpus_per_node": 2, "tasks_per_node": 1}, r"tasks_per_node \(1\) must equal gpus_per_node \(2\)"),
+        ({"cluster": "kubernetes"}, "cluster must be one of slurm, local, debug"),
+        ({"time_min": 0}, "time_min must be >= 1"),
+        ({"nodes": 0}, "nodes must be >= 1"),
+        ({"cluster": "debug", "tasks_per_node": 2}, "cannot run several tasks"),
+    ],
+)
+def test_slurm_config_checks(kwargs, message):
+    with pytest.raises(ClusterError, match=message):
+        SlurmConfig(**kwargs)
+
+
+def test_slurm_time_formats():
+    assert parse_time_min("60") == 60
+    assert parse_time_min("1:00:00") == 60
+    assert parse_time_min("30:00") == 30
+    assert parse_time_min("2-00:00:00") == 2880
+    assert parse_time_min("infinite") == float("inf")
+
+
+def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_path):
+    run = tmp_path / "run"
+    out = launch("--dry-run", "--partition", "gpu", "--gpus_per_node", "2", "--time_min", "20",
+                 "--mem_gb", "8", "--setup", "module load cuda", "--additional_parameters", "exclusive=true",
+                 "train", "--epochs", "1", "--optim.lr", "0.01", "--run_dir", str(run))
+    assert out.returncode == 0, out.stderr
+    script = (run / "submit.sh").read_text()
+    assert script in out.stdout and "nothing submitted" in out.stdout
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --ntasks-per-node=2",
+                 "#SBATCH --time=20", "#SBATCH --mem=8GB", "#SBATCH --exclusive", "#SBATCH --requeue",
+                 "#SBATCH --signal=USR2@90", "#SBATCH --nodes=1", "#SBATCH --job-name=bonnerlab-train",
+                 f"export PYTHONPATH={run}/code", "export PYTHONSAFEPATH=1", "module load cuda",
+                 f"-m submitit.core._submit {run}/logs"]:
+        assert line in script, line
+    assert script.index("module load cuda") < script.index("srun ")
+    # the run folder explains itself before the job ever starts
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["run_dir"] == str(run) and cfg["resume"] is True and cfg["optim"]["lr"] == 0.01
+    slurm = yaml.safe_load((run / "slurm.yaml").read_text())
+    assert slurm["gpus_per_node"] == 2 and slurm["additional_parameters"] == {"exclusive": True}
+    assert (run / "code" / "bonnerlab" / "training.py").is_file()
+    assert (run / "code" / "jobs" / "train.py").is_file()
+    assert (run / "git.txt").read_text().startswith(("commit ", "not a git checkout"))
+    assert read_state(run) == "PENDING"
+    assert not list((run / "logs").glob("*.pkl")) if (run / "logs").exists() else True
+
+
+def test_dry_run_sweep_is_one_array_capped_by_parallelism(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = launch("--dry-run", "--array_parallelism", "2", "--sweep", "optim.lr=0.1,0.03,0.01",
+                 "--sweep", "epochs=1,2", "--sweep_dir", str(sweep), "train")
+    assert out.returncode == 0, out.stderr
+    script = (sweep / "submit.sh").read_text()
+    assert "#SBATCH --array=0-5%2" in script
+    assert "%A_%a_0_log.out" in script
+    assert sorted(p.name for p in sweep.glob("task-*")) == [f"task-{i:03d}" for i in range(6)]
+    task4 = yaml.safe_load((sweep / "task-004" / "config.yaml").read_text())
+    assert (task4["optim"]["lr"], task4["epochs"]) == (0.01, 1)
+    assert task4["run_dir"] == str(sweep / "task-004")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep", "optim.nope=1,2", "train"], "unknown config key optim.nope"),
+        (["--sweep", "optim.lr=fast,slow", "train"], "expected a number"),
+        (["--sweep", "optim.lr=", "train"], "empty value list"),
+        (["--gpus_per_node", "2", "--tasks_per_node", "3", "train"], "must equal gpus_per_node"),
+        (["train", "--optim.lr", "-1"], "optim.lr must be > 0"),
+        (["--partition", "gpu"], "no job given"),
+    ],
+)
+def test_bad_launcher_input_is_one_line_and_exit_2(tmp_path, args, message):
+    out = launch("--dry-run", "--sweep_dir", str(tmp_path / "s"), *args) if "--sweep" in args else launch(*args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_no_sbatch_on_path_suggests_local(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + ":/bin:/usr/bin/nonexistent"}
+    env.pop("SLURM_CONF", None)
+    bin_dir = tmp_path / "bin"  # /bin may be /usr/bin (merged usr) and hold sbatch: hide it
+    bin_dir.mkdir()
+    for tool in ("git", "bash", "sh"):
+        src = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        if src:
+            (bin_dir / tool).symlink_to(src)
+    env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
+    out = launch("train", "--run_dir", str(tmp_path / "run"), env=env)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: no sbatch on PATH: this machine has no SLURM; run with --cluster local"
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_cluster_runs_the_same_job_in_process(tmp_path):
+    run = tmp_path / "run"
+    out = launch("--cluster", "debug", "--wait", "train", "--epochs", "1", "--max_steps_per_epoch", "3",
+                 "--model.width", "8", "--device", "cpu", "--run_dir", str(run))
+    assert out.returncode == 0, out.stderr
+    assert '"epoch": 1' in out.stdout
+    assert read_state(run) == "DONE"
+    assert (run / "checkpoints" / "latest.pt").is_file()
+    assert (run / "slurm.yaml").is_file() and (run / "config.yaml").is_file()
+
+
+def test_existing_run_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    out = launch("--cluster", "debug", "train", "--run_dir", str(run))
+    assert out.returncode == 2
+    assert "already exists; choose another --run_dir or pass --resume" in out.stderr
+
+
+def test_failing_job_raises_and_marks_failed(tmp_path):
+    """A job whose function raises must end FAILED (SLURM then reports FAILED, not COMPLETED)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    cfg = prepare_job_config("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), run)
+    with pytest.raises(Exception, match="corrupt or not a checkpoint"):
+        ClusterJob("evaluate", cfg, str(run))()
+    assert read_state(run) == "FAILED"
+
+
+def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    with pytest.raises(RuntimeError, match="requeued 3 times, more than max_requeues=2"):
+        ClusterJob("evaluate", EvaluateConfig(), str(tmp_path), max_requeues=2)()
+    assert read_state(tmp_path) == "FAILED"
+
+
+def test_partition_checks():
+    """The checks on an sinfo listing of the local cluster's shape (the live one: test_cluster_slurm.py)."""
+    from bonnerlab.cluster import check_partition, parse_sinfo
+
+    parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
+    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_min == 60
+    assert parts["gpu"].gpus_per_node == 2 and not parts["gpu"].default
+    assert parts["urgent"].gpus_per_node == 2 and parts["urgent"].nodes == 2
+    assert parse_sinfo("a100|infinite|gpu:a100:8(S:0-1)|4\n")["a100"].gpus_per_node == 8
+    assert check_partition(SlurmConfig(), parts).name == "cpu"
+    with pytest.raises(ClusterError, match="partition cpu has no GPUs per node .* partitions with enough: gpu, urgent"):
+        check_partition(SlurmConfig(gpus_per_node=1), parts)
+    with pytest.raises(ClusterError, match="partitions with enough: none"):
+        check_partition(SlurmConfig(partition="gpu", gpus_per_node=4), parts)
+    with pytest.raises(ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"):
+        check_partition(SlurmConfig(partition="big"), parts)
+    with pytest.raises(ClusterError, match="over partition gpu's limit of 120"):
+        check_partition(SlurmConfig(partition="gpu", time_min=121), parts)
+    with pytest.raises(ClusterError, match="2 nodes requested; partition cpu has 1"):
+        check_partition(SlurmConfig(nodes=2), parts)

@@ -1,0 +1,145 @@
+"""Sweep specs, the sweep folder and the status table: no SLURM needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bonnerlab.cluster import ClusterError, SlurmConfig
+from bonnerlab.config import TrainConfig
+from bonnerlab.errors import ConfigError
+from bonnerlab.runs import write_state
+from bonnerlab.sweeps import (
+    chunks,
+    expand,
+    grid,
+    load_sweep_file,
+    parse_sweep_arg,
+    parse_sweep_args,
+    read_manifest,
+    submit_sweep,
+    sweep_status,
+)
+
+
+def test_sweep_arg_values_are_typed():
+    assert parse_sweep_arg("optim.lr=0.1,0.03,1e-3") == ("optim.lr", [0.1, 0.03, 0.001])
+    assert parse_sweep_arg("data.batch_size=64,128") == ("data.batch_size", [64, 128])
+    assert parse_sweep_arg("data.augment=true,false") == ("data.augment", [True, False])
+    assert parse_sweep_arg("optim.optimizer=sgd, adamw") == ("optim.optimizer", ["sgd", "adamw"])
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("optim.lr", "expected KEY=V1,V2"),
+        ("=0.1,0.2", "expected KEY=V1,V2"),
+        ("optim.lr=", "empty value list"),
+        ("optim.lr=0.1,,0.2", "empty value list"),
+    ],
+)
+def test_sweep_arg_syntax_errors(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep_arg(arg)
+
+
+def test_same_key_twice_is_an_error():
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_sweep_args(["optim.lr=0.1", "optim.lr=0.2"])
+
+
+def test_several_sweeps_form_a_grid_last_key_fastest():
+    points = grid(parse_sweep_args(["optim.lr=0.1,0.01", "optim.optimizer=sgd,adamw,adadelta"]))
+    assert len(points) == 6
+    assert points[0] == {"optim.lr": 0.1, "optim.optimizer": "sgd"}
+    assert points[1] == {"optim.lr": 0.1, "optim.optimizer": "adamw"}
+    assert points[5] == {"optim.lr": 0.01, "optim.optimizer": "adadelta"}
+
+
+@pytest.mark.parametrize(
+    "point, message",
+    [
+        ({"optim.lrr": 0.1}, "unknown config key optim.lrr"),
+        ({"optim.lr": "fast"}, "expected a number"),
+        ({"epochs": 1.5}, "expected an integer"),
+        ({"optim.lr": -1.0}, "optim.lr must be > 0"),
+    ],
+)
+def test_sweep_points_are_validated_before_anything_is_queued(point, message):
+    with pytest.raises(ConfigError, match=message):
+        expand(TrainConfig(), [{"optim.lr": 0.1}, point])
+
+
+def test_expand_applies_every_override():
+    cfgs = expand(TrainConfig(), grid({"optim.lr": [0.1, 0.01], "epochs": [3]}))
+    assert [(c.optim.lr, c.epochs) for c in cfgs] == [(0.1, 3), (0.01, 3)]
+    assert cfgs[0].optim.optimizer == TrainConfig().optim.optimizer
+
+
+def test_sweep_file(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("optim.lr: [0.1, 0.01]\nepochs: 3\n")
+    assert load_sweep_file(path) == {"optim.lr": [0.1, 0.01], "epochs": [3]}
+    path.write_text("optim.lr: []\n")
+    with pytest.raises(ConfigError, match="empty value list"):
+        load_sweep_file(path)
+    path.write_text("- 0.1\n")
+    with pytest.raises(ConfigError, match="must map keys to value lists"):
+        load_sweep_file(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_sweep_file(tmp_path / "missing.yaml")
+
+
+def test_chunks_split_past_the_array_limit():
+    assert [len(c) for c in chunks(list(range(2500)), 1001)] == [1001, 1001, 498]
+
+
+def test_existing_sweep_folder_is_refused_without_resume(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "manifest.jsonl").write_text("")
+    with pytest.raises(ClusterError, match="already exists; pass --resume"):
+        submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"), tmp_path / "sweep")
+    with pytest.raises(ClusterError, match="does not exist"):
+        submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"),
+                     tmp_path / "new", resume=True)
+
+
+def _fake_sweep(root, accs):
+    """A sweep folder as the launcher and the jobs leave it (no job ids: states from markers)."""
+    root.mkdir()
+    lines = []
+    for i, (lr, acc_curve, state) in enumerate(accs):
+        run = root / f"task-{i:03d}"
+        run.mkdir()
+        with open(run / "metrics.jsonl", "w") as f:
+            for e, acc in enumerate(acc_curve):
+                f.write(json.dumps({"epoch": e + 1, "val_acc": acc, "val_loss": 1 - acc}) + "\n")
+        write_state(run, state)
+        lines.append(json.dumps({"task": i, "overrides": {"optim.lr": lr}, "run_dir": str(run), "job_id": ""}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_status_table_marks_the_best_task_and_writes_csv_and_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_sweep(sweep, [(0.1, [0.5, 0.6], "DONE"), (0.01, [0.7, 0.9, 0.85], "DONE"), (0.001, [0.2], "FAILED")])
+    table = sweep_status(sweep)
+    assert table["task"].tolist() == [0, 1, 2]
+    assert table["optim.lr"].tolist() == [0.1, 0.01, 0.001]
+    assert table["state"].tolist() == ["DONE", "DONE", "FAILED"]
+    assert table["best_val_acc"].tolist() == [0.6, 0.9, 0.2]
+    assert table["last_val_acc"].tolist() == [0.6, 0.85, 0.2]
+    assert table["best"].tolist() == ["", "*", ""]
+    csv = (sweep / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("task,optim.lr,state") and len(csv) == 4
+    assert (sweep / "results.png").read_bytes()[:4] == b"\x89PNG"
+    by_loss = sweep_status(sweep, metric="val_loss", mode="min", write=False)
+    assert by_loss["best"].tolist() == ["", "*", ""]
+
+
+def test_manifest_keeps_the_latest_line_of_each_task(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text(
+        '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "5_1"}\n'
+        '{"task": 0, "overrides": {}, "run_dir": "a", "job_id": "5_0"}\n'
+        '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "9_0"}\n')
+    assert [(r["task"], r["job_id"]) for r in read_manifest(tmp_path)] == [(0, "5_0"), (1, "9_0")]
