@@ -1,0 +1,273 @@
+"""Against the real local SLURM cluster (slurm/start-cluster.sh): jobs, arrays, DDP, requeues.
+
+Run with `pytest -m slurm`; skipped with the reason when the cluster cannot start, unless
+BONNERLAB_REQUIRE_SLURM=1. Configs are tiny (mnist_cnn on digits) so each job takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from slurm_fixtures import slurm_cluster  # noqa: F401
+
+from bonnerlab import cluster
+from bonnerlab.checkpoint import load_checkpoint
+from bonnerlab.cluster import SlurmConfig, submit
+from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides
+from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
+from bonnerlab.sweeps import read_manifest, submit_sweep, sweep_status
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
+TINY = {"epochs": 2, "device": "cpu", "model.width": 8, "data.batch_size": 64, "optim.lr": 0.02}
+
+
+def tiny(**overrides) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {**TINY, **overrides})
+
+
+def sacct_state(job_id: str) -> str:
+    """Final state from slurmdbd (array tasks can take a few seconds to show up)."""
+    for _ in range(30):
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id],
+                             capture_output=True, text=True).stdout.split()
+        if out and out[0] not in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED"):
+            return out[0]
+        time.sleep(1)
+    return out[0] if out else ""
+
+
+def squeue_gone(job_id: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["squeue", "-h", "-j", job_id.split("_")[0]], capture_output=True, text=True)
+        if not out.stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still queued after {timeout}s")
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(RunPaths(run_dir).latest)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def log_of(run_dir: Path) -> str:
+    return "".join(p.read_text() for p in sorted((run_dir / "logs").glob("*_log.out")))
+
+
+# ----------------------------------------------------------------------------- single jobs
+
+
+def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "train",
+                          *sum(([f"--{k}", str(v)] for k, v in TINY.items()), []), "--run_dir", str(run)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    job_id = re.search(r"submitted train job (\d+)", out.stdout).group(1)
+    assert f"tail -f {run}/logs/{job_id}_0_log.out" in out.stdout
+    squeue_gone(job_id)
+    assert sacct_state(job_id) == "COMPLETED"
+    assert read_state(run) == "DONE"
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[-1]["val_acc"] > 0.3  # digits: well above chance after 2 tiny epochs
+    assert RunPaths(run).latest.is_file() and RunPaths(run).best.is_file()
+    assert "#SBATCH --partition=cpu" in (run / "submit.sh").read_text()
+    assert f"code from {run}/code/bonnerlab" in log_of(run)  # ran the snapshot, not the checkout
+    assert str(job_id) == str(__import__("yaml").safe_load((run / "slurm.yaml").read_text())["job_id"])
+
+
+def test_live_cluster_checks_refuse_before_queueing(tmp_path):
+    with pytest.raises(cluster.ClusterError, match="partition cpu has no GPUs per node"):
+        submit("train", tiny(), SlurmConfig(partition="cpu", gpus_per_node=1), tmp_path / "a")
+    with pytest.raises(cluster.ClusterError, match="unknown partition 'nope'"):
+        submit("train", tiny(), SlurmConfig(partition="nope"), tmp_path / "b")
+    with pytest.raises(cluster.ClusterError, match="over partition cpu's limit of 60 minutes"):
+        submit("train", tiny(), SlurmConfig(partition="cpu", time_min=61), tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+    assert cluster.max_array_size() == 1001
+
+
+def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
+    """Fake GPUs (gres on the gpu node): SLURM sets CUDA_VISIBLE_DEVICES; a job on it runs on CPU."""
+    run = tmp_path / "run"
+    sub = submit("train", tiny(epochs=1, max_steps_per_epoch=2), SlurmConfig(partition="gpu", gpus_per_node=1,
+                 time_min=5, setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]), run)
+    assert sub.job.result()["epoch"] == 1
+    assert "CUDA_VISIBLE_DEVICES=0" in log_of(run)
+    assert "#SBATCH --gpus-per-node=1" in (run / "submit.sh").read_text()
+
+
+def test_failing_job_ends_failed_in_slurm_and_in_its_folder(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    sub = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_min=5),
+                 tmp_path / "eval")
+    with pytest.raises(Exception, match="corrupt or not a checkpoint"):
+        sub.job.result()
+    squeue_gone(sub.job_id)
+    assert sacct_state(sub.job_id) == "FAILED"
+    assert read_state(tmp_path / "eval") == "FAILED"
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([*LAUNCH, "--wait", "--array_parallelism", "3", "--sweep", "optim.lr=0.1,0.03,0.01",
+                          "--sweep_dir", str(sweep), "train", "--epochs", "1", "--model.width", "8",
+                          "--device", "cpu", "--data.batch_size", "64"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "submitted 3 tasks as 1 job array(s)" in out.stdout
+    manifest = read_manifest(sweep)
+    arrays = {r["job_id"].split("_")[0] for r in manifest}
+    assert len(arrays) == 1 and [r["job_id"].split("_")[1] for r in manifest] == ["0", "1", "2"]
+    (array_id,) = arrays
+    assert "#SBATCH --array=0-2%3" in (sweep / f"submit-{array_id}.sh").read_text()
+    for r in manifest:
+        assert sacct_state(r["job_id"]) == "COMPLETED"
+    status = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), str(sweep)],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    table = sweep_status(sweep, write=False)
+    assert table["state"].tolist() == ["DONE"] * 3
+    assert table["optim.lr"].tolist() == [0.1, 0.03, 0.01]
+    best = table.loc[table["best"] == "*"]
+    assert len(best) == 1 and best["best_val_acc"].item() == table["best_val_acc"].max()
+    assert (sweep / "results.csv").is_file() and (sweep / "results.png").stat().st_size > 1000
+    for i, lr in enumerate([0.1, 0.03, 0.01]):
+        assert __import__("yaml").safe_load((sweep / f"task-{i:03d}" / "config.yaml").read_text())["optim"]["lr"] == lr
+
+    # --resume resubmits only what did not finish: pretend task 1 failed
+    write_state(sweep / "task-001", "FAILED")
+    again = subprocess.run([*LAUNCH, "--wait", "--resume", "--sweep", "optim.lr=0.1,0.03,0.01",
+                            "--sweep_dir", str(sweep), "train", "--epochs", "1", "--model.width", "8",
+                            "--device", "cpu", "--data.batch_size", "64"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 tasks" in again.stdout
+    after = read_manifest(sweep)
+    assert [r["job_id"] for r in after][0::2] == [manifest[0]["job_id"], manifest[2]["job_id"]]
+    assert after[1]["job_id"] != manifest[1]["job_id"]
+    assert read_state(sweep / "task-001") == "DONE"
+    # a refused re-launch without --resume leaves the folder alone
+    refused = subprocess.run([*LAUNCH, "--sweep", "optim.lr=0.1", "--sweep_dir", str(sweep), "train"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already exists; pass --resume" in refused.stderr
+
+
+def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkeypatch):
+    monkeypatch.setattr("bonnerlab.sweeps.max_array_size", lambda: 2)
+    points = [{"optim.lr": lr} for lr in (0.1, 0.03, 0.01)]
+    tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), points,
+                         SlurmConfig(time_min=5), tmp_path / "sweep")
+    arrays = [t.job_id.split("_")[0] for t in tasks]
+    assert arrays[0] == arrays[1] != arrays[2]
+    # a chunk of one is a plain job (submitit submits single jobs without --array)
+    assert [t.job_id.partition("_")[2] for t in tasks] == ["0", "1", ""]
+    for t in tasks:
+        assert t.job.result()["epoch"] == 1
+    assert len(list((tmp_path / "sweep").glob("submit-*.sh"))) == 2
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def test_two_task_gloo_job_matches_one_process_with_the_same_global_batch(tmp_path):
+    cfg = tiny(epochs=1, max_steps_per_epoch=8, **{"model.batchnorm": False, "data.rotation": 20.0})
+    one = submit("train", cfg, SlurmConfig(partition="cpu", time_min=5), tmp_path / "one")
+    two = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=5), tmp_path / "two")
+    one.job.result()
+    results = two.job.results()
+    assert len(results) == 2  # one result per task
+    assert "2 process(es)" in log_of(tmp_path / "two")
+    assert "#SBATCH --ntasks-per-node=2" in (tmp_path / "two" / "submit.sh").read_text()
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert m2[0]["val_acc"] == pytest.approx(m1[0]["val_acc"], abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- requeues
+
+LONG = {"epochs": 12, "checkpoint_every_steps": 4, "model.width": 16, "data.batch_size": 64}
+
+
+def redone_steps(log: str, steps_per_epoch: int) -> list[int]:
+    """Steps trained twice at each restart: where the job stopped minus where it resumed."""
+    stops = [(int(e), int(s)) for e, s in re.findall(r"saved \S+ at epoch (\d+) step (\d+)", log)]
+    resumes = [(int(e), int(s)) for e, s in re.findall(r"resuming epoch (\d+) step (\d+)", log)]
+    return [(e1 - e2) * steps_per_epoch + (s1 - s2) for (e1, s1), (e2, s2) in zip(stops, resumes, strict=False)]
+
+
+def _wait_until_training(run: Path, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if "epoch 1/" in log_of(run) if (run / "logs").exists() else False:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{run} never started training:\n{log_of(run)[-2000:]}")
+
+
+def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_path):
+    cfg = tiny(**LONG)
+    # the reference runs alone on the other node, with the same cores per task
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    run = tmp_path / "run"
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=10, additional_parameters={"exclusive": True}), run)
+    _wait_until_training(run)
+    node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--nodelist", node, "--exclusive",
+                             "-o", str(tmp_path / "urgent.out"), "--wrap", "sleep 2"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    result = sub.job.result()
+    ref.job.result()
+    assert result["epoch"] == 12
+    assert sacct_state(urgent) == "COMPLETED"
+    log = log_of(run)
+    assert "restart 1" in log and "resuming epoch" in log
+    assert read_state(run) == "DONE"
+    assert_same_weights(weights(tmp_path / "ref"), weights(run))
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 13))
+    steps_per_epoch = result["step"] // 12
+    assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
+
+
+def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(tmp_path):
+    # 1-minute limit; SLURM checks limits every ~30 s, so SIGUSR2 comes 10-40 s into each run
+    cfg = tiny(**{**LONG, "epochs": 20})
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    run = tmp_path / "run"
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=1, signal_delay_s=50, max_requeues=8), run)
+    result = sub.job.result()
+    ref.job.result()
+    assert result["epoch"] == 20
+    log = log_of(run)
+    err = "".join(p.read_text() for p in (run / "logs").glob("*_log.err"))
+    # submitit's handler (called by ClusterJob after the save) requeued it; SLURM killed the old run
+    assert "Caught signal SIGUSR2" in err and "DUE TO JOB REQUEUE" in err
+    assert "restart 1" in log
+    assert_same_weights(weights(tmp_path / "ref"), weights(run))
+    steps_per_epoch = result["step"] // 20
+    assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
+    assert json.loads(json.dumps(read_metrics(run)))[-1]["epoch"] == 20
