@@ -619,7 +619,7 @@ class _Writer:
     """Writes chunks on a thread; the bounded queue blocks compute when writing falls behind,
     which keeps memory flat. Errors on the thread surface at the next put/close."""
 
-    def __init__(self, store: Any, depth: int = 2):
+    def __init__(self, store: Any, depth: int = 1):
         self.store = store
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
@@ -803,6 +803,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                 skipped = [stimuli.ids[r.start + i] for i in bad]
                 n_skipped += len(skipped)
                 writer.put(chunk, data, skipped)
+                # Drop our references now, or this batch stays alive through the next forward
+                # pass (the peak): only the writer's batch and one queued batch may be in flight.
+                del outputs, data, values, t
                 bar.update(len(r))
     finally:
         bar.close()
