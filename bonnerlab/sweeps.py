@@ -201,13 +201,17 @@ def submit_sweep(kind: str, base: Any, points: list[dict[str, Any]], slurm: Slur
     logs = sweep_dir / "logs"
     name = slurm.job_name or f"bonnerlab-{kind}-sweep"
     setup = job_setup_lines(slurm, code_dir)
+    from bonnerlab.runs import write_git_info
+
+    write_git_info(sweep_dir)  # once; every task folder gets a copy
     tasks = []
     for i in todo:
         run_dir = task_dir(sweep_dir, i)
         cfg = prepare_job_config(kind, configs[i], run_dir)
         if not (run_dir / "config.yaml").exists():
             write_run_description(run_dir, kind, cfg, slurm, {
-                "run_dir": str(run_dir), "sweep_dir": str(sweep_dir), "task": i, "overrides": points[i]})
+                "run_dir": str(run_dir), "sweep_dir": str(sweep_dir), "task": i, "overrides": points[i]},
+                git_from=sweep_dir)
         tasks.append((Task(i, points[i], run_dir), cfg))
 
     if dry_run:
