@@ -387,6 +387,12 @@ class ClusterJob:
             # the debug executor runs jobs inside the launcher: give its handlers back
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+                # The result is final. SLURM sends the time-limit signal up to a minute early, so
+                # it can land after training: submitit's handler would requeue a finished job,
+                # and during interpreter shutdown (handlers reset to default) it kills the
+                # process, turning a COMPLETED job into FAILED. SIG_IGN survives shutdown.
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     def _resumable_config(self) -> Any:
         spec = JOBS[self.kind]

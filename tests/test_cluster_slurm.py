@@ -6,7 +6,6 @@ BONNERLAB_REQUIRE_SLURM=1. Configs are tiny (mnist_cnn on digits) so each job ta
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -221,9 +220,10 @@ def redone_steps(log: str, steps_per_epoch: int) -> list[int]:
 
 
 def _wait_until_training(run: Path, timeout: float = 120) -> None:
+    """Until the run (or its sweep's logs) reports a finished first epoch."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if "epoch 1/" in log_of(run) if (run / "logs").exists() else False:
+        if (run / "metrics.jsonl").exists():
             return
         time.sleep(0.5)
     raise AssertionError(f"{run} never started training:\n{log_of(run)[-2000:]}")
@@ -254,20 +254,40 @@ def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_pa
 
 
 def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(tmp_path):
-    # 1-minute limit; SLURM checks limits every ~30 s, so SIGUSR2 comes 10-40 s into each run
-    cfg = tiny(**{**LONG, "epochs": 20})
+    # SLURM checks time limits every 30 s and signals up to that much early: with a 2-minute limit
+    # and signal_delay_s=60, SIGUSR2 comes 30-60 s into each run; the job needs ~70 s in all
+    cfg = tiny(**{**LONG, "epochs": 35})
     ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=1, signal_delay_s=50, max_requeues=8), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=2, signal_delay_s=60, max_requeues=4), run)
     result = sub.job.result()
     ref.job.result()
-    assert result["epoch"] == 20
+    assert result["epoch"] == 35
     log = log_of(run)
     err = "".join(p.read_text() for p in (run / "logs").glob("*_log.err"))
     # submitit's handler (called by ClusterJob after the save) requeued it; SLURM killed the old run
     assert "Caught signal SIGUSR2" in err and "DUE TO JOB REQUEUE" in err
     assert "restart 1" in log
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
-    steps_per_epoch = result["step"] // 20
+    steps_per_epoch = result["step"] // 35
     assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
-    assert json.loads(json.dumps(read_metrics(run)))[-1]["epoch"] == 20
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 36))
+
+
+def test_array_task_requeues_alone(tmp_path):
+    """SIGUSR2 (what SLURM sends before a time limit) to one array task: it saves, is requeued by
+    itself and resumes; the other task is never restarted."""
+    sweep = tmp_path / "sweep"
+    tasks = submit_sweep("train", tiny(**LONG), [{"epochs": 1, "max_steps_per_epoch": 2}, {"epochs": 6}],
+                         SlurmConfig(partition="cpu", time_min=10), sweep)
+    _wait_until_training(sweep / "task-001")
+    subprocess.run(["scancel", "--signal=USR2", tasks[1].job_id], check=True)
+    assert [t.job.result()["epoch"] for t in tasks] == [1, 6]
+    logs = {p.name: p.read_text() for p in (sweep / "logs").glob("*_log.out")}
+    first = logs[f"{tasks[0].job_id}_0_log.out"]
+    second = logs[f"{tasks[1].job_id}_0_log.out"]
+    assert "restart 0" in first and "restart 1" not in first
+    assert "restart 1" in second and "resuming epoch" in second
+    squeue_gone(tasks[0].job_id)
+    assert sacct_state(tasks[0].job_id) == "COMPLETED" and sacct_state(tasks[1].job_id) == "COMPLETED"
+    assert read_state(sweep / "task-000") == read_state(sweep / "task-001") == "DONE"
