@@ -300,26 +300,35 @@ def _node_addr(node: str) -> str:
 
 
 def export_distributed_env(gpus_per_node: int) -> None:
-    """torch.distributed env:// variables for this SLURM task (no-op for a single task).
+    """torch.distributed env:// variables for this submitit task (no-op for a single task).
 
-    submitit seeds MASTER_PORT from the job id, so two jobs on one node do not collide. Device
-    mapping is left to `bonnerlab.distributed` (cuda:LOCAL_RANK among the visible GPUs);
-    submitit's CUDA_VISIBLE_DEVICES=local_rank would name the wrong physical GPU whenever SLURM
-    gave this job GPUs other than 0..n-1.
+    Works for SLURM and for the local executor's tasks. submitit seeds MASTER_PORT from the job
+    id, so two jobs on one node do not collide. Device mapping is left to
+    `bonnerlab.distributed` (cuda:LOCAL_RANK among the visible GPUs): submitit's
+    CUDA_VISIBLE_DEVICES=local_rank would name the wrong physical GPU whenever SLURM gave this job
+    GPUs other than 0..n-1.
     """
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
+    import submitit
     from submitit.helpers import TorchDistributedEnvironment
 
+    try:
+        job_env = submitit.JobEnvironment()
+        num_tasks, num_nodes = job_env.num_tasks, job_env.num_nodes
+    except RuntimeError:  # not inside a submitit job (the debug executor)
+        return
+    if num_tasks <= 1:
+        return
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-    os.environ["MASTER_ADDR"] = _node_addr(env.master_addr)
-    per_node = int(os.environ.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        os.environ["MASTER_ADDR"] = _node_addr(env.master_addr)
+    per_node = num_tasks // num_nodes
     if gpus_per_node:
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
         if per_node > len(visible):
             raise RuntimeError(
-                f"{per_node} tasks per node (SLURM_NTASKS_PER_NODE) but only {len(visible)} GPUs "
-                f"visible (CUDA_VISIBLE_DEVICES={','.join(visible)}): one task per GPU is required"
+                f"{per_node} tasks per node (SLURM_NTASKS_PER_NODE="
+                f"{os.environ.get('SLURM_NTASKS_PER_NODE', '?')}) but {len(visible)} GPUs visible "
+                f"(CUDA_VISIBLE_DEVICES={','.join(visible)}): one task per GPU is required"
             )
 
 
@@ -595,7 +604,9 @@ def write_run_description(run_dir: Path, kind: str, cfg: Any, slurm: SlurmConfig
 
     run_dir.mkdir(parents=True, exist_ok=True)
     RunPaths(run_dir).config_yaml.write_text(_yaml(to_dict(cfg)))
-    (run_dir / "slurm.yaml").write_text(_yaml({"job": kind, **to_dict(slurm), **extra}))
+    # SlurmConfig's fields (so `jobs/launch.py --config_path slurm.yaml` asks for the same again)
+    # and what was submitted under `submitted`
+    (run_dir / "slurm.yaml").write_text(_yaml({**to_dict(slurm), "submitted": {"job": kind, **extra}}))
     if git_from is None:
         write_git_info(run_dir)
     else:
@@ -609,7 +620,7 @@ def update_slurm_yaml(run_dir: Path, values: dict[str, Any]) -> None:
     from bonnerlab.runs import load_yaml_if_exists
 
     data = load_yaml_if_exists(run_dir / "slurm.yaml") or {}
-    data.update(values)
+    data.setdefault("submitted", {}).update(values)
     (run_dir / "slurm.yaml").write_text(_yaml(data))
 
 

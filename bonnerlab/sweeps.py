@@ -295,11 +295,11 @@ def _tasks_of(path: Path) -> list[dict[str, Any]]:
         return manifest
     from bonnerlab.runs import load_yaml_if_exists
 
-    slurm = load_yaml_if_exists(path / "slurm.yaml") or {}
-    if not (path / "config.yaml").exists() and not slurm:
+    submitted = (load_yaml_if_exists(path / "slurm.yaml") or {}).get("submitted", {})
+    if not (path / "config.yaml").exists():
         raise ClusterError(f"{path} is neither a sweep folder (manifest.jsonl) nor a run folder (config.yaml)")
-    return [{"task": 0, "overrides": slurm.get("overrides", {}), "run_dir": str(path),
-             "job_id": str(slurm.get("job_id", ""))}]
+    return [{"task": submitted.get("task", 0), "overrides": submitted.get("overrides", {}), "run_dir": str(path),
+             "job_id": str(submitted.get("job_id", ""))}]
 
 
 def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", write: bool = True) -> Any:

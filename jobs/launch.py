@@ -71,6 +71,26 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _without_submitted(argv: list[str]) -> list[str]:
+    """A run folder's slurm.yaml as --config_path: drop its `submitted` record (not a field)."""
+    import tempfile
+
+    import yaml
+
+    if "--config_path" not in argv[:-1]:
+        return argv
+    i = argv.index("--config_path") + 1
+    path = Path(argv[i])
+    data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(data, dict) or "submitted" not in data:
+        return argv
+    data.pop("submitted")
+    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+    with tmp:
+        yaml.safe_dump(data, tmp)
+    return [*argv[:i], tmp.name, *argv[i + 1:]]
+
+
 def main(argv: list[str]) -> Any:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -79,7 +99,7 @@ def main(argv: list[str]) -> Any:
         parse_config(SlurmConfig, ["--help"], prog="jobs/launch.py")
     top, kind, job_argv = split_argv(argv)
     opts, rest = launcher_parser().parse_known_args(top)
-    slurm = parse_config(SlurmConfig, rest, prog="jobs/launch.py")
+    slurm = parse_config(SlurmConfig, _without_submitted(rest), prog="jobs/launch.py")
     if opts.additional_parameters:
         slurm = SlurmConfig(**{**vars(slurm), "additional_parameters": {
             **slurm.additional_parameters, **_key_values(opts.additional_parameters)}})
@@ -105,7 +125,7 @@ def launch_one(kind: str, cfg: Any, slurm: SlurmConfig, opts: argparse.Namespace
     print(f"  status:     python jobs/status.py {sub.run_dir}")
     if not opts.wait:
         return sub
-    result = sub.job.result()  # raises with the job's traceback when it failed
+    result = sub.job.results()[0]  # rank 0's; raises with the job's traceback when it failed
     print(json.dumps(result, default=str, indent=2))
     return result
 

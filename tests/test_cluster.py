@@ -85,6 +85,12 @@ def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_p
     assert read_state(run) == "PENDING"
     assert not list((run / "logs").glob("*.pkl")) if (run / "logs").exists() else True
 
+    # the run folder's two YAML files ask for the same job again
+    again = launch("--dry-run", "--config_path", str(run / "slurm.yaml"), "train",
+                   "--config_path", str(run / "config.yaml"), "--run_dir", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "submit.sh").read_text() == script.replace(str(run), str(tmp_path / "again"))
+
 
 def test_dry_run_sweep_is_one_array_capped_by_parallelism(tmp_path):
     sweep = tmp_path / "sweep"

@@ -6,6 +6,7 @@ BONNERLAB_REQUIRE_SLURM=1. Configs are tiny (mnist_cnn on digits) so each job ta
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoin
     assert RunPaths(run).latest.is_file() and RunPaths(run).best.is_file()
     assert "#SBATCH --partition=cpu" in (run / "submit.sh").read_text()
     assert f"code from {run}/code/bonnerlab" in log_of(run)  # ran the snapshot, not the checkout
-    assert str(job_id) == str(__import__("yaml").safe_load((run / "slurm.yaml").read_text())["job_id"])
+    assert str(job_id) == str(__import__("yaml").safe_load((run / "slurm.yaml").read_text())["submitted"]["job_id"])
 
 
 def test_live_cluster_checks_refuse_before_queueing(tmp_path):
@@ -114,6 +115,20 @@ def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
     assert sub.job.result()["epoch"] == 1
     assert "CUDA_VISIBLE_DEVICES=0" in log_of(run)
     assert "#SBATCH --gpus-per-node=1" in (run / "submit.sh").read_text()
+
+
+def test_evaluate_job_on_slurm(tmp_path):
+    from bonnerlab.training import train
+
+    train(tiny(epochs=1, max_steps_per_epoch=3, run_dir=str(tmp_path / "trained"), progress=False))
+    out = subprocess.run([*LAUNCH, "--wait", "evaluate", "--checkpoint", str(tmp_path / "trained"),
+                          "--device", "cpu", "--output_dir", str(tmp_path / "eval")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["count"] == 359 and 0.0 <= metrics["acc"] <= 1.0  # the digits validation split
+    assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    assert read_state(tmp_path / "eval") == "DONE"
 
 
 def test_failing_job_ends_failed_in_slurm_and_in_its_folder(tmp_path):
@@ -255,23 +270,23 @@ def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_pa
 
 def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(tmp_path):
     # SLURM checks time limits every 30 s and signals up to that much early: with a 2-minute limit
-    # and signal_delay_s=60, SIGUSR2 comes 30-60 s into each run; the job needs ~70 s in all
-    cfg = tiny(**{**LONG, "epochs": 35})
+    # and signal_delay_s=60, SIGUSR2 comes 30-60 s into each run; 60 epochs take 70+ s in all
+    cfg = tiny(**{**LONG, "epochs": 60})
     ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
     run = tmp_path / "run"
     sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=2, signal_delay_s=60, max_requeues=4), run)
     result = sub.job.result()
     ref.job.result()
-    assert result["epoch"] == 35
+    assert result["epoch"] == 60
     log = log_of(run)
     err = "".join(p.read_text() for p in (run / "logs").glob("*_log.err"))
     # submitit's handler (called by ClusterJob after the save) requeued it; SLURM killed the old run
     assert "Caught signal SIGUSR2" in err and "DUE TO JOB REQUEUE" in err
     assert "restart 1" in log
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
-    steps_per_epoch = result["step"] // 35
+    steps_per_epoch = result["step"] // 60
     assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
-    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 36))
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 61))
 
 
 def test_array_task_requeues_alone(tmp_path):
