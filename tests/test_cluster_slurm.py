@@ -306,3 +306,23 @@ def test_array_task_requeues_alone(tmp_path):
     squeue_gone(tasks[0].job_id)
     assert sacct_state(tasks[0].job_id) == "COMPLETED" and sacct_state(tasks[1].job_id) == "COMPLETED"
     assert read_state(sweep / "task-000") == read_state(sweep / "task-001") == "DONE"
+
+
+def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
+    """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both resume."""
+    cfg = tiny(**{**LONG, "epochs": 6, "model.batchnorm": False})
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_min=10), tmp_path / "ref")
+    run = tmp_path / "run"
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=10,
+                                           additional_parameters={"exclusive": True}), run)
+    _wait_until_training(run)
+    node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
+                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    assert [r["epoch"] for r in sub.job.results()] == [6, 6]
+    ref.job.results()
+    log = log_of(run)
+    assert "2 process(es)" in log and "restart 1" in log
+    steps_per_epoch = sub.job.results()[0]["step"] // 6
+    assert redone_steps(log, steps_per_epoch) == [0]
+    assert_same_weights(weights(tmp_path / "ref"), weights(run), atol=1e-6)
