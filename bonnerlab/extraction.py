@@ -239,7 +239,7 @@ def state_sha256(model: nn.Module) -> str:
         h.update(name.encode())
         t = tensor.detach().cpu().contiguous().reshape(-1)
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # a view, no copy
     return h.hexdigest()
 
 
@@ -476,7 +476,8 @@ class LayerPlan:
     calls: int = 1  # capture the last call when a module runs more than once per forward
     index: torch.Tensor | None = None
 
-    def reduce(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def reduce(self, out: torch.Tensor) -> torch.Tensor:
+        """Channel subset and pooling; may return a view of `out` (no pooling, all channels)."""
         t = out.detach()
         if self.channels is not None:
             if self.index is None or self.index.device != t.device:
@@ -488,10 +489,6 @@ class LayerPlan:
             t = t.amax(dim=tuple(range(2, t.ndim)))
         elif self.pooling == "flatten":
             t = t.flatten(1)
-        t = t.to(dtype)
-        # Never keep a view of the module's output: a following in-place op would change it.
-        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            t = t.clone()
         return t
 
 
@@ -509,7 +506,13 @@ def feature_dims(ndim: int, pooling: str) -> tuple[str, ...]:
 
 
 class Capture:
-    """Forward hooks that reduce and copy the requested layers' outputs; a context manager."""
+    """Forward hooks that reduce and copy the requested layers' outputs; a context manager.
+
+    Each capture is copied straight into a preallocated CPU buffer: the copy happens inside the
+    hook, so an in-place op that follows cannot change it, and reusing `slots` fixed buffers
+    (instead of allocating per batch) keeps the process's memory flat however many batches run.
+    The caller must not reuse a slot while its previous contents are still being written.
+    """
 
     def __init__(
         self,
@@ -517,11 +520,27 @@ class Capture:
         plans: dict[str, LayerPlan],
         dtype: torch.dtype,
         stop_early: bool = True,
+        slots: int = 1,
+        pin_memory: bool = False,
     ):
         self.modules, self.plans, self.dtype, self.stop_early = modules, plans, dtype, stop_early
+        self.n_slots, self.pin_memory = slots, pin_memory
+        self.buffers: dict[str, list[torch.Tensor]] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self.handles: list[Any] = []
+        self.slot = 0
+
+    def _dest(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shape = tuple(t.shape)
+        bufs = self.buffers.get(name)
+        if bufs is None or bufs[0].shape[0] < shape[0] or bufs[0].shape[1:] != shape[1:]:
+            bufs = [
+                torch.empty(shape, dtype=self.dtype, pin_memory=self.pin_memory)
+                for _ in range(self.n_slots)
+            ]
+            self.buffers[name] = bufs
+        return bufs[self.slot][: shape[0]]
 
     def _hook(self, name: str):
         plan = self.plans[name]
@@ -534,7 +553,11 @@ class Capture:
                 raise UserError(
                     f"layer {name} outputs a {type(out).__name__}, not a tensor; pick a submodule"
                 )
-            self.outputs[name] = plan.reduce(out, self.dtype)
+            t = plan.reduce(out)
+            dest = self._dest(name, t)
+            # On CUDA the copy is queued on the stream, before any later in-place op on `out`.
+            dest.copy_(t, non_blocking=t.device.type == "cuda")
+            self.outputs[name] = dest
             if self.stop_early and len(self.outputs) == len(self.plans):
                 raise _StopForward
 
@@ -548,12 +571,15 @@ class Capture:
         for h in self.handles:
             h.remove()
 
-    def run(self, model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.outputs, self.calls = {}, {}
+    def run(self, model: nn.Module, x: torch.Tensor, slot: int = 0) -> dict[str, torch.Tensor]:
+        """Forward `x`; returns name -> CPU tensor (a view of buffer `slot`)."""
+        self.outputs, self.calls, self.slot = {}, {}, slot % self.n_slots
         try:
             model(x)
         except _StopForward:
             pass
+        if x.device.type == "cuda":
+            torch.cuda.current_stream(x.device).synchronize()  # the queued copies have landed
         missing = [n for n in self.plans if n not in self.outputs]
         if missing:
             raise UserError(f"layers {missing} did not run in the forward pass")
@@ -616,12 +642,17 @@ def _resolve_device(requested: str) -> torch.device:
 
 
 class _Writer:
-    """Writes chunks on a thread; the bounded queue blocks compute when writing falls behind,
-    which keeps memory flat. Errors on the thread surface at the next put/close."""
+    """Writes chunks on a thread while the next batch computes.
 
-    def __init__(self, store: Any, depth: int = 1):
+    The capture buffers are `slots` fixed slots used round-robin; `acquire()` blocks until the
+    slot for the next batch has been written out (the writer releases slots in FIFO order), so at
+    most `slots` batches of activations exist at once, however many stimuli there are. Errors on
+    the thread surface at the next acquire/close."""
+
+    def __init__(self, store: Any, slots: int):
         self.store = store
-        self.queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.free = threading.Semaphore(slots)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
         self.thread.start()
@@ -636,10 +667,14 @@ class _Writer:
                     self.store.write_chunk(*item)
                 except BaseException as e:  # reported to the main thread
                     self.error = e
+            self.free.release()
 
-    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str]) -> None:
+    def acquire(self) -> None:
+        self.free.acquire()
         if self.error is not None:
             raise self.error
+
+    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str]) -> None:
         self.queue.put((chunk, data, skipped))
 
     def close(self) -> None:
@@ -688,7 +723,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                 f"pooling {pooling} needs spatial dims but layer {name} outputs {list(shape)}"
             )
         plan = LayerPlan(name, channels, pooling, calls)
-        out_shape = tuple(plan.reduce(torch.zeros(shape), torch.float32).shape[1:])
+        out_shape = tuple(plan.reduce(torch.zeros(shape)).shape[1:])
         plans[name] = plan
         specs.append(
             LayerSpec(
@@ -769,7 +804,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     from bonnerlab.data import Preprocess
 
     normalize = Preprocess(info.mean, info.std).normalize
-    writer = _Writer(store)
+    slots = 2  # one batch computing while the previous one is written
+    writer = _Writer(store, slots)
     t0 = time.perf_counter()
     n_skipped = 0
     bar = tqdm(
@@ -779,7 +815,12 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         desc=f"extract {output.name}",
     )
     try:
-        with Capture(modules, plans, dtype) as capture, torch.inference_mode():
+        with (
+            Capture(
+                modules, plans, dtype, slots=slots, pin_memory=device.type == "cuda"
+            ) as capture,
+            torch.inference_mode(),
+        ):
             batches = iter_batches(
                 stimuli,
                 rows,
@@ -788,24 +829,24 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
                 cfg.num_workers,
                 device.type == "cuda",
             )
-            for chunk, r, (images, bad, errors) in zip(todo, rows, batches, strict=True):
+            for step, (chunk, r, (images, bad, errors)) in enumerate(
+                zip(todo, rows, batches, strict=True)
+            ):
                 if bad and not cfg.skip_bad_images:
                     raise DataError(f"{errors[0]} (pass --skip_bad_images to store NaN and go on)")
                 x = normalize(images.to(device, non_blocking=True))
+                writer.acquire()  # the slot this batch fills has been written out
                 with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    outputs = capture.run(model, x)
+                    outputs = capture.run(model, x, slot=step)
                 data = {}
                 for name, t in outputs.items():
-                    values = t.cpu().numpy()
+                    values = t.numpy()  # a view of the slot buffer, no copy
                     if bad:
                         values[bad] = np.nan
                     data[name] = values
                 skipped = [stimuli.ids[r.start + i] for i in bad]
                 n_skipped += len(skipped)
                 writer.put(chunk, data, skipped)
-                # Drop our references now, or this batch stays alive through the next forward
-                # pass (the peak): only the writer's batch and one queued batch may be in flight.
-                del outputs, data, values, t
                 bar.update(len(r))
     finally:
         bar.close()
