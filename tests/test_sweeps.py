@@ -143,3 +143,31 @@ def test_manifest_keeps_the_latest_line_of_each_task(tmp_path):
         '{"task": 0, "overrides": {}, "run_dir": "a", "job_id": "5_0"}\n'
         '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "9_0"}\n')
     assert [(r["task"], r["job_id"]) for r in read_manifest(tmp_path)] == [(0, "5_0"), (1, "9_0")]
+
+
+def test_status_of_a_single_run_folder(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 2\n")
+    (run / "slurm.yaml").write_text("partition: cpu\nsubmitted:\n  job: train\n  job_id: ''\n")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.4}\n{"epoch": 2, "val_acc": 0.5}\n')
+    write_state(run, "RUNNING")
+    table = sweep_status(run)
+    assert table[["task", "state", "epochs", "best_val_acc", "best"]].values.tolist() == [[0, "RUNNING", 2, 0.5, "*"]]
+    with pytest.raises(ClusterError, match="neither a sweep folder"):
+        sweep_status(tmp_path / "run" / "..")
+
+
+def test_dry_run_sweep_from_a_file(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("optim.lr: [0.1, 0.01]\noptim.optimizer: [sgd, adamw]\n")
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "launch.py"),
+                          "--dry-run", "--sweep_file", str(spec), "--sweep_dir", str(tmp_path / "s"), "train"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-3%4" in (tmp_path / "s" / "submit.sh").read_text()
+    assert "dry run: 4 tasks" in out.stdout
