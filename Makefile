@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train-local evaluate-local test test-fast lint bench gpu-check slurm-up slurm-down clean
+.PHONY: install train-local evaluate-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -33,6 +33,12 @@ lint: install
 
 bench: install  ## benchmarks: ratios against reference implementations, measured in one run
 	$(PY) bench/bench_train.py $(ARGS)
+
+bench-cluster: install  ## cluster costs on the local SLURM (starts it if needed; root)
+	$(PY) bench/bench_cluster.py
+
+bench-extract: install  ## extraction vs a bare forward pass (images/s, peak RSS)
+	$(PY) bench/bench_extract.py
 
 gpu-check: install  ## only when a GPU is lent: AMP + channels-last training, NCCL DDP, CUDA evaluation
 	$(PY) bench/gpu_check.py
