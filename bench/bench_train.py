@@ -63,12 +63,12 @@ from bonnerlab.training import (  # noqa: E402
 
 DEFAULT_ROOT = os.path.normpath(REPO / ".." / "shared" / "data" / "mnist")
 
-# The fastest configuration found that reaches 98.5% held-out on every seed tried (see the
-# report in the commit message / closing note): a narrower mnist_cnn, small batches, one-cycle
-# AdamW, the library's default augmentation.
+# The fastest configuration found that reaches 98.5% held-out on every seed tried, with the
+# library as it is (mnist_cnn's global-average-pool head, NCHW on CPU): width 16 lands between
+# 98.1% and 98.65% after 2 epochs depending on the seed, width 24 at 98.65-98.85%.
 RECIPE: dict[str, object] = {
     "model.arch": "mnist_cnn",
-    "model.width": 16,
+    "model.width": 24,
     "data.batch_size": 32,
     "optim.optimizer": "adamw",
     "optim.lr": 0.02,
@@ -115,6 +115,7 @@ def run_ours(cfg: TrainConfig, target: float) -> dict:
         "train_samples_per_s": [r["train_samples_per_s"] for r in rows],
         "seconds_to_target": seconds,
         "epochs_to_target": epoch,
+        "rows": rows,
         "train_call_wall_s": wall,
     }
 
@@ -198,7 +199,13 @@ class ProductRun:
         self.preprocess = Preprocess(splits.mean, splits.std, cfg.data)
         self.timer = PhaseTimer()
         self.timer.attach(self.batches, self.preprocess, self.model, self.optimizer)
-        self.state, self.logger = EpochState(), Logger(None)
+        # a real Logger (TensorBoard scalars every log_every_steps), as train() has
+        self._scratch = tempfile.TemporaryDirectory(prefix="bench-train-log-")
+        self.state, self.logger = EpochState(), Logger(self._scratch.name)
+
+    def close(self) -> None:
+        self.logger.close()
+        self._scratch.cleanup()
 
     def epoch(self) -> dict:
         """One (possibly max_steps_per_epoch-shortened) epoch; seconds per phase."""
@@ -249,9 +256,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of our recipe (default 0 1 2)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for everything (0 = torch's default)")
     p.add_argument("--quick", action="store_true", help="one seed and single-epoch throughput runs")
-    p.add_argument("--reference-max-epochs", type=int, default=8)
+    p.add_argument("--reference-max-epochs", type=int, default=0,
+                   help="stop the reference here if it has not reached --target (default: main.py's 14; 6 with --quick)")
+    p.add_argument("--reference-no-shuffle", action="store_true",
+                   help="train the reference in file order, as main.py does on a CPU")
+    p.add_argument("--recipe", default="{}", metavar="JSON",
+                   help='overrides of our recipe, dotted keys, e.g. \'{"model.width": 16, "epochs": 3}\'')
     p.add_argument("--out", default=str(HERE / "out" / "train.json"))
     args = p.parse_args(argv)
+    recipe = {**RECIPE, **json.loads(args.recipe)}
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -273,9 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 1. time to target ---------------------------------------------------------------------
     log(f"[1] reference (pytorch/examples mnist recipe) until val_acc >= {args.target}:")
-    reference = ref.run_reference(args.root, args.target, args.reference_max_epochs, log=log)
-    recipe_cfg = apply_overrides(cfg0, RECIPE)
-    log(f"[1] bonnerlab train() with {json.dumps(RECIPE)}:")
+    ref_epochs = args.reference_max_epochs or (6 if args.quick else 14)
+    reference = ref.run_reference(args.root, args.target, ref_epochs, shuffle=not args.reference_no_shuffle, log=log)
+    recipe_cfg = apply_overrides(cfg0, recipe)
+    log(f"[1] bonnerlab train() with {json.dumps(recipe)}:")
     ours = []
     for seed in seeds:
         run = run_ours(apply_overrides(recipe_cfg, {"seed": seed}), args.target)
@@ -306,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"  round {r + 1}: bonnerlab path {ours_ref_net[-1]['samples_per_s']:.0f} samples/s, "
             f"reference path {ref_loader[-1]['samples_per_s']:.0f} samples/s")
     # best of the rounds: the least disturbed measurement of each path
+    ours_run.close()
     ours_rate = max(e["samples_per_s"] for e in ours_ref_net)
     ref_rate = max(e["samples_per_s"] for e in ref_loader)
 
@@ -313,6 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     log("[3] phase times in bonnerlab train_one_epoch, recipe model:")
     recipe_run = ProductRun(recipe_cfg)
     recipe_epochs = [recipe_run.epoch() for _ in range(int(recipe_cfg.epochs))]
+    recipe_run.close()
     for name, epochs in (("recipe", recipe_epochs), ("reference net, batch 64", ours_ref_net)):
         for e in epochs:
             log(f"  {name}: {e['samples']} samples at {e['samples_per_s']:.0f}/s; " + ", ".join(
@@ -321,10 +337,12 @@ def main(argv: list[str] | None = None) -> dict:
     refnet_share = statistics.median(e["load_augment_share"] for e in ours_ref_net)
 
     # table -------------------------------------------------------------------------------
+    ref_total = sum(e["epoch_time_s"] for e in reference["epochs"])
+    ref_best = reference["best_val_acc"]
     if ref_s is not None:
         ref_cell = f"{ref_s:.1f} s ({reference['epochs_to_target']} ep)"
     else:
-        ref_cell = f"> {sum(e['epoch_time_s'] for e in reference['epochs']):.1f} s (not in {len(reference['epochs'])} ep)"
+        ref_cell = f"> {ref_total:.1f} s (best {ref_best:.2%} in {len(reference['epochs'])} ep)"
     if ours_s is not None:
         ep = sorted({r["epochs_to_target"] for r in ours})
         ours_cell = (f"{ours_s:.2f} s ({'/'.join(map(str, ep))} ep; median of {len(seeds)} seeds, "
@@ -332,9 +350,25 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         ours_cell = f"{len(reached)}/{len(seeds)} seeds reached it" + (
             f" (median {statistics.median(reached):.2f} s)" if reached else "")
-    rows = [
-        (f"1. seconds to >= {args.target:.1%} held-out", ref_cell, ours_cell,
-         f"{speedup:.1f}x (target >= 10x)" if speedup else "n/a (target >= 10x)"),
+    if speedup:
+        ratio_cell = f"{speedup:.1f}x (target >= 10x)"
+    elif ref_s is None and ours_s:
+        ratio_cell = f"> {ref_total / ours_s:.1f}x (lower bound; target >= 10x)"
+    else:
+        ratio_cell = "n/a (target >= 10x)"
+    rows = [(f"1. seconds to >= {args.target:.1%} held-out", ref_cell, ours_cell, ratio_cell)]
+    equal = None
+    if ref_s is None:
+        # The reference never got there: compare at the best accuracy it did reach.
+        ref_at, ref_ep = seconds_to_target(reference["epochs"], ref_best)
+        ours_at = [seconds_to_target(r["rows"], ref_best)[0] for r in ours]
+        if all(v is not None for v in ours_at):
+            ours_med = statistics.median(ours_at)
+            equal = {"accuracy": ref_best, "reference_s": ref_at, "ours_median_s": ours_med,
+                     "speedup": ref_at / ours_med}
+            rows.append((f"1b. seconds to the reference's best, {ref_best:.2%}", f"{ref_at:.1f} s ({ref_ep} ep)",
+                         f"{ours_med:.2f} s (median of {len(seeds)} seeds)", f"{ref_at / ours_med:.1f}x"))
+    rows += [
         ("2. train samples/s, ref net, batch 64", f"{ref_rate:.0f}", f"{ours_rate:.0f}",
          f"{ours_rate / ref_rate:.2f}x"),
         ("3. step time in loading+augment", "-", f"{100 * recipe_share:.1f}% (ref net {100 * refnet_share:.1f}%)",
@@ -350,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
     log(line(["-" * w for w in widths]))
     for r in rows:
         log(line(r))
-    log(f"recipe: {json.dumps(RECIPE)}; {torch.get_num_threads()} torch threads; "
+    log(f"recipe: {json.dumps(recipe)}; {torch.get_num_threads()} torch threads; "
         f"bench took {time.perf_counter() - bench_start:.0f} s")
 
     result = {
@@ -360,11 +394,11 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "load_average_at_start": load,
         "root": args.root,
-        "recipe": RECIPE,
+        "recipe": recipe,
         "reference": reference,
         "ours": ours,
         "time_to_target": {"reference_s": ref_s, "ours_median_s": ours_s, "ours_worst_s": ours_worst,
-                           "speedup": speedup},
+                           "speedup": speedup, "at_reference_best": equal},
         "throughput_ref_net_batch64": {"reference_samples_per_s": ref_rate, "ours_samples_per_s": ours_rate,
                                        "ratio": ours_rate / ref_rate, "ours_epochs": ours_ref_net,
                                        "reference_loader_epochs": ref_loader},
