@@ -60,7 +60,7 @@ def _loader(images: Path, n: int, size: int, batch: int, workers: int):
 
     files = scan_stimuli(images)[0][:n]
     return torch.utils.data.DataLoader(
-        _FileImages(files, size, 3, skip_bad=True), batch_size=batch, num_workers=workers
+        _FileImages(files, size, 3), batch_size=batch, num_workers=workers
     )
 
 
