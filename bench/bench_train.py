@@ -1,8 +1,9 @@
 """Training benchmark: bonnerlab vs the classic pytorch/examples MNIST recipe, in one run.
 
-    python bench/bench_train.py                       # ~2-3 min on 2 CPU cores
-    python bench/bench_train.py --quick               # one seed, shorter throughput runs
-    python bench/bench_train.py --root ../shared/data/mnist --threads 1
+    python bench/bench_train.py                       # ~3.5 min on 2 idle CPU cores
+    python bench/bench_train.py --quick               # one seed, reference <= 6 epochs, short rounds
+    python bench/bench_train.py --threads 1           # on a busy machine (see below)
+    python bench/bench_train.py --recipe '{"model.width": 16, "data.batch_size": 64}'
 
 Data: the MNIST test files (root/MNIST/raw/t10k-*), split 8,000 train / 2,000 held out with
 bonnerlab's seeded split (data.val_fraction 0.2, split_seed 0); the reference uses the same split.
@@ -10,7 +11,9 @@ bonnerlab's seeded split (data.val_fraction 0.2, split_seed 0); the reference us
 1. seconds to reach >= --target held-out accuracy (evaluated after every epoch; training plus the
    per-epoch evaluation, nothing before the first epoch), reference / ours. Ours is
    `bonnerlab.training.train(cfg)` with RECIPE, read back from run_dir/metrics.jsonl
-   (`epoch_time_s`, `val_acc`), for several seeds.
+   (`epoch_time_s`, `val_acc`), for several seeds. The reference trains up to main.py's 14 epochs;
+   when it never reaches the target the ratio is a lower bound, and row 1b compares the two at
+   the best accuracy the reference did reach.
 2. training samples/s of the reference's network at batch 64: bonnerlab's `train_one_epoch`
    (in-memory uint8 batches, batched normalize + random affine on the device) vs the reference's
    DataLoader of per-sample PIL -> ToTensor -> Normalize.
@@ -18,8 +21,10 @@ bonnerlab's seeded split (data.val_fraction 0.2, split_seed 0); the reference us
    timed with time.perf_counter around the batch iterator and Preprocess.augment, and around the
    model's forward (module hooks), backward and optimizer step (backward-pre / step hooks).
 
-Results: a table on stdout and bench/out/train.json. Timings are wall-clock on a shared machine;
-compare ratios from the same run. Not a test: nothing here asserts a speed.
+Results: a table on stdout and bench/out/train.json. Timings are wall-clock; compare ratios from
+the same run. With other processes on the CPUs, torch's default of one thread per core stalls
+badly (each small op waits for a descheduled thread); --threads 1 keeps the ratios meaningful.
+Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -62,10 +67,14 @@ from bonnerlab.training import (  # noqa: E402
 )
 
 DEFAULT_ROOT = os.path.normpath(REPO / ".." / "shared" / "data" / "mnist")
+# The issue reports the reference reaching 98.5% after 4 epochs (~39 s); on this split and seed it
+# may not get there at all, so the table also compares with its first 4 epochs.
+ISSUE_REFERENCE_EPOCHS = 4
 
 # The fastest configuration found that reaches 98.5% held-out on every seed tried, with the
 # library as it is (mnist_cnn's global-average-pool head, NCHW on CPU): width 16 lands between
-# 98.1% and 98.65% after 2 epochs depending on the seed, width 24 at 98.65-98.85%.
+# 98.1% and 98.65% after 2 epochs depending on the seed, width 24 at 98.65-98.85%; batch 64
+# (98.15-98.35%) and 3 epochs of width 16 (98.5-98.8%) fall short or cost more.
 RECIPE: dict[str, object] = {
     "model.arch": "mnist_cnn",
     "model.width": 24,
@@ -276,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"bonnerlab training bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load:.1f}; data {args.root}")
     if load > 0.5 * (os.cpu_count() or 1):
-        log("  note: other processes are using the CPUs; absolute times will be inflated, ratios less so")
+        log("  note: other processes are using the CPUs: absolute times will be inflated"
+            + ("; consider --threads 1" if torch.get_num_threads() > 1 else ""))
     cfg0 = base_config(args.root)
     splits = load_splits(cfg0.data)
     ref_train, ref_val = ref.reference_datasets(args.root)
@@ -337,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
     refnet_share = statistics.median(e["load_augment_share"] for e in ours_ref_net)
 
     # table -------------------------------------------------------------------------------
+    n_seeds = f"{len(seeds)} seed" + ("s" if len(seeds) > 1 else "")
     ref_total = sum(e["epoch_time_s"] for e in reference["epochs"])
     ref_best = reference["best_val_acc"]
     if ref_s is not None:
@@ -345,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         ref_cell = f"> {ref_total:.1f} s (best {ref_best:.2%} in {len(reference['epochs'])} ep)"
     if ours_s is not None:
         ep = sorted({r["epochs_to_target"] for r in ours})
-        ours_cell = (f"{ours_s:.2f} s ({'/'.join(map(str, ep))} ep; median of {len(seeds)} seeds, "
+        ours_cell = (f"{ours_s:.2f} s ({'/'.join(map(str, ep))} ep; median of {n_seeds}, "
                      f"worst {ours_worst:.2f})")
     else:
         ours_cell = f"{len(reached)}/{len(seeds)} seeds reached it" + (
@@ -367,7 +378,14 @@ def main(argv: list[str] | None = None) -> dict:
             equal = {"accuracy": ref_best, "reference_s": ref_at, "ours_median_s": ours_med,
                      "speedup": ref_at / ours_med}
             rows.append((f"1b. seconds to the reference's best, {ref_best:.2%}", f"{ref_at:.1f} s ({ref_ep} ep)",
-                         f"{ours_med:.2f} s (median of {len(seeds)} seeds)", f"{ref_at / ours_med:.1f}x"))
+                         f"{ours_med:.2f} s (median of {n_seeds})", f"{ref_at / ours_med:.1f}x"))
+        # The issue saw the reference reach the target after 4 epochs elsewhere: the ratio to that.
+        k = ISSUE_REFERENCE_EPOCHS
+        if ours_s is not None and len(reference["epochs"]) >= k:
+            ref_k = sum(e["epoch_time_s"] for e in reference["epochs"][:k])
+            equal = {**(equal or {}), "reference_first_4_epochs_s": ref_k, "speedup_vs_4_epochs": ref_k / ours_s}
+            rows.append((f"1c. ... vs the reference's first {k} epochs", f"{ref_k:.1f} s ({k} ep)",
+                         f"{ours_s:.2f} s (as in 1.)", f"{ref_k / ours_s:.1f}x"))
     rows += [
         ("2. train samples/s, ref net, batch 64", f"{ref_rate:.0f}", f"{ours_rate:.0f}",
          f"{ours_rate / ref_rate:.2f}x"),
