@@ -4,7 +4,8 @@
     python bench/bench_extract.py --n 400      # quicker look
 
 Each measurement runs in its own subprocess so that its peak RSS (ru_maxrss of the main process;
-decoding workers are separate processes in every mode) is its own:
+decoding workers are separate processes in every mode, and their RSS counts the pages they share
+with the parent they were forked from) is its own:
 - bare:        DataLoader decode (same workers) + normalize + full forward pass, nothing kept
 - extract:     bonnerlab.extraction.extract (hooks, early stop, writer thread, zarr store)
 - accumulate:  hooks that keep every batch in RAM, concatenate, then np.save (the naive way)
@@ -120,9 +121,18 @@ def run_extract(args) -> dict:
     return {"seconds": result["seconds"], "store": result["store"]}
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(args) -> None:
     fn = {"bare": run_bare, "accumulate": run_accumulate, "extract": run_extract}[args.mode]
+    cpu = _cpu_seconds()
     result = fn(args)
+    # CPU time of the main process per image (model build included): a check on images/s
+    # when other jobs share the machine.
+    result["cpu_ms_per_image"] = 1000 * (_cpu_seconds() - cpu) / args.n
     result["images_per_s"] = args.n / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["workers_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -197,14 +207,16 @@ def main() -> None:
     print(f"\nResNet-18 {'+'.join(LAYERS)}, {args.n} PNG {args.size}px, batch {args.batch}, "
           f"{args.workers} workers, CPU, compression {args.compression}")  # fmt: skip
     print(
-        f"{'mode':<12}{'images/s':>10}{'vs bare':>9}{'peak RSS MB':>13}{'vs bare':>9}{'workers MB':>12}"
+        f"{'mode':<12}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}"
+        f"{'peak RSS MB':>13}{'vs bare':>9}{'workers MB':>12}"
     )
     for mode, r in rows.items():
         speed = f"{r['images_per_s'] / bare['images_per_s']:.2f}x" if bare else "-"
         rss = f"{r['peak_rss_mb'] / bare['peak_rss_mb']:.2f}x" if bare else "-"
         label = "extract@200" if mode == "extract200" else mode
         print(
-            f"{label:<12}{r['images_per_s']:>10.1f}{speed:>9}{r['peak_rss_mb']:>13.0f}{rss:>9}{r['workers_peak_rss_mb']:>12.0f}"
+            f"{label:<12}{r['images_per_s']:>10.1f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
+            f"{r['peak_rss_mb']:>13.0f}{rss:>9}{r['workers_peak_rss_mb']:>12.0f}"
         )
     if "extract" in rows and "extract200" in rows:
         growth = rows["extract"]["peak_rss_mb"] / rows["extract200"]["peak_rss_mb"]

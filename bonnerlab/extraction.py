@@ -50,7 +50,8 @@ def _check(condition: bool, message: str) -> None:
 class ExtractConfig:
     """Extract layer activations of a model over a set of stimuli into a zarr store."""
 
-    # run folder or checkpoint file from `train`; empty = build model.arch with model.weights
+    # run folder or checkpoint file from `train`, or latest (the newest run under runs/);
+    # empty = build model.arch with model.weights
     checkpoint: str = ""
     # which checkpoint of a run folder: best or latest
     which: str = "best"
@@ -253,7 +254,8 @@ def load_model(cfg: ExtractConfig) -> ModelInfo:
         from bonnerlab.training import load_trained
 
         # The training job's own loader: same head, same channels, same error messages.
-        path = find_checkpoint(cfg.checkpoint, cfg.which)
+        latest = cfg.checkpoint == "latest" and not Path("latest").exists()
+        path = find_checkpoint("" if latest else cfg.checkpoint, cfg.which)
         model, train_cfg, payload = load_trained(path, torch.device("cpu"))
         pre = payload["preprocess"]
         info = ModelInfo(

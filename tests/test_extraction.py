@@ -412,3 +412,32 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
     assert stored.shape == (2000, 64, 16, 16)
     # layer1 alone is 2000 x 64 x 16 x 16 x 4 B = 131 MB: accumulating would blow the margin.
     assert large <= small * 1.05 + 25, (small, large)
+
+
+def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
+    """A `train` run folder as the model ("latest" = newest run under runs/), digits val split."""
+    from bonnerlab.checkpoint import find_checkpoint
+    from bonnerlab.config import TrainConfig
+    from bonnerlab.data import Preprocess, load_splits
+    from bonnerlab.training import load_trained, train
+
+    monkeypatch.chdir(tmp_path)
+    train(TrainConfig(epochs=1, max_steps_per_epoch=2, run_dir="runs/r1", progress=False))
+    cfg = ExtractConfig(checkpoint="latest", stimuli="digits", split="val", limit=40, layers=["features.1", "fc"],
+                        batch_size=16, device="cpu", output="acts.zarr", progress=False)  # fmt: skip
+    result = extract(cfg)
+    assert result["complete"] and result["images"] == 40
+
+    model, train_cfg, payload = load_trained(find_checkpoint("runs/r1"), torch.device("cpu"))
+    val = load_splits(train_cfg.data).val
+    pre = payload["preprocess"]
+    with torch.inference_mode():
+        logits = model(Preprocess(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40]))
+    fc = A.open_activations("acts.zarr", "fc")
+    np.testing.assert_allclose(fc.values, logits.numpy(), rtol=1e-5, atol=1e-5)
+    assert fc["label"].values.tolist() == val.labels[:40].tolist()
+    assert list(fc["stimulus"].values) == val.ids[:40]
+    assert (
+        fc.attrs["weights"].endswith("runs/r1/checkpoints/best.pt")
+        and fc.attrs["weights_file_sha256"]
+    )
