@@ -22,11 +22,14 @@ train-local: install  ## train mnist_cnn on the embedded digits dataset (CPU, of
 evaluate-local: install  ## evaluate the newest run's best checkpoint
 	$(PY) jobs/evaluate.py $(ARGS)
 
+# 3 workers on 2 cores: the SLURM tests mostly wait on the scheduler (see tests/conftest.py).
+PYTEST_WORKERS ?= 3
+
 test: install  ## the whole suite, slow and cluster tests included
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)
 
 test-fast: install  ## skip tests marked slow
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow" $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
