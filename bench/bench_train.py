@@ -236,7 +236,7 @@ class ProductRun:
 
 
 class ReferenceLoaderRun:
-    """The reference's own training loop on its DataLoader, timed in chunks of `steps` batches."""
+    """The reference's own training loop on its DataLoader, timed in chunks of `steps` batches (0: epochs)."""
 
     def __init__(self, root: str, steps: int) -> None:
         torch.manual_seed(1)
@@ -247,7 +247,7 @@ class ReferenceLoaderRun:
         self.steps = steps
 
     def chunk(self) -> dict:
-        loader = itertools.islice(self.loader, self.steps)
+        loader = itertools.islice(self.loader, self.steps or None)
         seen, seconds = ref.train_epoch(self.model, loader, self.optimizer)
         return {"samples": seen, "seconds": seconds, "samples_per_s": seen / seconds}
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif busy:
         torch.set_num_threads(1)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    rounds, chunk_steps = (1, 40) if args.quick else (3, 60)
+    rounds, chunk_steps = (1, 40) if args.quick else (2, 0)  # 0: whole epochs
     bench_start = time.perf_counter()
     dist.setup("cpu")
 
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     log("[2] reference network, batch 64, Adadelta lr 1.0: bonnerlab train_one_epoch vs reference DataLoader")
     thr_cfg = apply_overrides(cfg0, {"data.batch_size": 64, "optim.optimizer": "adadelta", "optim.lr": 1.0,
                                      "optim.weight_decay": 0.0, "optim.schedule": "step", "epochs": 14})
-    # Alternate the two paths (a chunk of `chunk_steps` batches each, same model and optimizer
-    # state evolving on each side) so that load from other processes hits both alike.
+    # Alternate the two paths (an epoch, or `chunk_steps` batches, each; model and optimizer state
+    # evolving on each side) so that load from other processes hits both alike.
     thr_cfg = apply_overrides(thr_cfg, {"max_steps_per_epoch": chunk_steps})
     torch.manual_seed(1)
     ours_run = ProductRun(thr_cfg, model=ref.Net())
@@ -335,10 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
         ref_loader.append(ref_run.chunk())
         log(f"  round {r + 1}: bonnerlab path {ours_ref_net[-1]['samples_per_s']:.0f} samples/s, "
             f"reference path {ref_loader[-1]['samples_per_s']:.0f} samples/s")
-    # best of the rounds: the least disturbed measurement of each path
+    # Best of the rounds, the least disturbed measurement of each path; the reference also gets
+    # its training epochs from [1] (same loop, same loader), which can only favour it.
     ours_run.close()
     ours_rate = max(e["samples_per_s"] for e in ours_ref_net)
-    ref_rate = max(e["samples_per_s"] for e in ref_loader)
+    ref_rate = max([e["samples_per_s"] for e in ref_loader]
+                   + [e["train_samples_per_s"] for e in reference["epochs"]])
 
     # 3. phase shares in our path -----------------------------------------------------------
     log("[3] phase times in bonnerlab train_one_epoch, recipe model:")
@@ -393,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append((f"1c. ... vs the reference's first {k} epochs", f"{ref_k:.1f} s ({k} ep)",
                          f"{ours_s:.2f} s (as in 1.)", f"{ref_k / ours_s:.1f}x"))
     rows += [
-        ("2. train samples/s, ref net, batch 64", f"{ref_rate:.0f}", f"{ours_rate:.0f}",
+        ("2. train samples/s, ref net, batch 64 (best)", f"{ref_rate:.0f}", f"{ours_rate:.0f}",
          f"{ours_rate / ref_rate:.2f}x"),
         ("3. step time in loading+augment", "-", f"{100 * recipe_share:.1f}% (ref net {100 * refnet_share:.1f}%)",
          "target < 10%"),
