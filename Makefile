@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train-local evaluate-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
+.PHONY: install train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ evaluate-local: install  ## evaluate the newest run's best checkpoint
 
 # 3 workers on 2 cores: the SLURM tests mostly wait on the scheduler (see tests/conftest.py).
 PYTEST_WORKERS ?= 3
+
+extract-local: install  ## activations of the newest run's model over the digits validation split
+	$(PY) jobs/extract.py --checkpoint latest --layers features.1 features.2 fc $(ARGS)
 
 test: install  ## the whole suite, slow and cluster tests included
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup $(ARGS)

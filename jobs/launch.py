@@ -9,6 +9,7 @@
     python jobs/launch.py --dry-run train                             # write + print submit.sh only
     python jobs/launch.py --wait evaluate --checkpoint runs/<run>
     python jobs/launch.py --cluster local train                       # no SLURM: same job, locally
+    python jobs/launch.py --shards 8 extract --checkpoint runs/<run> --stimuli /data/stimuli
     python jobs/status.py runs/lr-sweep                               # table + results.csv + plot
 
 Flags before the job name are the launcher's and SlurmConfig's (`--help` lists them; a SLURM
@@ -44,6 +45,8 @@ def launcher_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep_file", default="", help="YAML mapping of keys to value lists (a grid)")
     p.add_argument("--sweep_dir", default="", help="sweep folder (default runs/sweep-<date>-<time>-<job>)")
     p.add_argument("--resume", action="store_true", help="resubmit only the unfinished tasks of --sweep_dir")
+    p.add_argument("--shards", type=int, default=0, metavar="N",
+                   help="extract: split the stimuli over N array tasks that write one store")
     p.add_argument("--additional_parameters", action="append", default=[], metavar="KEY=VALUE",
                    help="extra sbatch option, e.g. exclusive=true or reservation=lab (repeatable)")
     return p
@@ -104,6 +107,8 @@ def main(argv: list[str]) -> Any:
         slurm = SlurmConfig(**{**vars(slurm), "additional_parameters": {
             **slurm.additional_parameters, **_key_values(opts.additional_parameters)}})
     cfg = parse_config(JOBS[kind].load_config_class(), job_argv, prog=f"jobs/launch.py {kind}")
+    if opts.shards:
+        return launch_shards(kind, cfg, slurm, opts)
     if opts.sweep or opts.sweep_file:
         return launch_sweep(kind, cfg, slurm, opts)
     if opts.resume:
@@ -167,6 +172,44 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: argparse.Namespa
     if opts.wait:
         wait_for_tasks(tasks)
         print(format_table(sweep_status(sweep_dir)))
+    return tasks
+
+
+def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: argparse.Namespace) -> Any:
+    """`extract --shards N`: one job array whose tasks write disjoint chunk ranges of ONE store."""
+    if kind != "extract":
+        raise ConfigError(f"--shards is for extract jobs, not {kind}")
+    if opts.shards < 1:
+        raise ConfigError(f"--shards must be >= 1; got {opts.shards}")
+    if opts.sweep or opts.sweep_file:
+        raise ConfigError("--shards cannot be combined with --sweep")
+    from bonnerlab.extraction import DATASET_STIMULI
+
+    output = cfg.output
+    if not output:  # every task must agree on the store before any of them starts
+        model = Path(cfg.checkpoint).name if cfg.checkpoint and cfg.checkpoint != "latest" else cfg.model.arch
+        stimuli = cfg.stimuli if cfg.stimuli in DATASET_STIMULI else Path(cfg.stimuli).resolve().name
+        output = str(Path("activations") / f"{model}-{stimuli}.zarr")
+    output = str(Path(output).resolve())
+    points = [{"shard_index": i, "num_shards": opts.shards, "output": output} for i in range(opts.shards)]
+    sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{time.strftime('%Y%m%d-%H%M%S')}")
+    opts.sweep, opts.sweep_file, opts.sweep_dir = [], "", str(sweep_dir)
+    from bonnerlab.sweeps import submit_sweep
+
+    t0 = time.perf_counter()
+    tasks = submit_sweep(kind, cfg, points, slurm, sweep_dir, resume=opts.resume, dry_run=opts.dry_run)
+    if opts.dry_run:
+        print((sweep_dir.resolve() / "submit.sh").read_text())
+        print(f"dry run: {opts.shards} shards of {output}; nothing submitted")
+        return tasks
+    print(f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, writing {output}")
+    print(f"  folder: {sweep_dir.resolve()}  (the last shard to finish finalizes the store)")
+    print(f"  status: python jobs/status.py {sweep_dir}")
+    if opts.wait:
+        wait_for_tasks(tasks)
+        for task in tasks:
+            if task.job is not None:
+                task.job.result()  # raises with the task's traceback when it failed
     return tasks
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from slurm_fixtures import slurm_cluster  # noqa: F401
@@ -326,3 +327,34 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
     steps_per_epoch = sub.job.results()[0]["step"] // 6
     assert redone_steps(log, steps_per_epoch) == [0]
     assert_same_weights(weights(tmp_path / "ref"), weights(run), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- extraction shards
+
+
+def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tmp_path):
+    from bonnerlab.activations import list_layers, open_activations
+    from bonnerlab.extraction import ExtractConfig, extract
+
+    args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
+            "--batch_size", "16", "--device", "cpu", "--progress", "false"]
+    store = tmp_path / "sharded.zarr"
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "--shards", "3", "--wait",
+                          "--sweep_dir", str(tmp_path / "shards"), "extract", *args, "--output", str(store)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "submitted 3 extraction shard(s)" in out.stdout
+    (array_id,) = {row["job_id"].split("_")[0] for row in read_manifest(tmp_path / "shards")}
+    assert len(read_manifest(tmp_path / "shards")) == 3
+    single = extract(apply_overrides(ExtractConfig(), {
+        "stimuli": "digits", "split": "all", "limit": 96, "layers": ["features.1", "fc"], "batch_size": 16,
+        "device": "cpu", "progress": False, "output": str(tmp_path / "single.zarr")}))
+    assert single["outcome"] != "reused"
+    assert list_layers(store) == list_layers(tmp_path / "single.zarr")
+    for layer in list_layers(store):
+        a = open_activations(store, layer)
+        b = open_activations(tmp_path / "single.zarr", layer)
+        assert a.shape[0] == 96
+        assert np.array_equal(a.values, b.values), layer
+        assert list(a["stimulus"].values) == list(b["stimulus"].values)
+    assert sacct_state(array_id + "_0") == "COMPLETED"
