@@ -450,8 +450,10 @@ def export_netcdf(path: str | Path, out: str | Path, layers: Sequence[str] | Non
     for layer in layers:
         da = open_activations(path, layer, drop_skipped=False)
         # netCDF has no nested attributes: keep scalars and lists, JSON-encode the rest.
+        # netCDF has no booleans either: store them as 0/1.
         attrs = {
-            k: (v if isinstance(v, str | int | float) else json.dumps(v, default=str))
+            k: (int(v) if isinstance(v, bool) else v if isinstance(v, str | int | float)
+                else json.dumps(v, default=str))
             for k, v in da.attrs.items()
             if k != "coordinates"
         }
@@ -463,6 +465,7 @@ def export_netcdf(path: str | Path, out: str | Path, layers: Sequence[str] | Non
         variables[layer] = da
     ds = xr.Dataset(variables)
     ds = ds.assign_coords(stimulus=ds["stimulus"].astype(str))
+    ds = ds.assign_coords({name: c.astype(np.int8) for name, c in ds.coords.items() if c.dtype == bool})
     ds.attrs = {}
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     if netcdf4:
