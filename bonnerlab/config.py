@@ -96,7 +96,7 @@ class ModelConfig:
     # train only the new classification head (fine-tuning a pretrained backbone)
     freeze_backbone: bool = False
     # mnist_cnn: channels of the first conv layer (later layers double it)
-    width: int = 32
+    width: int = 16
     # mnist_cnn: dropout before the classifier (0 = off)
     dropout: float = 0.0
     # mnist_cnn: batch normalization after each conv (turn off for bit-level DDP comparisons)
@@ -160,7 +160,7 @@ class TrainConfig:
     device: str = "auto"
     # mixed precision (bfloat16, else float16 with loss scaling) when on CUDA
     amp: bool = True
-    # channels-last memory format when on CUDA (faster convolutions on tensor cores)
+    # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
     channels_last: bool = True
     # run folder; empty = <runs_root>/<date>-<time>-<arch>-<dataset>
     run_dir: str = ""

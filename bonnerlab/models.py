@@ -19,8 +19,8 @@ class MnistCNN(nn.Module):
     """A small convolutional network for 28x28 digits, written out to show the parts.
 
     Three conv blocks halve the resolution (28 -> 14 -> 7 -> 3) while doubling the channels,
-    so each block costs about the same; global average pooling then makes the classifier
-    independent of the input size.
+    so each block costs about the same; pooling to a fixed 3x3 grid then makes the classifier
+    independent of the input size while keeping where on the image a feature was found.
     """
 
     def __init__(
@@ -45,13 +45,15 @@ class MnistCNN(nn.Module):
             block(width, 2 * width),  # 14x14 -> 7x7
             block(2 * width, 4 * width),  # 7x7 -> 3x3
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)  # average each feature map to one number
+        # Average each feature map over a 3x3 grid: any input size gives 3x3, and unlike a single
+        # global average it keeps coarse position (top stroke vs bottom stroke tells 7 from 1).
+        self.pool = nn.AdaptiveAvgPool2d(3)
         self.dropout = nn.Dropout(dropout)  # randomly zero features while training
-        self.fc = nn.Linear(4 * width, num_classes)  # one score (logit) per class
+        self.fc = nn.Linear(4 * width * 9, num_classes)  # one score (logit) per class
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)  # [B, C, H, W] -> [B, 4*width, 3, 3]
-        x = torch.flatten(self.pool(x), 1)  # -> [B, 4*width]
+        x = self.features(x)  # [B, C, H, W] -> [B, 4*width, 3, 3] for 28x28 inputs
+        x = torch.flatten(self.pool(x), 1)  # -> [B, 4*width*9]
         return self.fc(self.dropout(x))  # -> [B, num_classes]; softmax lives in the loss
 
 

@@ -137,7 +137,7 @@ def train_one_epoch(
     """Run the rest of epoch `state.epoch`; returns False when stopped early by a stop request."""
     info = dist.info()
     model.train()
-    channels_last = cfg.channels_last and info.device.type == "cuda"
+    channels_last = cfg.channels_last
     show = cfg.progress and info.is_main and sys.stderr.isatty()
     from tqdm import tqdm
 
@@ -290,7 +290,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
     checkpoint = load_checkpoint(resume_from) if resume_from else None
 
-    if cfg.channels_last and info.device.type == "cuda":
+    if cfg.channels_last:  # NHWC: faster convs on tensor cores, and 3-9x faster pooling/BN on CPU
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs)
@@ -333,7 +333,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         if cfg.checkpoint_every_steps and s.global_step % cfg.checkpoint_every_steps == 0 and s.step < len(batches):
             save()
 
-    channels_last = cfg.channels_last and info.device.type == "cuda"
+    channels_last = cfg.channels_last
     last: dict[str, Any] = {}
     try:
         while state.epoch < cfg.epochs:
