@@ -12,6 +12,7 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(REPO))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     # Under xdist (`make test` runs -n 3 --dist loadgroup) every test that touches the local SLURM
     # cluster goes to one worker: they run one after another (a preemption test displaces every
