@@ -225,7 +225,8 @@ def test_two_task_gloo_job_matches_one_process_with_the_same_global_batch(tmp_pa
 
 # ----------------------------------------------------------------------------- requeues
 
-LONG = {"epochs": 12, "checkpoint_every_steps": 4, "model.width": 16, "data.batch_size": 64}
+# Long enough (~10 s of compute) that a job is still training when the test preempts or signals it.
+LONG = {"epochs": 40, "checkpoint_every_steps": 4, "model.width": 16, "data.batch_size": 64}
 
 
 def redone_steps(log: str, steps_per_epoch: int) -> list[int]:
@@ -258,47 +259,49 @@ def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_pa
                             capture_output=True, text=True, check=True).stdout.strip()
     result = sub.job.result()
     ref.job.result()
-    assert result["epoch"] == 12
+    assert result["epoch"] == LONG["epochs"]
     assert sacct_state(urgent) == "COMPLETED"
     log = log_of(run)
     assert "restart 1" in log and "resuming epoch" in log
     assert read_state(run) == "DONE"
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
-    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 13))
-    steps_per_epoch = result["step"] // 12
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, LONG["epochs"] + 1))
+    steps_per_epoch = result["step"] // LONG["epochs"]
     assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
 
 
 def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(tmp_path):
     # SLURM checks time limits every 30 s and signals up to that much early: with a 2-minute limit
-    # and signal_delay_s=60, SIGUSR2 comes 30-60 s into each run; 60 epochs take 70+ s in all
-    cfg = tiny(**{**LONG, "epochs": 60})
+    # and signal_delay_s=60, SIGUSR2 comes 30-60 s into each run. The job must outlast that: 300
+    # epochs of the width-16 model take ~85 s of compute on an idle 2-core machine.
+    epochs = 300
+    cfg = tiny(**{**LONG, "epochs": epochs})
     ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
     run = tmp_path / "run"
     sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=2, signal_delay_s=60, max_requeues=4), run)
     result = sub.job.result()
     ref.job.result()
-    assert result["epoch"] == 60
+    assert result["epoch"] == epochs
     log = log_of(run)
     err = "".join(p.read_text() for p in (run / "logs").glob("*_log.err"))
     # submitit's handler (called by ClusterJob after the save) requeued it; SLURM killed the old run
     assert "Caught signal SIGUSR2" in err and "DUE TO JOB REQUEUE" in err
     assert "restart 1" in log
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
-    steps_per_epoch = result["step"] // 60
+    steps_per_epoch = result["step"] // epochs
     assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
-    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, 61))
+    assert [m["epoch"] for m in read_metrics(run)] == list(range(1, epochs + 1))
 
 
 def test_array_task_requeues_alone(tmp_path):
     """SIGUSR2 (what SLURM sends before a time limit) to one array task: it saves, is requeued by
     itself and resumes; the other task is never restarted."""
     sweep = tmp_path / "sweep"
-    tasks = submit_sweep("train", tiny(**LONG), [{"epochs": 1, "max_steps_per_epoch": 2}, {"epochs": 6}],
+    tasks = submit_sweep("train", tiny(**LONG), [{"epochs": 1, "max_steps_per_epoch": 2}, {"epochs": 30}],
                          SlurmConfig(partition="cpu", time_min=10), sweep)
     _wait_until_training(sweep / "task-001")
     subprocess.run(["scancel", "--signal=USR2", tasks[1].job_id], check=True)
-    assert [t.job.result()["epoch"] for t in tasks] == [1, 6]
+    assert [t.job.result()["epoch"] for t in tasks] == [1, 30]
     logs = {p.name: p.read_text() for p in (sweep / "logs").glob("*_log.out")}
     first = logs[f"{tasks[0].job_id}_0_log.out"]
     second = logs[f"{tasks[1].job_id}_0_log.out"]
@@ -311,7 +314,7 @@ def test_array_task_requeues_alone(tmp_path):
 
 def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
     """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both resume."""
-    cfg = tiny(**{**LONG, "epochs": 6, "model.batchnorm": False})
+    cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
     ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_min=10), tmp_path / "ref")
     run = tmp_path / "run"
     sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=10,
@@ -320,11 +323,11 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
     subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
                     "--wrap", "sleep 1"], check=True, capture_output=True)
-    assert [r["epoch"] for r in sub.job.results()] == [6, 6]
+    assert [r["epoch"] for r in sub.job.results()] == [15, 15]
     ref.job.results()
     log = log_of(run)
     assert "2 process(es)" in log and "restart 1" in log
-    steps_per_epoch = sub.job.results()[0]["step"] // 6
+    steps_per_epoch = sub.job.results()[0]["step"] // 15
     assert redone_steps(log, steps_per_epoch) == [0]
     assert_same_weights(weights(tmp_path / "ref"), weights(run), atol=1e-6)
 
