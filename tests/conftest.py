@@ -12,16 +12,6 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(REPO))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
-def pytest_collection_modifyitems(config, items):
-    # Under xdist (`make test` runs -n 3 --dist loadgroup) every test that touches the local SLURM
-    # cluster goes to one worker: they run one after another (a preemption test displaces every
-    # running job), while the other workers run the CPU-bound tests during their waits.
-    for item in items:
-        if "slurm_cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 @pytest.fixture
 def tiny_train_cfg(tmp_path):
     """mnist_cnn on digits, a few steps: seconds on a laptop CPU."""

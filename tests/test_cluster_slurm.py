@@ -25,7 +25,10 @@ from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
 from bonnerlab.sweeps import read_manifest, submit_sweep, sweep_status
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+# xdist_group: under `make test` (-n 3 --dist loadgroup) these run one after another on one worker
+# (a preemption test displaces every running job, and one worker owns the cluster fixture).
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster"),
+              pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
