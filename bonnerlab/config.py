@@ -25,13 +25,14 @@ OPTIMIZERS = ("sgd", "adamw", "adadelta")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 
 
-def _check(condition: bool, message: str) -> None:
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition: the one-line check every config uses."""
     if not condition:
         raise ConfigError(message)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -75,14 +76,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice("data.dataset", self.dataset, DATASETS)
         _check_choice("data.mnist_files", self.mnist_files, ("train", "test"))
-        _check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
-        _check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
-        _check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
-        _check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
-        _check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
-        _check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
-        _check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
-        _check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
+        check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
+        check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
+        check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
+        check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
+        check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
+        check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
+        check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
+        check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
 
 
 @dataclass
@@ -103,9 +104,9 @@ class ModelConfig:
     batchnorm: bool = True
 
     def __post_init__(self) -> None:
-        _check(bool(self.arch), "model.arch must not be empty")
-        _check(self.width > 0, f"model.width must be > 0; got {self.width}")
-        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1); got {self.dropout}")
+        check(bool(self.arch), "model.arch must not be empty")
+        check(self.width > 0, f"model.width must be > 0; got {self.width}")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1); got {self.dropout}")
 
 
 @dataclass
@@ -136,13 +137,13 @@ class OptimConfig:
     def __post_init__(self) -> None:
         _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("optim.schedule", self.schedule, SCHEDULES)
-        _check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
-        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
-        _check(0.0 < self.warmup_fraction < 1.0, "optim.warmup_fraction must be in (0, 1)")
-        _check(self.step_epochs > 0, f"optim.step_epochs must be > 0; got {self.step_epochs}")
-        _check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
-        _check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
-        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
+        check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
+        check(0.0 < self.warmup_fraction < 1.0, "optim.warmup_fraction must be in (0, 1)")
+        check(self.step_epochs > 0, f"optim.step_epochs must be > 0; got {self.step_epochs}")
+        check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
+        check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
+        check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
 
 
 @dataclass
@@ -178,11 +179,11 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.epochs > 0, f"epochs must be > 0; got {self.epochs}")
-        _check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
-        _check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
-        _check(self.log_every_steps > 0, "log_every_steps must be > 0")
-        _check(
+        check(self.epochs > 0, f"epochs must be > 0; got {self.epochs}")
+        check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
+        check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
+        check(self.log_every_steps > 0, "log_every_steps must be > 0")
+        check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu or cuda[:N]; got {self.device!r}",
         )
@@ -212,7 +213,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _check_choice("which", self.which, ("best", "latest"))
         _check_choice("split", self.split, ("val", "test", "train"))
-        _check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
+        check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass
@@ -306,15 +307,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if parts[-1] not in node:
         raise ConfigError(f"unknown config key {dotted}")
     node[parts[-1]] = value
-
-
-def get_dotted(cfg: Any, dotted: str) -> Any:
-    value = cfg
-    for part in dotted.split("."):
-        if not hasattr(value, part):
-            raise ConfigError(f"unknown config key {dotted}")
-        value = getattr(value, part)
-    return value
 
 
 def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:

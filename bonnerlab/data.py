@@ -13,7 +13,6 @@ batch a single process would see.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -411,7 +410,3 @@ class Preprocess:
             & apply.view(-1, 1, 1)
         )
         return x.masked_fill(mask.unsqueeze(1).to(x.device), 0.0)
-
-
-def default_num_workers(requested: int) -> int:
-    return min(requested, os.cpu_count() or 1)

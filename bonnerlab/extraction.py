@@ -34,16 +34,12 @@ from torch import nn
 
 from bonnerlab.activations import LayerSpec, open_store, shard_chunks
 from bonnerlab.config import ConfigError, DataConfig, ModelConfig, to_dict
+from bonnerlab.config import check as _check
 from bonnerlab.errors import DataError, UserError
 
 POOLINGS = ("none", "avg", "max", "flatten")
 DTYPES = ("float32", "float16")
 DATASET_STIMULI = ("digits", "mnist")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 @dataclass

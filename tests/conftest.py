@@ -12,6 +12,18 @@ SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 sys.path.insert(0, str(REPO))
 
 
+def assert_same_weights(a, b, atol=0.0):
+    """Two state dicts hold the same tensors: bit for bit, or within `atol`."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
 @pytest.fixture
 def tiny_train_cfg(tmp_path):
     """mnist_cnn on digits, a few steps: seconds on a laptop CPU."""

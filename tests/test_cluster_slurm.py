@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_weights
 from slurm_fixtures import slurm_cluster  # noqa: F401
 
 from bonnerlab import cluster
@@ -25,8 +26,8 @@ from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
 from bonnerlab.sweeps import read_manifest, submit_sweep, sweep_status
 
-# xdist_group: under `make test` (-n 3 --dist loadgroup) these run one after another on one worker
-# (a preemption test displaces every running job, and one worker owns the cluster fixture).
+# Run one after another (`make test` gives them their own pytest process; xdist_group keeps them
+# on one worker under plain -n): a preemption test displaces every running job.
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster"),
               pytest.mark.xdist_group("slurm")]
 
@@ -63,14 +64,6 @@ def squeue_gone(job_id: str, timeout: float = 120) -> None:
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(RunPaths(run_dir).latest)["model"]
 
-
-def assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 def log_of(run_dir: Path) -> str:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_same_weights
 
 from bonnerlab import interrupt
 from bonnerlab.checkpoint import load_checkpoint
@@ -22,14 +22,6 @@ from bonnerlab.training import evaluate, train
 def _weights(run_dir, which="latest"):
     return load_checkpoint(RunPaths(run_dir).latest if which == "latest" else RunPaths(run_dir).best)["model"]
 
-
-def _assert_same_weights(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        if atol:
-            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
-        else:
-            assert torch.equal(a[k], b[k]), k
 
 
 def test_train_reaches_accuracy_and_writes_a_complete_run_folder(tiny_train_cfg):
@@ -76,7 +68,7 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_train_cfg, tmp_path, m
     from dataclasses import replace
 
     second = train(replace(cfg, resume=True))
-    _assert_same_weights(_weights(ref_cfg.run_dir), _weights(cfg.run_dir))
+    assert_same_weights(_weights(ref_cfg.run_dir), _weights(cfg.run_dir))
     ref_metrics, metrics = read_metrics(ref_cfg.run_dir), read_metrics(cfg.run_dir)
     assert [m["val_acc"] for m in metrics] == [m["val_acc"] for m in ref_metrics]
     assert metrics[-1]["train_loss"] == pytest.approx(ref_metrics[-1]["train_loss"], rel=1e-9)
@@ -101,7 +93,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     assert read_state(run) == "RUNNING"  # it never got to finish
     subprocess.run([*job, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True)
-    _assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
+    assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
@@ -119,7 +111,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "2 process(es)" in out.stdout
-    _assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
+    assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert two[0]["val_acc"] == pytest.approx(one[0]["val_acc"], abs=1e-3)
 
