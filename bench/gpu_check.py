@@ -1,118 +1,567 @@
-"""GPU check, for when a GPU is lent (`make gpu-check`); never part of `make test`.
+"""GPU check (`make gpu-check`): every CUDA code path the CPU suite cannot reach, in one run.
 
-Runs, on CUDA: a few training steps with AMP and channels-last (mnist_cnn on digits, resnet18 on
-an image folder through pinned-memory DataLoader workers), the same training under DDP with NCCL
-at world size 1, evaluation, and extraction when available. Prints samples/s; exits non-zero on
-any failure.
+    make gpu-check                      # or: python bench/gpu_check.py [--out DIR] [--quick]
+
+Sections (each prints figures; the run exits non-zero if any check fails):
+  1. environment: driver, CUDA build, arch list, capability, native bf16, TF32 flags; --device
+     auto must resolve to a GPU when GPUs are visible
+  2. host syncs per training step (torch.cuda.set_sync_debug_mode) for mnist_cnn on digits and
+     resnet18 on an image folder with erasing and gradient clipping: 0 outside logging steps
+  3. DDP through the real entry point (torchrun jobs/train.py, an evaluation set that does not
+     divide evenly across ranks), and an NCCL process group in-process (epoch totals and
+     evaluation all-reduced on the GPU)
+  4. resume on CUDA: SIGUSR2 mid-epoch then --resume; a CPU checkpoint resumed on the GPU;
+     float16 + GradScaler resumed from a bfloat16 checkpoint; --deterministic
+  5. extraction on CPU vs CUDA (resnet18, 64 images, a channel subset and avgpool): TF32 off,
+     then AMP; on cuda:1 when there are 2 GPUs, nothing allocated on GPU 0
+  6. throughput: resnet18/resnet50 samples/s at batch 256 (AMP, channels-last) against a plain
+     loop of torchvision's reference recipe; extraction images/s, GPU utilisation, peak memory
+Figures go to the screen and to DIR/gpu-check.txt and DIR/gpu-check.json (default bench/out).
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides  # noqa: E402
+from bonnerlab import distributed as dist  # noqa: E402
+from bonnerlab import interrupt  # noqa: E402
+from bonnerlab.config import TrainConfig, apply_overrides  # noqa: E402
+
+LINES: list[str] = []
+RESULTS: list[dict] = []
 
 
-def check(name: str, fn, results: list) -> None:
+def say(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def check(section: str, name: str, fn) -> object:
     start = time.perf_counter()
     try:
         detail = fn()
-        results.append((name, "ok", time.perf_counter() - start, detail))
+        status = "ok"
     except Exception as e:  # report every check, then fail at the end
         traceback.print_exc()
-        results.append((name, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                        time.perf_counter() - start, ""))
+        detail, status = None, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    seconds = time.perf_counter() - start
+    RESULTS.append({"section": section, "check": name, "status": status, "seconds": round(seconds, 1),
+                    "detail": detail})
+    say(f"  [{status if status == 'ok' else 'FAIL'}] {name} ({seconds:.1f}s): {detail if detail is not None else status}")
+    return detail
+
+
+def train_cfg(tmp: Path, run: str, **overrides) -> TrainConfig:
+    base = {"run_dir": str(tmp / run), "device": "cuda", "progress": False, "epochs": 2}
+    return apply_overrides(TrainConfig(), {**base, **overrides})
+
+
+def make_image_folder(root: Path, n_per_class: int = 160, size: int = 96) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            image = rng.integers(0, 255, (size, size + 17, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / c / f"{i}.jpg", quality=90)
+    return root
+
+
+def child_env() -> dict[str, str]:
+    """This checkout first on the path, keeping whatever PYTHONPATH already holds."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
+def weights_of(run_dir: Path) -> dict[str, torch.Tensor]:
+    from bonnerlab.checkpoint import load_checkpoint
+
+    return load_checkpoint(Path(run_dir) / "checkpoints" / "latest.pt")["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
+
+
+# ----------------------------------------------------------------------------- 1. environment
+
+
+def section_environment() -> dict:
+    device = dist.resolve_device("auto", 0)
+    assert device.type == "cuda", f"--device auto resolved to {device} while GPUs are visible"
+    dist.configure_backends(device)
+    props = torch.cuda.get_device_properties(0)
+    env = {
+        "describe": dist.describe_device(torch.device("cuda", 0)),
+        "cuda_build": torch.version.cuda,
+        "arch_list": torch.cuda.get_arch_list(),
+        "capability": f"sm_{props.major}{props.minor}",
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "bf16_native": torch.cuda.is_bf16_supported(including_emulation=False),
+        "bf16_with_emulation": torch.cuda.is_bf16_supported(),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "auto_device": str(device),
+    }
+    from bonnerlab.training import Precision
+
+    env["amp_dtype"] = str(Precision(device, True).dtype)
+    for k, v in env.items():
+        say(f"    {k}: {v}")
+    return env
+
+
+# ----------------------------------------------------------------------------- 2. syncs
+
+
+def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
+    """Per-step synchronizing CUDA calls in bonnerlab's own train_one_epoch, after `warmup`."""
+    from bonnerlab.runs import Logger
+    from bonnerlab.training import build, train_one_epoch, wrap
+
+    info = dist.setup(cfg.device)
+    run = build(cfg, info)
+    wrap(run, info)
+    per_step: list[int] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            mark = [0]
+
+            def syncs_so_far() -> int:
+                return sum("synchroniz" in str(w.message) for w in caught)
+
+            def on_step_end(state) -> None:
+                n = syncs_so_far()
+                per_step.append(n - mark[0])
+                mark[0] = n
+
+            start = time.perf_counter()
+            train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+                            run.precision, cfg, run.state, Logger(None), on_step_end=on_step_end)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            run.batches.close()
+            run.val_batches.close()
+    syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    logging = {s for s in range(len(per_step)) if (s + 1) % cfg.log_every_steps == 0}
+    measured = [n for s, n in enumerate(per_step) if s >= warmup and s not in logging]
+    at_logging = [per_step[s] for s in sorted(logging) if s >= warmup]
+    return {"steps_measured": len(measured), "syncs_per_step_max": max(measured, default=0),
+            "syncs_total_outside_logging": sum(measured), "syncs_at_logging_steps": at_logging,
+            "first_sync_messages": sorted(set(syncs))[:4],
+            "samples_per_s": round(run.state.seen / seconds, 1)}
+
+
+def section_syncs(tmp: Path, folder: Path) -> None:
+    say("2. host syncs per training step (target 0 outside logging steps)")
+
+    def digits():
+        out = count_syncs(train_cfg(tmp, "sync-digits", max_steps_per_epoch=25, log_every_steps=10,
+                                    **{"data.erasing": 0.5, "optim.grad_clip": 1.0}))
+        assert out["syncs_per_step_max"] == 0, out
+        return out
+
+    def resnet():
+        out = count_syncs(train_cfg(tmp, "sync-resnet", max_steps_per_epoch=25, log_every_steps=10, **{
+            "model.arch": "resnet18", "data.dataset": "imagefolder", "data.root": str(folder),
+            "data.channels": 3, "data.image_size": 96, "data.batch_size": 8, "data.erasing": 0.5,
+            "optim.grad_clip": 1.0, "data.val_fraction": 0.1}))
+        assert out["syncs_per_step_max"] == 0, out
+        return out
+
+    check("2", "mnist_cnn on digits, erasing + grad clip", digits)
+    check("2", "resnet18 on an image folder, erasing + grad clip", resnet)
+
+
+# ----------------------------------------------------------------------------- 3. DDP
+
+
+def section_ddp(tmp: Path) -> None:
+    say("3. DDP")
+    n_gpus = torch.cuda.device_count()
+    nproc = min(2, n_gpus)
+    common = ["--device", "cuda", "--progress", "false", "--epochs", "2", "--max_steps_per_epoch", "12",
+              "--model.batchnorm", "false", "--data.eval_batch_size", "179"]  # 359 val images: uneven
+
+    def torchrun():
+        env = child_env()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(REPO / "jobs" / "train.py"), *common, "--run_dir", str(tmp / "ddp-torchrun")]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-1500:]
+        metrics = [json.loads(line) for line in (tmp / "ddp-torchrun" / "metrics.jsonl").read_text().splitlines()]
+        detail = {"processes": nproc, "val_acc": [m["val_acc"] for m in metrics]}
+        if nproc == 2:
+            single = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *common,
+                                     "--run_dir", str(tmp / "ddp-one")], env=env, capture_output=True, text=True)
+            assert single.returncode == 0, single.stderr[-1500:]
+            detail["max_weight_diff_vs_one_process"] = max_diff(weights_of(tmp / "ddp-one"),
+                                                                weights_of(tmp / "ddp-torchrun"))
+            assert detail["max_weight_diff_vs_one_process"] < 1e-2, detail
+        return detail
+
+    def nccl_in_process():
+        import torch.distributed as tdist
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
+        tdist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        try:
+            from bonnerlab.training import train
+
+            result = train(train_cfg(tmp, "ddp-nccl", max_steps_per_epoch=12))  # DDP-wrapped, NCCL sums
+            assert result["val_acc"] > 0.5, result
+            return {"val_acc": result["val_acc"], "train_samples_per_s": result["train_samples_per_s"]}
+        finally:
+            tdist.destroy_process_group()
+
+    check("3", f"torchrun --nproc_per_node {nproc} jobs/train.py, uneven eval shards", torchrun)
+    check("3", "NCCL process group in-process: epoch totals and eval all-reduced on the GPU", nccl_in_process)
+
+
+# ----------------------------------------------------------------------------- 4. resume
+
+
+@contextlib.contextmanager
+def sigusr2_at_call(n: int):
+    """Send this process SIGUSR2 at the n-th stop check: the real handler path of a SLURM
+    time-limit signal, at a reproducible step."""
+    real = interrupt.stop_requested
+    calls = [0]
+
+    def stop_requested() -> bool:
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.01)
+        return real()
+
+    interrupt.install_handlers()
+    interrupt.stop_requested = stop_requested
+    try:
+        yield
+    finally:
+        interrupt.stop_requested = real
+        interrupt.reset()
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def section_resume(tmp: Path) -> None:
+    from dataclasses import replace
+
+    from bonnerlab.training import train
+
+    say("4. resume on CUDA")
+    overrides = {"max_steps_per_epoch": 20, "model.dropout": 0.2}
+
+    def sigusr2_resume():
+        ref = train(train_cfg(tmp, "ref", **overrides))
+        cfg = train_cfg(tmp, "split", **overrides)
+        with sigusr2_at_call(15):  # epoch 2, step 5 (11 steps per epoch)
+            first = train(cfg)
+        assert first.get("interrupted"), first
+        second = train(replace(cfg, resume=True))
+        diff = max_diff(weights_of(tmp / "ref"), weights_of(tmp / "split"))
+        # CUDA kernels are not bit-deterministic by default: close, not equal (see section --deterministic)
+        assert diff < 5e-2, diff
+        return {"stopped_at": [first["epoch"], first["step"]], "val_acc": [ref["val_acc"], second["val_acc"]],
+                "max_weight_diff_vs_uninterrupted": diff}
+
+    def cpu_checkpoint_on_gpu():
+        cfg = train_cfg(tmp, "cpu-to-gpu", device="cpu", **overrides)
+        with sigusr2_at_call(15):
+            first = train(cfg)
+        assert first.get("interrupted"), first
+        second = train(replace(cfg, resume=True, device="cuda"))
+        assert second["val_acc"] > 0.5, second
+        return {"val_acc": second["val_acc"]}
+
+    def float16_from_bfloat16():
+        # a run interrupted mid-epoch under bfloat16 (empty scaler state), resumed under float16
+        with sigusr2_at_call(15):
+            first = train(train_cfg(tmp, "bf16-src", **overrides))
+        assert first.get("interrupted"), first
+        shutil.copytree(tmp / "bf16-src", tmp / "fp16")
+        cfg = train_cfg(tmp, "fp16", **overrides)
+        real = torch.cuda.is_bf16_supported
+        torch.cuda.is_bf16_supported = lambda including_emulation=True: False  # a T4/V100
+        try:
+            from bonnerlab.training import Precision
+
+            assert Precision(torch.device("cuda"), True).dtype == torch.float16
+            result = train(replace(cfg, resume=True))
+        finally:
+            torch.cuda.is_bf16_supported = real
+        assert result["val_acc"] > 0.5, result
+        return {"val_acc": result["val_acc"]}
+
+    def deterministic():
+        # fresh processes: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when its handle is created
+        env = child_env()
+        args = ["--device", "cuda", "--progress", "false", "--epochs", "2", "--max_steps_per_epoch", "20",
+                "--model.dropout", "0.2", "--deterministic", "true"]
+        outs = []
+        for name in ("det-a", "det-b"):
+            out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args, "--run_dir",
+                                  str(tmp / name)], env=env, capture_output=True, text=True, timeout=300)
+            if out.returncode == 2:  # the one-line refusal naming the op
+                lines = out.stderr.strip().splitlines()
+                assert len(lines) == 1 and "--deterministic" in lines[0], out.stderr[-1500:]
+                return {"refused_with": lines[0]}
+            assert out.returncode == 0, out.stderr[-1500:]
+            outs.append(out)
+        diff = max_diff(weights_of(tmp / "det-a"), weights_of(tmp / "det-b"))
+        assert diff == 0.0, diff
+        return {"bit_identical_runs": True}
+
+    check("4", "SIGUSR2 mid-epoch, --resume", sigusr2_resume)
+    check("4", "CPU checkpoint resumed on the GPU", cpu_checkpoint_on_gpu)
+    check("4", "float16 + GradScaler resumed from a bfloat16 checkpoint", float16_from_bfloat16)
+    check("4", "--deterministic: two runs bit-identical, or one-line refusal naming the op", deterministic)
+    dist.configure_backends(torch.device("cuda"))
+
+
+# ----------------------------------------------------------------------------- 5. extraction
+
+
+def section_extraction(tmp: Path, quick: bool) -> dict:
+    say("5. extraction CPU vs CUDA")
+    from bonnerlab.activations import open_activations
+    from bonnerlab.config import ModelConfig
+    from bonnerlab.extraction import ExtractConfig, extract
+
+    def run(device: str, name: str, **extra) -> tuple[dict, dict]:
+        cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
+                            image_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
+                            pooling=["layer2=none", "avgpool=flatten"], batch_size=32, device=device,
+                            output=str(tmp / f"{name}.zarr"), progress=False, **extra)
+        summary = extract(cfg)
+        arrays = {layer: open_activations(cfg.output, layer).values for layer in cfg.layers}
+        return summary, arrays
+
+    def compare(a: dict, b: dict) -> dict:
+        out = {}
+        for layer in a:
+            scale = float(np.abs(a[layer]).max())
+            out[layer] = {"max_abs_diff": float(np.abs(a[layer] - b[layer]).max()), "max_abs": scale,
+                          "finite": bool(np.isfinite(b[layer]).all())}
+        return out
+
+    results: dict = {}
+
+    def tf32_off():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        _, cpu = run("cpu", "cpu")
+        summary, gpu = run("cuda", "cuda")
+        diffs = compare(cpu, gpu)
+        results["cpu"] = cpu
+        assert all(d["max_abs_diff"] < 1e-4 * max(1.0, d["max_abs"]) and d["finite"] for d in diffs.values()), diffs
+        return diffs
+
+    def amp():
+        summary, gpu = run("cuda", "cuda-amp", amp=True)
+        diffs = compare(results["cpu"], gpu)
+        assert all(d["finite"] and d["max_abs_diff"] < 5e-2 * max(1.0, d["max_abs"]) for d in diffs.values()), diffs
+        return diffs
+
+    def second_gpu():
+        if torch.cuda.device_count() < 2:
+            return "skipped: one GPU"
+        code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
+                + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extraction import ExtractConfig, extract\n"
+                + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
+                + "image_size=64, image_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
+                + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
+                + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                             env=child_env())
+        assert out.returncode == 0, out.stderr[-1500:]
+        smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv"],
+                             capture_output=True, text=True)
+        allocated_on_0 = int(out.stdout.split()[-2])
+        assert allocated_on_0 == 0, out.stdout
+        return {"allocated_on_gpu0": allocated_on_0, "nvidia_smi": smi.stdout.strip()[-300:]}
+
+    check("5", "TF32 off: CUDA within 1e-4 of CPU", tf32_off)
+    check("5", "AMP: within tolerance, no inf", amp)
+    check("5", "--device cuda:1 leaves GPU 0 untouched", second_gpu)
+    dist.configure_backends(torch.device("cuda"))
+    return results
+
+
+# ----------------------------------------------------------------------------- 6. throughput
+
+
+def gpu_utilisation() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "n/a"
+
+
+def section_throughput(tmp: Path, quick: bool) -> None:
+    import torchvision
+
+    from bonnerlab.training import DeviceSums, Precision, build_optimizer, train_step
+
+    say("6. throughput (batch 256, AMP, channels-last, synthetic 224x224 on the GPU)")
+    device = torch.device("cuda", 0)
+    dist.setup("cuda")
+    steps = 10 if quick else 25
+
+    def bonnerlab_step(arch: str) -> float:
+        model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
+        cfg = apply_overrides(TrainConfig(), {"optim.optimizer": "sgd", "optim.lr": 0.1})
+        optimizer = build_optimizer(model, cfg.optim)
+        precision, sums = Precision(device, True), DeviceSums(device)
+        x = torch.randn(256, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (256,), device=device)
+        for _ in range(5):
+            train_step(model, x, y, optimizer, precision, cfg, sums)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, x, y, optimizer, precision, cfg, sums)
+        torch.cuda.synchronize()
+        return 256 * steps / (time.perf_counter() - start)
+
+    def reference_step(arch: str) -> float:
+        # torchvision's references/classification/train.py loop: SGD, autocast, GradScaler
+        model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler("cuda")
+        criterion = torch.nn.CrossEntropyLoss()
+        x = torch.randn(256, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (256,), device=device)
+
+        def one():
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = criterion(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return loss.item()  # the reference's metric logger reads the loss every step
+
+        for _ in range(5):
+            one()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            one()
+        torch.cuda.synchronize()
+        return 256 * steps / (time.perf_counter() - start)
+
+    for arch in ("resnet18", "resnet50"):
+        def measure(arch=arch):
+            torch.cuda.reset_peak_memory_stats()
+            ours = bonnerlab_step(arch)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            ref = reference_step(arch)
+            return {"bonnerlab_samples_per_s": round(ours), "reference_samples_per_s": round(ref),
+                    "ratio": round(ours / ref, 3), "max_memory_allocated_gib": round(peak, 2),
+                    "utilisation_pct_after": gpu_utilisation()}
+
+        check("6", f"{arch} training step", measure)
+
+    def extraction_rate():
+        from bonnerlab.config import ModelConfig
+        from bonnerlab.extraction import ExtractConfig, extract
+
+        torch.cuda.reset_peak_memory_stats()
+        n = 512 if quick else 1797  # every digit
+        cfg = ExtractConfig(model=ModelConfig(arch="resnet50"), stimuli="digits", split="all", limit=n,
+                            image_size=224,
+                            image_channels=3, layers=["layer3", "avgpool"], pooling=["layer3=avg", "avgpool=flatten"],
+                            batch_size=128, device="cuda", amp=True, output=str(tmp / "rate.zarr"), progress=False)
+        samples: list[str] = []
+        import threading
+
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                samples.append(gpu_utilisation())
+                time.sleep(0.5)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        try:
+            summary = extract(cfg)
+        finally:
+            stop.set()
+            poller.join()
+        util = [int(s) for s in samples if s.isdigit()]
+        return {"images_per_s": round(summary["images_per_s"]), "images": summary["images"],
+                "gpu_utilisation_pct_mean": round(sum(util) / len(util)) if util else "n/a",
+                "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+    check("6", "extraction resnet50 (AMP), 2 layers", extraction_rate)
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for gpu-check.txt/.json")
+    parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
+    parser.add_argument("--sections", default="123456", help="which sections to run, e.g. 145")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("gpu-check: CUDA is not available on this machine", file=sys.stderr)
+        allocated = dist.gpus_allocated()
+        print(f"gpu-check: CUDA is not available (torch {torch.__version__}, CUDA build {torch.version.cuda}"
+              f"{', ' + allocated if allocated else ''})", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, bf16={torch.cuda.is_bf16_supported()}")
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    results: list = []
-
-    def train_digits(run: str, **extra):
-        from bonnerlab.training import train
-
-        cfg = apply_overrides(TrainConfig(), {
-            "run_dir": str(tmp / run), "device": "cuda", "amp": True, "channels_last": True,
-            "epochs": 3, "progress": False, **extra,
-        })
-        result = train(cfg)
-        assert result["val_acc"] > 0.9, result
-        return f"val_acc {result['val_acc']:.3f}, {result['train_samples_per_s']:.0f} samples/s"
-
-    check("train mnist_cnn, AMP + channels-last", lambda: train_digits("amp"), results)
-
-    def folder_resnet():
-        from PIL import Image
-
-        from bonnerlab.training import train
-
-        rng = np.random.default_rng(0)
-        for c in ("a", "b"):
-            (tmp / "imgs" / c).mkdir(parents=True, exist_ok=True)
-            for i in range(128):
-                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp / "imgs" / c / f"{i}.png")
-        cfg = apply_overrides(TrainConfig(), {
-            "run_dir": str(tmp / "resnet"), "device": "cuda", "epochs": 1, "progress": False,
-            "model.arch": "resnet18", "data.dataset": "imagefolder", "data.root": str(tmp / "imgs"),
-            "data.channels": 3, "data.image_size": 64, "data.batch_size": 32, "data.num_workers": 4,
-        })
-        result = train(cfg)
-        return f"{result['train_samples_per_s']:.0f} samples/s (pinned DataLoader workers)"
-
-    check("train resnet18 on an image folder", folder_resnet, results)
-
-    def ddp_nccl():
-        import torch.distributed as dist
-
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
-        dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-        try:
-            return train_digits("ddp")
-        finally:
-            dist.destroy_process_group()
-
-    check("DDP with NCCL, world size 1", ddp_nccl, results)
-
-    def evaluate_cuda():
-        from bonnerlab.training import evaluate
-
-        result = evaluate(EvaluateConfig(checkpoint=str(tmp / "amp"), device="cuda"))
-        assert result["acc"] > 0.9, result
-        return f"acc {result['acc']:.3f}"
-
-    check("evaluate on CUDA", evaluate_cuda, results)
-
-    def extract_cuda():
-        try:
-            from bonnerlab.extraction import ExtractConfig, extract
-        except ImportError:
-            return "skipped (no extraction module)"
-        cfg = ExtractConfig(checkpoint=str(tmp / "amp"), stimuli="digits", layers=["features.1", "fc"],
-                            output=str(tmp / "acts.zarr"), device="cuda", amp=True, progress=False)
-        result = extract(cfg)
-        return f"{result.get('images_per_s', 0):.0f} images/s"
-
-    check("extract on CUDA", extract_cuda, results)
-
-    width = max(len(r[0]) for r in results)
-    print(f"\n{'check':<{width}}  {'status':<8} {'seconds':>8}  detail")
-    for name, status, seconds, detail in results:
-        print(f"{name:<{width}}  {status:<8} {seconds:8.1f}  {detail}")
-    return 0 if all(r[1] == "ok" for r in results) else 1
+    started = time.perf_counter()
+    sections = args.sections
+    if "1" in sections:
+        say("1. environment")
+        check("1", "environment", section_environment)
+    folder = make_image_folder(tmp / "images")
+    if "2" in sections:
+        section_syncs(tmp, folder)
+    if "3" in sections:
+        section_ddp(tmp)
+    if "4" in sections:
+        section_resume(tmp)
+    if "5" in sections:
+        section_extraction(tmp, args.quick)
+    if "6" in sections:
+        section_throughput(tmp, args.quick)
+    failed = [r for r in RESULTS if r["status"] != "ok"]
+    say(f"\ngpu-check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
+        f"in {time.perf_counter() - started:.0f}s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu-check.txt").write_text("\n".join(LINES) + "\n")
+    (out / "gpu-check.json").write_text(json.dumps(RESULTS, indent=1, default=str) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

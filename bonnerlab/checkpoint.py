@@ -22,7 +22,8 @@ def rng_state() -> dict[str, Any]:
         "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's own GPU only: resuming where fewer GPUs are visible must still work.
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -32,7 +33,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", numpy_state[:-1].astype(np.uint32), int(numpy_state[-1]), 0, 0.0))
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, list | tuple):  # checkpoints written before: one state per visible GPU
+            cuda = cuda[0] if cuda else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, torch.cuda.current_device())
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:

@@ -59,8 +59,12 @@ class DataConfig:
     batch_size: int = 128
     # batch size for evaluation
     eval_batch_size: int = 1000
-    # DataLoader worker processes that decode image folders (in-memory datasets need none)
-    num_workers: int = 2
+    # DataLoader worker processes that decode image folders (in-memory datasets need none);
+    # -1 = from the CPUs this task was given (SLURM_CPUS_PER_TASK, else its CPU affinity)
+    num_workers: int = -1
+    # an in-memory dataset (digits, mnist) is copied to the GPU once when it fits in this many
+    # GiB; a larger one stays in pinned host memory and is copied batch by batch
+    device_cache_gb: float = 4.0
     # random affine augmentation of training batches (none at evaluation)
     augment: bool = True
     # largest rotation, in degrees
@@ -81,7 +85,8 @@ class DataConfig:
         check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
         check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
         check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
-        check(self.num_workers >= 0, f"data.num_workers must be >= 0; got {self.num_workers}")
+        check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
+        check(self.device_cache_gb >= 0, f"data.device_cache_gb must be >= 0; got {self.device_cache_gb}")
         check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
         check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
 
@@ -102,6 +107,8 @@ class ModelConfig:
     dropout: float = 0.0
     # mnist_cnn: batch normalization after each conv (turn off for bit-level DDP comparisons)
     batchnorm: bool = True
+    # under DDP, BatchNorm statistics over the global batch (SyncBatchNorm) instead of per rank
+    sync_batchnorm: bool = False
 
     def __post_init__(self) -> None:
         check(bool(self.arch), "model.arch must not be empty")
@@ -133,6 +140,9 @@ class OptimConfig:
     label_smoothing: float = 0.0
     # clip gradients to this global norm (0 = off)
     grad_clip: float = 0.0
+    # split each rank's batch into this many micro-batches, one optimizer step per batch
+    # (gradient accumulation: a global batch larger than memory)
+    accumulate_steps: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
@@ -144,6 +154,7 @@ class OptimConfig:
         check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
         check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
+        check(self.accumulate_steps >= 1, f"optim.accumulate_steps must be >= 1; got {self.accumulate_steps}")
 
 
 @dataclass
@@ -163,6 +174,13 @@ class TrainConfig:
     amp: bool = True
     # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
     channels_last: bool = True
+    # bit-reproducible CUDA runs: deterministic kernels only (an op without one is an error),
+    # no TF32, no cuDNN autotuning; slower. CPU runs are reproducible without it.
+    deterministic: bool = False
+    # torch.compile the model (needs a working compiler: a C++ toolchain on CPU, Triton on GPU)
+    compile: bool = False
+    # with compile: train uncompiled (with a warning) when compiling fails, instead of stopping
+    compile_fallback: bool = False
     # run folder; empty = <runs_root>/<date>-<time>-<arch>-<dataset>
     run_dir: str = ""
     # parent of automatically named run folders
@@ -207,6 +225,8 @@ class EvaluateConfig:
     batch_size: int = 1000
     # auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
+    # DataLoader workers decoding image folders; -1 = from the CPUs this task was given
+    num_workers: int = -1
     # where to write the results; empty = <run folder>/eval-<split>
     output_dir: str = ""
 
@@ -214,6 +234,7 @@ class EvaluateConfig:
         _check_choice("which", self.which, ("best", "latest"))
         _check_choice("split", self.split, ("val", "test", "train"))
         check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
+        check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
 
 
 # ----------------------------------------------------------------------------- dict <-> dataclass

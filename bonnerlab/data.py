@@ -247,11 +247,100 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without a host sync: through pinned memory, `non_blocking`.
+
+    A plain `.to("cuda")` of pageable memory waits until the GPU is idle. Pinned blocks come from
+    torch's caching host allocator, which keeps a block until the copy that reads it is done, so
+    a fresh pinned tensor per call is safe to refill on the next one.
+    """
+    if device.type != "cuda" or x.device == device:
+        return x.to(device)
+    if not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def place_in_memory(source: Source, device: torch.device, cap_bytes: float) -> Source:
+    """An in-memory dataset copied once to `device` when it fits under `cap_bytes`.
+
+    Above the cap (MNIST at 224x224x3 is 7.2 GB per rank) it stays in host memory and each batch
+    is gathered into pinned memory and copied asynchronously.
+    """
+    if device.type != "cuda" or not isinstance(source, InMemorySource):
+        return source
+    if source.images.numel() * source.images.element_size() > cap_bytes:
+        return source
+    return InMemorySource(to_device(source.images, device), to_device(source.labels, device), source.ids)
+
+
+def _gather(source: InMemorySource, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `idx` of an in-memory source, on `device` (gathered there when the data lives there)."""
+    images, labels = source.images, source.labels
+    if images.device == device:
+        return images.index_select(0, idx.to(device)), labels.index_select(0, idx.to(device))
+    pin = device.type == "cuda"
+    x = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=pin)
+    y = torch.empty(len(idx), dtype=labels.dtype, pin_memory=pin)
+    torch.index_select(images, 0, idx, out=x)
+    torch.index_select(labels, 0, idx, out=y)
+    return to_device(x, device), to_device(y, device)
+
+
+class _ReplaceableBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are replaced before each pass, so one DataLoader (and its
+    persistent workers) serves every epoch and evaluation instead of forking new workers."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _FolderLoader:
+    """One persistent DataLoader over a folder source; `batches(index_lists)` runs one pass."""
+
+    def __init__(self, source: FolderSource, num_workers: int, device: torch.device) -> None:
+        self.sampler = _ReplaceableBatches()
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(
+            source, batch_sampler=self.sampler, num_workers=num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        )
+
+    def close(self) -> None:
+        """Stop the persistent workers now (else they linger until garbage collection)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+    def batches(self, index_lists: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.sampler.batches = index_lists
+        for x, y in _unwrap_worker_errors(self.loader):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def resolve_workers(num_workers: int) -> int:
+    """-1 (auto) -> workers that fit this task's CPUs; any other value as given."""
+    if num_workers >= 0:
+        return num_workers
+    from bonnerlab.distributed import default_num_workers
+
+    return default_num_workers()
+
+
 class TrainBatches:
     """The training batches of one rank: contiguous slices of seeded global batches.
 
     `batches(epoch, start_step)` yields (uint8 images, labels, step) on `device`, skipping
-    `start_step` batches of the epoch without loading them (mid-epoch resume).
+    `start_step` batches of the epoch without loading them (mid-epoch resume). Nothing in the
+    loop waits for the GPU: an epoch's indices move to the device once, in-memory data is
+    indexed where it lives, folder batches arrive pinned from persistent workers.
     """
 
     def __init__(
@@ -276,41 +365,38 @@ class TrainBatches:
         self.source, self.global_batch, self.seed = source, global_batch, seed
         self.rank, self.world_size, self.device = rank, world_size, device
         self.local_batch = global_batch // world_size
-        self.num_workers = num_workers
+        self.num_workers = resolve_workers(num_workers)
         steps = len(source) // global_batch  # drop the ragged last batch: equal work per rank
         self.steps_per_epoch = min(steps, max_steps) if max_steps else steps
+        self._folder = (_FolderLoader(source, self.num_workers, device)
+                        if isinstance(source, FolderSource) else None)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
 
-    def _rank_indices(self, epoch: int, start_step: int) -> list[torch.Tensor]:
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.close()
+
+    def _rank_indices(self, epoch: int, start_step: int) -> torch.Tensor:
+        """[steps left, local batch]: this rank's slice of each remaining global batch."""
         perm = epoch_permutation(len(self.source), self.seed, epoch)
+        steps = perm[: self.steps_per_epoch * self.global_batch].view(self.steps_per_epoch, self.global_batch)
         lo = self.rank * self.local_batch
-        return [
-            perm[s * self.global_batch + lo : s * self.global_batch + lo + self.local_batch]
-            for s in range(start_step, self.steps_per_epoch)
-        ]
+        return steps[start_step:, lo : lo + self.local_batch]
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        index_lists = self._rank_indices(epoch, start_step)
-        pin = self.device.type == "cuda"
-        if isinstance(self.source, InMemorySource):
-            images, labels = self.source.images, self.source.labels
-            if pin:  # move the whole (small) dataset once; indexing then happens on the GPU
-                images, labels = images.to(self.device), labels.to(self.device)
-            for step, idx in enumerate(index_lists, start=start_step):
-                idx = idx.to(images.device)
-                yield images[idx], labels[idx], step
+        indices = self._rank_indices(epoch, start_step)
+        if self._folder is not None:
+            for step, (x, y) in enumerate(self._folder.batches(indices.tolist()), start=start_step):
+                yield x, y, step
             return
-        loader = torch.utils.data.DataLoader(
-            self.source,
-            batch_sampler=[idx.tolist() for idx in index_lists],
-            num_workers=self.num_workers,
-            pin_memory=pin,
-            persistent_workers=False,
-        )
-        for step, (x, y) in enumerate(_unwrap_worker_errors(loader), start=start_step):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), step
+        source = self.source
+        if source.images.device == self.device:
+            indices = to_device(indices.contiguous(), self.device)  # once per epoch
+        for step, idx in enumerate(indices, start=start_step):
+            x, y = _gather(source, idx, self.device)
+            yield x, y, step
 
 
 def _unwrap_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator:
@@ -324,22 +410,37 @@ def _unwrap_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator:
         raise
 
 
+class EvalBatches:
+    """Every example of `source` exactly once across ranks (strided shards), in order within a
+    rank; built once and iterated at every evaluation (persistent workers for folders)."""
+
+    def __init__(self, source: Source, batch_size: int, rank: int, world_size: int,
+                 device: torch.device, num_workers: int = 0) -> None:
+        self.source, self.device = source, device
+        self.chunks = list(torch.arange(rank, len(source), world_size).split(batch_size))
+        self._folder = (_FolderLoader(source, resolve_workers(num_workers), device)
+                        if isinstance(source, FolderSource) else None)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def close(self) -> None:
+        if self._folder is not None:
+            self._folder.close()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._folder is not None:
+            yield from self._folder.batches([c.tolist() for c in self.chunks])
+            return
+        for idx in self.chunks:
+            yield _gather(self.source, idx, self.device)
+
+
 def eval_batches(
     source: Source, batch_size: int, rank: int, world_size: int, device: torch.device, num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every example exactly once across ranks (strided shards), in order within a rank."""
-    indices = torch.arange(rank, len(source), world_size)
-    chunks = list(indices.split(batch_size))
-    if isinstance(source, InMemorySource):
-        for idx in chunks:
-            yield source.images[idx].to(device), source.labels[idx].to(device)
-        return
-    loader = torch.utils.data.DataLoader(
-        source, batch_sampler=[c.tolist() for c in chunks], num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
-    for x, y in _unwrap_worker_errors(loader):
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    """One pass of `EvalBatches` (for a single evaluation)."""
+    return iter(EvalBatches(source, batch_size, rank, world_size, device, num_workers))
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -351,15 +452,27 @@ class Preprocess:
     torchvision.transforms.v2 draws ONE set of parameters per call, i.e. the same rotation for
     a whole batch; here each image gets its own, drawn from a generator seeded by
     (seed, epoch, step) for the global batch so that results do not depend on world size.
+    The draws are made on the CPU (the same numbers on any device, so a CPU checkpoint resumes
+    identically on a GPU) and cross to the device in one pinned, non-blocking copy per step;
+    constants are cached per device and masks are built there: no host sync.
     """
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], cfg: DataConfig | None = None):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.cfg = cfg
+        self._constants: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def _on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """(mean, std, background) on `device`: copied once, then reused every step."""
+        key = (device, dtype)
+        if key not in self._constants:
+            background = (0 - self.mean) / self.std  # a black pixel, normalized
+            self._constants[key] = tuple(to_device(t, device).to(dtype) for t in (self.mean, self.std, background))
+        return self._constants[key]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        mean, std, _ = self._on(x.device)
         return (x.float().div_(255) - mean) / std
 
     def augment(
@@ -373,28 +486,28 @@ class Preprocess:
         b = x.shape[0]
         g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
         # Draw for the whole global batch, keep this rank's slice.
-        u = torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b]
+        draws = [torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b]]
+        if cfg.erasing > 0:
+            draws.append(torch.rand(b * world_size, 4, generator=g)[rank * b : (rank + 1) * b])
+        u = to_device(torch.cat(draws, 1), x.device)  # one copy per step
         angle = (u[:, 0] * 2 - 1) * math.radians(cfg.rotation)
         scale = cfg.scale_min + u[:, 1] * (cfg.scale_max - cfg.scale_min)
         shift = (u[:, 2:4] * 2 - 1) * (2 * cfg.translate)  # grid coordinates span [-1, 1]
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
         theta = torch.stack(
             [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-        ).to(x.device, x.dtype)
+        ).to(x.dtype)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # Pixels moved in from outside the image get the background value (0 before normalizing).
-        background = ((0 - self.mean) / self.std).to(x.device, x.dtype)
+        background = self._on(x.device, x.dtype)[2]
         x = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = x + background
         if cfg.erasing > 0:
-            x = self._erase(x, u[:, 4:6], g, rank, world_size)
+            x = self._erase(x, u[:, 4:6], u[:, 6:10])
         return x
 
-    def _erase(
-        self, x: torch.Tensor, u: torch.Tensor, g: torch.Generator, rank: int, world_size: int
-    ) -> torch.Tensor:
+    def _erase(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        v = torch.rand(b * world_size, 4, generator=g)[rank * b : (rank + 1) * b]
         apply = v[:, 0] < self.cfg.erasing
         area = 0.02 + v[:, 1] * 0.18
         aspect = torch.exp((v[:, 2] * 2 - 1) * math.log(3.0))
@@ -402,11 +515,11 @@ class Preprocess:
         ew = (torch.sqrt(area / aspect) * w).clamp(1, w)
         top = u[:, 0] * (h - eh)
         left = u[:, 1] * (w - ew)
-        ys = torch.arange(h).view(1, h, 1)
-        xs = torch.arange(w).view(1, 1, w)
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
         mask = (
             (ys >= top.view(-1, 1, 1)) & (ys < (top + eh).view(-1, 1, 1))
             & (xs >= left.view(-1, 1, 1)) & (xs < (left + ew).view(-1, 1, 1))
             & apply.view(-1, 1, 1)
         )
-        return x.masked_fill(mask.unsqueeze(1).to(x.device), 0.0)
+        return x.masked_fill(mask.unsqueeze(1), 0.0)

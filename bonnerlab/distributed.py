@@ -2,14 +2,20 @@
 
 Environment is resolved in this order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), then SLURM
 (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, e.g. exported by submitit's
-TorchDistributedEnvironment), then a single process.
+TorchDistributedEnvironment, or a hand-written `srun` step whose rendezvous is derived from
+SLURM's own variables), then a single process.
+
+Collectives take tensors on the process group's device (NCCL only accepts CUDA tensors), so the
+helpers here move whatever they are given: no caller can hand NCCL a CPU tensor.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,27 +50,111 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `gpu[03-05,9],cpu1` -> `gpu03` (zero padding kept)."""
+    depth, head = 0, ""
+    for char in nodelist.strip():
+        if char == "," and depth == 0:
+            break
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        head += char
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
+def rendezvous_port(job_id: int) -> int:
+    """A port from the job id, so two jobs sharing a node do not collide (as submitit does)."""
+    return 20000 + job_id % 20000
+
+
 def resolve_env() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun, else SLURM, else a single process."""
+    """(rank, local_rank, world_size) from torchrun, else SLURM, else a single process.
+
+    A SLURM step with several tasks (`srun python jobs/train.py` under `--ntasks 4`) and no
+    MASTER_ADDR gets its rendezvous from SLURM's own variables: the first host of the job's node
+    list and a port derived from the job id. Only a step (SLURM_STEP_NUM_TASKS, set by srun) is
+    a distributed job: the batch script itself also sees SLURM_NTASKS but is one process, and
+    must not wait for peers that will never come.
+    """
     if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
         return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    ntasks = _env_int("SLURM_NTASKS")
-    if ntasks and ntasks > 1 and os.environ.get("MASTER_ADDR"):
-        # Only a multi-task SLURM step with a rendezvous address is a distributed job; a
-        # single-task sbatch job must not try to form a group.
+    ntasks = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if os.environ.get("MASTER_ADDR") \
+        else _env_int("SLURM_STEP_NUM_TASKS")
+    if ntasks and ntasks > 1:
+        if not os.environ.get("MASTER_ADDR"):
+            nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+            job_id = _env_int("SLURM_JOB_ID")
+            if not nodelist or job_id is None:
+                raise UserError(
+                    f"SLURM step with {ntasks} tasks but no MASTER_ADDR and no SLURM_JOB_NODELIST/"
+                    "SLURM_JOB_ID to derive it from: launch with torchrun or jobs/launch.py"
+                )
+            os.environ["MASTER_ADDR"] = first_host(nodelist)
+            os.environ.setdefault("MASTER_PORT", str(rendezvous_port(job_id)))
+        os.environ.setdefault("MASTER_PORT", "29500")
         return _env_int("SLURM_PROCID") or 0, _env_int("SLURM_LOCALID") or 0, ntasks
     return 0, 0, 1
 
 
+def gpus_allocated() -> str:
+    """What the scheduler or the user gave this process, e.g. `SLURM_GPUS_ON_NODE=2`; "" if none."""
+    gpus_on_node = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    if gpus_on_node.isdigit() and int(gpus_on_node) > 0:
+        return f"SLURM_GPUS_ON_NODE={gpus_on_node}"
+    for name in ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = os.environ.get(name, "").strip()
+        if value and value not in ("-1", "NoDevFiles"):
+            return f"{name}={value}"
+    return ""
+
+
+def _driver_version() -> str:
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return "unknown (no /proc/driver/nvidia/version)"
+    # "NVRM version: NVIDIA UNIX (Open Kernel Module for) x86_64 ...  580.65.06  Release Build ..."
+    match = re.search(r"\s(\d{3,}\.\d+(?:\.\d+)?)\s", text)
+    return match.group(1) if match else "unknown"
+
+
+def check_cuda_usable(requested: str) -> None:
+    """Stop when the job was given GPUs but this torch cannot use them (driver/wheel mismatch).
+
+    The PyPI torch wheel is a CUDA 13.0 build and needs an NVIDIA driver >= 580; on an older
+    driver `torch.cuda.is_available()` is False and `--device auto` would train on the CPU
+    without a word.
+    """
+    if requested == "cpu" or torch.cuda.is_available():
+        return
+    allocated = gpus_allocated()
+    if not allocated:
+        return  # no GPU here: --device auto means the CPU; --device cuda fails in resolve_device
+    build = torch.version.cuda or "none (a CPU-only build)"
+    raise UserError(
+        f"GPUs allocated ({allocated}) but CUDA is unavailable to torch "
+        f"{torch.__version__} (CUDA build {build}, NVIDIA driver {_driver_version()}): install a torch "
+        "build for the node's CUDA driver (e.g. pip install -c constraints.txt torch torchvision "
+        "--index-url https://download.pytorch.org/whl/cu126), or pass --device cpu"
+    )
+
+
 def resolve_device(requested: str, local_rank: int) -> torch.device:
+    check_cuda_usable(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise UserError(f"device {requested} requested but CUDA is not available; use --device cpu")
+    visible = torch.cuda.device_count()
     if requested == "cuda":
-        visible = torch.cuda.device_count()
+        if visible == 1:
+            # One GPU per task (`--gpus-per-task`, or a GPU-bound step): whatever the local rank,
+            # the task's own GPU is the only visible one.
+            return torch.device("cuda", 0)
         if local_rank >= visible:
             raise UserError(
                 f"local rank {local_rank} has no GPU: only {visible} visible "
@@ -72,7 +162,58 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
                 f"{os.environ.get('SLURM_NTASKS_PER_NODE', '?')})"
             )
         return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.index is not None and device.index >= visible:
+        raise UserError(f"--device {requested}: only {visible} GPU(s) visible (cuda:0..cuda:{visible - 1})")
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    """One line for the job log: torch and CUDA build, driver, the GPU and its capability."""
+    if device.type != "cuda":
+        return f"torch {torch.__version__} on cpu ({torch.get_num_threads()} threads)"
+    props = torch.cuda.get_device_properties(device)
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}), driver {_driver_version()}, "
+            f"{device}: {props.name} sm_{props.major}{props.minor}, "
+            f"{props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
+
+
+def default_num_workers() -> int:
+    """DataLoader workers that fit this process's CPU allocation: SLURM_CPUS_PER_TASK, else the
+    CPUs this process may run on shared among the node's ranks; one core stays with the main
+    process (it runs the training step). 0 when there is only one core."""
+    cpus = _env_int("SLURM_CPUS_PER_TASK")
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # macOS
+            cpus = os.cpu_count() or 1
+        cpus //= max(_env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE") or 1, 1)
+    return max(0, min(8, cpus - 1))
+
+
+def configure_backends(device: torch.device, deterministic: bool = False, benchmark: bool = True) -> None:
+    """Throughput settings for CUDA, or bit-reproducibility when asked.
+
+    TF32 matmuls and cuDNN autotuning (fixed shapes in training) are fast and change results in
+    the 3rd-4th digit; `deterministic` turns on `torch.use_deterministic_algorithms` (an op with
+    no deterministic kernel then raises) with the cuBLAS workspace setting it needs, and turns
+    autotuning and TF32 off.
+    """
+    if deterministic:
+        # must be set before the first cuBLAS handle is created (first matmul on the GPU)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        return
+    torch.use_deterministic_algorithms(False)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def setup(device: str = "auto") -> DistInfo:
@@ -129,30 +270,61 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def group_device() -> torch.device:
+    """Where the default group's collectives take their tensors: this rank's GPU under NCCL."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return _info.device
+    return torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """The sum over ranks of `tensor`, on the group's device (the input itself when it is there).
+
+    Use the returned tensor: a CPU tensor given under NCCL is copied to the GPU and reduced there.
+    """
+    if not dist.is_initialized():
+        return tensor
+    tensor = tensor.to(group_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def any_rank(flag: bool) -> bool:
-    """True when `flag` is true on any rank (so all ranks stop at the same step)."""
+    """True when `flag` is true on any rank (so all ranks stop at the same step).
+
+    Under NCCL this reads a GPU value back: a host sync, so callers ask only every few steps.
+    """
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_info.device)
+    t = torch.tensor([1.0 if flag else 0.0], device=group_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
-def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """DistributedDataParallel at world size > 1, the model itself otherwise."""
+def wrap_model(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """DistributedDataParallel at world size > 1, the model itself otherwise.
+
+    Gradients live in DDP's communication buckets (`gradient_as_bucket_view`: no copy in or out,
+    less memory). `sync_batchnorm` converts BatchNorm layers so statistics span all ranks.
+    """
     if not dist.is_initialized():
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [_info.device.index] if _info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
+    """The user's module inside torch.compile's and DDP's wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,14 @@ from bonnerlab.checkpoint import (
     set_rng_state,
 )
 from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
-from bonnerlab.data import Preprocess, Splits, TrainBatches, eval_batches, load_splits
+from bonnerlab.data import (
+    EvalBatches,
+    Preprocess,
+    Splits,
+    TrainBatches,
+    load_splits,
+    place_in_memory,
+)
 from bonnerlab.errors import CheckpointError, ConfigError, RunDirError, UserError
 from bonnerlab.models import build_model, count_parameters
 from bonnerlab.runs import (
@@ -47,6 +56,7 @@ from bonnerlab.runs import (
 RESUMABLE_CHANGES = {
     "resume", "progress", "device", "run_dir", "runs_root", "log_every_steps",
     "checkpoint_every_steps", "data.root", "data.num_workers", "data.download", "data.eval_batch_size",
+    "data.device_cache_gb", "compile", "compile_fallback",
 }
 
 
@@ -92,9 +102,19 @@ class Precision:
 
     def __post_init__(self) -> None:
         self.enabled = self.enabled and self.device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
-        # bfloat16 has float32's range: no loss scaling needed.
+        # bfloat16 where the GPU has it natively (Ampere+). `is_bf16_supported()` alone also
+        # counts emulation (True on a T4/V100, where bf16 is slow): those take float16.
+        native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
+        self.dtype = torch.bfloat16 if native_bf16 else torch.float16
+        # bfloat16 has float32's range: no loss scaling needed. (float16's scaler reads one
+        # found-inf flag back per step: a host sync bf16 avoids.)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        """A bf16 or CPU checkpoint holds an empty scaler state: resuming it with float16 keeps
+        the fresh scaler (GradScaler refuses an empty state)."""
+        if state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.enabled:
@@ -122,6 +142,57 @@ class EpochState:
     seen: int = 0
 
 
+class DeviceSums:
+    """Loss and correct counts summed on the device, read back only when asked (logging steps,
+    checkpoints, epoch end): `loss.item()` every step would make the host wait for the GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.seen = 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> None:
+        n = len(labels)
+        self.sums[0] += loss.detach().double() * n
+        self.sums[1] += (logits.detach().argmax(1) == labels).sum()
+        self.seen += n
+
+    def flush_into(self, state: EpochState) -> None:
+        loss_sum, correct = self.sums.tolist()  # the one host sync
+        state.loss_sum += loss_sum
+        state.correct += int(correct)
+        state.seen += self.seen
+        self.sums.zero_()
+        self.seen = 0
+
+
+def train_step(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+    precision: Precision, cfg: TrainConfig, sums: DeviceSums,
+) -> torch.Tensor:
+    """One optimizer step over this rank's batch, in `optim.accumulate_steps` micro-batches.
+
+    All but the last micro-batch skip DDP's gradient all-reduce (`no_sync`): gradients add up
+    locally and cross the network once. Returns the last micro-batch's loss (on the device).
+    """
+    micro = cfg.optim.accumulate_steps
+    optimizer.zero_grad(set_to_none=True)
+    for i, (xm, ym) in enumerate(zip(x.chunk(micro), labels.chunk(micro), strict=True)):
+        last = i == micro - 1
+        skip_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with skip_sync:
+            with precision.autocast():
+                logits = model(xm)
+                loss = F.cross_entropy(logits, ym, label_smoothing=cfg.optim.label_smoothing)
+            precision.scaler.scale(loss / micro).backward()
+        sums.add(logits, ym, loss)
+    if cfg.optim.grad_clip > 0:
+        precision.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: TrainBatches,
@@ -132,73 +203,82 @@ def train_one_epoch(
     cfg: TrainConfig,
     state: EpochState,
     logger: Logger,
-    on_step_end: Any = None,
+    save_checkpoint_now: Callable[[], None] | None = None,
+    on_step_end: Callable[[EpochState], None] | None = None,
 ) -> bool:
-    """Run the rest of epoch `state.epoch`; returns False when stopped early by a stop request."""
+    """Run the rest of epoch `state.epoch`; returns False when stopped early by a stop request.
+
+    The host reads from the GPU only on logging steps, checkpoint steps and at the epoch's end.
+    Under DDP the stop request is agreed on every `log_every_steps` steps (an all-reduce read
+    back to the host), so every rank stops at the same step.
+    """
     info = dist.info()
     model.train()
-    channels_last = cfg.channels_last
     show = cfg.progress and info.is_main and sys.stderr.isatty()
     from tqdm import tqdm
 
     bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
                disable=not show, leave=False, dynamic_ncols=True)
+    sums = DeviceSums(info.device)
     for images, labels, step in batches.batches(state.epoch, state.step):
         torch.manual_seed(step_seed(cfg.seed, state.global_step, info.rank))  # dropout masks
         x = preprocess.augment(images, cfg.seed, state.epoch, step, info.rank, info.world_size)
-        if channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=cfg.optim.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        if cfg.optim.grad_clip > 0:
-            precision.scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+        loss = train_step(model, x, labels, optimizer, precision, cfg, sums)
         scheduler.step()
-
         state.step, state.global_step = step + 1, state.global_step + 1
-        state.loss_sum += loss.item() * len(labels)
-        state.correct += int((logits.argmax(1) == labels).sum())
-        state.seen += len(labels)
         bar.update(1)
-        if state.global_step % cfg.log_every_steps == 0:
-            logger.scalars({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, state.global_step)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        logging_step = state.global_step % cfg.log_every_steps == 0
+        if logging_step:
+            loss_value = loss.item()
+            logger.scalars({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, state.global_step)
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if (save_checkpoint_now is not None and cfg.checkpoint_every_steps
+                and state.global_step % cfg.checkpoint_every_steps == 0 and state.step < len(batches)):
+            sums.flush_into(state)
+            save_checkpoint_now()
         if on_step_end is not None:
             on_step_end(state)
-        if dist.any_rank(interrupt.stop_requested()) and state.step < len(batches):
-            bar.close()
-            return False
+        if (logging_step or not info.distributed) and state.step < len(batches):
+            if dist.any_rank(interrupt.stop_requested()):
+                sums.flush_into(state)
+                bar.close()
+                return False
+    sums.flush_into(state)
     bar.close()
     return True
 
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, source: Any, preprocess: Preprocess, num_classes: int, batch_size: int,
-    channels_last: bool = False, precision: Precision | None = None, num_workers: int = 0,
+    model: nn.Module, batches: EvalBatches, preprocess: Preprocess, num_classes: int,
+    channels_last: bool = False, precision: Precision | None = None,
 ) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix over `source`, across all ranks."""
-    info = dist.info()
+    """Loss, accuracy, per-class accuracy and confusion matrix over `batches`, across all ranks.
+
+    Runs the unwrapped model: a DDP forward is a collective (buffer broadcast), and ranks
+    holding different numbers of evaluation batches would wait on each other forever.
+    """
+    model = dist.unwrap(model)
+    device = dist.info().device
     was_training = model.training
     model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=info.device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=info.device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     autocast = precision.autocast() if precision else contextlib.nullcontext()
     with autocast:
-        for images, labels in eval_batches(source, batch_size, info.rank, info.world_size, info.device, num_workers):
+        for images, labels in batches:
             x = preprocess.normalize(images)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2).double()
-    dist.all_reduce_sum(confusion)
-    dist.all_reduce_sum(loss_sum)
+            # index_add_, not bincount: bincount on CUDA reads min/max back to the host
+            cells = labels * num_classes + logits.argmax(1)
+            confusion.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
+    confusion = dist.all_reduce_sum(confusion)
+    loss_sum = dist.all_reduce_sum(loss_sum)
     model.train(was_training)
     matrix = confusion.view(num_classes, num_classes).cpu().numpy().astype(np.int64)  # rows: true class
     total = max(int(matrix.sum()), 1)
@@ -248,21 +328,157 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         )
 
 
-def _payload(model, optimizer, scheduler, precision, state: EpochState, cfg: TrainConfig, splits: Splits):
+@dataclass
+class Training:
+    """Everything `train` builds, in one place: what a checkpoint saves and restores."""
+
+    cfg: TrainConfig
+    splits: Splits
+    model: nn.Module  # DDP-wrapped (and compiled) when asked; `dist.unwrap` gives the module
+    batches: TrainBatches
+    val_batches: EvalBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    preprocess: Preprocess
+    state: EpochState
+
+    def payload(self) -> dict[str, Any]:
+        cfg, splits = self.cfg, self.splits
+        return {
+            "model": dist.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.precision.scaler.state_dict(),
+            "state": dict(vars(self.state)),
+            "rng": rng_state(),
+            "config": to_dict(cfg),
+            "arch": cfg.model.arch,
+            "classes": list(splits.classes),
+            "preprocess": {
+                "mean": list(splits.mean), "std": list(splits.std),
+                "image_size": cfg.data.image_size, "channels": splits.channels,
+            },
+        }
+
+
+def build(cfg: TrainConfig, info: dist.DistInfo) -> Training:
+    """Data, model, optimizer and the rest, on this rank's device; fails on bad input before
+    anything is written. The model is not yet wrapped for DDP (see `wrap`)."""
+    torch.manual_seed(cfg.seed)
+    dist.configure_backends(info.device, deterministic=cfg.deterministic)
+    splits = load_splits(cfg.data)
+    micro = cfg.optim.accumulate_steps
+    if (cfg.data.batch_size // info.world_size) % micro:
+        raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
+                          f"{cfg.data.batch_size // info.world_size} (data.batch_size / processes)")
+    cache = cfg.data.device_cache_gb * 2**30
+    train_split = place_in_memory(splits.train, info.device, cache)
+    val_split = place_in_memory(splits.val, info.device, cache)
+    model = build_model(cfg.model, splits.channels, splits.num_classes).to(info.device)
+    if cfg.channels_last:  # NHWC: faster convs on tensor cores, and 3-9x faster pooling/BN on CPU
+        model = model.to(memory_format=torch.channels_last)
+    batches = TrainBatches(train_split, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
+                           info.device, cfg.data.num_workers, cfg.max_steps_per_epoch)
+    val_batches = EvalBatches(val_split, cfg.data.eval_batch_size, info.rank, info.world_size,
+                              info.device, cfg.data.num_workers)
+    optimizer = build_optimizer(model, cfg.optim)
+    return Training(
+        cfg, splits, model, batches, val_batches, optimizer,
+        build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
+        Precision(info.device, cfg.amp), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
+    )
+
+
+def restore(run: Training, checkpoint: dict[str, Any], path: Path) -> None:
+    """Continue exactly where `checkpoint` stopped: weights, optimizer, schedule, RNG, counters."""
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit model.arch {run.cfg.model.arch}: "
+                              f"{str(e).splitlines()[0]}") from e
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.precision.load_scaler_state(checkpoint["scaler"])
+    set_rng_state(checkpoint["rng"])
+    run.state = EpochState(**checkpoint["state"])
+
+
+def wrap(run: Training, info: dist.DistInfo) -> None:
+    """DDP (with SyncBatchNorm when asked) and torch.compile, after weights are restored."""
+    cfg = run.cfg
+    if cfg.model.sync_batchnorm and not info.distributed:
+        warnings.warn("model.sync_batchnorm has no effect in a single process", stacklevel=2)
+    run.model = dist.wrap_model(run.model, sync_batchnorm=cfg.model.sync_batchnorm)
+    if cfg.compile:
+        run.model = compile_model(run.model, info.device, cfg.compile_fallback)
+
+
+def compile_model(model: nn.Module, device: torch.device, fallback: bool) -> nn.Module:
+    """`torch.compile`, after proving the compiler works here (a C++ toolchain on CPU, Triton on
+    GPU): a broken toolchain is one line before training, not a traceback at the first step."""
+    try:
+        probe = torch.compile(lambda t: t * 2 + 1)
+        probe(torch.ones(8, device=device))
+    except Exception as e:  # inductor raises many kinds (BackendCompilerFailed, CalledProcessError)
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        if not fallback:
+            raise UserError(f"--compile: torch.compile does not work here ({reason}); drop --compile, "
+                            "or pass --compile_fallback to train uncompiled") from e
+        warnings.warn(f"torch.compile does not work here ({reason}); training uncompiled", stacklevel=2)
+        return model
+    return torch.compile(model)
+
+
+def check_deterministic(run: Training) -> None:
+    """Under `deterministic`, run one forward/backward on a copy of the model: an op with no
+    deterministic kernel fails now, named in one line, not hours into the run."""
+    if not run.cfg.deterministic:
+        return
+    import copy
+
+    images, labels, _ = next(iter(run.batches.batches(0, 0)))
+    model = copy.deepcopy(dist.unwrap(run.model))
+    try:
+        with torch.random.fork_rng(devices=[dist.info().device] if images.is_cuda else []):
+            x = run.preprocess.augment(images[:2], run.cfg.seed, 0, 0, 0, 1)
+            with run.precision.autocast():
+                loss = F.cross_entropy(model(x), labels[:2])
+            loss.backward()
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        # "put_ does not have a deterministic implementation, but you set ...": keep the op's part
+        op = str(e).strip().splitlines()[0].split(", but you set")[0]
+        raise UserError(f"--deterministic: {op}; drop --deterministic or change the model") from e
+
+
+def start_run_folder(run: Training, run_dir: Path, resumed: bool) -> None:
+    paths = RunPaths(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(run.cfg, paths.config_yaml)
+    write_git_info(run_dir)
+    write_state(run_dir, "RUNNING")
+    if resumed:
+        truncate_metrics(run_dir, run.state.epoch)
+
+
+def epoch_record(run: Training, val: dict[str, Any], seconds: float, train_seconds: float,
+                 seen_before: int) -> dict[str, Any]:
+    """The epoch's line of metrics.jsonl, averaged over every rank."""
+    state, info = run.state, dist.info()
+    totals = torch.tensor([state.loss_sum, float(state.correct), float(state.seen)], dtype=torch.float64)
+    loss_sum, correct, seen = dist.all_reduce_sum(totals).tolist()
     return {
-        "model": dist.unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": precision.scaler.state_dict(),
-        "state": dict(vars(state)),
-        "rng": rng_state(),
-        "config": to_dict(cfg),
-        "arch": cfg.model.arch,
-        "classes": list(splits.classes),
-        "preprocess": {
-            "mean": list(splits.mean), "std": list(splits.std),
-            "image_size": cfg.data.image_size, "channels": splits.channels,
-        },
+        "epoch": state.epoch + 1,
+        "step": state.global_step,
+        "train_loss": loss_sum / max(seen, 1),
+        "train_acc": correct / max(seen, 1),
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+        "lr": run.scheduler.get_last_lr()[0],
+        "epoch_time_s": round(seconds, 3),
+        "train_samples_per_s": round((state.seen - seen_before) * info.world_size / max(train_seconds, 1e-9), 1),
     }
 
 
@@ -278,69 +494,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
     run_dir = _resolve_run_dir(cfg)
     paths = RunPaths(run_dir)
     # Everything that can fail on bad input happens before the run folder is touched.
-    splits = load_splits(cfg.data)
-    model = build_model(cfg.model, splits.channels, splits.num_classes).to(info.device)
-    batches = TrainBatches(splits.train, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
-                           info.device, cfg.data.num_workers, cfg.max_steps_per_epoch)
+    run = build(cfg, info)
     check_run_dir(cfg, run_dir)
     resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
-    checkpoint = load_checkpoint(resume_from) if resume_from else None
-
-    if cfg.channels_last:  # NHWC: faster convs on tensor cores, and 3-9x faster pooling/BN on CPU
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs)
-    precision = Precision(info.device, cfg.amp)
-    preprocess = Preprocess(splits.mean, splits.std, cfg.data)
-    state = EpochState()
-    if checkpoint is not None:
-        try:
-            model.load_state_dict(checkpoint["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{resume_from} does not fit model.arch {cfg.model.arch}: "
-                                  f"{str(e).splitlines()[0]}") from e
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        precision.scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
-        state = EpochState(**checkpoint["state"])
-    model = dist.wrap_model(model)
+    if resume_from is not None:
+        restore(run, load_checkpoint(resume_from), resume_from)
+    check_deterministic(run)
+    wrap(run, info)
+    state = run.state
 
     logger = Logger(run_dir if info.is_main else None)
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, paths.config_yaml)
-        write_git_info(run_dir)
-        write_state(run_dir, "RUNNING")
-        if checkpoint is not None:
-            truncate_metrics(run_dir, state.epoch)
-    total, trainable = count_parameters(dist.unwrap(model))
-    where = f"resuming epoch {state.epoch + 1} step {state.step}" if checkpoint else "starting"
+        start_run_folder(run, run_dir, resumed=resume_from is not None)
+    total, trainable = count_parameters(dist.unwrap(run.model))
+    where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
+    dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
     dist.print0(f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
-                f"({len(splits.train)} train / {len(splits.val)} val), {trainable:,}/{total:,} trainable "
+                f"({len(run.splits.train)} train / {len(run.splits.val)} val), {trainable:,}/{total:,} trainable "
                 f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}")
 
     def save(kind: str = "latest") -> None:
         if info.is_main:
-            save_checkpoint(paths.latest if kind == "latest" else paths.best,
-                            _payload(model, optimizer, scheduler, precision, state, cfg, splits))
+            save_checkpoint(paths.latest if kind == "latest" else paths.best, run.payload())
 
-    def on_step_end(s: EpochState) -> None:
-        if cfg.checkpoint_every_steps and s.global_step % cfg.checkpoint_every_steps == 0 and s.step < len(batches):
-            save()
-
-    channels_last = cfg.channels_last
     last: dict[str, Any] = {}
     try:
         while state.epoch < cfg.epochs:
             start = time.perf_counter()
             seen_before = state.seen
-            finished = train_one_epoch(model, batches, preprocess, optimizer, scheduler, precision,
-                                       cfg, state, logger, on_step_end)
+            finished = train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+                                       run.precision, cfg, state, logger, save_checkpoint_now=save)
             if not finished:
                 save()
                 if info.is_main:
@@ -348,22 +534,10 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                 dist.print0(f"[bonnerlab] stop requested: saved {paths.latest} at epoch {state.epoch + 1} "
                             f"step {state.step}")
                 return {"interrupted": True, "epoch": state.epoch, "step": state.step, "run_dir": str(run_dir)}
-            train_time = time.perf_counter() - start
-            val = evaluate_model(model, splits.val, preprocess, splits.num_classes, cfg.data.eval_batch_size,
-                                 channels_last, precision, cfg.data.num_workers)
-            totals = torch.tensor([state.loss_sum, float(state.correct), float(state.seen)], dtype=torch.float64)
-            dist.all_reduce_sum(totals)
-            last = {
-                "epoch": state.epoch + 1,
-                "step": state.global_step,
-                "train_loss": totals[0].item() / max(totals[2].item(), 1),
-                "train_acc": totals[1].item() / max(totals[2].item(), 1),
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-                "lr": scheduler.get_last_lr()[0],
-                "epoch_time_s": round(time.perf_counter() - start, 3),
-                "train_samples_per_s": round((state.seen - seen_before) * info.world_size / max(train_time, 1e-9), 1),
-            }
+            train_seconds = time.perf_counter() - start
+            val = evaluate_model(run.model, run.val_batches, run.preprocess, run.splits.num_classes,
+                                 cfg.channels_last, run.precision)
+            last = epoch_record(run, val, time.perf_counter() - start, train_seconds, seen_before)
             logger.epoch(last)
             logger.scalars({f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")}, last["epoch"])
             improved = val["acc"] > state.best_val_acc
@@ -382,6 +556,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         raise
     finally:
         logger.close()
+        run.batches.close()
+        run.val_batches.close()
     if info.is_main:
         write_state(run_dir, "DONE")
     dist.barrier()
@@ -429,9 +605,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         if source is None:
             raise UserError("split test exists only for mnist trained from its train files; use --split val")
         pre = payload["preprocess"]
-        result = evaluate_model(model, source, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
-                                len(payload["classes"]), cfg.batch_size,
-                                precision=Precision(info.device, train_cfg.amp))
+        batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
+                              cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)
+        dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
+        try:
+            result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
+                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp))
+        finally:
+            batches.close()
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"
         confusion = result.pop("confusion")
