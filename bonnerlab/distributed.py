@@ -301,6 +301,60 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics span every rank's batch, for CPU (gloo) groups:
+    torch's SyncBatchNorm runs on GPUs only. The sums cross ranks through a differentiable
+    all-reduce, so gradients flow to every rank's inputs as they would in one process."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        # (deprecated in favour of _functional_collectives, whose all_reduce has no autograd yet)
+        from torch.distributed.nn.functional import all_reduce
+
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        # float64 sums: E[x^2] - E[x]^2 cancels badly in float32 when |mean| >> std
+        x64 = x.double()
+        count = x64.new_full((1,), x.numel() // channels)
+        total = all_reduce(torch.cat([x64.sum(dims), (x64 * x64).sum(dims), count]))
+        n = total[-1]
+        mean64 = total[:channels] / n
+        var = (total[channels : 2 * channels] / n - mean64 * mean64).clamp_min(0).to(x.dtype)
+        mean = mean64.to(x.dtype)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                self.running_var.mul_(1 - m).add_(var * n / (n - 1), alpha=m)  # unbiased, as BatchNorm
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_to_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm layer of `module` as a `GlobalBatchNorm` with the same state."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, GlobalBatchNorm | torch.nn.SyncBatchNorm):
+        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                    module.track_running_stats)
+        # The same Parameter objects, not copies: the optimizer already holds them.
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_to_global_batchnorm(child))
+    return module
+
+
 def wrap_model(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn.Module:
     """DistributedDataParallel at world size > 1, the model itself otherwise.
 
@@ -312,7 +366,8 @@ def wrap_model(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn
     from torch.nn.parallel import DistributedDataParallel
 
     if sync_batchnorm:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if _info.device.type == "cuda"
+                 else convert_to_global_batchnorm(model))
     device_ids = [_info.device.index] if _info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 

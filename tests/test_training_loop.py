@@ -1,0 +1,75 @@
+"""The GPU-ready training step, checked on the CPU: gradient accumulation equals the large
+batch, SyncBatchNorm under 2 gloo processes equals one process, torch.compile equals eager."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, assert_same_weights
+
+from bonnerlab.checkpoint import load_checkpoint
+from bonnerlab.runs import RunPaths, read_metrics
+from bonnerlab.training import train
+
+
+def _weights(run_dir):
+    return load_checkpoint(RunPaths(run_dir).latest)["model"]
+
+
+def _max_diff(a, b) -> float:
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_gradient_accumulation_equals_the_large_batch(tiny_train_cfg, tmp_path):
+    common = {"epochs": 1, "max_steps_per_epoch": 6, "model.batchnorm": False, "optim.grad_clip": 1.0}
+    train(tiny_train_cfg(run_dir=str(tmp_path / "one"), **common))
+    train(tiny_train_cfg(run_dir=str(tmp_path / "four"), **{**common, "optim.accumulate_steps": 4}))
+    one, four = _weights(tmp_path / "one"), _weights(tmp_path / "four")
+    assert_same_weights(one, four, atol=1e-5)
+    assert _max_diff(one, four) > 0  # four micro-batches really ran (float sums differ in the last bits)
+    m1, m4 = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "four")[0]
+    assert m4["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
+    assert m4["train_acc"] == m1["train_acc"]
+
+
+def _torchrun(args, run_dir, nproc=2):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(REPO / "jobs" / "train.py"), *args, "--run_dir", str(run_dir)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_two_gloo_processes_equal_one_process(tmp_path):
+    # BatchNorm on (the default). Channels-last off: CPU channels-last convolutions sum in a
+    # batch-size-dependent order, and AdamW turns those last-bit differences in the near-zero
+    # gradients of BatchNorm-followed conv weights into lr-sized steps (1e-2 after 2 steps,
+    # even between two single-process runs).
+    args = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--model.width", "8",
+            "--data.batch_size", "64", "--max_steps_per_epoch", "6", "--channels_last", "false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args, "--run_dir", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    _torchrun([*args, "--model.sync_batchnorm", "true"], tmp_path / "sync")
+    _torchrun(args, tmp_path / "local")  # per-rank statistics: what sync_batchnorm corrects
+    one = _weights(tmp_path / "one")
+    synced, local = _weights(tmp_path / "sync"), _weights(tmp_path / "local")
+    assert set(one) == set(synced)  # same parameter names: checkpoints stay interchangeable
+    assert _max_diff(one, synced) < 1e-4
+    assert _max_diff(one, local) > 10 * _max_diff(one, synced)
+
+
+@pytest.mark.slow
+def test_compile_runs_and_matches_eager(tiny_train_cfg, tmp_path):
+    common = {"epochs": 1, "max_steps_per_epoch": 3, "model.batchnorm": False}
+    train(tiny_train_cfg(run_dir=str(tmp_path / "eager"), **common))
+    result = train(tiny_train_cfg(run_dir=str(tmp_path / "compiled"), compile=True, **common))
+    assert result["epoch"] == 1
+    assert_same_weights(_weights(tmp_path / "eager"), _weights(tmp_path / "compiled"), atol=1e-4)
+    torch._dynamo.reset()
