@@ -21,6 +21,7 @@ import yaml
 from bonnerlab.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "imagefolder")
+AUGMENTATIONS = ("auto", "digits", "natural", "none")
 OPTIMIZERS = ("sgd", "adamw", "adadelta")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 
@@ -65,8 +66,18 @@ class DataConfig:
     # an in-memory dataset (digits, mnist) is copied to the GPU once when it fits in this many
     # GiB; a larger one stays in pinned host memory and is copied batch by batch
     device_cache_gb: float = 4.0
-    # random affine augmentation of training batches (none at evaluation)
-    augment: bool = True
+    # augmentation of training batches, per sample on the training device (none at evaluation):
+    # digits (random affine), natural (random-resized crop, flip, colour jitter), none;
+    # auto = digits for digits/mnist, natural for image folders
+    augment: str = "auto"
+    # natural: smallest crop, as a fraction of the image's area (largest: the whole image)
+    crop_scale: float = 0.08
+    # natural: largest crop aspect ratio (smallest: its inverse)
+    crop_ratio: float = 4 / 3
+    # natural: probability of a horizontal flip
+    flip: float = 0.5
+    # natural: brightness, contrast and saturation each scaled by a factor in [1 - x, 1 + x]
+    color_jitter: float = 0.0
     # largest rotation, in degrees
     rotation: float = 10.0
     # largest translation, as a fraction of the image size
@@ -89,6 +100,11 @@ class DataConfig:
         check(self.device_cache_gb >= 0, f"data.device_cache_gb must be >= 0; got {self.device_cache_gb}")
         check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
         check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
+        _check_choice("data.augment", self.augment, AUGMENTATIONS)
+        check(0.0 < self.crop_scale <= 1.0, f"data.crop_scale must be in (0, 1]; got {self.crop_scale}")
+        check(self.crop_ratio >= 1.0, f"data.crop_ratio must be >= 1; got {self.crop_ratio}")
+        check(0.0 <= self.flip <= 1.0, f"data.flip must be in [0, 1]; got {self.flip}")
+        check(0.0 <= self.color_jitter < 1.0, f"data.color_jitter must be in [0, 1); got {self.color_jitter}")
 
 
 @dataclass

@@ -12,7 +12,9 @@ batch a single process would see.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,30 +46,65 @@ class InMemorySource:
         return len(self.labels)
 
 
-class FolderSource(torch.utils.data.Dataset):
-    """Image files decoded on demand (in DataLoader workers) to uint8 [C, size, size]."""
+# How a worker turns a decoded image into a fixed-shape uint8 tensor (so a batch is one tensor):
+#   squash       resize to size x size, ignoring the aspect ratio
+#   canvas       shorter side to CANVAS_RATIO x size, centre square: the natural preset's random
+#                crop then runs batched on the device, within this canvas
+#   center_crop  shorter side to size / EVAL_CROP_FRACTION, centre size x size crop (the
+#                resize-256 + crop-224 evaluation transform of ImageNet models)
+FITS = ("squash", "canvas", "center_crop")
+CANVAS_RATIO = 1.14
+EVAL_CROP_FRACTION = 0.875
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, channels: int):
-        self.root, self.files, self.size, self.channels = root, files, size, channels
+
+class FolderSource(torch.utils.data.Dataset):
+    """Image files decoded on demand (in DataLoader workers) to uint8 [C, S, S]."""
+
+    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, channels: int,
+                 fit: str = "squash"):
+        self.root, self.files, self.size, self.channels, self.fit = root, files, size, channels, fit
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.ids = [str(f.relative_to(root)) for f in files]
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def with_fit(self, fit: str) -> FolderSource:
+        """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
+        return FolderSource(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit)
+
+    @property
+    def side(self) -> int:
+        """Side of the tensors this source yields."""
+        return round(self.size * CANVAS_RATIO) if self.fit == "canvas" else self.size
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.files[index], self.size, self.channels), int(self.labels[index])
+        return load_image(self.files[index], self.size, self.channels, self.fit), int(self.labels[index])
 
 
-def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """Decode, convert to grayscale/RGB and resize one image; the error names the file."""
+def load_image(path: Path, size: int, channels: int, fit: str = "squash") -> torch.Tensor:
+    """Decode, convert to grayscale/RGB and bring one image to a fixed square shape (see FITS);
+    the error names the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            if fit == "squash":
+                target = (size, size)
+            else:
+                short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / EVAL_CROP_FRACTION)
+                w, h = img.size
+                target = (max(short, round(w * short / h)), short) if w >= h else (short, max(short, round(h * short / w)))
+            # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
+            # large photo for a 112-pixel input decodes several times faster
+            img.draft("L" if channels == 1 else "RGB", target)
             img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
+            if img.size != target:
+                img = img.resize(target, Image.BILINEAR)
+            if fit != "squash":
+                side = round(size * CANVAS_RATIO) if fit == "canvas" else size
+                left, top = (target[0] - side) // 2, (target[1] - side) // 2
+                img = img.crop((left, top, left + side, top + side))
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
@@ -194,39 +231,140 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemorySource:
     return InMemorySource(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
 
 
-def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """root/<class>/**/<image> -> files, labels, class names (sorted)."""
+def _walk_images(folder: Path) -> list[str]:
+    """Image files under `folder`, relative to it, sorted: one os.scandir walk, no stat per file
+    (scandir's entry type comes with the directory listing)."""
+    found: list[str] = []
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(folder / rel if rel else folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir():
+                    stack.append(path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(path)
+    return sorted(found)
+
+
+def _class_folders(folder: Path) -> list[str]:
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+@dataclass
+class FileList:
+    """A scanned image collection: class names and, per split, files (relative to the root)
+    with their class index. Written to the run folder (`files.json`), so a tree of a million
+    images is walked once per run, not per epoch, rank or restart."""
+
+    classes: list[str]
+    splits: dict[str, tuple[list[str], list[int]]]  # "train" / "val" / "test" -> files, labels
+
+    def save(self, path: Path) -> None:
+        from bonnerlab.runs import atomic_write_text
+
+        atomic_write_text(path, json.dumps({"classes": self.classes, "splits": self.splits}))
+
+    @staticmethod
+    def load(path: Path) -> FileList:
+        data = json.loads(Path(path).read_text())
+        return FileList(data["classes"], {k: (v[0], v[1]) for k, v in data["splits"].items()})
+
+
+def scan_collection(root: Path) -> FileList:
+    """An image collection as labs keep it: `root/train/<class>/...` with optional `val/` and
+    `test/` beside it (ImageNet's layout), or `root/<class>/...` (a validation split is then
+    carved from it). Classes come from `train/`; a `val/` or `test/` class unknown to `train/`
+    is an error."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist (set --data.root)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        for path in sorted((root / name).rglob("*")):
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                files.append(path)
-                labels.append(label)
-    if not files:
-        raise DataError(
-            f"no images in {root}: expected {root}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
-        )
-    return files, labels, classes
+    split_layout = (root / "train").is_dir() and bool(_class_folders(root / "train"))
+    base = root / "train" if split_layout else root
+    classes = _class_folders(base)
+    if split_layout is False and (root / "train").is_dir():
+        raise DataError(f"{root / 'train'} has no class folders: expected {root}/train/<class>/<image>")
+    if len(classes) < 2:
+        raise DataError(f"image folder {base} has {len(classes)} class folder(s); need at least 2 "
+                        f"({base}/<class>/<image>)")
+    splits: dict[str, tuple[list[str], list[int]]] = {}
+    for split in ("train", "val", "test") if split_layout else ("train",):
+        folder = root / split if split_layout else root
+        if not folder.is_dir():
+            continue
+        names = _class_folders(folder)
+        unknown = sorted(set(names) - set(classes))
+        if unknown:
+            raise DataError(f"{folder} has class folder(s) {', '.join(unknown[:5])} that {base} does not; "
+                            "every class must have training images")
+        files: list[str] = []
+        labels: list[int] = []
+        prefix = f"{split}/" if split_layout else ""
+        for label, name in enumerate(classes):
+            if not (folder / name).is_dir():
+                continue
+            found = _walk_images(folder / name)
+            files += [f"{prefix}{name}/{f}" for f in found]
+            labels += [label] * len(found)
+        if not files and split == "train":
+            raise DataError(
+                f"no images in {base}: expected {base}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
+            )
+        splits[split] = (files, labels)
+    return FileList(classes, splits)
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Train/val(/test) splits of the configured dataset; checks the data before any training."""
+def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """root/<class>/**/<image> -> files, labels, class names (sorted)."""
+    listing = scan_collection(root)
+    files, labels = listing.splits["train"]
+    return [root / f for f in files], labels, listing.classes
+
+
+def augment_preset(cfg: DataConfig) -> str:
+    """`data.augment` with `auto` resolved: digits for digits/mnist, natural for image folders."""
+    if cfg.augment != "auto":
+        return cfg.augment
+    return "natural" if cfg.dataset == "imagefolder" else "digits"
+
+
+def load_splits(cfg: DataConfig, files: FileList | None = None) -> Splits:
+    """Train/val(/test) splits of the configured dataset; checks the data before any training.
+
+    For image folders, `files` is a scan made earlier (the run folder's `files.json`); the
+    training split is decoded to the natural preset's canvas when that preset is on, and
+    validation and test splits with the evaluation transform (resize + centre crop).
+    """
     if cfg.dataset == "imagefolder":
         root = Path(cfg.root)
-        files, labels, classes = scan_image_folder(root)
-        if len(classes) < 2:
-            raise DataError(f"image folder {root} has {len(classes)} class folder(s); need at least 2")
-        tr, va = _split_indices(len(files), cfg.val_fraction, cfg.split_seed)
+        listing = files or scan_collection(root)
+        train_files, train_labels = listing.splits["train"]
+        if "val" in listing.splits:
+            tr, va = np.arange(len(train_files)), None
+        else:
+            tr, va = _split_indices(len(train_files), cfg.val_fraction, cfg.split_seed)
+        natural = augment_preset(cfg) == "natural"
+        eval_fit = "center_crop" if natural else "squash"
 
-        def make(idx: np.ndarray) -> FolderSource:
-            return FolderSource(root, [files[i] for i in idx], [labels[i] for i in idx], cfg.image_size, cfg.channels)
+        def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderSource:
+            return FolderSource(root, [root / names[i] for i in idx], [labels[i] for i in idx],
+                                cfg.image_size, cfg.channels, fit)
 
+        train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
+        if va is None:
+            val_files, val_labels = listing.splits["val"]
+            val = make(val_files, val_labels, np.arange(len(val_files)), eval_fit)
+        else:
+            val = make(train_files, train_labels, va, eval_fit)
+        test = None
+        if "test" in listing.splits:
+            test_files, test_labels = listing.splits["test"]
+            test = make(test_files, test_labels, np.arange(len(test_files)), eval_fit)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else ((0.5,), (0.25,))
-        return Splits(make(tr), make(va), None, classes, cfg.channels, mean, std)
+        return Splits(train, val, test, listing.classes, cfg.channels, mean, std)
 
     if cfg.dataset == "digits":
         full, test = load_digits_source(cfg), None
@@ -439,11 +577,90 @@ class EvalBatches:
 def eval_batches(
     source: Source, batch_size: int, rank: int, world_size: int, device: torch.device, num_workers: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One pass of `EvalBatches` (for a single evaluation)."""
-    return iter(EvalBatches(source, batch_size, rank, world_size, device, num_workers))
+    """One pass of `EvalBatches` (for a single evaluation); its workers stop after it."""
+    batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers)
+    try:
+        yield from batches
+    finally:
+        batches.close()
 
 
 # ----------------------------------------------------------------------------- preprocessing
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """The CPU generator of global batch (epoch, step): the same draws on every rank and device."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+
+
+def natural_params(n: int, canvas: int, cfg: DataConfig, g: torch.Generator) -> torch.Tensor:
+    """[n, 8] per-sample parameters: crop top, left, height, width (pixels of the canvas), flip
+    (0/1), brightness, contrast, saturation factors.
+
+    The crop follows torchvision's RandomResizedCrop.get_params: area uniform in
+    [crop_scale, 1] of the canvas, log aspect ratio uniform in [-log r, log r], up to 10 tries
+    for a crop that fits, else the whole canvas; position uniform over where it fits.
+    """
+    tries = 10
+    area = canvas * canvas * (cfg.crop_scale + torch.rand(n, tries, generator=g) * (1 - cfg.crop_scale))
+    log_r = math.log(cfg.crop_ratio)
+    ratio = torch.exp((torch.rand(n, tries, generator=g) * 2 - 1) * log_r)
+    w = torch.round(torch.sqrt(area * ratio))
+    h = torch.round(torch.sqrt(area / ratio))
+    fits = (w > 0) & (w <= canvas) & (h > 0) & (h <= canvas)
+    first = fits.float().argmax(1, keepdim=True)  # the first try that fits
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), torch.tensor(float(canvas)))
+    h = torch.where(found, h.gather(1, first).squeeze(1), torch.tensor(float(canvas)))
+    u = torch.rand(n, 6, generator=g)
+    top = torch.floor(u[:, 0] * (canvas - h + 1))
+    left = torch.floor(u[:, 1] * (canvas - w + 1))
+    flip = (u[:, 2] < cfg.flip).float()
+    jitter = 1 + (u[:, 3:6] * 2 - 1) * cfg.color_jitter
+    return torch.stack([top, left, h, w, flip, jitter[:, 0], jitter[:, 1], jitter[:, 2]], 1)
+
+
+def resized_crop_batch(x: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-sample crop (top, left, height, width), bilinear resize to size x size and optional
+    horizontal flip, as one grid_sample over the batch.
+
+    Sample positions follow F.interpolate(mode="bilinear", align_corners=False, no antialias)
+    applied to each crop, clamped inside the crop, so each image equals torchvision's
+    `resized_crop(..., antialias=False)` (+ `hflip`) of it. The canvas is only 1.14x the
+    output, so no crop is shrunk by more than that: antialiasing would change little.
+    """
+    b, _, height, width = x.shape
+    top, left, h, w, flip = (params[:, k].view(b, 1) for k in range(5))
+    k = torch.arange(size, device=x.device, dtype=x.dtype).view(1, size) + 0.5
+    ys = top + torch.minimum((k * h / size - 0.5).clamp_min(0), h - 1)
+    xs = left + torch.minimum((k * w / size - 0.5).clamp_min(0), w - 1)
+    xs = torch.where(flip > 0, xs.flip(1), xs)
+    # pixel positions -> grid_sample's [-1, 1] with align_corners=True (pixel centres at +-1)
+    gx = (xs / (width - 1) * 2 - 1).view(b, 1, size).expand(b, size, size)
+    gy = (ys / (height - 1) * 2 - 1).view(b, size, 1).expand(b, size, size)
+    grid = torch.stack([gx, gy], dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def color_jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation scaled per sample (factors [B, 3]) in [0, 1] space,
+    in that order, as torchvision's adjust_* functions compute them."""
+    b = x.shape[0]
+    brightness, contrast, saturation = (factors[:, k].view(b, 1, 1, 1) for k in range(3))
+    x = (x * brightness).clamp_(0, 1)
+    gray = _grayscale(x)
+    x = ((x - gray.mean(dim=(1, 2, 3), keepdim=True)) * contrast + gray.mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+    if x.shape[1] == 3:
+        gray = _grayscale(x)
+        x = ((x - gray) * saturation + gray).clamp_(0, 1)
+    return x
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
 class Preprocess:
@@ -479,12 +696,15 @@ class Preprocess:
         self, x: torch.Tensor, seed: int, epoch: int, step: int, rank: int, world_size: int
     ) -> torch.Tensor:
         """Normalize and augment this rank's slice of global batch (epoch, step)."""
-        x = self.normalize(x)
         cfg = self.cfg
-        if cfg is None or not cfg.augment:
+        preset = augment_preset(cfg) if cfg is not None else "none"
+        if preset == "natural":
+            return self.natural(x, seed, epoch, step, rank, world_size)
+        x = self.normalize(x)
+        if preset != "digits":
             return x
         b = x.shape[0]
-        g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+        g = step_generator(seed, epoch, step)
         # Draw for the whole global batch, keep this rank's slice.
         draws = [torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b]]
         if cfg.erasing > 0:
@@ -505,6 +725,28 @@ class Preprocess:
         if cfg.erasing > 0:
             x = self._erase(x, u[:, 4:6], u[:, 6:10])
         return x
+
+    def natural(
+        self, x: torch.Tensor, seed: int, epoch: int, step: int, rank: int, world_size: int
+    ) -> torch.Tensor:
+        """The natural-image preset on a batch of uint8 canvases [B, C, S, S]: per-sample
+        random-resized crop to `image_size`, horizontal flip, optional colour jitter, erasing;
+        then normalization. Parameters are drawn for the global batch on the CPU and cross to
+        the device in one copy."""
+        cfg = self.cfg
+        b = x.shape[0]
+        g = step_generator(seed, epoch, step)
+        params = natural_params(b * world_size, x.shape[-1], cfg, g)[rank * b : (rank + 1) * b]
+        erase = torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b] if cfg.erasing > 0 else None
+        params = to_device(params if erase is None else torch.cat([params, erase], 1), x.device)
+        out = resized_crop_batch(x.float().div_(255), params[:, :5], cfg.image_size)
+        if cfg.color_jitter > 0:
+            out = color_jitter_batch(out, params[:, 5:8])
+        mean, std, _ = self._on(x.device)
+        out = (out - mean) / std
+        if erase is not None:
+            out = self._erase(out, params[:, 8:10], params[:, 10:14])
+        return out
 
     def _erase(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

@@ -247,10 +247,6 @@ def info() -> DistInfo:
     return _info
 
 
-def is_main() -> bool:
-    return _info.is_main
-
-
 def print0(*args: Any, **kwargs: Any) -> None:
     if _info.is_main:
         print(*args, **kwargs, flush=True)

@@ -33,11 +33,14 @@ from bonnerlab.checkpoint import (
 from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
 from bonnerlab.data import (
     EvalBatches,
+    FileList,
+    FolderSource,
     Preprocess,
     Splits,
     TrainBatches,
     load_splits,
     place_in_memory,
+    scan_collection,
 )
 from bonnerlab.errors import CheckpointError, ConfigError, RunDirError, UserError
 from bonnerlab.models import build_model, count_parameters
@@ -51,6 +54,8 @@ from bonnerlab.runs import (
     write_git_info,
     write_state,
 )
+
+FILE_LIST = "files.json"  # an image folder's scanned file list, in the run folder
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
@@ -362,12 +367,32 @@ class Training:
         }
 
 
-def build(cfg: TrainConfig, info: dist.DistInfo) -> Training:
+def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
+    """An image folder's file list: the run folder's own when resuming, else one scan on rank 0
+    shared with the other ranks (a million-image tree is walked once per run)."""
+    if cfg.data.dataset != "imagefolder":
+        return None
+    cached = run_dir / FILE_LIST
+    if cfg.resume and cached.is_file():
+        return FileList.load(cached)
+    found: FileList | UserError | None = None
+    if dist.info().is_main:
+        try:
+            found = scan_collection(Path(cfg.data.root))
+        except UserError as e:  # every rank raises it, none waits for a list that never comes
+            found = e
+    found = dist.broadcast_object(found)
+    if isinstance(found, UserError):
+        raise found
+    return found
+
+
+def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) -> Training:
     """Data, model, optimizer and the rest, on this rank's device; fails on bad input before
     anything is written. The model is not yet wrapped for DDP (see `wrap`)."""
     torch.manual_seed(cfg.seed)
     dist.configure_backends(info.device, deterministic=cfg.deterministic)
-    splits = load_splits(cfg.data)
+    splits = load_splits(cfg.data, files)
     micro = cfg.optim.accumulate_steps
     if (cfg.data.batch_size // info.world_size) % micro:
         raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
@@ -497,7 +522,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     run_dir = _resolve_run_dir(cfg)
     paths = RunPaths(run_dir)
     # Everything that can fail on bad input happens before the run folder is touched.
-    run = build(cfg, info)
+    files = scan_files(cfg, run_dir)
+    run = build(cfg, info, files)
     check_run_dir(cfg, run_dir)
     resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
     if resume_from is not None:
@@ -509,6 +535,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     logger = Logger(run_dir if info.is_main else None)
     if info.is_main:
         start_run_folder(run, run_dir, resumed=resume_from is not None)
+        if files is not None and not (run_dir / FILE_LIST).is_file():
+            files.save(run_dir / FILE_LIST)
     total, trainable = count_parameters(dist.unwrap(run.model))
     where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
@@ -600,10 +628,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         data_cfg = train_cfg.data
         if cfg.data_root:
             data_cfg = type(data_cfg)(**{**to_dict(data_cfg), "root": cfg.data_root})
-        splits = load_splits(data_cfg)
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        listing = run_dir / FILE_LIST  # the exact files the run was trained and validated on
+        splits = load_splits(data_cfg, FileList.load(listing) if listing.is_file() and not cfg.data_root else None)
         source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
         if source is None:
-            raise UserError("split test exists only for mnist trained from its train files; use --split val")
+            raise UserError("no test split: it exists for mnist trained from its train files and for "
+                            "image folders with a test/ folder beside train/; use --split val")
+        if isinstance(source, FolderSource) and source.fit == "canvas":
+            source = source.with_fit("center_crop")  # training canvases -> the evaluation transform
         pre = payload["preprocess"]
         batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
                               cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)
@@ -613,7 +646,6 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                                     len(payload["classes"]), precision=Precision(info.device, train_cfg.amp))
         finally:
             batches.close()
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"
         confusion = result.pop("confusion")
         summary = {"checkpoint": str(path), "split": cfg.split, "classes": payload["classes"], **result}

@@ -34,7 +34,7 @@ def test_precedence_defaults_yaml_cli(tmp_path):
 
 
 def test_saved_config_reproduces_run(tmp_path):
-    cfg = parse_config(TrainConfig, ["--optim.lr", "0.07", "--data.augment", "false", "--seed", "3"])
+    cfg = parse_config(TrainConfig, ["--optim.lr", "0.07", "--data.augment", "none", "--seed", "3"])
     save_yaml(cfg, tmp_path / "config.yaml")
     assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
     assert parse_config(TrainConfig, ["--config_path", str(tmp_path / "config.yaml")]) == cfg
@@ -68,7 +68,10 @@ def test_unknown_flag_and_wrong_type_exit_2(capsys):
         ({"optim.optimizer": "lion"}, "optim.optimizer must be one of"),
         ({"data.val_fraction": 1.5}, "val_fraction"),
         ({"epochs": "3"}, "expected an integer"),
-        ({"data.augment": "yes"}, "expected true or false"),
+        ({"data.augment": "yes"}, "data.augment must be one of auto, digits, natural, none"),
+        ({"model.sync_batchnorm": "yes"}, "expected true or false"),
+        ({"optim.accumulate_steps": 0}, "optim.accumulate_steps must be >= 1"),
+        ({"data.crop_scale": 0}, r"data.crop_scale must be in \(0, 1\]"),
     ],
 )
 def test_bad_values(overrides, message):

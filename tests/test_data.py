@@ -69,7 +69,7 @@ def test_augmentation_is_per_sample_seeded_and_world_size_independent():
     # rank 1 of 2 sees exactly what a single process does for the second half
     half = pre.augment(x[4:], seed=0, epoch=0, step=0, rank=1, world_size=2)
     assert torch.allclose(half, a[4:])
-    plain = Preprocess(s.mean, s.std, DataConfig(augment=False))
+    plain = Preprocess(s.mean, s.std, DataConfig(augment="none"))
     assert torch.equal(plain.augment(x, 0, 0, 0, 0, 1), plain.normalize(x))
 
 
@@ -89,15 +89,19 @@ def test_image_folder_loads_recursively_through_workers(tmp_path):
     assert s.classes == ["cat", "dog"] and len(s.train) + len(s.val) == 12
     batches = TrainBatches(s.train, 4, 0, 0, 1, torch.device("cpu"), num_workers=2)
     x, y, _ = next(batches.batches(0))
-    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8
-    total = sum(len(y) for _, y in eval_batches(s.val, 2, 0, 1, torch.device("cpu")))
-    assert total == len(s.val)
+    batches.close()
+    # the natural preset (image folders' default): training canvases 1.14x the input size,
+    # cropped to 16x16 on the device; validation images resized and centre-cropped to 16x16
+    assert x.shape == (4, 3, 18, 18) and x.dtype == torch.uint8
+    val = list(eval_batches(s.val, 2, 0, 1, torch.device("cpu")))
+    assert sum(len(y) for _, y in val) == len(s.val) and val[0][0].shape == (2, 3, 16, 16)
 
 
 def test_image_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "nope")))
     (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "b").mkdir(parents=True)
     with pytest.raises(DataError, match="no images in"):
         load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path / "empty")))
     _write_folder(tmp_path / "bad")
@@ -117,4 +121,5 @@ def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
     batches = TrainBatches(s.train, 13, 0, 0, 1, torch.device("cpu"), num_workers=2)
     with pytest.raises(DataError) as e:
         list(batches.batches(0))
+    batches.close()
     assert "zz-broken.png" in str(e.value) and "\n" not in str(e.value)

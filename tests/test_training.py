@@ -85,12 +85,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     subprocess.run([*job, "--run_dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
     proc = subprocess.Popen([*job, "--run_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill it right after its first mid-epoch checkpoint, wherever it then is: still training.
     deadline = time.time() + 60
     while not (run / "checkpoints" / "latest.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.7)
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL
     assert read_state(run) == "RUNNING"  # it never got to finish
     subprocess.run([*job, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True)
     assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
@@ -106,7 +107,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     train_py = str(REPO / "jobs" / "train.py")
     subprocess.run([sys.executable, train_py, *common, "--run_dir", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    # --standalone: a free rendezvous port, so parallel test runs never collide
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = subprocess.run([*torchrun, train_py, *common, "--run_dir", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -159,7 +161,7 @@ def test_jobs_print_one_line_errors_and_exit_2(tmp_path):
         (["jobs/evaluate.py", "--checkpoint", str(tmp_path / "x.pt")], "not found"),
     ]
     for args, message in cases:
-        out = subprocess.run([sys.executable, *args], cwd=tmp_path if False else REPO, env=env,
+        out = subprocess.run([sys.executable, *args], cwd=REPO, env=env,
                              capture_output=True, text=True)
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
