@@ -43,6 +43,9 @@ test-fast: install  ## skip tests marked slow
 lint: install
 	$(VENV)/bin/ruff check .
 
+notebooks: install  ## execute notebooks/*.ipynb in place, so they are committed with their figures
+	$(PY) tests/test_notebooks.py
+
 bench: install  ## benchmarks: ratios against reference implementations, measured in one run
 	$(PY) bench/bench_train.py $(ARGS)
 
