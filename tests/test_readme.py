@@ -20,6 +20,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -267,3 +268,25 @@ def test_shell_blocks_share_one_environment_and_markers_parse(tmp_path):
     assert (first.marker, third.marker) == (None, ("gpu", "# needs: gpu"))
     with pytest.raises(ValueError, match="unknown marker '# needs: gpus'"):
         _ = parse_blocks("```bash\n# needs: gpus\n```\n")[0].marker
+
+
+def test_slurm_lock_waits_for_others_but_not_for_an_ancestor(tmp_path):
+    lock = tmp_path / "slurm.lock"
+    lock.touch()
+    take = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from test_readme import slurm_lock\n"
+            f"with slurm_lock(__import__('pathlib').Path({str(lock)!r}), timeout=2): print('held')\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # started under `flock LOCK`: the lock is already ours, so no deadlock
+    out = subprocess.run(["flock", str(lock), sys.executable, "-c", take], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "held", out.stderr[-1000:]
+    # held by a process that is not an ancestor (a sibling): wait, then give up
+    holder = subprocess.Popen(["flock", str(lock), "-c", "echo locked; sleep 60"], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out = subprocess.run([sys.executable, "-c", take], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep, which holds the lock too
+        holder.wait()
+    assert out.returncode != 0 and "still held by another process after 2 s" in out.stderr
