@@ -6,15 +6,20 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
+.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt holds the exact versions the tests pass with; pyproject.toml only minimums.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+constraints: install  ## rewrite constraints.txt from the venv (after a deliberate upgrade)
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze | grep -viE '^(-e|bonnerlab|nvidia-|cuda-|triton)'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 train-local: install  ## train mnist_cnn on the embedded digits dataset (CPU, offline, < 1 min)
 	$(PY) jobs/train.py $(ARGS)
@@ -37,6 +42,9 @@ test-fast: install  ## skip tests marked slow
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+notebooks: install  ## execute notebooks/*.ipynb in place, so they are committed with their figures
+	$(PY) tests/test_notebooks.py
 
 bench: install  ## benchmarks: ratios against reference implementations, measured in one run
 	$(PY) bench/bench_train.py $(ARGS)

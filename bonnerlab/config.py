@@ -394,7 +394,10 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
         add_config_path_arg=False,
     )
     parser.add_argument(
-        "--config_path", default=None, help="YAML file of config values (command-line flags win)"
+        "--config_path",
+        default=None,
+        metavar="PATH",  # argparse would show the default: `--config_path None`
+        help="YAML file of config values (command-line flags win)",
     )
     parser.add_arguments(cls, dest="cfg", default=default)
     try:

@@ -159,15 +159,33 @@ def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     return images.expand(-1, channels, -1, -1).contiguous() if channels != images.shape[1] else images
 
 
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(images [1797, 8, 8], labels) as sklearn.datasets.load_digits returns them.
+
+    Read from the file scikit-learn ships, without importing it: `import sklearn.datasets`
+    pulls in scipy.stats and took 1-2 s of every job's start on the digits default.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    locations = spec.submodule_search_locations if spec else None
+    path = Path(locations[0]) / "datasets" / "data" / "digits.csv.gz" if locations else None
+    if path is None or not path.is_file():  # a scikit-learn that keeps it elsewhere
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load_digits_source(cfg: DataConfig) -> InMemorySource:
     """scikit-learn's 1,797 real 8x8 handwritten digits (shipped with the package)."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    digits, target = _digits_arrays()
     # values 0..16 -> 0..255, upsampled to image_size like MNIST's 28x28
-    images = torch.from_numpy((bunch.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    images = torch.from_numpy((digits * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
     images = _to_channels(_resize_uint8(images, cfg.image_size), cfg.channels)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    labels = torch.from_numpy(target.astype(np.int64))
     return InMemorySource(images, labels, [f"digits/{i:04d}" for i in range(len(labels))])
 
 

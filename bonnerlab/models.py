@@ -130,13 +130,14 @@ def _download_state_dict(weights) -> dict[str, torch.Tensor]:
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The configured network, with `num_classes` outputs and `in_channels` inputs."""
-    from torchvision import models as tvm
-
     if cfg.arch == "mnist_cnn":
         model: nn.Module = MnistCNN(in_channels, num_classes, cfg.width, cfg.dropout, cfg.batchnorm)
         if cfg.weights != "none":
             _load_matching(model, _read_weights_file(_existing_file(cfg.weights)), cfg)
         return model
+
+    # Not at the top: torchvision.models imports torch._dynamo (1-2 s of every job's start).
+    from torchvision import models as tvm
 
     available = set(tvm.list_models(module=tvm))
     if cfg.arch not in available:

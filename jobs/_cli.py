@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,3 +23,16 @@ def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def print_result(result: Any) -> None:
+    """Print the job's result as one JSON line, from rank 0 only.
+
+    Not `distributed.print0`: the library tears the process group (and with it the rank it
+    knew) down before returning, so the rank is read again from the launcher's environment;
+    otherwise every torchrun rank prints and the lines run together.
+    """
+    from bonnerlab.distributed import resolve_env
+
+    if resolve_env()[0] == 0:
+        print(json.dumps(result), flush=True)

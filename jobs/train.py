@@ -11,9 +11,7 @@
 
 from __future__ import annotations
 
-import json
-
-from _cli import run_job
+from _cli import print_result, run_job
 
 from bonnerlab.config import TrainConfig, parse_config
 
@@ -23,9 +21,7 @@ def main(argv: list[str]) -> dict:
     from bonnerlab.training import train
 
     result = train(cfg)
-    from bonnerlab import distributed
-
-    distributed.print0(json.dumps(result))
+    print_result(result)
     return result
 
 

@@ -1,0 +1,36 @@
+"""The job scripts' own surface: --help text and the result line under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "extract.py", "launch.py"])
+def test_help_shows_config_path_as_a_path(script):
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"],
+                         env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--config_path PATH" in out.stdout
+    assert "--config_path None" not in out.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_prints_one_result_line(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29541"]
+    out = subprocess.run([*torchrun, str(REPO / "jobs" / "train.py"), "--device", "cpu",
+                          "--progress", "false", "--epochs", "1", "--model.width", "8",
+                          "--max_steps_per_epoch", "2", "--run_dir", str(tmp_path / "run")],
+                         env=ENV, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1, out.stdout
+    assert json.loads(results[0])["epoch"] == 1
