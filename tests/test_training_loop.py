@@ -73,3 +73,21 @@ def test_compile_runs_and_matches_eager(tiny_train_cfg, tmp_path):
     assert result["epoch"] == 1
     assert_same_weights(_weights(tmp_path / "eager"), _weights(tmp_path / "compiled"), atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
+    from bonnerlab.errors import UserError
+    from bonnerlab.training import compile_model
+
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):  # what inductor raises at the first call when no C++ compiler exists
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nFileNotFoundError: 'g++'")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(UserError) as e:
+        compile_model(model, torch.device("cpu"), fallback=False)
+    assert "\n" not in str(e.value) and "drop --compile" in str(e.value) and "g++" in str(e.value)
+    with pytest.warns(UserWarning, match="training uncompiled"):
+        assert compile_model(model, torch.device("cpu"), fallback=True) is model
