@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,all]'  # all: timm, open_clip, transformers (their tests run)
 	touch $(STAMP)
 
 train-local: install  ## train mnist_cnn on the embedded digits dataset (CPU, offline, < 1 min)

@@ -113,7 +113,7 @@ def select(out: Any, element: int | str | None, name: str) -> Any:
     if isinstance(out, list | tuple):
         if isinstance(element, int) and -len(out) <= element < len(out):
             return out[element]
-        raise UserError(f"layer {name}: the output is a {type(out).__name__} of {len(out)}; use an index 0..{len(out) - 1}")
+        raise UserError(f"layer {name}: the output is a sequence of {len(out)}; use an index 0..{len(out) - 1}")
     raise UserError(f"layer {name}: the output is a {type(out).__name__}, which has no element {element!r}")
 
 

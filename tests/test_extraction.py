@@ -16,10 +16,9 @@ import torch
 from PIL import Image
 
 from bonnerlab import activations as A
-from bonnerlab.config import ConfigError, ModelConfig
-from bonnerlab.errors import UserError
 from bonnerlab.capture import Capture, LayerPlan
-from bonnerlab.config import ExtractConfig, parse_channels
+from bonnerlab.config import ConfigError, ExtractConfig, ModelConfig, parse_channels
+from bonnerlab.errors import UserError
 from bonnerlab.extraction import extract, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
