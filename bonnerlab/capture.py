@@ -16,6 +16,7 @@ network never runs.
 from __future__ import annotations
 
 import difflib
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,10 +176,12 @@ class SparseProjection:
         cols = np.concatenate([np.sort(rng.choice(d, n, replace=False)) for n in counts]) if k else np.zeros(0)
         scale = np.sqrt(1.0 / self.density) / np.sqrt(k)
         values = np.where(rng.random(crow[-1]) < 0.5, -scale, scale).astype(np.float32)
-        self.matrix = torch.sparse_csr_tensor(
-            torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)), torch.from_numpy(values),
-            size=(k, d),
-        ).to(device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            self.matrix = torch.sparse_csr_tensor(
+                torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)), torch.from_numpy(values),
+                size=(k, d), check_invariants=True,
+            ).to(device)
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

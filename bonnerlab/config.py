@@ -543,6 +543,8 @@ def _per_layer(entries: list[str], layers: list[str], configured: list[str], wha
             [n for n in layers if layer_matches(name, n)] if name in configured else []
         )
         if not targets:
+            if layers == configured and any(is_pattern(c) and layer_matches(c, name) for c in configured):
+                continue  # a layer a pattern will expand to; checked again after the expansion
             raise ConfigError(f"{what} entry {entry!r} names {name!r}, which is not in layers {configured}")
         for n in targets:
             out[n] = value
