@@ -315,7 +315,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
     model = source.model.to(device)
-    stimuli = load_stimuli(cfg, pre.output_size[0], pre.channels, source.data)
+    stimuli = load_stimuli(cfg, pre.square_size, pre.channels, source.data)
     plan = plan_layers(cfg, model, example_input(pre, device), len(stimuli.ids))
     output = Path(cfg.output or default_store_name(cfg))
     if cfg.plan:

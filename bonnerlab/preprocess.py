@@ -48,6 +48,16 @@ class PreprocessSpec:
         return Transform(self)
 
     @property
+    def square_size(self) -> int:
+        """The side at which to hand in square images that are decoded elsewhere (the in-memory
+        datasets): the first resize's, so that the crops that follow still apply."""
+        first = next((s for s in self.steps if s["op"] == "resize"), None)
+        if first is not None and len(first["size"]) == 1:
+            return first["size"][0]
+        assert self.output_size is not None
+        return self.output_size[0]
+
+    @property
     def mean(self) -> list[float]:
         return next(s["mean"] for s in self.steps if "mean" in s)
 

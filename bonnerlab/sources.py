@@ -340,7 +340,8 @@ def _hf(name: str, weights: str) -> tuple[nn.Module, Any]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsError(
             f"cannot load hf:{name} from {where} ({type(e).__name__}: {first[:160]}); for a hub repo "
-            + OFFLINE_FIX.format(cache="HF_HOME")
+            "download it on a login node with internet (it lands in HF_HOME) or pass a "
+            "save_pretrained folder with --model.weights /path/to/folder"
         ) from e
     return _hf_pixel_model(model), _hf_processor(transformers, where, config)
 

@@ -283,3 +283,41 @@ def test_sheet_bad_input(photos, tmp_path):
         with pytest.raises(DataError, match=message):
             extract(cfg(photos.parent / name, out, "mnist_cnn", "none", ["fc"], preprocess="squash", image_size=28))
         assert not out.exists()
+
+
+def test_offline_download_is_one_line_naming_the_fix(tmp_path):
+    import os
+    import subprocess
+
+    pytest.importorskip("transformers")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "extract.py"),
+         "--model.arch", "hf:facebook/dinov2-small", "--model.weights", "DEFAULT", "--layers", "output",
+         "--output", str(tmp_path / "x.zarr")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot load hf:facebook/dinov2-small" in run.stderr and "login node" in run.stderr
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_digits_through_a_published_transform(tmp_path):
+    """In-memory datasets are handed in at the first resize size, then cropped like files."""
+    out = tmp_path / "d.zarr"
+    c = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", split="all", limit=4,
+                      layers=["layer4"], batch_size=4, num_workers=0, device="cpu", output=str(out),
+                      progress=False)
+    extract(c)
+    from bonnerlab.config import DataConfig
+    from bonnerlab.data import load_digits_source
+
+    images = load_digits_source(DataConfig(image_size=256, channels=3)).images[:4]
+    x = load_preprocess(c, load_model(c)).transform()(images)
+    assert x.shape == (4, 3, 224, 224)
+    torch.testing.assert_close(x, (images[:, :, 16:240, 16:240].float() / 255 - torch.tensor(
+        [0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1))
+    model = load_model(c).model
+    with torch.inference_mode():
+        ref = model.layer4(model.layer3(model.layer2(model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x))))))))
+    assert_store(out, {"layer4": ref})
