@@ -76,7 +76,7 @@ def load_model(cfg: ExtractConfig) -> Source:
 
 def load_preprocess(cfg: ExtractConfig, source: Source) -> PreprocessSpec:
     spec = resolve_preprocess(source.published_transform, source.channels, cfg.preprocess,
-                              cfg.image_size, cfg.mean, cfg.std)
+                              cfg.image_size, cfg.mean, cfg.std, source.published_by)
     if spec.output_size is None:
         raise ConfigError("this model's preprocessing keeps each image's aspect ratio (no crop); "
                           "pass --preprocess center_crop or squash")

@@ -252,7 +252,7 @@ def describe(published: Any, channels: int) -> tuple[list[dict[str, Any]], str]:
         s = int(published["image_size"])
         steps = [_resize_step([s, s], "bilinear"), {"op": "to_tensor"},
                  {"op": "normalize", "mean": _floats(published["mean"]), "std": _floats(published["std"])}]
-        return steps, "bonnerlab checkpoint" if "checkpoint" in published else "bonnerlab squash"
+        return steps, "size, mean and std"
     if hasattr(published, "image_mean") and hasattr(published, "do_resize"):
         return _hf_steps(published)
     return _torchvision_steps(published)
@@ -275,10 +275,12 @@ def resolve_preprocess(
     image_size: int = 0,
     mean: list[float] | tuple[float, ...] = (),
     std: list[float] | tuple[float, ...] = (),
+    origin: str = "",
 ) -> PreprocessSpec:
     """The preprocessing of a model: its published transform (`mode="model"`), or `squash` /
     `center_crop` to its input size; `image_size`, `mean`, `std` override (0/empty = the model's)."""
-    steps, origin = describe(published, channels)
+    steps, read_from = describe(published, channels)
+    origin = f"{origin} ({read_from})" if origin else read_from
     size = _output_size(steps)
     own_norm = next(s for s in steps if s["op"] in ("normalize", "rescale_normalize"))
     mean = _floats(mean) or own_norm["mean"]
@@ -319,5 +321,5 @@ def resolve_for_model(cfg: ModelConfig, channels: int = 3, mode: str = "model", 
     """The evaluation preprocessing of `cfg`'s model (training uses this for its eval transform)."""
     from bonnerlab.sources import load_source
 
-    published = load_source(cfg, channels=channels).published_transform
-    return resolve_preprocess(published, channels, mode, image_size, mean, std)
+    source = load_source(cfg, channels=channels)
+    return resolve_preprocess(source.published_transform, channels, mode, image_size, mean, std, source.published_by)

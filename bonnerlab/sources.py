@@ -149,6 +149,7 @@ class Source:
     # what bonnerlab.preprocess resolves: a torchvision/timm/open_clip transform, a Hugging Face
     # image processor, or {"image_size", "mean", "std"} (mnist_cnn and our own checkpoints)
     published_transform: Any
+    published_by: str  # where the transform comes from, recorded with it
     data: DataConfig | None = None  # the training data config of a checkpoint
     weights_sha256: str = ""
 
@@ -171,21 +172,27 @@ def load_source(cfg: ModelConfig, seed: int = 0, channels: int = 0, num_classes:
             load_matching(model, read_state_dict(weights), weights, cfg.arch)
         mean, std = ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
         published: Any = {"image_size": 28, "mean": mean, "std": std}
+        origin = "mnist_cnn default"
     elif source == "torchvision":
         model = _torchvision(name, weights, num_classes or 1000, channels or 3)
         published = _torchvision_transform(name, weights)
+        origin = f"torchvision {'the weights' if weights != 'none' and not is_weights_file(weights) else name + ' DEFAULT weights'}' transforms()"
     elif source == "timm":
         model = _timm(name, weights, num_classes=num_classes or None, channels=channels or 3)
         timm = require("timm")
         data_cfg = timm.data.resolve_data_config(model=model)
         published = timm.data.create_transform(**data_cfg)
+        origin = "timm resolve_data_config + create_transform"
     elif source == "open_clip":
         model, published = _open_clip(name, weights)
+        origin = "open_clip preprocess (image_transform_v2 of the model's preprocess_cfg)"
     else:
         model, published = _hf(name, weights)
+        origin = f"transformers {type(published).__name__}"
     if channels and source in ("open_clip", "hf") and channels != 3:
         raise ConfigError(f"image_channels {channels}: {cfg.arch} takes RGB (3 channels)")
-    return Source(model, cfg.arch, source, weights, file_sha, channels or (1 if source == "mnist_cnn" else 3), published).finish()
+    return Source(model, cfg.arch, source, weights, file_sha, channels or (1 if source == "mnist_cnn" else 3),
+                  published, origin).finish()
 
 
 def _torchvision(name: str, weights: str, num_classes: int, channels: int) -> nn.Module:
@@ -405,7 +412,7 @@ def load_checkpoint_source(checkpoint: str, which: str) -> Source:
     published = {"image_size": int(pre["image_size"]), "mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
     return Source(
         model, train_cfg.model.arch, "checkpoint", str(path), file_sha256(path), int(pre["channels"]),
-        published, train_cfg.data,
+        published, "the training run's evaluation preprocessing", train_cfg.data,
     ).finish()
 
 
