@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,all]'  # all: timm, open_clip, transformers (their tests run)
 	touch $(STAMP)
 
 constraints: install  ## rewrite constraints.txt from the venv (after a deliberate upgrade)

@@ -1,16 +1,17 @@
-"""Extraction benchmark: ResNet-18 layer2 + layer3 + avgpool over PNG images, batch 64, CPU.
+"""Extraction benchmark: torchvision ResNet-50 and timm ViT-B/16 over non-square JPEG photographs, CPU.
 
-    python bench/bench_extract.py              # 2,000 images 224x224 (several minutes on 2 cores)
-    python bench/bench_extract.py --n 400      # quicker look
+    python bench/bench_extract.py                  # 1,000 images per model (long on 2 cores)
+    python bench/bench_extract.py --n 200          # quicker look
+    python bench/bench_extract.py --models resnet50 --modes bare,extract
 
-Each measurement runs in its own subprocess so that its peak RSS (ru_maxrss of the main process;
-decoding workers are separate processes in every mode, and their RSS counts the pages they share
-with the parent they were forked from) is its own:
-- bare:        DataLoader decode (same workers) + normalize + full forward pass, nothing kept
-- extract:     bonnerlab.extraction.extract (hooks, early stop, writer thread, zarr store)
-- accumulate:  hooks that keep every batch in RAM, concatenate, then np.save (the naive way)
-- extract@200: the same extraction over the first 200 images (is memory flat in N?)
-Then the time to lazily read 1,000 random stimuli of layer3 from the store.
+Per model, each measurement runs in its own subprocess so that its peak RSS (ru_maxrss of the
+main process; decoding workers are separate processes in every mode) is its own:
+- bare:     the same DataLoader decoding and published preprocessing (`preprocess.Transform` in
+            the same number of workers) + the full forward pass, nothing kept
+- extract:  bonnerlab.extraction.extract (hooks, early stop, writer thread, zarr store)
+- reduce:   the same extraction with `--reduce LAYER=srp:4096` on the largest layer
+Random weights (seeded; no download): the speed does not depend on the weights' values.
+Prints images/s and peak RSS against the bare pass and the store's bytes per stimulus.
 """
 
 from __future__ import annotations
@@ -26,99 +27,75 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-LAYERS = ["layer2", "layer3", "avgpool"]
+MODELS = {
+    # arch: (layers, pooling, the layer to reduce)
+    "resnet50": (["layer2", "layer3", "avgpool"], ["none"], "layer3"),
+    "timm:vit_base_patch16_224": (["blocks.5", "blocks.11", "norm"], ["norm=cls"], "blocks.5"),
+}
 
 
-def make_images(root: Path, n: int, size: int) -> Path:
-    """Smooth random PNGs (photo-like compressibility, unlike white noise); reused if present."""
+def make_photos(root: Path, n: int) -> Path:
+    """Non-square JPEGs cut from scikit-learn's two photographs (random crops, sizes, flips)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
+    from sklearn.datasets import load_sample_images
 
     root.mkdir(parents=True, exist_ok=True)
-    have = len(list(root.glob("*.png")))
+    have = len(list(root.glob("*.jpg")))
     rng = np.random.default_rng(0)
-    for i in range(have, n):
-        small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
-        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
-        noise = rng.integers(-8, 9, (size, size, 3))
-        arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-        Image.fromarray(arr).save(root / f"img{i:05d}.png")
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    for i in range(n):
+        w, h = int(rng.integers(240, 640)), int(rng.integers(200, 427))
+        x, y = int(rng.integers(0, 640 - w + 1)), int(rng.integers(0, 427 - h + 1))
+        scale = float(rng.uniform(0.8, 1.25))
+        if i < have:
+            continue  # same draws every time: the folder is reused
+        img = photos[i % 2].crop((x, y, x + w, y + h))
+        img = img.resize((max(32, int(w * scale)), max(32, int(h * scale))), Image.BICUBIC)
+        if i % 3 == 0:
+            img = ImageOps.mirror(img)
+        img.save(root / f"img{i:05d}.jpg", quality=90)
     return root
 
 
-def _model():
-    import torch
-    import torchvision
+def _cfg(args, mode: str):
+    from bonnerlab.config import ExtractConfig, ModelConfig
 
-    torch.manual_seed(0)
-    return torchvision.models.resnet18(weights=None).eval()
-
-
-def _loader(images: Path, n: int, size: int, batch: int, workers: int):
-    import torch
-
-    from bonnerlab.extraction import _FileImages, scan_stimuli
-
-    files = scan_stimuli(images)[0][:n]
-    return torch.utils.data.DataLoader(
-        _FileImages(files, size, 3), batch_size=batch, num_workers=workers
+    layers, pooling, big = MODELS[args.arch]
+    return ExtractConfig(
+        model=ModelConfig(arch=args.arch), stimuli=str(args.images), limit=args.n, layers=layers,
+        pooling=pooling, reduce=[f"{big}=srp:4096"] if mode == "reduce" else [],
+        batch_size=args.batch, num_workers=args.workers, device="cpu",
+        output=str(Path(args.out) / "store.zarr"), overwrite=True, progress=False,
     )
 
 
 def run_bare(args) -> dict:
     import torch
 
-    from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+    from bonnerlab.extraction import load_model, load_preprocess
+    from bonnerlab.stimuli import iter_batches, load_stimuli
 
-    model, normalize = _model(), Preprocess(IMAGENET_MEAN, IMAGENET_STD).normalize
+    cfg = _cfg(args, "bare")
+    source = load_model(cfg)
+    pre = load_preprocess(cfg, source)
+    stimuli = load_stimuli(cfg, pre.square_size, pre.channels, None)
+    rows = [range(i, min(i + cfg.batch_size, len(stimuli.ids))) for i in range(0, len(stimuli.ids), cfg.batch_size)]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for images, _ in _loader(args.images, args.n, args.size, args.batch, args.workers):
-            model(normalize(images))
-    return {"seconds": time.perf_counter() - t0}
-
-
-def run_accumulate(args) -> dict:
-    import numpy as np
-    import torch
-
-    from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-
-    model, normalize = _model(), Preprocess(IMAGENET_MEAN, IMAGENET_STD).normalize
-    kept: dict[str, list] = {name: [] for name in LAYERS}
-    for name in LAYERS:
-        model.get_submodule(name).register_forward_hook(
-            lambda _m, _i, out, name=name: kept[name].append(out.detach().clone())
-        )
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for images, _ in _loader(args.images, args.n, args.size, args.batch, args.workers):
-            model(normalize(images))
-        for name in LAYERS:
-            np.save(Path(args.out) / f"{name}.npy", torch.cat(kept[name]).numpy())
+        for images, _, _ in iter_batches(stimuli, rows, pre.transform(), (3, *pre.output_size),
+                                         cfg.num_workers, False):
+            source.model(images)
     return {"seconds": time.perf_counter() - t0}
 
 
 def run_extract(args) -> dict:
-    from bonnerlab.config import ModelConfig
-    from bonnerlab.extraction import ExtractConfig, extract
+    from bonnerlab.extraction import extract
 
-    cfg = ExtractConfig(
-        model=ModelConfig(arch="resnet18"),
-        stimuli=str(args.images),
-        limit=args.n,
-        image_size=args.size,
-        layers=LAYERS,
-        batch_size=args.batch,
-        num_workers=args.workers,
-        device="cpu",
-        output=str(Path(args.out) / "store.zarr"),
-        compression=args.compression,
-        overwrite=True,
-        progress=False,
-    )
-    result = extract(cfg)
-    return {"seconds": result["seconds"], "store": result["store"]}
+    result = extract(_cfg(args, args.mode))
+    store = Path(result["store"])
+    nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and ".done" not in f.parts)
+    return {"seconds": result["seconds"], "store_bytes_per_stimulus": nbytes / result["n_stimuli"]}
 
 
 def _cpu_seconds() -> float:
@@ -127,56 +104,43 @@ def _cpu_seconds() -> float:
 
 
 def child(args) -> None:
-    fn = {"bare": run_bare, "accumulate": run_accumulate, "extract": run_extract}[args.mode]
+    import torch
+
+    torch.set_num_threads(args.threads) if args.threads else None
+    fn = run_bare if args.mode == "bare" else run_extract
     cpu = _cpu_seconds()
     result = fn(args)
-    # CPU time of the main process per image (model build included): a check on images/s
-    # when other jobs share the machine.
     result["cpu_ms_per_image"] = 1000 * (_cpu_seconds() - cpu) / args.n
     result["images_per_s"] = args.n / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["workers_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
 
-def measure(args, mode: str, n: int, out: Path) -> dict:
+def measure(args, arch: str, mode: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
-        sys.executable, __file__, "--child", mode, "--n", str(n), "--images", str(args.images),
-        "--size", str(args.size), "--batch", str(args.batch), "--workers", str(args.workers),
-        "--out", str(out), "--compression", args.compression,
+        sys.executable, __file__, "--child", mode, "--arch", arch, "--n", str(args.n),
+        "--images", str(args.images), "--batch", str(args.batch), "--workers", str(args.workers),
+        "--threads", str(args.threads), "--out", str(out),
     ]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{run.stderr[-2000:]}")
+        raise SystemExit(f"{arch} {mode} failed:\n{run.stderr[-2000:]}")
     line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT ") :])
 
 
-def lazy_read(store: str, n_read: int) -> tuple[float, tuple[int, ...]]:
-    import numpy as np
-
-    from bonnerlab.activations import open_activations
-
-    t0 = time.perf_counter()
-    da = open_activations(store, "layer3")
-    pick = np.random.default_rng(0).choice(
-        da.sizes["presentation"], min(n_read, da.sizes["presentation"]), replace=False
-    )
-    values = da.isel(presentation=pick).values
-    return time.perf_counter() - t0, values.shape
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=2000, help="number of images")
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--n", type=int, default=1000, help="number of images")
+    p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader decoding workers (all modes)")
-    p.add_argument("--compression", default="zstd", help="store compression: zstd, lz4, none")
-    p.add_argument("--images", type=Path, default=None, help="image folder (generated if missing)")
-    p.add_argument("--modes", default="bare,extract,accumulate,extract200")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--images", type=Path, default=None, help="photo folder (generated if missing)")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--modes", default="bare,extract,reduce")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -184,47 +148,30 @@ def main() -> None:
         child(args)
         return
 
-    args.images = args.images or Path(tempfile.gettempdir()) / f"bonnerlab-bench-{args.size}px"
-    t0 = time.perf_counter()
-    make_images(args.images, args.n, args.size)
-    print(
-        f"{args.n} PNG images {args.size}x{args.size} in {args.images} ({time.perf_counter() - t0:.0f} s)"
-    )
-    modes = args.modes.split(",")
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
-        for mode in modes:
-            n = 200 if mode == "extract200" else args.n
-            rows[mode] = measure(args, mode.replace("200", ""), n, Path(tmp) / mode)
-            r = rows[mode]
-            print(
-                f"  {mode:<11} {r['images_per_s']:7.1f} images/s  peak RSS {r['peak_rss_mb']:7.0f} MB",
-                flush=True,
-            )
-        read = lazy_read(rows["extract"]["store"], 1000) if "extract" in rows else None
-
-    bare = rows.get("bare")
-    print(f"\nResNet-18 {'+'.join(LAYERS)}, {args.n} PNG {args.size}px, batch {args.batch}, "
-          f"{args.workers} workers, CPU, compression {args.compression}")  # fmt: skip
-    print(
-        f"{'mode':<12}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}"
-        f"{'peak RSS MB':>13}{'vs bare':>9}{'workers MB':>12}"
-    )
-    for mode, r in rows.items():
-        speed = f"{r['images_per_s'] / bare['images_per_s']:.2f}x" if bare else "-"
-        rss = f"{r['peak_rss_mb'] / bare['peak_rss_mb']:.2f}x" if bare else "-"
-        label = "extract@200" if mode == "extract200" else mode
-        print(
-            f"{label:<12}{r['images_per_s']:>10.1f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
-            f"{r['peak_rss_mb']:>13.0f}{rss:>9}{r['workers_peak_rss_mb']:>12.0f}"
-        )
-    if "extract" in rows and "extract200" in rows:
-        growth = rows["extract"]["peak_rss_mb"] / rows["extract200"]["peak_rss_mb"]
-        print(f"peak RSS extract@{args.n} / extract@200: {growth:.3f}")
-    if read:
-        print(
-            f"lazy read of {read[1][0]} random stimuli of layer3 {list(read[1][1:])}: {read[0]:.2f} s"
-        )
+    args.images = args.images or Path(tempfile.gettempdir()) / "bonnerlab-bench-photos"
+    make_photos(args.images, args.n)
+    print(f"{args.n} JPEG photographs (non-square, 190-800 px) in {args.images}; batch {args.batch}, "
+          f"{args.workers} workers, CPU", flush=True)
+    for arch in args.models.split(","):
+        rows: dict[str, dict] = {}
+        with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+            for mode in args.modes.split(","):
+                rows[mode] = measure(args, arch, mode, Path(tmp) / mode)
+                r = rows[mode]
+                print(f"  {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  peak RSS {r['peak_rss_mb']:7.0f} MB",
+                      flush=True)
+        layers, pooling, big = MODELS[arch]
+        print(f"\n{arch}: {', '.join(layers)} (pooling {' '.join(pooling)}; reduce: {big}=srp:4096)")
+        print(f"{'mode':<10}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"
+              f"{'store B/stimulus':>18}")
+        bare = rows.get("bare")
+        for mode, r in rows.items():
+            speed = f"{r['images_per_s'] / bare['images_per_s']:.2f}x" if bare else "-"
+            rss = f"{r['peak_rss_mb'] / bare['peak_rss_mb']:.2f}x" if bare else "-"
+            size = f"{r['store_bytes_per_stimulus']:,.0f}" if "store_bytes_per_stimulus" in r else "-"
+            print(f"{mode:<10}{r['images_per_s']:>10.2f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
+                  f"{r['peak_rss_mb']:>13.0f}{rss:>9}{size:>18}")
+        print(flush=True)
 
 
 if __name__ == "__main__":

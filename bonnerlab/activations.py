@@ -3,7 +3,8 @@
 Layout of `<store>.zarr/`:
 ```
 zarr.json                 group attrs: identity + fingerprint, provenance, chunk size, complete
-stimulus, label           coordinates along `presentation` (written once, at creation)
+stimulus, label, ...      coordinates along `presentation` (written once, at creation; a stimulus
+                          sheet's extra columns are typed coordinates too)
 <layer>/                  one array per layer: (presentation, channel, y, x) or (presentation, neuroid)
 .done/<layer>/<chunk>     a marker per finished chunk, written temp + rename (atomic)
 ```
@@ -197,6 +198,7 @@ def open_store(
     attrs: dict[str, Any] | None = None,
     overwrite: bool = False,
     compression: str = "zstd",
+    coords: dict[str, np.ndarray] | None = None,
 ) -> tuple[ActivationStore, str]:
     """Open the store at `path` for writing, creating it if needed.
 
@@ -233,7 +235,7 @@ def open_store(
         else:
             outcome = "created"
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        _create(tmp, fp, identity, layers, stimuli, labels, chunk_size, attrs or {}, compression)
+        _create(tmp, fp, identity, layers, stimuli, labels, chunk_size, attrs or {}, compression, coords or {})
         try:
             os.rename(tmp, path)
         except OSError:
@@ -277,13 +279,15 @@ def _create(
     chunk_size: int,
     attrs: dict[str, Any],
     compression: str,
+    coords: dict[str, np.ndarray],
 ) -> None:
     import zarr
 
     names = [spec.name for spec in layers]
-    clash = set(names) & set(COORDS)
+    coord_names = (*COORDS, *coords)
+    clash = set(names) & set(coord_names)
     if clash or len(set(names)) != len(names) or not names:
-        raise StoreError(f"layer names must be unique and not {COORDS}; got {names}")
+        raise StoreError(f"layer names must be unique and not {coord_names}; got {names}")
     n = len(stimuli)
     with _quiet_zarr():
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
@@ -310,6 +314,13 @@ def _create(
             fill_value=-1,
         )
         lab[:] = np.asarray(list(labels) if labels is not None else [-1] * n, dtype=np.int64)
+        for name, values in coords.items():  # sheet columns: typed coordinates on presentation
+            values = np.asarray(values)
+            dtype = str if values.dtype.kind in "OUS" else values.dtype
+            arr = group.create_array(
+                name, shape=(n,), dtype=dtype, chunks=(max(n, 1),), dimension_names=[PRESENTATION]
+            )
+            arr[:] = values.astype(str) if dtype is str else values
         for spec in layers:
             group.create_array(
                 spec.name,
@@ -319,7 +330,7 @@ def _create(
                 dimension_names=[PRESENTATION, *spec.dims],
                 compressors=_compressors(compression),
                 fill_value=np.nan,
-                attributes={"coordinates": " ".join(COORDS), **spec.attrs},
+                attributes={"coordinates": " ".join(coord_names), **spec.attrs},
             )
             (path / DONE_DIR / spec.name).mkdir(parents=True)
 

@@ -1,12 +1,10 @@
-"""Models: the from-scratch `mnist_cnn`, and any torchvision classifier with a new head.
+"""Models: the from-scratch `mnist_cnn` and the parts that give any backbone a new head.
 
-Weights for torchvision models come from a torchvision weights name (downloaded once into
-TORCH_HOME, so later runs and offline nodes use the cache) or from a local file.
+Building a model of any source (torchvision, timm, open_clip, transformers) and loading its
+weights lives in `bonnerlab.sources`; `build_model` here is the training entry's name for it.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -57,7 +55,7 @@ class MnistCNN(nn.Module):
         return self.fc(self.dropout(x))  # -> [B, num_classes]; softmax lives in the loss
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -71,7 +69,7 @@ def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
     return linears[-1]
 
 
-def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     """Make the first conv accept `in_channels` inputs, keeping pretrained filters useful.
 
     For grayscale the RGB filters are summed: a gray image x fed as (x, x, x) gives the same
@@ -89,112 +87,15 @@ def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
         new.weight.copy_(summed.repeat(1, in_channels, 1, 1) / in_channels)
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
-    _set_module(model, name, new)
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(f"cannot load weights file {path}: {str(e).splitlines()[0]}") from e
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]  # a bonnerlab checkpoint
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"weights file {path} does not hold a state_dict")
-    return obj
-
-
-def _torchvision_weights(arch: str, name: str):
-    from torchvision.models import get_model_weights, get_weight
-
-    try:
-        if name.upper() == "DEFAULT":
-            return get_model_weights(arch).DEFAULT
-        return get_weight(name if "." in name else f"{get_model_weights(arch).__name__}.{name}")
-    except (ValueError, KeyError, AttributeError) as e:
-        raise WeightsError(
-            f"unknown weights {name!r} for {arch}: use none, DEFAULT, a name like "
-            f"{get_model_weights(arch).__name__}.IMAGENET1K_V1, or a local file path"
-        ) from e
-
-
-def _download_state_dict(weights) -> dict[str, torch.Tensor]:
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as e:  # URLError, HTTPError, socket errors: offline
-        raise WeightsError(
-            f"cannot download {weights} ({type(e).__name__}: offline?); download it on a machine "
-            f"with internet into TORCH_HOME, or pass a local file with --model.weights /path/to/weights.pth"
-        ) from e
+    set_module(model, name, new)
 
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The configured network, with `num_classes` outputs and `in_channels` inputs."""
-    if cfg.arch == "mnist_cnn":
-        model: nn.Module = MnistCNN(in_channels, num_classes, cfg.width, cfg.dropout, cfg.batchnorm)
-        if cfg.weights != "none":
-            _load_matching(model, _read_weights_file(_existing_file(cfg.weights)), cfg)
-        return model
+    """The configured network, with `num_classes` outputs and `in_channels` inputs (any source:
+    see `bonnerlab.sources.build_model`)."""
+    from bonnerlab.sources import build_model as build  # sources builds on the parts above
 
-    # Not at the top: torchvision.models imports torch._dynamo (1-2 s of every job's start).
-    from torchvision import models as tvm
-
-    available = set(tvm.list_models(module=tvm))
-    if cfg.arch not in available:
-        import difflib
-
-        close = difflib.get_close_matches(cfg.arch, sorted(available | {"mnist_cnn"}), n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise WeightsError(f"unknown model.arch {cfg.arch!r}{hint}")
-
-    model = tvm.get_model(cfg.arch, weights=None)
-    state = None
-    if cfg.weights != "none":
-        path = Path(cfg.weights)
-        if path.suffix in (".pt", ".pth", ".bin", ".ckpt") or path.exists():
-            state = _read_weights_file(_existing_file(cfg.weights))
-        else:
-            state = _download_state_dict(_torchvision_weights(cfg.arch, cfg.weights))
-    # Pretrained files match the original 1000-class head; our own checkpoints match the new
-    # head. Load into whichever shape fits.
-    if state is not None and _fits(model, state):
-        model.load_state_dict(state)
-        state = None
-    head_name, head = classifier_head(model)
-    if head.out_features != num_classes:
-        _set_module(model, head_name, nn.Linear(head.in_features, num_classes))
-    _adapt_input_channels(model, in_channels)
-    if state is not None:
-        _load_matching(model, state, cfg)
-    if cfg.freeze_backbone:
-        head_name, _ = classifier_head(model)
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith(head_name + ".")
-    return model
-
-
-def _existing_file(path: str) -> Path:
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"weights file {p} not found")
-    return p
-
-
-def _fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    own = model.state_dict()
-    return set(own) == set(state) and all(own[k].shape == state[k].shape for k in own)
-
-
-def _load_matching(model: nn.Module, state: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
-    if not _fits(model, state):
-        own = model.state_dict()
-        missing = sorted(set(own) - set(state))
-        extra = sorted(set(state) - set(own))
-        shape = [k for k in own if k in state and own[k].shape != state[k].shape]
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
-                  else f"shape differs at {shape[:2]}")
-        raise WeightsError(f"weights {cfg.weights} do not fit model.arch {cfg.arch}: {detail}")
-    model.load_state_dict(state)
+    return build(cfg, in_channels, num_classes)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

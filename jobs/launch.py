@@ -183,13 +183,10 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: argparse.Namesp
         raise ConfigError(f"--shards must be >= 1; got {opts.shards}")
     if opts.sweep or opts.sweep_file:
         raise ConfigError("--shards cannot be combined with --sweep")
-    from bonnerlab.extraction import DATASET_STIMULI
+    from bonnerlab.config import default_store_name
 
-    output = cfg.output
-    if not output:  # every task must agree on the store before any of them starts
-        model = Path(cfg.checkpoint).name if cfg.checkpoint and cfg.checkpoint != "latest" else cfg.model.arch
-        stimuli = cfg.stimuli if cfg.stimuli in DATASET_STIMULI else Path(cfg.stimuli).resolve().name
-        output = str(Path("activations") / f"{model}-{stimuli}.zarr")
+    # every task must agree on the store before any of them starts: the name a plain extract uses
+    output = cfg.output or default_store_name(cfg)
     output = str(Path(output).resolve())
     points = [{"shard_index": i, "num_shards": opts.shards, "output": output} for i in range(opts.shards)]
     sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -16,16 +16,10 @@ import torch
 from PIL import Image
 
 from bonnerlab import activations as A
-from bonnerlab.config import ConfigError, ModelConfig
+from bonnerlab.capture import Capture, LayerPlan
+from bonnerlab.config import ConfigError, ExtractConfig, ModelConfig, parse_channels
 from bonnerlab.errors import UserError
-from bonnerlab.extraction import (
-    Capture,
-    ExtractConfig,
-    LayerPlan,
-    extract,
-    load_model,
-    parse_channels,
-)
+from bonnerlab.extraction import extract, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = str(ROOT / "jobs" / "extract.py")
@@ -56,6 +50,7 @@ def stimuli(tmp_path_factory) -> Path:
 def rcfg(stimuli: Path, out: Path, **kw) -> ExtractConfig:
     base = dict(
         model=ModelConfig(arch="resnet18"),
+        preprocess="squash",  # the test images are already SIZE x SIZE: no resampling at all
         stimuli=str(stimuli),
         image_size=SIZE,
         batch_size=16,
@@ -116,7 +111,7 @@ def test_activations_equal_direct_forward(resnet_run):
     assert A.open_activations(out, "fc").dims == ("presentation", "neuroid")
     assert da["label"].values.tolist() == [{"cat": 0, "dog": 1}[r.split("/")[0]] for r in rel]
     assert da.attrs["arch"] == "resnet18" and len(da.attrs["weights_sha256"]) == 64
-    assert da.attrs["preprocessing"]["image_size"] == SIZE and "torch" in da.attrs["versions"]
+    assert da.attrs["preprocessing"]["output_size"] == [SIZE, SIZE] and "torch" in da.attrs["versions"]
 
 
 def test_channel_subset_and_pooling_equal_reference(resnet_run, stimuli, tmp_path):
@@ -267,7 +262,7 @@ def test_bad_config_values():
     with pytest.raises(ConfigError, match="shard_index 2 is out of range for num_shards 2"):
         ExtractConfig(shard_index=2, num_shards=2)
     with pytest.raises(ConfigError, match="pooling for features.2 must be one of"):
-        ExtractConfig(pooling=["mean"])
+        ExtractConfig(pooling=["median"])
     with pytest.raises(ConfigError, match="names 'fc'"):
         ExtractConfig(layers=["features.2"], channels=["fc=0"])
     with pytest.raises(ConfigError, match="dtype"):
@@ -358,7 +353,7 @@ def test_help_shows_field_comments(capsys):
     with pytest.raises(SystemExit):
         parse_config(ExtractConfig, ["--help"])
     text = capsys.readouterr().out
-    assert "pooling over space" in text and "--shard_index" in text and "--model.arch" in text
+    assert "avg, max (over space, or over" in text and "--reduce" in text and "--shard_index" in text and "--model.arch" in text
 
 
 @pytest.mark.slow
