@@ -356,7 +356,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
 
     def run(device: str, name: str, **extra) -> tuple[dict, dict]:
         cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
-                            image_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
+                            preprocess="squash", image_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
                             pooling=["layer2=none", "avgpool=flatten"], batch_size=32, device=device,
                             output=str(tmp / f"{name}.zarr"), progress=False, **extra)
         summary = extract(cfg)
@@ -373,9 +373,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
 
     results: dict = {}
 
-    def tf32_off():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    def tf32_off():  # extraction's default (--tf32 false), recorded in the store
         _, cpu = run("cpu", "cpu")
         summary, gpu = run("cuda", "cuda")
         diffs = compare(cpu, gpu)
@@ -384,9 +382,16 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         return diffs
 
     def amp():
+        from bonnerlab.activations import store_info
+
         summary, gpu = run("cuda", "cuda-amp", amp=True)
         diffs = compare(results["cpu"], gpu)
-        assert all(d["finite"] and d["max_abs_diff"] < 5e-2 * max(1.0, d["max_abs"]) for d in diffs.values()), diffs
+        info = store_info(tmp / "cuda-amp.zarr")
+        identity = info.get("identity", info)
+        diffs["recorded"] = {k: identity.get(k) for k in ("dtype", "amp", "amp_dtype", "tf32")}
+        diffs["stored_dtype"] = str(gpu["layer2"].dtype)
+        assert all(d["finite"] and d["max_abs_diff"] < 5e-2 * max(1.0, d["max_abs"])
+                   for k, d in diffs.items() if k in ("layer2", "avgpool")), diffs
         return diffs
 
     def second_gpu():
@@ -395,7 +400,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
                 + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extraction import ExtractConfig, extract\n"
                 + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
-                + "image_size=64, image_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
+                + "image_size=64, preprocess='squash', image_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
                 + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
                 + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -502,7 +507,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         torch.cuda.reset_peak_memory_stats()
         n = 512 if quick else 1797  # every digit
         cfg = ExtractConfig(model=ModelConfig(arch="resnet50"), stimuli="digits", split="all", limit=n,
-                            image_size=224,
+                            image_size=224, preprocess="squash",
                             image_channels=3, layers=["layer3", "avgpool"], pooling=["layer3=avg", "avgpool=flatten"],
                             batch_size=128, device="cuda", amp=True, output=str(tmp / "rate.zarr"), progress=False)
         samples: list[str] = []

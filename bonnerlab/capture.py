@@ -346,15 +346,24 @@ class Capture:
         for h in self.handles:
             h.remove()
 
-    def run(self, model: nn.Module, x: torch.Tensor, slot: int = 0) -> dict[str, torch.Tensor]:
-        """Forward `x`; returns name -> CPU tensor (a view of buffer `slot`)."""
+    def run(self, model: nn.Module, x: torch.Tensor, slot: int = 0, wait: bool = True) -> dict[str, torch.Tensor]:
+        """Forward `x`; returns name -> CPU tensor (a view of buffer `slot`).
+
+        On CUDA the copies are queued on the stream and `self.ready` is an event recorded after
+        them: with `wait=False` the caller must `ready.synchronize()` before reading the buffers
+        (the extraction writer thread does, so the main thread never waits for the GPU).
+        """
         self.outputs, self.calls, self.slot = {}, {}, slot % self.n_slots
+        self.ready: torch.cuda.Event | None = None
         try:
             model(x)
         except StopForward:
             pass
         if x.device.type == "cuda":
-            torch.cuda.current_stream(x.device).synchronize()  # the queued copies have landed
+            self.ready = torch.cuda.Event()
+            self.ready.record(torch.cuda.current_stream(x.device))
+            if wait:
+                self.ready.synchronize()
         missing = [n for n in self.plans if n not in self.outputs]
         if missing:
             raise UserError(f"layers {missing} did not run in the forward pass")

@@ -417,7 +417,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, prog: str | None =
 
 POOLINGS = ("none", "avg", "max", "flatten", "cls", "mean")
 PREPROCESS_MODES = ("model", "squash", "center_crop")
-DTYPES = ("float32", "float16")
+DTYPES = ("auto", "float32", "float16")
 DATASET_STIMULI = ("digits", "mnist")
 
 
@@ -475,14 +475,20 @@ class ExtractConfig:
     reduce: list[str] = field(default_factory=list)
     # stimuli per forward pass; also the store's chunk length (keep it when resuming)
     batch_size: int = 64
-    # dtype of the stored activations: float32 or float16
-    dtype: str = "float32"
+    # dtype of the stored activations: float32, float16, or auto = float16 when AMP computes in
+    # float16 (nothing to lose), else float32 (bfloat16 values can exceed float16's range, 65504)
+    dtype: str = "auto"
     # auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
-    # mixed precision (float16 autocast) when on CUDA
+    # mixed precision on CUDA: bfloat16 autocast where the GPU has it natively (float32's range:
+    # no overflow), else float16
     amp: bool = False
-    # DataLoader worker processes that decode and preprocess image files while the model computes
-    num_workers: int = 2
+    # TF32 matmuls and convolutions on Ampere and newer GPUs: faster, but activations differ by
+    # ~1e-3 relative from float32; recorded in the store's identity
+    tf32: bool = False
+    # DataLoader worker processes that decode and preprocess image files while the model computes;
+    # -1 = from the CPUs this task was given (SLURM_CPUS_PER_TASK, else its CPU affinity)
+    num_workers: int = -1
     # output store (a folder ending in .zarr); empty = activations/<model>-<stimuli>.zarr
     output: str = ""
     # chunk compression: zstd, lz4 or none
@@ -522,7 +528,7 @@ class ExtractConfig:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu or cuda[:N]; got {self.device!r}",
         )
-        check(self.num_workers >= 0, f"num_workers must be >= 0; got {self.num_workers}")
+        check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
         _check_choice("compression", self.compression, ("zstd", "lz4", "none"))
         check(self.num_shards >= 1, f"num_shards must be >= 1; got {self.num_shards}")
         check(

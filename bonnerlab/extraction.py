@@ -22,7 +22,7 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: th
     parse_channels,
     to_dict,
 )
+from bonnerlab.data import resolve_workers
 from bonnerlab.errors import ConfigError, DataError, UserError
 from bonnerlab.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.sources import Source, load_checkpoint_source, load_source
@@ -214,6 +215,8 @@ def _provenance(cfg: ExtractConfig, source: Source, pre: PreprocessSpec, stimuli
         "layers": {s.name: {k: s.attrs[k] for k in ("channels", "pooling", "reduce")} for s in plan.specs},
         "dtype": cfg.dtype,
         "amp": amp,
+        "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if amp else None,
+        "tf32": cfg.tf32 and device.type == "cuda",
         "device_type": device.type,
         "batch_size": cfg.batch_size,
         "compression": cfg.compression,
@@ -261,7 +264,13 @@ class _Writer:
                 return
             if self.error is None:
                 try:
-                    self.store.write_chunk(*item)
+                    chunk, data, skipped, ready, bad = item
+                    if ready is not None:
+                        ready.synchronize()  # the device-to-host copies of this batch have landed
+                    for values in data.values():
+                        if bad:
+                            values[bad] = np.nan
+                    self.store.write_chunk(chunk, data, skipped)
                 except BaseException as e:  # reported to the main thread
                     self.error = e
             self.free.release()
@@ -271,8 +280,10 @@ class _Writer:
         if self.error is not None:
             raise self.error
 
-    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str]) -> None:
-        self.queue.put((chunk, data, skipped))
+    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str],
+            ready: torch.cuda.Event | None = None, bad: list[int] | None = None) -> None:
+        """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread."""
+        self.queue.put((chunk, data, skipped, ready, bad or []))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -304,7 +315,28 @@ def _return_large_buffers_to_os(threshold: int = 16 << 20) -> None:
 def _resolve_device(requested: str) -> torch.device:
     from bonnerlab.distributed import resolve_device
 
-    return resolve_device(requested, 0)
+    device = resolve_device(requested, 0)
+    if device.type == "cuda":
+        # --device cuda:1: the context, pinned buffers and streams belong on GPU 1, not GPU 0
+        torch.cuda.set_device(device)
+    return device
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the GPU has it natively (float32's range: activations cannot overflow),
+    else float16 (T4/V100-class GPUs emulate bfloat16 slowly)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16
+
+
+def storage_dtype(cfg: ExtractConfig, device: torch.device, amp: bool) -> str:
+    """`dtype auto`: float16 when AMP computes in float16 (storing it loses nothing and halves
+    the store), else float32 (numpy has no bfloat16, and bfloat16 values can exceed float16's
+    largest value)."""
+    if cfg.dtype != "auto":
+        return cfg.dtype
+    return "float16" if amp and amp_dtype(device) == torch.float16 else "float32"
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
@@ -312,6 +344,10 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     _return_large_buffers_to_os()
     device = _resolve_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":  # recorded in the identity: TF32 changes activations by ~1e-3
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    cfg = replace(cfg, dtype=storage_dtype(cfg, device, amp))
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
     model = source.model.to(device)
@@ -321,7 +357,6 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if cfg.plan:
         return {"plan": plan.table(), "store": str(output), "bytes_per_stimulus": plan.bytes_per_stimulus,
                 "total_bytes": plan.total_bytes, "layers": plan.layers}
-    amp = cfg.amp and device.type == "cuda"
     identity, attrs = _provenance(cfg, source, pre, stimuli, plan, device, amp)
     if not output.exists():
         check_disk_space(output, plan.total_bytes)
@@ -367,23 +402,19 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
                     pin_memory=device.type == "cuda") as capture,
             torch.inference_mode(),
         ):
-            batches = iter_batches(stimuli, rows, pre.transform(), shape, cfg.num_workers, device.type == "cuda")
+            batches = iter_batches(stimuli, rows, pre.transform(), shape, resolve_workers(cfg.num_workers),
+                                   device.type == "cuda")
             for step, (chunk, r, (images, bad, errors)) in enumerate(zip(todo, rows, batches, strict=True)):
                 if bad and not cfg.skip_bad_images:
                     raise DataError(f"{errors[0]} (pass --skip_bad_images to store NaN and go on)")
                 x = images.to(device, non_blocking=True)
                 writer.acquire()  # the slot this batch fills has been written out
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    outputs = capture.run(model, x, slot=step)
-                data = {}
-                for name, t in outputs.items():
-                    values = t.numpy()  # a view of the slot buffer, no copy
-                    if bad:
-                        values[bad] = np.nan
-                    data[name] = values
+                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+                    outputs = capture.run(model, x, slot=step, wait=False)
+                data = {name: t.numpy() for name, t in outputs.items()}  # views of the slot buffers
                 skipped = [stimuli.ids[r.start + i] for i in bad]
                 n_skipped += len(skipped)
-                writer.put(chunk, data, skipped)
+                writer.put(chunk, data, skipped, ready=capture.ready, bad=list(bad))
                 bar.update(len(r))
     finally:
         bar.close()

@@ -44,5 +44,5 @@ def test_constraints_pin_every_requirement_within_its_minimum():
 
 
 def test_install_paths_use_the_constraints():
-    assert "-c constraints.txt -e '.[dev]'" in (REPO / "Makefile").read_text()
+    assert "-c constraints.txt -e '.[dev,all]'" in (REPO / "Makefile").read_text()
     assert "- -c constraints.txt" in (REPO / "environment.yml").read_text()
