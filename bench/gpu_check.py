@@ -193,7 +193,14 @@ def section_syncs(tmp: Path, folder: Path) -> None:
         assert out["syncs_per_step_max"] == 0, out
         return out
 
+    def digits_float16():
+        out = count_syncs(train_cfg(tmp, "sync-fp16", max_steps_per_epoch=25, log_every_steps=10, amp_dtype="float16",
+                                    **{"optim.grad_clip": 1.0}))
+        assert out["syncs_per_step_max"] == 0, out
+        return out
+
     check("2", "mnist_cnn on digits, erasing + grad clip", digits)
+    check("2", "mnist_cnn, float16 + GradScaler + grad clip (fused AdamW)", digits_float16)
     check("2", "resnet18 on an image folder, erasing + grad clip", resnet)
 
 
@@ -452,11 +459,11 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         x = torch.randn(256, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
         return x, torch.randint(0, 1000, (256,), device=device)
 
-    def bonnerlab_runner(arch: str):
+    def bonnerlab_runner(arch: str, amp_dtype: str = "auto"):
         model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
         cfg = apply_overrides(TrainConfig(), {"optim.optimizer": "sgd", "optim.lr": 0.1})
         optimizer = build_optimizer(model, cfg.optim)
-        precision, sums = Precision(device, True), DeviceSums(device)
+        precision, sums = Precision(device, True, amp_dtype), DeviceSums(device)
         x, y = batch()
         return lambda: train_step(model, x, y, optimizer, precision, cfg, sums)
 
@@ -484,6 +491,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         def measure(arch=arch):
             torch.cuda.reset_peak_memory_stats()
             runners = {"bonnerlab": bonnerlab_runner(arch),
+                       "bonnerlab_fp16": bonnerlab_runner(arch, "float16"),
                        "reference_fp16": reference_runner(arch, torch.float16),
                        "reference_bf16": reference_runner(arch, torch.bfloat16)}
             rates: dict[str, list[float]] = {k: [] for k in runners}
@@ -494,6 +502,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
             return {**{f"{k}_samples_per_s": round(v) for k, v in best.items()},
                     "ratio_vs_reference_fp16": round(best["bonnerlab"] / best["reference_fp16"], 3),
                     "ratio_vs_reference_bf16": round(best["bonnerlab"] / best["reference_bf16"], 3),
+                    "ratio_fp16_vs_reference_fp16": round(best["bonnerlab_fp16"] / best["reference_fp16"], 3),
                     "amp_dtype": str(Precision(device, True).dtype),
                     "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     "utilisation_pct_after": gpu_utilisation()}

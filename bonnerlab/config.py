@@ -190,8 +190,11 @@ class TrainConfig:
     seed: int = 0
     # auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
-    # mixed precision (bfloat16, else float16 with loss scaling) when on CUDA
+    # mixed precision when on CUDA
     amp: bool = True
+    # AMP's dtype: auto = bfloat16 where the GPU has it natively (float32's range, no loss
+    # scaling), else float16; float16 (with loss scaling) can be faster, e.g. ResNets on H200 1.3x
+    amp_dtype: str = "auto"
     # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
     channels_last: bool = True
     # bit-reproducible CUDA runs: deterministic kernels only (an op without one is an error),
@@ -221,6 +224,7 @@ class TrainConfig:
         check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
         check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
         check(self.log_every_steps > 0, "log_every_steps must be > 0")
+        _check_choice("amp_dtype", self.amp_dtype, ("auto", "bfloat16", "float16"))
         check(
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu or cuda[:N]; got {self.device!r}",

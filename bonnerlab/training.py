@@ -61,7 +61,7 @@ FILE_LIST = "files.json"  # an image folder's scanned file list, in the run fold
 RESUMABLE_CHANGES = {
     "resume", "progress", "device", "run_dir", "runs_root", "log_every_steps",
     "checkpoint_every_steps", "data.root", "data.num_workers", "data.download", "data.eval_batch_size",
-    "data.device_cache_gb", "compile", "compile_fallback",
+    "data.device_cache_gb", "compile", "compile_fallback", "amp_dtype",
 }
 
 
@@ -74,11 +74,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Fused kernels on CUDA: one launch per step, and with float16 GradScaler hands them its
+    # found-inf flag on the device instead of reading it back to the host every step.
+    fused = {"fused": True} if params and all(p.is_cuda for p in params) else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(groups, lr=cfg.lr)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
 
 
 def build_scheduler(
@@ -104,13 +107,17 @@ class Precision:
 
     device: torch.device
     enabled: bool
+    requested: str = "auto"  # auto, bfloat16 or float16
 
     def __post_init__(self) -> None:
         self.enabled = self.enabled and self.device.type == "cuda"
         # bfloat16 where the GPU has it natively (Ampere+). `is_bf16_supported()` alone also
         # counts emulation (True on a T4/V100, where bf16 is slow): those take float16.
-        native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
-        self.dtype = torch.bfloat16 if native_bf16 else torch.float16
+        if self.requested == "auto":
+            native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
+            self.dtype = torch.bfloat16 if native_bf16 else torch.float16
+        else:
+            self.dtype = getattr(torch, self.requested)
         # bfloat16 has float32's range: no loss scaling needed. (float16's scaler reads one
         # found-inf flag back per step: a host sync bf16 avoids.)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
@@ -411,7 +418,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     return Training(
         cfg, splits, model, batches, val_batches, optimizer,
         build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
-        Precision(info.device, cfg.amp), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
+        Precision(info.device, cfg.amp, cfg.amp_dtype), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
     )
 
 
@@ -422,7 +429,11 @@ def restore(run: Training, checkpoint: dict[str, Any], path: Path) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit model.arch {run.cfg.model.arch}: "
                               f"{str(e).splitlines()[0]}") from e
+    # the saved param groups carry the implementation flags of the device that saved them
+    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
     run.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, flags in zip(run.optimizer.param_groups, implementation, strict=True):
+        group.update(flags)
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.precision.load_scaler_state(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])
@@ -643,7 +654,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
         try:
             result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
-                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp))
+                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp, train_cfg.amp_dtype))
         finally:
             batches.close()
         out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"
