@@ -11,7 +11,11 @@ main process; decoding workers are separate processes in every mode) is its own:
 - extract:  bonnerlab.extraction.extract (hooks, early stop, writer thread, zarr store)
 - reduce:   the same extraction with `--reduce LAYER=srp:4096` on the largest layer
 Random weights (seeded; no download): the speed does not depend on the weights' values.
-Prints images/s and peak RSS against the bare pass and the store's bytes per stimulus.
+Modes run interleaved for `--rounds` rounds and each keeps its best images/s, so a burst of load
+from other jobs hurts every mode alike. Also printed: CPU ms per image of the main process over
+the batch loop only (all its threads: the writer's compression counts, the decoding workers do
+not), a measure of the extra work that holds when the machine is busy; and the store's bytes
+per stimulus.
 """
 
 from __future__ import annotations
@@ -81,12 +85,12 @@ def run_bare(args) -> dict:
     pre = load_preprocess(cfg, source)
     stimuli = load_stimuli(cfg, pre.square_size, pre.channels, None)
     rows = [range(i, min(i + cfg.batch_size, len(stimuli.ids))) for i in range(0, len(stimuli.ids), cfg.batch_size)]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for images, _, _ in iter_batches(stimuli, rows, pre.transform(), (3, *pre.output_size),
                                          cfg.num_workers, False):
             source.model(images)
-    return {"seconds": time.perf_counter() - t0}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
 
 
 def run_extract(args) -> dict:
@@ -95,12 +99,8 @@ def run_extract(args) -> dict:
     result = extract(_cfg(args, args.mode))
     store = Path(result["store"])
     nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and ".done" not in f.parts)
-    return {"seconds": result["seconds"], "store_bytes_per_stimulus": nbytes / result["n_stimuli"]}
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+            "store_bytes_per_stimulus": nbytes / result["n_stimuli"]}
 
 
 def child(args) -> None:
@@ -108,9 +108,8 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads) if args.threads else None
     fn = run_bare if args.mode == "bare" else run_extract
-    cpu = _cpu_seconds()
     result = fn(args)
-    result["cpu_ms_per_image"] = 1000 * (_cpu_seconds() - cpu) / args.n
+    result["cpu_ms_per_image"] = 1000 * result["cpu_seconds"] / args.n
     result["images_per_s"] = args.n / result["seconds"]
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -139,6 +138,7 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=None, help="photo folder (generated if missing)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--modes", default="bare,extract,reduce")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each mode keeps its best")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -155,11 +155,16 @@ def main() -> None:
     for arch in args.models.split(","):
         rows: dict[str, dict] = {}
         with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
-            for mode in args.modes.split(","):
-                rows[mode] = measure(args, arch, mode, Path(tmp) / mode)
-                r = rows[mode]
-                print(f"  {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  peak RSS {r['peak_rss_mb']:7.0f} MB",
-                      flush=True)
+            for round_ in range(args.rounds):
+                for mode in args.modes.split(","):
+                    r = measure(args, arch, mode, Path(tmp) / mode)
+                    print(f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
+                          f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+                    best = rows.get(mode)
+                    if best is None or r["images_per_s"] > best["images_per_s"]:
+                        rows[mode] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], best["peak_rss_mb"]) if best else r["peak_rss_mb"]}
+                    elif best is not None:
+                        best["peak_rss_mb"] = max(best["peak_rss_mb"], r["peak_rss_mb"])
         layers, pooling, big = MODELS[arch]
         print(f"\n{arch}: {', '.join(layers)} (pooling {' '.join(pooling)}; reduce: {big}=srp:4096)")
         print(f"{'mode':<10}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"

@@ -247,7 +247,8 @@ class _Writer:
     The capture buffers are `slots` fixed slots used round-robin; `acquire()` blocks until the
     slot for the next batch has been written out (the writer releases slots in FIFO order), so at
     most `slots` batches of activations exist at once, however many stimuli there are. Errors on
-    the thread surface at the next acquire/close."""
+    the thread surface at the next acquire/close (an acquire inside a hook raises out of the
+    forward pass)."""
 
     def __init__(self, store: Any, slots: int):
         self.store = store
@@ -368,9 +369,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     )
     todo = store.missing_chunks(shard_chunks(store.n_chunks, cfg.shard_index, cfg.num_shards))
     rows = [range(store.chunk_slice(c).start, store.chunk_slice(c).stop) for c in todo]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     n_skipped = run_batches(cfg, model, plan, pre, stimuli, store, todo, rows, device, amp, output.name)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
     if not missing:
         store.finalize()  # the last shard to finish (or a rerun) consolidates the store
@@ -378,6 +379,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     return {
         "store": str(output), "outcome": outcome, "layers": plan.layers, "n_stimuli": len(stimuli.ids),
         "images": n_images, "chunks_written": len(todo), "skipped": n_skipped, "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # this process, all threads (the writer's too); not the workers
         "images_per_s": n_images / seconds if n_images and seconds > 0 else 0.0,
         "total_seconds": time.perf_counter() - t_start, "complete": not missing,
         "chunks_missing": len(missing),
@@ -390,7 +392,9 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
     """Forward each unfinished chunk and hand its captures to the writer; returns skipped images."""
     from tqdm import tqdm
 
-    slots = 2  # one batch computing while the previous one is written
+    # One slot: the capture of batch N+1 waits for the writer only at its first requested layer
+    # (Capture.before_first_copy), so writing N still overlaps the layers before it.
+    slots = 1
     writer = _Writer(store, slots)
     n_skipped = 0
     bar = tqdm(total=sum(len(r) for r in rows), unit="img", disable=not cfg.progress or not todo,
@@ -399,7 +403,7 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
     try:
         with (
             Capture(plan.modules, plan.plans, getattr(torch, cfg.dtype), slots=slots,
-                    pin_memory=device.type == "cuda") as capture,
+                    pin_memory=device.type == "cuda", before_first_copy=writer.acquire) as capture,
             torch.inference_mode(),
         ):
             batches = iter_batches(stimuli, rows, pre.transform(), shape, resolve_workers(cfg.num_workers),
@@ -408,7 +412,6 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
                 if bad and not cfg.skip_bad_images:
                     raise DataError(f"{errors[0]} (pass --skip_bad_images to store NaN and go on)")
                 x = images.to(device, non_blocking=True)
-                writer.acquire()  # the slot this batch fills has been written out
                 with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
                     outputs = capture.run(model, x, slot=step, wait=False)
                 data = {name: t.numpy() for name, t in outputs.items()}  # views of the slot buffers

@@ -44,6 +44,7 @@ def digits(out: Path, **kw) -> ExtractConfig:
 # ----------------------------------------------------------------------------- random projection
 
 
+@pytest.mark.slow
 def test_srp_matches_dense_projection_and_is_seeded(tmp_path):
     full, red = tmp_path / "full.zarr", tmp_path / "srp.zarr"
     extract(digits(full))
@@ -118,6 +119,7 @@ def test_patterns_stay_within_one_dotted_part():
     assert not layer_matches("blocks.?", "blocks.10") and layer_matches("blocks.?", "blocks.1")
 
 
+@pytest.mark.slow
 def test_list_layers_shows_elements(capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path / "vit"
@@ -233,6 +235,7 @@ def test_sheet_order_ids_and_typed_coordinates(tmp_path):
 # ----------------------------------------------------------------------------- one store name
 
 
+@pytest.mark.slow
 def test_plain_and_sharded_extract_name_the_same_store(tmp_path, monkeypatch):
     args = ["--model.arch", "mnist_cnn", "--stimuli", "digits", "--split", "all", "--limit", "16",
             "--layers", "fc", "--device", "cpu", "--progress", "false"]
