@@ -61,8 +61,9 @@ class FolderSource(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers) to uint8 [C, S, S]."""
 
     def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, channels: int,
-                 fit: str = "squash"):
+                 fit: str = "squash", crop_fraction: float = EVAL_CROP_FRACTION):
         self.root, self.files, self.size, self.channels, self.fit = root, files, size, channels, fit
+        self.crop_fraction = crop_fraction
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.ids = [str(f.relative_to(root)) for f in files]
 
@@ -71,7 +72,8 @@ class FolderSource(torch.utils.data.Dataset):
 
     def with_fit(self, fit: str) -> FolderSource:
         """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
-        return FolderSource(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit)
+        return FolderSource(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit,
+                            self.crop_fraction)
 
     @property
     def side(self) -> int:
@@ -79,10 +81,12 @@ class FolderSource(torch.utils.data.Dataset):
         return round(self.size * CANVAS_RATIO) if self.fit == "canvas" else self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return load_image(self.files[index], self.size, self.channels, self.fit), int(self.labels[index])
+        return (load_image(self.files[index], self.size, self.channels, self.fit, self.crop_fraction),
+                int(self.labels[index]))
 
 
-def load_image(path: Path, size: int, channels: int, fit: str = "squash") -> torch.Tensor:
+def load_image(path: Path, size: int, channels: int, fit: str = "squash",
+               crop_fraction: float = EVAL_CROP_FRACTION) -> torch.Tensor:
     """Decode, convert to grayscale/RGB and bring one image to a fixed square shape (see FITS);
     the error names the file."""
     from PIL import Image, UnidentifiedImageError
@@ -92,9 +96,10 @@ def load_image(path: Path, size: int, channels: int, fit: str = "squash") -> tor
             if fit == "squash":
                 target = (size, size)
             else:
-                short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / EVAL_CROP_FRACTION)
+                short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
                 w, h = img.size
-                target = (max(short, round(w * short / h)), short) if w >= h else (short, max(short, round(h * short / w)))
+                # torchvision's rounding: the long side truncated, the crop offset rounded
+                target = (max(short, int(w * short / h)), short) if w >= h else (short, max(short, int(h * short / w)))
             # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
             # large photo for a 112-pixel input decodes several times faster
             img.draft("L" if channels == 1 else "RGB", target)
@@ -103,7 +108,7 @@ def load_image(path: Path, size: int, channels: int, fit: str = "squash") -> tor
                 img = img.resize(target, Image.BILINEAR)
             if fit != "squash":
                 side = round(size * CANVAS_RATIO) if fit == "canvas" else size
-                left, top = (target[0] - side) // 2, (target[1] - side) // 2
+                left, top = int(round((target[0] - side) / 2.0)), int(round((target[1] - side) / 2.0))
                 img = img.crop((left, top, left + side, top + side))
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as e:
@@ -124,6 +129,7 @@ class Splits:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_fraction: float = EVAL_CROP_FRACTION
 
     @property
     def num_classes(self) -> int:
@@ -349,12 +355,23 @@ def augment_preset(cfg: DataConfig) -> str:
     return "natural" if cfg.dataset == "imagefolder" else "digits"
 
 
-def load_splits(cfg: DataConfig, files: FileList | None = None) -> Splits:
+@dataclass(frozen=True)
+class Normalization:
+    """What pretrained weights were published with: their mean and std, and the evaluation
+    crop's share of the resized image (224 of 256: 0.875)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_fraction: float = EVAL_CROP_FRACTION
+
+
+def load_splits(cfg: DataConfig, files: FileList | None = None, published: Normalization | None = None) -> Splits:
     """Train/val(/test) splits of the configured dataset; checks the data before any training.
 
     For image folders, `files` is a scan made earlier (the run folder's `files.json`); the
     training split is decoded to the natural preset's canvas when that preset is on, and
-    validation and test splits with the evaluation transform (resize + centre crop).
+    validation and test splits with the evaluation transform (resize + centre crop). With
+    `published` (fine-tuning pretrained weights), the weights' own mean, std and crop share.
     """
     if cfg.dataset == "imagefolder":
         root = Path(cfg.root)
@@ -367,9 +384,11 @@ def load_splits(cfg: DataConfig, files: FileList | None = None) -> Splits:
         natural = augment_preset(cfg) == "natural"
         eval_fit = "center_crop" if natural else "squash"
 
+        crop_fraction = published.crop_fraction if published else EVAL_CROP_FRACTION
+
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderSource:
             return FolderSource(root, [root / names[i] for i in idx], [labels[i] for i in idx],
-                                cfg.image_size, cfg.channels, fit)
+                                cfg.image_size, cfg.channels, fit, crop_fraction)
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
         if va is None:
@@ -382,7 +401,9 @@ def load_splits(cfg: DataConfig, files: FileList | None = None) -> Splits:
             test_files, test_labels = listing.splits["test"]
             test = make(test_files, test_labels, np.arange(len(test_files)), eval_fit)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else ((0.5,), (0.25,))
-        return Splits(train, val, test, listing.classes, cfg.channels, mean, std)
+        if published is not None and len(published.mean) == cfg.channels:
+            mean, std = published.mean, published.std
+        return Splits(train, val, test, listing.classes, cfg.channels, mean, std, crop_fraction)
 
     if cfg.dataset == "digits":
         full, test = load_digits_source(cfg), None

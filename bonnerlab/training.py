@@ -32,9 +32,11 @@ from bonnerlab.checkpoint import (
 )
 from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
 from bonnerlab.data import (
+    EVAL_CROP_FRACTION,
     EvalBatches,
     FileList,
     FolderSource,
+    Normalization,
     Preprocess,
     Splits,
     TrainBatches,
@@ -370,6 +372,7 @@ class Training:
             "preprocess": {
                 "mean": list(splits.mean), "std": list(splits.std),
                 "image_size": cfg.data.image_size, "channels": splits.channels,
+                "crop_fraction": splits.crop_fraction,
             },
         }
 
@@ -394,12 +397,26 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     return found
 
 
+def published_normalization(cfg: TrainConfig) -> Normalization | None:
+    """Fine-tuning pretrained weights on an image folder: the mean, std and evaluation crop the
+    weights were published with (bonnerlab.preprocess reads them from the source)."""
+    if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.channels != 3:
+        return None
+    from bonnerlab.preprocess import resolve_for_model
+
+    spec = resolve_for_model(cfg.model, channels=3, mode="model")
+    resize = next((st for st in spec.steps if st["op"] == "resize" and len(st["size"]) == 1), None)
+    crop = spec.output_size[0] if spec.output_size else None
+    fraction = crop / resize["size"][0] if resize and crop else 1.0
+    return Normalization(tuple(spec.mean), tuple(spec.std), min(fraction, 1.0))
+
+
 def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) -> Training:
     """Data, model, optimizer and the rest, on this rank's device; fails on bad input before
     anything is written. The model is not yet wrapped for DDP (see `wrap`)."""
     torch.manual_seed(cfg.seed)
     dist.configure_backends(info.device, deterministic=cfg.deterministic)
-    splits = load_splits(cfg.data, files)
+    splits = load_splits(cfg.data, files, published_normalization(cfg))
     micro = cfg.optim.accumulate_steps
     if (cfg.data.batch_size // info.world_size) % micro:
         raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
@@ -641,14 +658,16 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             data_cfg = type(data_cfg)(**{**to_dict(data_cfg), "root": cfg.data_root})
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         listing = run_dir / FILE_LIST  # the exact files the run was trained and validated on
-        splits = load_splits(data_cfg, FileList.load(listing) if listing.is_file() and not cfg.data_root else None)
+        pre = payload["preprocess"]
+        published = Normalization(tuple(pre["mean"]), tuple(pre["std"]), pre.get("crop_fraction", EVAL_CROP_FRACTION))
+        splits = load_splits(data_cfg, FileList.load(listing) if listing.is_file() and not cfg.data_root else None,
+                             published)
         source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
         if source is None:
             raise UserError("no test split: it exists for mnist trained from its train files and for "
                             "image folders with a test/ folder beside train/; use --split val")
         if isinstance(source, FolderSource) and source.fit == "canvas":
             source = source.with_fit("center_crop")  # training canvases -> the evaluation transform
-        pre = payload["preprocess"]
         batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
                               cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)
         dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")

@@ -332,7 +332,8 @@ def test_job_list_layers_and_final_line(stimuli, tmp_path, capsys):
     job = _job_module()
     job.main(["--list_layers"])
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert "[1, 32, 14, 14]" in lines["features.1.0"]  # default width 16: 2 x 16 channels and "[1, 10]" in lines["fc"]
+    assert "[1, 32, 14, 14]" in lines["features.1.0"]  # default width 16: 2 x 16 channels
+    assert "[1, 10]" in lines["fc"]
 
     out = tmp_path / "o.zarr"
     job.main(["--model.arch", "resnet18", "--stimuli", str(stimuli), "--image_size", "32",

@@ -49,10 +49,14 @@ def png_bytes(nb) -> int:
                for o in outputs(nb) if "image/png" in o.get("data", {}))
 
 
+def test_notebooks_are_found():
+    # outside the parametrized tests: with an empty list those would silently not run at all
+    assert [p.name for p in NOTEBOOKS] == ["01_extract_layer_and_channel.ipynb", "02_analyze_activations.ipynb"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path):
-    assert NOTEBOOKS, "no notebooks found"
     nb = execute(path, tmp_path)
     assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
     assert (tmp_path / "notebook-runs").is_dir()
