@@ -65,7 +65,7 @@ def wait_gone(job_ids: list[str], timeout: float = 300) -> None:
 
 def bench_submission(work: Path, n: int = 16) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), TINY)
-    held = SlurmConfig(time_min=5, additional_parameters={"hold": True})
+    held = SlurmConfig(time_minutes=5, additional_parameters={"hold": True})
     points = [{"optim.lr": 10 ** (-1 - 2 * i / (n - 1))} for i in range(n)]
 
     t = time.perf_counter()
@@ -123,7 +123,7 @@ def first_step_time(run_dir: Path) -> float:
 
 def bench_overhead(work: Path, repeats: int = 3) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), {**TINY, "max_steps_per_epoch": 2})
-    slurm = SlurmConfig(time_min=5, setup=['echo "[bench] batch script start $(date +%s.%N)"'])
+    slurm = SlurmConfig(time_minutes=5, setup=['echo "[bench] batch script start $(date +%s.%N)"'])
     start_to_step, submit_to_step, submit_to_start = [], [], []
     for i in range(repeats):
         run = work / f"overhead-{i}"
@@ -148,7 +148,7 @@ def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), {**TINY, "epochs": 8, "model.width": 16,
                                            "checkpoint_every_steps": interval, "log_every_steps": 10})
     run = work / "preempt"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=10, additional_parameters={"exclusive": True}), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}), run)
     while "epoch 2/" not in "".join(p.read_text() for p in (run / "logs").glob("*_log.out")) if (run / "logs").exists() else True:
         time.sleep(0.3)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()

@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonnerlab.cluster import (
-    ClusterError,
-    ClusterJob,
-    SlurmConfig,
-    parse_time_min,
-    prepare_job_config,
-)
-from bonnerlab.config import EvaluateConfig
+from bonnerlab.cluster import prepare_job_config
+from bonnerlab.config import EvaluateConfig, SlurmConfig
+from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.job import ClusterJob
 from bonnerlab.runs import read_state
+from bonnerlab.slurm import NO_CONTROLLER, parse_time_minutes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
@@ -41,27 +38,27 @@ def test_tasks_default_to_one_per_gpu():
     [
         ({"gpus_per_node": 2, "tasks_per_node": 1}, r"tasks_per_node \(1\) must equal gpus_per_node \(2\)"),
         ({"cluster": "kubernetes"}, "cluster must be one of slurm, local, debug"),
-        ({"time_min": 0}, "time_min must be >= 1"),
+        ({"time_minutes": 0}, "time_minutes must be >= 1"),
         ({"nodes": 0}, "nodes must be >= 1"),
         ({"cluster": "debug", "tasks_per_node": 2}, "cannot run several tasks"),
     ],
 )
 def test_slurm_config_checks(kwargs, message):
-    with pytest.raises(ClusterError, match=message):
+    with pytest.raises(ConfigError, match=message):
         SlurmConfig(**kwargs)
 
 
 def test_slurm_time_formats():
-    assert parse_time_min("60") == 60
-    assert parse_time_min("1:00:00") == 60
-    assert parse_time_min("30:00") == 30
-    assert parse_time_min("2-00:00:00") == 2880
-    assert parse_time_min("infinite") == float("inf")
+    assert parse_time_minutes("60") == 60
+    assert parse_time_minutes("1:00:00") == 60
+    assert parse_time_minutes("30:00") == 30
+    assert parse_time_minutes("2-00:00:00") == 2880
+    assert parse_time_minutes("infinite") == float("inf")
 
 
 def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_path):
     run = tmp_path / "run"
-    out = launch("--dry-run", "--partition", "gpu", "--gpus_per_node", "2", "--time_min", "20",
+    out = launch("--dry-run", "--partition", "gpu", "--gpus_per_node", "2", "--time_minutes", "20",
                  "--mem_gb", "8", "--setup", "module load cuda", "--additional_parameters", "exclusive=true",
                  "train", "--epochs", "1", "--optim.lr", "0.01", "--run_dir", str(run))
     assert out.returncode == 0, out.stderr
@@ -137,7 +134,7 @@ def test_no_sbatch_on_path_suggests_local(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
     out = launch("train", "--run_dir", str(tmp_path / "run"), env=env)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: no sbatch on PATH: this machine has no SLURM; run with --cluster local"
+    assert out.stderr.strip() == "error: " + NO_CONTROLLER.format(why="no sbatch on PATH")
     assert not (tmp_path / "run").exists()
 
 
@@ -182,10 +179,11 @@ def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
 
 def test_partition_checks():
     """The checks on an sinfo listing of the local cluster's shape (the live one: test_cluster_slurm.py)."""
-    from bonnerlab.cluster import check_partition, parse_sinfo
+    from bonnerlab.cluster import check_partition
+    from bonnerlab.slurm import parse_sinfo
 
     parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
-    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_min == 60
+    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_minutes == 60
     assert parts["gpu"].gpus_per_node == 2 and not parts["gpu"].default
     assert parts["urgent"].gpus_per_node == 2 and parts["urgent"].nodes == 2
     assert parse_sinfo("a100|infinite|gpu:a100:8(S:0-1)|4\n")["a100"].gpus_per_node == 8
@@ -197,6 +195,6 @@ def test_partition_checks():
     with pytest.raises(ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"):
         check_partition(SlurmConfig(partition="big"), parts)
     with pytest.raises(ClusterError, match="over partition gpu's limit of 120"):
-        check_partition(SlurmConfig(partition="gpu", time_min=121), parts)
+        check_partition(SlurmConfig(partition="gpu", time_minutes=121), parts)
     with pytest.raises(ClusterError, match="2 nodes requested; partition cpu has 1"):
         check_partition(SlurmConfig(nodes=2), parts)

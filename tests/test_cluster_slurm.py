@@ -75,7 +75,7 @@ def log_of(run_dir: Path) -> str:
 
 def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoints(tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "train",
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_minutes", "5", "train",
                           *sum(([f"--{k}", str(v)] for k, v in TINY.items()), []), "--run_dir", str(run)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -99,7 +99,7 @@ def test_live_cluster_checks_refuse_before_queueing(tmp_path):
     with pytest.raises(cluster.ClusterError, match="unknown partition 'nope'"):
         submit("train", tiny(), SlurmConfig(partition="nope"), tmp_path / "b")
     with pytest.raises(cluster.ClusterError, match="over partition cpu's limit of 60 minutes"):
-        submit("train", tiny(), SlurmConfig(partition="cpu", time_min=61), tmp_path / "c")
+        submit("train", tiny(), SlurmConfig(partition="cpu", time_minutes=61), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
     assert cluster.max_array_size() == 1001
 
@@ -108,7 +108,7 @@ def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
     """Fake GPUs (gres on the gpu node): SLURM sets CUDA_VISIBLE_DEVICES; a job on it runs on CPU."""
     run = tmp_path / "run"
     sub = submit("train", tiny(epochs=1, max_steps_per_epoch=2), SlurmConfig(partition="gpu", gpus_per_node=1,
-                 time_min=5, setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]), run)
+                 time_minutes=5, setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]), run)
     assert sub.job.result()["epoch"] == 1
     assert "CUDA_VISIBLE_DEVICES=0" in log_of(run)
     assert "#SBATCH --gpus-per-node=1" in (run / "submit.sh").read_text()
@@ -131,7 +131,7 @@ def test_evaluate_job_on_slurm(tmp_path):
 def test_failing_job_ends_failed_in_slurm_and_in_its_folder(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    sub = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_min=5),
+    sub = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_minutes=5),
                  tmp_path / "eval")
     with pytest.raises(Exception, match="corrupt or not a checkpoint"):
         sub.job.result()
@@ -192,7 +192,7 @@ def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkey
     monkeypatch.setattr("bonnerlab.sweeps.max_array_size", lambda: 2)
     points = [{"optim.lr": lr} for lr in (0.1, 0.03, 0.01)]
     tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), points,
-                         SlurmConfig(time_min=5), tmp_path / "sweep")
+                         SlurmConfig(time_minutes=5), tmp_path / "sweep")
     arrays = [t.job_id.split("_")[0] for t in tasks]
     assert arrays[0] == arrays[1] != arrays[2]
     # a chunk of one is a plain job (submitit submits single jobs without --array)
@@ -207,8 +207,8 @@ def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkey
 
 def test_two_task_gloo_job_matches_one_process_with_the_same_global_batch(tmp_path):
     cfg = tiny(epochs=1, max_steps_per_epoch=8, **{"model.batchnorm": False, "data.rotation": 20.0})
-    one = submit("train", cfg, SlurmConfig(partition="cpu", time_min=5), tmp_path / "one")
-    two = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=5), tmp_path / "two")
+    one = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=5), tmp_path / "one")
+    two = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_minutes=5), tmp_path / "two")
     one.job.result()
     results = two.job.results()
     assert len(results) == 2  # one result per task
@@ -245,9 +245,9 @@ def _wait_until_training(run: Path, timeout: float = 120) -> None:
 def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_path):
     cfg = tiny(**LONG)
     # the reference runs alone on the other node, with the same cores per task
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=10, additional_parameters={"exclusive": True}), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}), run)
     _wait_until_training(run)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--nodelist", node, "--exclusive",
@@ -272,9 +272,9 @@ def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(
     # epochs of the width-16 model take ~85 s of compute on an idle 2-core machine.
     epochs = 300
     cfg = tiny(**{**LONG, "epochs": epochs})
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=2, signal_delay_s=60, max_requeues=4), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=2, signal_delay_s=60, max_requeues=4), run)
     result = sub.job.result()
     ref.job.result()
     assert result["epoch"] == epochs
@@ -294,7 +294,7 @@ def test_array_task_requeues_alone(tmp_path):
     itself and resumes; the other task is never restarted."""
     sweep = tmp_path / "sweep"
     tasks = submit_sweep("train", tiny(**LONG), [{"epochs": 1, "max_steps_per_epoch": 2}, {"epochs": 30}],
-                         SlurmConfig(partition="cpu", time_min=10), sweep)
+                         SlurmConfig(partition="cpu", time_minutes=10), sweep)
     _wait_until_training(sweep / "task-001")
     subprocess.run(["scancel", "--signal=USR2", tasks[1].job_id], check=True)
     assert [t.job.result()["epoch"] for t in tasks] == [1, 30]
@@ -311,9 +311,9 @@ def test_array_task_requeues_alone(tmp_path):
 def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
     """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both resume."""
     cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=10,
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_minutes=10,
                                            additional_parameters={"exclusive": True}), run)
     _wait_until_training(run)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
@@ -338,7 +338,7 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
     args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
             "--batch_size", "16", "--device", "cpu", "--progress", "false"]
     store = tmp_path / "sharded.zarr"
-    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "--shards", "3", "--wait",
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_minutes", "5", "--shards", "3", "--wait",
                           "--sweep_dir", str(tmp_path / "shards"), "extract", *args, "--output", str(store)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
