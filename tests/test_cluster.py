@@ -4,6 +4,7 @@ run in-process. None of these need SLURM; tests/test_cluster_slurm.py uses the r
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,146 @@ def test_partition_checks():
         check_partition(SlurmConfig(partition="gpu", time_minutes=121), parts)
     with pytest.raises(ClusterError, match="2 nodes requested; partition cpu has 1"):
         check_partition(SlurmConfig(nodes=2), parts)
+
+
+# ----------------------------------------------------------------------------- golden sbatch scripts
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)])
+def test_sbatch_script_matches_its_golden_file(name, array):
+    """submitit's practice: the generated script is compared to a recorded one. A deliberate change
+    is recorded with BONNERLAB_UPDATE_GOLDEN=1 and reviewed in the diff."""
+    from bonnerlab.cluster import job_setup_lines, sbatch_script
+
+    cfg = SlurmConfig(partition="gpu", gpus_per_node=2, mem_gb=7.5, time_minutes=20, account="lab", qos="high",
+                      setup=["module load cuda"], additional_parameters={"exclusive": True}, array_parallelism=4)
+    script = sbatch_script(cfg, Path("/lab/runs/x/logs"), "bonnerlab-train", job_setup_lines(cfg, Path("/lab/runs/x/code")),
+                           array=array, python="/lab/venv/bin/python")
+    golden = GOLDEN / name
+    if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+# ----------------------------------------------------------------------------- no SLURM, bad folders
+
+STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
+CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
+LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+
+
+def _no_slurm_env(tmp_path, conf: str | None = None):
+    """PATH without SLURM's clients, or (conf) with them but pointing at a controller that is not there."""
+    env = {**os.environ}
+    env.pop("SLURM_CONF", None)
+    if conf is not None:
+        env["SLURM_CONF"] = conf
+        return env
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("git", "bash", "sh"):
+        src = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        if src and not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(src)
+    env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
+    return env
+
+
+def _submitted_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "slurm.yaml").write_text("cluster: slurm\nsubmitted:\n  job: train\n  job_id: '4242'\n")
+    return run
+
+
+@pytest.mark.parametrize("why", ["no clients", "no controller"])
+def test_cancel_and_launch_without_a_controller_say_so_in_one_line(tmp_path, why):
+    if why == "no controller":
+        if shutil.which("squeue") is None:
+            pytest.skip("SLURM's clients are not installed here")
+        conf = tmp_path / "slurm.conf"  # a controller on a port where nothing listens
+        conf.write_text("ClusterName=nowhere\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+                        "AuthType=auth/none\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n")
+        env = _no_slurm_env(tmp_path, str(conf))
+    else:
+        env = _no_slurm_env(tmp_path)
+    run = _submitted_run(tmp_path)
+    for cmd in ([*CANCEL, str(run)], [*LAUNCH, "train", "--run_dir", str(tmp_path / "new")]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        line = out.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert line.startswith("error: no SLURM controller reachable (") and line.endswith(
+            "; start the local one (make slurm-up && source .slurm-lab/env.sh), run on a login node, "
+            "or --cluster local"), line
+    assert not (tmp_path / "new").exists()
+    # status still answers from the folders' own markers, with the same line as a warning
+    status = subprocess.run([*STATUS, str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "warning: no SLURM controller reachable" in status.stderr
+
+
+@pytest.mark.parametrize("tool", [STATUS, CANCEL, LOGS])
+def test_a_folder_that_is_neither_run_nor_sweep_is_one_line(tmp_path, tool):
+    (tmp_path / "stuff").mkdir()
+    out = subprocess.run([*tool, str(tmp_path / "stuff")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: {tmp_path / 'stuff'} is neither a sweep folder (sweep.yaml, "
+                                  "manifest.jsonl) nor a run folder (config.yaml)")
+
+
+def test_logs_of_task_k_and_bad_task(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "logs").mkdir(parents=True)
+    (sweep / "sweep.yaml").write_text("job: train\npoints: [{seed: 0}, {seed: 1}]\n")
+    (sweep / "manifest.jsonl").write_text(
+        '{"task": 0, "overrides": {"seed": 0}, "run_dir": "%s/task-000", "job_id": "5_0"}\n'
+        '{"task": 1, "overrides": {"seed": 1}, "run_dir": "%s/task-001", "job_id": "5_1"}\n' % (sweep, sweep))
+    (sweep / "logs" / "5_1_0_log.out").write_text("".join(f"line {i}\n" for i in range(100)))
+    (sweep / "logs" / "5_1_1_log.err").write_text("rank 1 says hi\n")
+    out = subprocess.run([*LOGS, str(sweep), "--task", "1", "--lines", "3"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1:] == ["line 97", "line 98", "line 99"]
+    out = subprocess.run([*LOGS, str(sweep), "--task", "1", "--rank", "1", "--err"], capture_output=True, text=True)
+    assert out.stdout.splitlines()[-1] == "rank 1 says hi"
+    out = subprocess.run([*LOGS, str(sweep), "--task", "7"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: --task 7 is out of range: {sweep} has tasks 0-1"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--zip", "optim.lr=0.1,0.01", "--zip", "seed=1,2,3"], "zipped value lists must have equal lengths"),
+        (["--zip", "optim.lr=0.1,0.01", "--sweep", "optim.lr=0.3"], "optim.lr is both zipped and swept"),
+        (["--sweep", "optim.lr=0.1,0.01", "--task", "2"], "--task 2 is out of range: the sweep has tasks 0-1"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_nothing_written(tmp_path, args, message):
+    out = launch("--dry-run", "--sweep_dir", str(tmp_path / "s"), *args, "train")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_of_a_zip_sweep_prints_the_script_and_the_points(tmp_path):
+    out = launch("--dry-run", "--sweep_dir", str(tmp_path / "s"), "--zip", "optim.lr=0.1,0.01",
+                 "--zip", "epochs=2,4", "--sweep", "seed=0,1", "train")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-3%4" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("task", "0 ", "1 ", "2 ", "3 "))]
+    assert rows == [["task", "optim.lr", "epochs", "seed"], ["0", "0.10", "2", "0"], ["1", "0.10", "2", "1"],
+                    ["2", "0.01", "4", "0"], ["3", "0.01", "4", "1"]]
+    assert not list((tmp_path / "s" / "logs").glob("*.pkl")) if (tmp_path / "s" / "logs").exists() else True
+
+
+def test_retry_with_nothing_retryable_says_so_and_exits_0(tmp_path):
+    sweep = tmp_path / "s"
+    out = launch("--cluster", "debug", "--wait", "--sweep_dir", str(sweep), "--sweep", "seed=0", "train",
+                 "--epochs", "1", "--max_steps_per_epoch", "2", "--model.width", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    again = launch("--sweep_dir", str(sweep), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"nothing to resubmit: no task of {sweep} failed for a retryable reason" in again.stdout
