@@ -3,6 +3,7 @@ run in-process. None of these need SLURM; tests/test_cluster_slurm.py uses the r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -294,9 +295,9 @@ def test_logs_of_task_k_and_bad_task(tmp_path):
     sweep = tmp_path / "sweep"
     (sweep / "logs").mkdir(parents=True)
     (sweep / "sweep.yaml").write_text("job: train\npoints: [{seed: 0}, {seed: 1}]\n")
-    (sweep / "manifest.jsonl").write_text(
-        '{"task": 0, "overrides": {"seed": 0}, "run_dir": "%s/task-000", "job_id": "5_0"}\n'
-        '{"task": 1, "overrides": {"seed": 1}, "run_dir": "%s/task-001", "job_id": "5_1"}\n' % (sweep, sweep))
+    (sweep / "manifest.jsonl").write_text("".join(
+        json.dumps({"task": i, "overrides": {"seed": i}, "run_dir": f"{sweep}/task-00{i}", "job_id": f"5_{i}"}) + "\n"
+        for i in range(2)))
     (sweep / "logs" / "5_1_0_log.out").write_text("".join(f"line {i}\n" for i in range(100)))
     (sweep / "logs" / "5_1_1_log.err").write_text("rank 1 says hi\n")
     out = subprocess.run([*LOGS, str(sweep), "--task", "1", "--lines", "3"], capture_output=True, text=True)

@@ -19,10 +19,11 @@ import torch
 from conftest import assert_same_weights
 from slurm_fixtures import slurm_cluster  # noqa: F401
 
-from bonnerlab import cluster
+from bonnerlab import slurm
 from bonnerlab.checkpoint import load_checkpoint
-from bonnerlab.cluster import SlurmConfig, submit
-from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides
+from bonnerlab.cluster import submit
+from bonnerlab.config import EvaluateConfig, SlurmConfig, TrainConfig, apply_overrides
+from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
 from bonnerlab.sweeps import read_manifest, submit_sweep, sweep_status
 
@@ -94,14 +95,14 @@ def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoin
 
 
 def test_live_cluster_checks_refuse_before_queueing(tmp_path):
-    with pytest.raises(cluster.ClusterError, match="partition cpu has no GPUs per node"):
+    with pytest.raises(ClusterError, match="partition cpu has no GPUs per node"):
         submit("train", tiny(), SlurmConfig(partition="cpu", gpus_per_node=1), tmp_path / "a")
-    with pytest.raises(cluster.ClusterError, match="unknown partition 'nope'"):
+    with pytest.raises(ClusterError, match="unknown partition 'nope'"):
         submit("train", tiny(), SlurmConfig(partition="nope"), tmp_path / "b")
-    with pytest.raises(cluster.ClusterError, match="over partition cpu's limit of 60 minutes"):
+    with pytest.raises(ClusterError, match="over partition cpu's limit of 60 minutes"):
         submit("train", tiny(), SlurmConfig(partition="cpu", time_minutes=61), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
-    assert cluster.max_array_size() == 1001
+    assert slurm.max_array_size() == 1001
 
 
 def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
@@ -170,12 +171,10 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
     for i, lr in enumerate([0.1, 0.03, 0.01]):
         assert __import__("yaml").safe_load((sweep / f"task-{i:03d}" / "config.yaml").read_text())["optim"]["lr"] == lr
 
-    # --resume resubmits only what did not finish: pretend task 1 failed
-    write_state(sweep / "task-001", "FAILED")
+    # --resume resubmits only what did not finish: pretend task 1 was preempted and not requeued
+    write_state(sweep / "task-001", "INTERRUPTED")
     again = subprocess.run([*LAUNCH, "--wait", "--resume", "--sweep", "optim.lr=0.1,0.03,0.01",
-                            "--sweep_dir", str(sweep), "train", "--epochs", "1", "--model.width", "8",
-                            "--device", "cpu", "--data.batch_size", "64"],
-                           capture_output=True, text=True, timeout=300)
+                            "--sweep_dir", str(sweep), "train"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "submitted 1 tasks" in again.stdout
     after = read_manifest(sweep)
@@ -189,7 +188,7 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
 
 
 def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkeypatch):
-    monkeypatch.setattr("bonnerlab.sweeps.max_array_size", lambda: 2)
+    monkeypatch.setattr("bonnerlab.slurm.max_array_size", lambda: 2)
     points = [{"optim.lr": lr} for lr in (0.1, 0.03, 0.01)]
     tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), points,
                          SlurmConfig(time_minutes=5), tmp_path / "sweep")
@@ -357,3 +356,68 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
         assert np.array_equal(a.values, b.values), layer
         assert list(a["stimulus"].values) == list(b["stimulus"].values)
     assert sacct_state(array_id + "_0") == "COMPLETED"
+
+
+# ----------------------------------------------------------------------------- operating runs and sweeps
+
+STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
+CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
+LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+
+
+def test_status_of_many_folders_asks_slurm_once_and_shows_the_error_line(tmp_path):
+    from bonnerlab.sweeps import status_all
+
+    runs = tmp_path / "runs"
+    tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), [{"seed": s} for s in range(4)],
+                         SlurmConfig(time_minutes=5), runs / "sweep")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    failing = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_minutes=5),
+                     runs / "eval")
+    single = submit("train", tiny(epochs=1, max_steps_per_epoch=2), SlurmConfig(time_minutes=5), runs / "one")
+    for t in tasks:
+        t.job.result()
+    single.job.result()
+    with pytest.raises(Exception, match="corrupt or not a checkpoint"):
+        failing.job.result()
+    for job_id in [tasks[0].job_id, failing.job_id, single.job_id]:
+        squeue_gone(job_id)
+        sacct_state(job_id)  # until slurmdbd has the final state
+
+    slurm.CALLS.clear()
+    table = status_all(runs)
+    assert dict(slurm.CALLS) == {"squeue": 1, "sacct": 1}
+    rows = {r["folder"]: r for r in table.to_dict("records")}
+    assert rows["sweep"]["states"] == "DONE 4" and rows["one"]["states"] == "DONE 1"
+    assert rows["eval"]["states"] == "FAILED 1" and rows["eval"]["job"] == "evaluate"
+    assert "corrupt or not a checkpoint" in rows["eval"]["error"]
+
+    out = subprocess.run([*STATUS, "--runs_root", str(runs)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "corrupt or not a checkpoint" in out.stdout and "DONE 4" in out.stdout
+    one = subprocess.run([*STATUS, str(runs / "eval")], capture_output=True, text=True, timeout=120)
+    assert "error" in one.stdout and "corrupt or not a checkpoint" in one.stdout
+    # the log of task 2, found from the sweep folder alone
+    logs = subprocess.run([*LOGS, str(runs / "sweep"), "--task", "2"], capture_output=True, text=True, timeout=60)
+    assert logs.returncode == 0 and f"{runs / 'sweep' / 'task-002'}" in logs.stdout
+
+
+def test_cancel_of_a_running_sweep_leaves_cancelled_in_sacct_and_in_the_folders(tmp_path):
+    sweep = tmp_path / "sweep"
+    tasks = submit_sweep("train", tiny(**LONG), [{"seed": 0}, {"seed": 1}], SlurmConfig(time_minutes=10), sweep)
+    _wait_until_training(sweep / "task-000")
+    out = subprocess.run([*CANCEL, str(sweep)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "cancelled 2 job(s)" in out.stdout
+    for t in tasks:
+        assert sacct_state(t.job_id) == "CANCELLED"
+        assert read_state(t.run_dir) == "CANCELLED"
+    table = sweep_status(sweep, write=False)
+    assert table["state"].tolist() == ["CANCELLED"] * 2 and table["failure"].tolist() == ["cancelled"] * 2
+    again = subprocess.run([*CANCEL, str(sweep)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    # cancelled tasks come back only when asked
+    retry = subprocess.run([*LAUNCH, "--sweep_dir", str(sweep), "--resume", "--dry-run"], capture_output=True,
+                           text=True, timeout=120)
+    assert "nothing to resubmit" in retry.stdout and "not retried without --retry_failed" in retry.stdout
