@@ -482,7 +482,7 @@ def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_fa
                            "resume it with the same --sweep/--zip flags, or with none")
     kind = saved["job"]
     base_request = slurm or from_dict(SlurmConfig, saved["slurm"])
-    cls = spec_of(kind).load_config_class()
+    base_cfg = from_dict(spec_of(kind).load_config_class(), saved["base"])
     table = sweep_status(sweep_dir, write=False)
     if task >= len(table) or task < -1:
         raise ClusterError(f"--task {task} is out of range: the sweep has tasks 0-{len(table) - 1}")
@@ -506,7 +506,7 @@ def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_fa
         if why in RETRY_MORE_MEMORY:
             request = _more_memory(run_dir, base_request, row, mem_factor)
             plan.changes.append(f"task {row['task']}: out of memory, now mem_gb {request.mem_gb:g}")
-        cfg = from_dict(cls, yaml.safe_load(RunPaths(run_dir).config_yaml.read_text()))
+        cfg = apply_overrides(base_cfg, _points_of(saved)[row["task"]])
         plan.tasks.append(Task(row["task"], _points_of(saved)[row["task"]], run_dir, cfg, request,
                                row["retries"] + (1 if row["job_id"] else 0)))
     return kind, base_request, plan

@@ -17,7 +17,7 @@ from bonnerlab.cluster import prepare_job_config
 from bonnerlab.config import EvaluateConfig, SlurmConfig
 from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.job import ClusterJob
-from bonnerlab.runs import read_state
+from bonnerlab.runs import read_metrics, read_state
 from bonnerlab.slurm import NO_CONTROLLER, parse_time_minutes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,3 +343,67 @@ def test_retry_with_nothing_retryable_says_so_and_exits_0(tmp_path):
     again = launch("--sweep_dir", str(sweep), "--resume")
     assert again.returncode == 0, again.stderr
     assert f"nothing to resubmit: no task of {sweep} failed for a retryable reason" in again.stdout
+
+
+@pytest.mark.slow
+def test_one_task_of_a_sweep_runs_here_then_the_rest_is_queued_around_it(tmp_path):
+    """`--task K --cluster local`: try one point on this machine, in its own task folder."""
+    sweep = tmp_path / "s"
+    flags = ["--sweep_dir", str(sweep), "--sweep", "optim.lr=0.1,0.01,0.001"]
+    job = ["train", "--epochs", "1", "--max_steps_per_epoch", "2", "--model.width", "8", "--device", "cpu"]
+    out = launch(*flags, "--task", "1", "--cluster", "local", *job)
+    assert out.returncode == 0, out.stderr
+    assert "submitted task 1 as 1 job array(s)" in out.stdout
+    assert read_state(sweep / "task-001") == "DONE"
+    assert yaml.safe_load((sweep / "task-001" / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    assert not (sweep / "task-000").exists() and not (sweep / "task-002").exists()
+    # the other points are still to do: a dry-run resume would submit exactly those
+    again = launch("--sweep_dir", str(sweep), "--resume", "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert "would resubmit tasks [0, 2]" in again.stdout
+    # a different sweep in the same folder is refused
+    other = launch("--sweep_dir", str(sweep), "--sweep", "optim.lr=0.5", "--task", "0", "--cluster", "local", *job)
+    assert other.returncode == 2 and "was made with other points" in other.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_run(tmp_path):
+    """jobs/train.py installs the stop handlers itself: torchrun passes its SIGTERM to both workers,
+    which save latest.pt at the same step boundary and exit; --resume then ends bit for bit where
+    an uninterrupted run ends."""
+    import signal
+    import time
+
+    from conftest import assert_same_weights
+
+    from bonnerlab.checkpoint import load_checkpoint
+
+    common = ["--device", "cpu", "--progress", "false", "--epochs", "12", "--model.width", "8",
+              "--data.batch_size", "64", "--checkpoint_every_steps", "4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    train_py = str(REPO / "jobs" / "train.py")
+
+    def torchrun(run: Path, port: int, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                train_py, *common, "--run_dir", str(run), *extra]
+
+    ref = subprocess.run(torchrun(tmp_path / "ref", 29541), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(run, 29542), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    end = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "training finished before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped by a signal; saved" in out, out[-3000:]
+    assert read_state(run) == "INTERRUPTED"
+    assert (run / "checkpoints" / "latest.pt").is_file() and len(read_metrics(run)) < 12
+    resumed = subprocess.run(torchrun(run, 29543, "--resume", "true"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_state(run) == "DONE"
+
+    assert_same_weights(load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt")["model"],
+                        load_checkpoint(run / "checkpoints" / "latest.pt")["model"])
