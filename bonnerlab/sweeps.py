@@ -375,7 +375,8 @@ def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", w
     """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and last
     `metric`, GPU/CPU hours, and `best` marking the best task.
 
-    With `write`, also saves results.csv and results.png (metric vs each swept value) in `path`.
+    With `write`, also saves results.csv, results.png (metric vs each swept value) and report.html
+    (bonnerlab/report.py) in `path`.
     """
     import pandas as pd
 
@@ -396,6 +397,9 @@ def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", w
         keys = sorted({k for r in records for k in r.get("overrides", {})})
         if keys and table[col].notna().any():
             plot_sweep(table, keys, col, path / "results.png")
+        from bonnerlab.report import write_report
+
+        write_report(path, table, metric)
     return table
 
 
