@@ -15,9 +15,10 @@
     python jobs/launch.py --shards 8 extract --checkpoint runs/<run> --stimuli /data/stimuli
     python jobs/status.py runs/lr-sweep                               # table, results.csv, plot, report.html
 
-Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig;
-a SLURM YAML file, e.g. a run's slurm.yaml, goes in `--config_path`); flags after it are the
-job's own (`train --help`). `--resume` needs no job name.
+Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig);
+flags after it are the job's own (`train --help`). `--config_path FILE` before the job name takes a
+YAML file of both kinds of keys (`partition: gpu`, `sweep: [optim.lr=0.1,0.01]`; a run's
+slurm.yaml works as is); flags win over it. `--resume` needs no job name.
 """
 
 from __future__ import annotations
@@ -92,31 +93,42 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _without_submitted(argv: list[str]) -> list[str]:
-    """A run folder's slurm.yaml as --config_path: drop its `submitted` record (not a field)."""
+def _split_config_file(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """--config_path YAML: SlurmConfig keys stay in the file (a run's slurm.yaml works as is, its
+    `submitted` record dropped); LaunchConfig keys (sweep, zip, wait, ...) come back apart."""
     import tempfile
 
     import yaml
 
+    from bonnerlab.config import load_yaml
+
     if "--config_path" not in argv[:-1]:
-        return argv
+        return argv, {}
     i = argv.index("--config_path") + 1
-    path = Path(argv[i])
-    data = yaml.safe_load(path.read_text()) if path.is_file() else None
-    if not isinstance(data, dict) or "submitted" not in data:
-        return argv
-    data.pop("submitted")
+    data = load_yaml(argv[i])
+    # additional_parameters is SlurmConfig's mapping in a file (KEY=VALUE strings only on the command line)
+    launch_keys = {f.name for f in dataclasses.fields(LaunchConfig)} - {f.name for f in dataclasses.fields(SlurmConfig)}
+    launch = {k: data.pop(k) for k in list(data) if k in launch_keys}
+    if not launch and "submitted" not in data:
+        return argv, {}
+    data.pop("submitted", None)
     tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     with tmp:
         yaml.safe_dump(data, tmp)
-    return [*argv[:i], tmp.name, *argv[i + 1:]]
+    return [*argv[:i], tmp.name, *argv[i + 1:]], launch
 
 
 def parse_launch(top: list[str]) -> tuple[LaunchConfig, SlurmConfig, bool]:
-    """(launcher options, SLURM request, whether any SLURM flag was given)."""
+    """(launcher options, SLURM request, whether any SLURM flag was given).
+
+    One YAML file (--config_path) may hold both kinds of keys; flags win over it (a list flag
+    given on the command line replaces the file's list).
+    """
     namespace, rest = launcher_parser().parse_known_args(top)
-    opts = from_dict(LaunchConfig, vars(namespace))
-    slurm = parse_config(SlurmConfig, _without_submitted(rest), prog="jobs/launch.py")
+    rest, from_file = _split_config_file(rest)
+    given = {k: v for k, v in vars(namespace).items() if v != getattr(LaunchConfig(), k)}
+    opts = from_dict(LaunchConfig, {**from_file, **given})
+    slurm = parse_config(SlurmConfig, rest, prog="jobs/launch.py")
     if opts.additional_parameters:
         slurm = from_dict(SlurmConfig, {**to_dict(slurm), "additional_parameters": {
             **slurm.additional_parameters, **_key_values(opts.additional_parameters)}})

@@ -407,3 +407,20 @@ def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_
 
     assert_same_weights(load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt")["model"],
                         load_checkpoint(run / "checkpoints" / "latest.pt")["model"])
+
+
+def test_one_yaml_file_holds_launcher_and_slurm_keys_and_flags_win(tmp_path):
+    spec = tmp_path / "launch.yaml"
+    spec.write_text("partition: gpu\narray_parallelism: 1\ndry_run: true\nsweep: ['optim.lr=0.1,0.01']\n")
+    out = launch("--config_path", str(spec), "--sweep_dir", str(tmp_path / "a"), "train")
+    assert out.returncode == 0, out.stderr
+    script = (tmp_path / "a" / "submit.sh").read_text()
+    assert "#SBATCH --array=0-1%1" in script and "#SBATCH --partition=gpu" in script
+    out = launch("--config_path", str(spec), "--sweep", "seed=0,1,2", "--partition", "cpu",
+                 "--sweep_dir", str(tmp_path / "b"), "train")
+    assert out.returncode == 0, out.stderr
+    script = (tmp_path / "b" / "submit.sh").read_text()
+    assert "#SBATCH --array=0-2%1" in script and "#SBATCH --partition=cpu" in script
+    spec.write_text("partition: gpu\nsweeps: [x]\n")
+    bad = launch("--config_path", str(spec), "--dry-run", "train")
+    assert bad.returncode == 2 and "unknown config key sweeps" in bad.stderr

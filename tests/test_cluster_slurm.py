@@ -421,3 +421,75 @@ def test_cancel_of_a_running_sweep_leaves_cancelled_in_sacct_and_in_the_folders(
     retry = subprocess.run([*LAUNCH, "--sweep_dir", str(sweep), "--resume", "--dry-run"], capture_output=True,
                            text=True, timeout=120)
     assert "nothing to resubmit" in retry.stdout and "not retried without --retry_failed" in retry.stdout
+
+
+def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_not(tmp_path):
+    """Task 0 trains past its 1.2 GB (slurmstepd kills it: "exceeded memory limit"); task 1 raises
+    (an image folder with no images) while still under it. --resume resubmits task 0 alone, as
+    one array, with 2.4 GB, and it finishes; task 1 waits for a fix and --retry_failed."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([*LAUNCH, "--wait", "--time_minutes", "5", "--mem_gb", "1.2", "--sweep_dir", str(sweep),
+                          "--zip", "data.dataset=digits,imagefolder", "--zip", "model.width=32,8",
+                          "--zip", "data.batch_size=1024,64", "train", "--epochs", "1", "--max_steps_per_epoch", "3",
+                          "--device", "cpu", "--data.root", str(empty)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    manifest = read_manifest(sweep)
+    for r in manifest:
+        squeue_gone(r["job_id"])
+        sacct_state(r["job_id"])
+    table = sweep_status(sweep, write=False)
+    assert table["failure"].tolist() == ["out of memory", "error"], table[["state", "error"]].to_dict("records")
+    assert "exceeded memory limit" in table["error"][0]
+    assert "DataError: no images in" in table["error"][1]
+
+    retry = subprocess.run([*LAUNCH, "--wait", "--sweep_dir", str(sweep), "--resume"],
+                           capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stderr
+    assert "submitted 1 tasks as 1 job array(s)" in retry.stdout and "tasks 0" in retry.stdout
+    assert "task 0: out of memory, now mem_gb 2.4" in retry.stdout
+    assert "task 1: error (bonnerlab.errors.DataError: no images in" in retry.stdout
+    after = read_manifest(sweep)
+    assert after[0]["job_id"] != manifest[0]["job_id"] and after[0]["retries"] == 1 and after[0]["mem_gb"] == 2.4
+    assert after[1]["job_id"] == manifest[1]["job_id"]
+    array_id = after[0]["job_id"].split("_")[0]
+    assert "#SBATCH --mem=2457MB" in (sweep / f"submit-{array_id}.sh").read_text()
+    assert read_state(sweep / "task-000") == "DONE"
+    assert sweep_status(sweep, write=False)["state"].tolist() == ["DONE", "FAILED"]
+
+
+# ----------------------------------------------------------------------------- two nodes
+
+MULTI = {"partition": "multi", "nodes": 2, "tasks_per_node": 1}
+
+
+def test_two_node_gloo_job_matches_one_process(tmp_path):
+    cfg = tiny(epochs=1, max_steps_per_epoch=8, **{"model.batchnorm": False, "data.rotation": 20.0})
+    one = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=5), tmp_path / "one")
+    two = submit("train", cfg, SlurmConfig(**MULTI, time_minutes=5), tmp_path / "two")
+    one.job.result()
+    assert len(two.job.results()) == 2
+    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "NNodes,NodeList", "-j", two.job_id],
+                           capture_output=True, text=True).stdout.split("\n")[0]
+    assert nodes.startswith("2|"), nodes
+    assert "2 process(es)" in log_of(tmp_path / "two")
+    assert "#SBATCH --nodes=2" in (tmp_path / "two" / "submit.sh").read_text()
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_preempted_two_node_job_requeues_and_resumes_to_the_same_weights(tmp_path):
+    cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_minutes=10), tmp_path / "ref")
+    run = tmp_path / "run"
+    sub = submit("train", cfg, SlurmConfig(**MULTI, time_minutes=10), run)
+    _wait_until_training(run)
+    node = subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
+                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    assert [r["epoch"] for r in sub.job.results()] == [15, 15]
+    ref.job.results()
+    log = log_of(run)
+    assert "2 process(es)" in log and "restart 1" in log
+    assert_same_weights(weights(tmp_path / "ref"), weights(run), atol=1e-6)
