@@ -462,7 +462,8 @@ class LaunchConfig:
     sweep_file: str = ""
     # sweep folder (default <runs_root>/sweep-<date>-<time>-<job>)
     sweep_dir: str = ""
-    # resubmit the retryable tasks of --sweep_dir (preempted, node failure, time limit, out of memory)
+    # resubmit the retryable tasks of --sweep_dir (preempted, node failure, time limit, out of memory);
+    # --sweep_dir may also be a single run folder
     resume: bool = False
     # with --resume: also resubmit tasks that failed with an error in the job, or were cancelled
     retry_failed: bool = False

@@ -473,20 +473,34 @@ class RetryPlan:
     changes: list[str]  # what a resubmitted task asks for differently (more memory)
 
 
+def _what_was_submitted(path: Path, points: list[dict[str, Any]] | None) -> tuple[str, SlurmConfig, Any, list]:
+    """(job kind, SLURM request, base config, points) a sweep or run folder was submitted with."""
+    if folder_kind(path) == "run":
+        data = load_yaml_if_exists(RunPaths(path).slurm_yaml)
+        if not data or not data.get("submitted", {}).get("job"):
+            raise ClusterError(f"--resume: {path} was not submitted by jobs/launch.py (no slurm.yaml)")
+        kind = data.pop("submitted")["job"]
+        cfg = from_dict(spec_of(kind).load_config_class(), yaml.safe_load(RunPaths(path).config_yaml.read_text()))
+        return kind, from_dict(SlurmConfig, data), cfg, [{}]
+    saved = read_sweep_yaml(path)
+    if points is not None and points != _points_of(saved):
+        raise ClusterError(f"--resume: {path} was made with other points ({_points_of(saved)}); "
+                           "resume it with the same --sweep/--zip flags, or with none")
+    kind = saved["job"]
+    cfg = from_dict(spec_of(kind).load_config_class(), saved["base"])
+    return kind, from_dict(SlurmConfig, saved["slurm"]), cfg, _points_of(saved)
+
+
 def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
                max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
                task: int = -1) -> tuple[str, SlurmConfig, RetryPlan]:
-    """Which tasks of a sweep to resubmit and with what request: (job kind, base request, plan)."""
+    """Which tasks of a sweep (or a run folder, one task) to resubmit and with what request:
+    (job kind, base request, plan)."""
     sweep_dir = Path(sweep_dir).resolve()
     if not sweep_dir.exists():
         raise ClusterError(f"--resume: sweep folder {sweep_dir} does not exist")
-    saved = read_sweep_yaml(sweep_dir)
-    if points is not None and points != _points_of(saved):
-        raise ClusterError(f"--resume: {sweep_dir} was made with other points ({_points_of(saved)}); "
-                           "resume it with the same --sweep/--zip flags, or with none")
-    kind = saved["job"]
-    base_request = slurm or from_dict(SlurmConfig, saved["slurm"])
-    base_cfg = from_dict(spec_of(kind).load_config_class(), saved["base"])
+    kind, saved_request, base_cfg, all_points = _what_was_submitted(sweep_dir, points)
+    base_request = slurm or saved_request
     table = sweep_status(sweep_dir, write=False)
     if task >= len(table) or task < -1:
         raise ClusterError(f"--task {task} is out of range: the sweep has tasks 0-{len(table) - 1}")
@@ -510,8 +524,8 @@ def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_fa
         if why in RETRY_MORE_MEMORY:
             request = _more_memory(run_dir, base_request, row, mem_factor)
             plan.changes.append(f"task {row['task']}: out of memory, now mem_gb {request.mem_gb:g}")
-        cfg = apply_overrides(base_cfg, _points_of(saved)[row["task"]])
-        plan.tasks.append(Task(row["task"], _points_of(saved)[row["task"]], run_dir, cfg, request,
+        cfg = apply_overrides(base_cfg, all_points[row["task"]])
+        plan.tasks.append(Task(row["task"], all_points[row["task"]], run_dir, cfg, request,
                                row["retries"] + (1 if row["job_id"] else 0)))
     return kind, base_request, plan
 
@@ -531,12 +545,14 @@ def _more_memory(run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: 
 def retry_sweep(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
                 max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
                 task: int = -1, dry_run: bool = False) -> RetryPlan:
-    """Resubmit only the retryable tasks, as one array per request (out-of-memory ones with more memory)."""
+    """Resubmit only the retryable tasks, as one array per request (out-of-memory ones with more
+    memory); a run folder's one job is resubmitted the same way, as a plain job."""
     kind, base, plan = plan_retry(sweep_dir, slurm, retry_failed, max_retries, mem_factor, points, task)
     if plan.tasks:
         sweep_dir = Path(sweep_dir).resolve()
-        submit_tasks(Submission(kind, sweep_dir, base, plan.tasks, array=True, dry_run=dry_run,
-                                extra={"sweep_dir": str(sweep_dir)}))
+        sweep = folder_kind(sweep_dir) == "sweep"
+        submit_tasks(Submission(kind, sweep_dir, base, plan.tasks, array=sweep, dry_run=dry_run,
+                                extra={"sweep_dir": str(sweep_dir)} if sweep else {}))
     return plan
 
 

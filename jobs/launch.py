@@ -226,12 +226,18 @@ def points_table(points: list[dict[str, Any]], indices: list[int]) -> str:
 
 
 def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> Any:
-    from bonnerlab.sweeps import format_table, read_sweep_yaml, retry_sweep, sweep_status
+    from bonnerlab.sweeps import (
+        folder_kind,
+        format_table,
+        read_sweep_yaml,
+        retry_sweep,
+        sweep_status,
+    )
 
     if not opts.sweep_dir:
-        raise ConfigError("--resume needs --sweep_dir DIR (the sweep folder to resubmit)")
+        raise ConfigError("--resume needs --sweep_dir DIR (the sweep or run folder to resubmit)")
     sweep_dir = Path(opts.sweep_dir)
-    if sweep_dir.exists() and kind and read_sweep_yaml(sweep_dir).get("job") != kind:
+    if sweep_dir.exists() and kind and folder_kind(sweep_dir) == "sweep" and read_sweep_yaml(sweep_dir).get("job") != kind:
         raise ConfigError(f"{sweep_dir} is a {read_sweep_yaml(sweep_dir).get('job')} sweep, not {kind}")
     points = sweep_points(opts)[0] if (opts.sweep or opts.zip or opts.sweep_file) else None
     t0 = time.perf_counter()

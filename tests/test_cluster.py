@@ -424,3 +424,18 @@ def test_one_yaml_file_holds_launcher_and_slurm_keys_and_flags_win(tmp_path):
     spec.write_text("partition: gpu\nsweeps: [x]\n")
     bad = launch("--config_path", str(spec), "--dry-run", "train")
     assert bad.returncode == 2 and "unknown config key sweeps" in bad.stderr
+
+
+def test_a_single_run_folder_is_retried_like_a_sweep_task(tmp_path):
+    run = tmp_path / "run"
+    out = launch("--cluster", "debug", "--wait", "train", "--epochs", "1", "--max_steps_per_epoch", "2",
+                 "--model.width", "8", "--device", "cpu", "--run_dir", str(run))
+    assert out.returncode == 0, out.stderr
+    nothing = launch("--sweep_dir", str(run), "--resume")
+    assert nothing.returncode == 0 and "nothing to resubmit" in nothing.stdout
+    (run / "STATE").write_text("INTERRUPTED\n")  # as a preempted job that was never requeued leaves it
+    again = launch("--sweep_dir", str(run), "--resume", "--wait")
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 tasks" in again.stdout and "tasks 0" in again.stdout
+    assert read_state(run) == "DONE"
+    assert yaml.safe_load((run / "slurm.yaml").read_text())["submitted"]["retries"] == 1
