@@ -442,7 +442,7 @@ def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_n
         sacct_state(r["job_id"])
     table = sweep_status(sweep, write=False)
     assert table["failure"].tolist() == ["out of memory", "error"], table[["state", "error"]].to_dict("records")
-    assert "exceeded memory limit" in table["error"][0]
+    assert "exceeded job memory limit" in table["error"][0].lower()
     assert "DataError: no images in" in table["error"][1]
 
     retry = subprocess.run([*LAUNCH, "--wait", "--sweep_dir", str(sweep), "--resume"],
