@@ -383,14 +383,19 @@ def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     train_py = str(REPO / "jobs" / "train.py")
 
-    def torchrun(run: Path, port: int, *extra: str) -> list[str]:
+    def torchrun(run: Path, *extra: str) -> list[str]:
+        import socket
+
+        with socket.socket() as s:  # a free port: fixed ones collide with other test runs on the machine
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 train_py, *common, "--run_dir", str(run), *extra]
 
-    ref = subprocess.run(torchrun(tmp_path / "ref", 29541), env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(torchrun(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
     run = tmp_path / "run"
-    proc = subprocess.Popen(torchrun(run, 29542), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(torchrun(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     end = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() and time.monotonic() < end and proc.poll() is None:
         time.sleep(0.1)
@@ -400,7 +405,7 @@ def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_
     assert "stopped by a signal; saved" in out, out[-3000:]
     assert read_state(run) == "INTERRUPTED"
     assert (run / "checkpoints" / "latest.pt").is_file() and len(read_metrics(run)) < 12
-    resumed = subprocess.run(torchrun(run, 29543, "--resume", "true"), env=env, capture_output=True, text=True,
+    resumed = subprocess.run(torchrun(run, "--resume", "true"), env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_state(run) == "DONE"
