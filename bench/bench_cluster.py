@@ -180,7 +180,8 @@ def bench_status(work: Path, n: int = 1000) -> dict[str, float]:
 
     from bonnerlab import slurm
     from bonnerlab.runs import write_state
-    from bonnerlab.sweeps import retry_sweep, status_all, sweep_status
+    from bonnerlab.status import status_all, sweep_status
+    from bonnerlab.sweeps import retry_sweep
 
     cfg = apply_overrides(TrainConfig(), TINY)
     held = SlurmConfig(time_minutes=5, mem_gb=0.5, additional_parameters={"hold": True})

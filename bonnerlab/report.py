@@ -134,3 +134,41 @@ def write_report(path: Path, table: Any, metric: str) -> Path:
     atomic_write_text(out, render(f"bonnerlab: {Path(path).resolve().name}", table, metric,
                                   Path(path) / "results.png"))
     return out
+
+
+def _log_axis(key: str, values: list[Any]) -> bool:
+    nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+    if len(nums) != len(values) or min(nums, default=0) <= 0:
+        return False
+    return key.split(".")[-1] in ("lr", "weight_decay") or max(nums) / min(nums) >= 100
+
+
+def plot_sweep(table: Any, keys: list[str], col: str, out: Path) -> None:
+    """One panel per swept key: the metric of every task against that key's value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        values = table[key].tolist()
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+        others = [k for k in keys if k != key]
+        groups = table.groupby(others, dropna=False) if others else [("", table)]
+        for label, group in groups:
+            group = group.sort_values(key) if numeric else group
+            x = group[key] if numeric else group[key].astype(str)
+            ax.plot(x, group[col], "o-", label=str(label) if others else None)
+        if numeric and _log_axis(key, values):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(col)
+        if others:
+            ax.legend(title=",".join(others), fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)

@@ -27,7 +27,7 @@ def main(argv: list[str]) -> list[int]:
     args = p.parse_args(argv)
     from bonnerlab import slurm
     from bonnerlab.runs import write_state
-    from bonnerlab.sweeps import task_records
+    from bonnerlab.status import task_records
 
     path = Path(args.path)
     if not path.is_dir():

@@ -193,7 +193,8 @@ def sweep_points(opts: LaunchConfig) -> tuple[list[dict[str, Any]], dict[str, An
 
 
 def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
-    from bonnerlab.sweeps import format_table, submit_sweep, sweep_status
+    from bonnerlab.status import format_table, sweep_status
+    from bonnerlab.sweeps import submit_sweep
 
     points, spec = sweep_points(opts)
     sweep_dir = Path(opts.sweep_dir or Path(getattr(cfg, "runs_root", "runs")) /
@@ -226,13 +227,8 @@ def points_table(points: list[dict[str, Any]], indices: list[int]) -> str:
 
 
 def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> Any:
-    from bonnerlab.sweeps import (
-        folder_kind,
-        format_table,
-        read_sweep_yaml,
-        retry_sweep,
-        sweep_status,
-    )
+    from bonnerlab.status import folder_kind, format_table, read_sweep_yaml, sweep_status
+    from bonnerlab.sweeps import retry_sweep
 
     if not opts.sweep_dir:
         raise ConfigError("--resume needs --sweep_dir DIR (the sweep or run folder to resubmit)")

@@ -1,4 +1,4 @@
-"""Sweep specs, the sweep folder and the status table: no SLURM needed."""
+"""Sweep specs, the sweep folder, the status table and retries: no SLURM needed."""
 
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ srun: error: node: task 0: Exited with exit code 1
 
 
 def test_error_line_and_failure_kinds(tmp_path):
-    from bonnerlab.sweeps import error_line, failure_kind
+    from bonnerlab.status import error_line, failure_kind
 
     _error_log(tmp_path, "7_2", TRACEBACK)
     record = {"job_id": "7_2", "logs": str(tmp_path)}
@@ -300,7 +300,7 @@ def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
 
 
 def test_status_of_every_folder_under_runs_root(tmp_path):
-    from bonnerlab.sweeps import status_all
+    from bonnerlab.status import status_all
 
     root = tmp_path / "runs"
     root.mkdir()
