@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean
+.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean chromium
 
 install: $(STAMP)
 
@@ -66,3 +66,6 @@ slurm-down:
 
 clean:
 	rm -rf runs .pytest_cache
+
+chromium:  ## Debian's Chromium, for the headless test of report.html (root)
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium

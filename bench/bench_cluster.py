@@ -9,6 +9,10 @@
    (the first step's wall time comes from the run's TensorBoard events, logged every step).
 3. Preemption cost: a job in partition `urgent` preempts a training job; steps trained twice after
    the requeue vs the checkpoint interval.
+4. Operating a 1,000-task sweep (a real array, submitted held, then cancelled): seconds and SLURM
+   calls per status refresh while queued (squeue answers) and after (sacct answers); resubmitting
+   10 retryable tasks of the 1,000: sbatch calls (arrays created).
+   `python bench/bench_cluster.py --only status` runs just this part.
 Prints a table; these are measurements, not tests.
 """
 
@@ -65,7 +69,7 @@ def wait_gone(job_ids: list[str], timeout: float = 300) -> None:
 
 def bench_submission(work: Path, n: int = 16) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), TINY)
-    held = SlurmConfig(time_min=5, additional_parameters={"hold": True})
+    held = SlurmConfig(time_minutes=5, additional_parameters={"hold": True})
     points = [{"optim.lr": 10 ** (-1 - 2 * i / (n - 1))} for i in range(n)]
 
     t = time.perf_counter()
@@ -123,7 +127,7 @@ def first_step_time(run_dir: Path) -> float:
 
 def bench_overhead(work: Path, repeats: int = 3) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), {**TINY, "max_steps_per_epoch": 2})
-    slurm = SlurmConfig(time_min=5, setup=['echo "[bench] batch script start $(date +%s.%N)"'])
+    slurm = SlurmConfig(time_minutes=5, setup=['echo "[bench] batch script start $(date +%s.%N)"'])
     start_to_step, submit_to_step, submit_to_start = [], [], []
     for i in range(repeats):
         run = work / f"overhead-{i}"
@@ -148,7 +152,7 @@ def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), {**TINY, "epochs": 8, "model.width": 16,
                                            "checkpoint_every_steps": interval, "log_every_steps": 10})
     run = work / "preempt"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=10, additional_parameters={"exclusive": True}), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}), run)
     while "epoch 2/" not in "".join(p.read_text() for p in (run / "logs").glob("*_log.out")) if (run / "logs").exists() else True:
         time.sleep(0.3)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
@@ -168,13 +172,94 @@ def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
             "preempt_to_done_s": total}
 
 
+# ----------------------------------------------------------------------------- 4. status and retry
+
+
+def bench_status(work: Path, n: int = 1000) -> dict[str, float]:
+    import json
+
+    from bonnerlab import slurm
+    from bonnerlab.runs import write_state
+    from bonnerlab.status import status_all, sweep_status
+    from bonnerlab.sweeps import retry_sweep
+
+    cfg = apply_overrides(TrainConfig(), TINY)
+    held = SlurmConfig(time_minutes=5, mem_gb=0.5, additional_parameters={"hold": True})
+    sweep = work / "runs" / "status-1000"
+    t = time.perf_counter()
+    tasks = submit_sweep("train", cfg, [{"seed": i} for i in range(n)], held, sweep)
+    submit_s = time.perf_counter() - t
+
+    def refresh(fn) -> tuple[float, int]:
+        best, calls = float("inf"), 0
+        for _ in range(3):
+            slurm.CALLS.clear()
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+            calls = sum(slurm.CALLS.values())
+        return best, calls
+
+    queued_s, queued_calls = refresh(lambda: sweep_status(sweep, write=False))
+    queued_all_s, _ = refresh(lambda: status_all(work / "runs"))
+    scancel([x.job_id for x in tasks])
+    wait_gone([x.job_id for x in tasks])
+    time.sleep(3)  # slurmdbd catches up
+    done_s, done_calls = refresh(lambda: sweep_status(sweep, write=False))
+    written_s, _ = refresh(lambda: sweep_status(sweep, write=True))
+
+    # 10 of the 1,000 were preempted and not requeued, the rest finished: retry only those
+    manifest = sweep / "manifest.jsonl"
+    lines = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for r in lines:
+        r["job_id"] = ""
+        write_state(r["run_dir"], "INTERRUPTED" if r["task"] % 100 == 7 else "DONE")
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    t = time.perf_counter()
+    plan = retry_sweep(sweep, held)
+    retry_s = time.perf_counter() - t
+    arrays = {x.job_id.split("_")[0] for x in plan.tasks}
+    scancel([x.job_id for x in plan.tasks])
+    wait_gone([x.job_id for x in plan.tasks])
+    return {"n": n, "submit_s": submit_s, "queued_s": queued_s, "queued_calls": queued_calls,
+            "queued_all_s": queued_all_s, "done_s": done_s, "done_calls": done_calls, "written_s": written_s,
+            "retried": len(plan.tasks), "retry_sbatch": len(arrays), "retry_s": retry_s}
+
+
+def status_rows(st: dict[str, float]) -> list[tuple[str, str]]:
+    n = st["n"]
+    return [
+        (f"{n}-task sweep submitted (held) as one array", f"{st['submit_s']:.1f} s"),
+        (f"status refresh, {n} tasks queued (best of 3)", f"{st['queued_s']:.2f} s, {st['queued_calls']} SLURM calls"),
+        ("status of every folder under runs/ (same sweep)", f"{st['queued_all_s']:.2f} s"),
+        (f"status refresh, {n} tasks finished (sacct)", f"{st['done_s']:.2f} s, {st['done_calls']} SLURM calls"),
+        ("  + results.csv, results.png, report.html", f"{st['written_s']:.2f} s"),
+        (f"retry of {st['retried']} retryable tasks out of {n}", f"{st['retry_sbatch']} sbatch call(s), "
+                                                                  f"{st['retry_s']:.2f} s"),
+    ]
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'measure':<{width}}  value")
+    print("-" * (width + 16))
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
 def main() -> None:
     ensure_cluster()
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     print(f"work folder {work}", flush=True)
+    if sys.argv[1:] == ["--only", "status"]:
+        print_rows(status_rows(bench_status(work)))
+        shutil.rmtree(work, ignore_errors=True)
+        return
     sub = bench_submission(work)
     over = bench_overhead(work)
     pre = bench_preemption(work)
+    st = bench_status(work)
     rows = [
         ("16-point sweep, submit as ONE array (library)", f"{sub['array_s']:.2f} s"),
         ("16-point sweep, 16 submissions (library)", f"{sub['single_s']:.2f} s"),
@@ -189,13 +274,9 @@ def main() -> None:
         ("  checkpoint interval (checkpoint_every_steps)", f"{pre['interval']} steps "
                                                             f"({pre['steps_per_epoch']} steps/epoch)"),
         ("  preemption -> requeued job finished (8 epochs)", f"{pre['preempt_to_done_s']:.1f} s"),
+        *status_rows(st),
     ]
-    width = max(len(r[0]) for r in rows)
-    print()
-    print(f"{'measure':<{width}}  value")
-    print("-" * (width + 16))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    print_rows(rows)
     shutil.rmtree(work, ignore_errors=True)
 
 

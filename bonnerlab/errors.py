@@ -23,3 +23,7 @@ class CheckpointError(UserError):
 
 class RunDirError(UserError):
     """A run folder that already holds a different run."""
+
+
+class ClusterError(UserError):
+    """A job SLURM would refuse or could not run, or a folder that holds no job: nothing was queued."""

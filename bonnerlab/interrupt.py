@@ -1,20 +1,32 @@
 """Cooperative stop: a signal sets a flag, the training loop saves at the next step boundary.
 
-SLURM sends SIGTERM on preemption (and after a time limit's grace signal, submitit's SIGUSR2).
-Killing the process from inside the handler would lose the step in flight and could leave a
-half-written checkpoint, so handlers only set a flag that `train` polls between steps.
+SLURM sends SIGTERM on preemption and scancel (and, before a time limit, the SIGUSR2 asked for
+with `--signal`); torchrun forwards the SIGTERM it receives to its workers. Killing the process
+from inside the handler would lose the step in flight and could leave a half-written checkpoint,
+so handlers only set a flag that `train` polls between steps (and record which signal came, so
+the job wrapper knows whether to requeue itself or wait for SLURM).
+
+Every entry point installs the same handlers: jobs/*.py through `install_handlers()`, the SLURM
+job wrapper (`bonnerlab.job.ClusterJob`) too, restoring submitit's own afterwards.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 _stop = threading.Event()
+_received: list[int] = []
 
 
-def request_stop(*_args: object) -> None:
+def request_stop(signum: int | None = None, _frame: Any = None) -> None:
     """Ask the running job to save and return at the next step boundary (usable as a handler)."""
+    if signum is not None:
+        _received.append(signum)
     _stop.set()
 
 
@@ -22,11 +34,27 @@ def stop_requested() -> bool:
     return _stop.is_set()
 
 
+def received() -> list[int]:
+    """The signals that asked for a stop since the last `reset`, oldest first."""
+    return list(_received)
+
+
 def reset() -> None:
     _stop.clear()
+    _received.clear()
 
 
-def install_handlers(signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR2)) -> None:
-    """Route `signals` to `request_stop`. Only valid in the main thread."""
+Handlers = dict[int, Callable[..., Any] | int | None]
+
+
+def install_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> Handlers:
+    """Route `signals` to `request_stop`; returns the previous handlers. Only valid in the main thread."""
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     for sig in signals:
         signal.signal(sig, request_stop)
+    return previous
+
+
+def restore_handlers(previous: Handlers) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

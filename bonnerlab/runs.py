@@ -6,7 +6,14 @@
       metrics.jsonl      one JSON object per epoch
       events.out.tfevents.*  TensorBoard curves
       checkpoints/latest.pt, best.pt
-      STATE              RUNNING | DONE | FAILED
+      STATE              PENDING | RUNNING | DONE | FAILED | INTERRUPTED | CANCELLED
+      slurm.yaml         when launched on SLURM: the SlurmConfig and what was submitted
+      submit.sh          the script given to sbatch (a single job's)
+      code/              the code snapshot the queued job runs
+      logs/              per-task stdout/stderr (submitit)
+
+A sweep folder (`SweepPaths`) holds sweep.yaml, manifest.jsonl, code/, logs/, submit-<id>.sh and
+one run folder per task (task-000/ ...), whose slurm.yaml points back at the sweep.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "INTERRUPTED")
+STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "INTERRUPTED", "CANCELLED")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -77,6 +84,44 @@ class RunPaths:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def slurm_yaml(self) -> Path:
+        return self.root / "slurm.yaml"
+
+    @property
+    def submit_sh(self) -> Path:
+        return self.root / "submit.sh"
+
+    @property
+    def code(self) -> Path:
+        return self.root / "code"
+
+    @property
+    def git_txt(self) -> Path:
+        return self.root / "git.txt"
+
+    @property
+    def git_diff(self) -> Path:
+        return self.root / "git.diff"
+
+
+class SweepPaths(RunPaths):
+    """A sweep folder: the shared parts of RunPaths (code/, logs/, git.txt) plus the task folders."""
+
+    @property
+    def sweep_yaml(self) -> Path:
+        return self.root / "sweep.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    def task(self, index: int) -> Path:
+        return self.root / f"task-{index:03d}"
+
+    def array_script(self, array_id: str) -> Path:
+        return self.root / f"submit-{array_id}.sh"
 
 
 def load_yaml_if_exists(path: str | Path) -> dict[str, Any] | None:
@@ -148,11 +193,11 @@ def write_git_info(run_dir: str | Path, source: str | Path | None = None) -> Non
     commit = _git(["rev-parse", "HEAD"], source)
     root = Path(run_dir)
     if commit is None:
-        atomic_write_text(root / "git.txt", "not a git checkout\n")
+        atomic_write_text(RunPaths(root).git_txt, "not a git checkout\n")
         return
     status = _git(["status", "--short"], source) or ""
-    atomic_write_text(root / "git.txt", f"commit {commit.strip()}\n{status}")
-    atomic_write_text(root / "git.diff", _git(["diff", "HEAD"], source) or "")
+    atomic_write_text(RunPaths(root).git_txt, f"commit {commit.strip()}\n{status}")
+    atomic_write_text(RunPaths(root).git_diff, _git(["diff", "HEAD"], source) or "")
 
 
 def git_commit(source: str | Path | None = None) -> str | None:

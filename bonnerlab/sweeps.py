@@ -1,52 +1,52 @@
-"""Sweeps: a grid of config overrides -> ONE SLURM job array -> a sweep folder -> a results table.
+"""Sweeps: grid and zip of config overrides -> job arrays -> a sweep folder; retries by failure kind.
 
-    points = grid(parse_sweep_args(["optim.lr=0.1,0.03,0.01", "optim.optimizer=sgd,adamw"]))
+    points = combine(parse_sweep_args(["optim.lr=0.1,0.01"]), parse_zip_args(["epochs=2,4", "seed=0,1"]))
     tasks = submit_sweep("train", TrainConfig(), points, SlurmConfig(), "runs/sweep-lr")
-    table = sweep_status("runs/sweep-lr")       # pandas DataFrame; works with no launcher alive
+    table = sweep_status("runs/sweep-lr")     # pandas DataFrame; works with no launcher alive
+    tasks, notes = retry_sweep("runs/sweep-lr")   # resubmit what failed for a reason worth retrying
 
-Sweep folder:
-    sweep.yaml         job, base config, grid and SLURM request
-    manifest.jsonl     one line per task submission: task, overrides, run_dir, job_id (last wins)
+Sweep folder (bonnerlab.runs.SweepPaths):
+    sweep.yaml         job, base config, spec and points, SLURM request
+    manifest.jsonl     one line per task submission: task, overrides, run_dir, job_id, retries (last wins)
     code/              the code snapshot every task runs
-    logs/              submitit's pickles and per-task logs (<array>_<task>_0_log.out)
+    logs/              submitit's pickles and per-task logs (<array>_<task>_<rank>_log.out/.err)
     submit-<id>.sh     the sbatch script of each array
     task-000/ ...      one run folder per task (config.yaml, slurm.yaml, metrics.jsonl, checkpoints/, STATE)
-    results.csv, results.png   written by `jobs/status.py`
+    results.csv, results.png, report.html   written by `jobs/status.py`
+
+Reading folders back (states, failure kinds, error lines, tables) is bonnerlab/status.py.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import math
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bonnerlab.cluster import (
-    JOBS,
-    ClusterError,
-    ClusterJob,
-    SlurmConfig,
-    _code_env,
-    _patched_env,
-    check_against_cluster,
-    check_job_paths,
-    job_setup_lines,
-    make_executor,
-    max_array_size,
-    prepare_job_config,
-    sbatch_script,
-    snapshot_code,
-    update_slurm_yaml,
-    write_run_description,
+from bonnerlab import slurm as slurm_commands
+from bonnerlab.cluster import Submission, Task, chunks, spec_of, submit_tasks, yaml_text
+from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, to_dict
+from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
+from bonnerlab.status import (
+    RETRY_AS_IS,
+    RETRY_MORE_MEMORY,
+    RETRY_WHEN_ASKED,
+    folder_kind,
+    format_table,
+    points_of,
+    read_manifest,
+    read_sweep_yaml,
+    status_all,
+    sweep_status,
 )
-from bonnerlab.config import apply_overrides, to_dict
-from bonnerlab.errors import ConfigError
+
+# status is bonnerlab/status.py's; these names stay importable from here for analysis scripts
+__all__ = ["chunks", "combine", "grid", "expand", "submit_sweep", "retry_sweep", "sweep_status", "status_all",
+           "read_manifest", "format_table"]
 
 # ----------------------------------------------------------------------------- sweep spec
 
@@ -64,39 +64,47 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_sweep_arg(arg: str) -> tuple[str, list[Any]]:
+def parse_sweep_arg(arg: str, flag: str = "--sweep") -> tuple[str, list[Any]]:
     """"optim.lr=0.1,0.03,0.01" -> ("optim.lr", [0.1, 0.03, 0.01])."""
     key, sep, values = arg.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--sweep {arg!r}: expected KEY=V1,V2,... e.g. optim.lr=0.1,0.01")
+        raise ConfigError(f"{flag} {arg!r}: expected KEY=V1,V2,... e.g. optim.lr=0.1,0.01")
     items = [v.strip() for v in values.split(",")]
     if not values.strip() or any(not v for v in items):
-        raise ConfigError(f"--sweep {arg!r}: empty value list (or an empty item between commas)")
+        raise ConfigError(f"{flag} {arg!r}: empty value list (or an empty item between commas)")
     return key, [_parse_value(v) for v in items]
 
 
-def parse_sweep_args(args: list[str]) -> dict[str, list[Any]]:
+def parse_sweep_args(args: list[str], flag: str = "--sweep") -> dict[str, list[Any]]:
     spec: dict[str, list[Any]] = {}
     for arg in args:
-        key, values = parse_sweep_arg(arg)
+        key, values = parse_sweep_arg(arg, flag)
         if key in spec:
-            raise ConfigError(f"--sweep {key} given twice; list all its values in one flag")
+            raise ConfigError(f"{flag} {key} given twice; list all its values in one flag")
         spec[key] = values
     return spec
 
 
-def load_sweep_file(path: str | Path) -> dict[str, list[Any]]:
-    """A YAML mapping of dotted keys to value lists (a scalar counts as a one-value list)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+def parse_zip_args(args: list[str]) -> dict[str, list[Any]]:
+    """--zip flags: values paired by position, so every list must have the same length."""
+    spec = parse_sweep_args(args, "--zip")
+    check_zip(spec, "--zip")
+    return spec
+
+
+def check_zip(spec: dict[str, list[Any]], where: str) -> None:
+    lengths = {k: len(v) for k, v in spec.items()}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"{where}: zipped value lists must have equal lengths; got "
+                          + ", ".join(f"{k} {n}" for k, n in lengths.items()))
+
+
+def _spec_section(data: Any, path: Path, section: str) -> dict[str, list[Any]]:
+    if data is None:
+        return {}
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"sweep file {path} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'")
+        raise ConfigError(f"sweep file {path}: {section} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'")
     spec = {}
     for key, values in data.items():
         values = values if isinstance(values, list) else [values]
@@ -106,10 +114,39 @@ def load_sweep_file(path: str | Path) -> dict[str, list[Any]]:
     return spec
 
 
+def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """(grid, zip) from a YAML file: `grid:` and `zip:` sections, or a plain mapping (a grid)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"sweep file {path} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'")
+    if set(data) <= {"grid", "zip"}:
+        grid_spec, zip_spec = _spec_section(data.get("grid"), path, "grid"), _spec_section(data.get("zip"), path, "zip")
+        check_zip(zip_spec, f"sweep file {path}")
+        return grid_spec, zip_spec
+    return _spec_section(data, path, "the file"), {}
+
+
 def grid(spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination, the last key varying fastest."""
     keys = list(spec)
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec[k] for k in keys))]
+
+
+def combine(grid_spec: dict[str, list[Any]], zip_spec: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+    """The zip's points (paired values) times the grid's, the grid varying fastest."""
+    zip_spec = zip_spec or {}
+    both = sorted(set(grid_spec) & set(zip_spec))
+    if both:
+        raise ConfigError(f"{both[0]} is both zipped and swept; give it in one of --zip or --sweep")
+    check_zip(zip_spec, "--zip")
+    zipped = [dict(zip(zip_spec, values, strict=True)) for values in zip(*zip_spec.values(), strict=True)] or [{}]
+    return [{**z, **g} for z in zipped for g in grid(grid_spec)]
 
 
 def expand(base: Any, points: list[dict[str, Any]]) -> list[Any]:
@@ -128,261 +165,133 @@ def expand(base: Any, points: list[dict[str, Any]]) -> list[Any]:
 # ----------------------------------------------------------------------------- submission
 
 
-@dataclass
-class Task:
-    index: int
-    overrides: dict[str, Any]
-    run_dir: Path
-    job_id: str = ""
-    job: Any = None  # the submitit Job, when submitted from this process
-
-
 def task_dir(sweep_dir: Path, index: int) -> Path:
-    return sweep_dir / f"task-{index:03d}"
-
-
-def read_manifest(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """The latest manifest line of every task, in task order."""
-    path = Path(sweep_dir) / "manifest.jsonl"
-    latest: dict[int, dict[str, Any]] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                latest[int(record["task"])] = record
-    return [latest[k] for k in sorted(latest)]
-
-
-def _append_manifest(sweep_dir: Path, tasks: list[Task]) -> None:
-    now = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with open(sweep_dir / "manifest.jsonl", "a") as f:
-        for t in tasks:
-            f.write(json.dumps({"task": t.index, "overrides": t.overrides, "run_dir": str(t.run_dir),
-                                "job_id": t.job_id, "submitted_at": now}) + "\n")
-
-
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return SweepPaths(sweep_dir).task(index)
 
 
 def submit_sweep(kind: str, base: Any, points: list[dict[str, Any]], slurm: SlurmConfig,
-                 sweep_dir: str | Path, resume: bool = False, dry_run: bool = False) -> list[Task]:
+                 sweep_dir: str | Path, dry_run: bool = False, task: int = -1,
+                 spec: dict[str, Any] | None = None) -> list[Task]:
     """Queue one array task per point (one sbatch per MaxArraySize tasks); returns what was queued.
 
-    `resume` on an existing sweep folder resubmits only tasks that are neither DONE nor still
-    queued or running; without it an existing sweep folder is refused.
+    `task` >= 0 queues only that point (e.g. with cluster local, to try it before the rest); the
+    sweep folder may then already exist, made with the same points. Without it an existing sweep
+    folder is refused: `retry_sweep` resubmits its unfinished tasks.
     """
-    if kind not in JOBS:
-        raise ClusterError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
+    spec_of(kind)
     sweep_dir = Path(sweep_dir).resolve()
+    paths = SweepPaths(sweep_dir)
     configs = expand(base, points)
-    for cfg in configs:
-        check_job_paths(kind, cfg)
-    if slurm.cluster == "slurm" and not dry_run:
-        check_against_cluster(slurm)
-
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        if not resume:
-            raise ClusterError(f"sweep folder {sweep_dir} already exists; pass --resume to resubmit its "
-                               "unfinished tasks, or choose another --sweep_dir")
-        todo = _unfinished_tasks(sweep_dir, points)
-    else:
-        if resume:
-            raise ClusterError(f"--resume: sweep folder {sweep_dir} does not exist")
-        todo = list(range(len(points)))
+    if task >= len(points) or task < -1:
+        raise ClusterError(f"--task {task} is out of range: the sweep has tasks 0-{len(points) - 1}")
+    exists = sweep_dir.exists() and any(sweep_dir.iterdir())
+    if exists and task < 0:
+        raise ClusterError(f"sweep folder {sweep_dir} already exists; pass --resume to resubmit its "
+                           "unfinished tasks, or choose another --sweep_dir")
+    if exists:
+        saved = read_sweep_yaml(sweep_dir)
+        if points_of(saved) != points:
+            raise ClusterError(f"sweep folder {sweep_dir} was made with other points; use its own --sweep flags")
+    todo = [task] if task >= 0 else list(range(len(points)))
+    if not exists:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump({
-            "job": kind, "grid": points, "base": to_dict(base), "slurm": to_dict(slurm)}, sort_keys=False))
-    if not todo:
-        return []
-
-    # a fresh snapshot on every (re)submission: what runs is what the checkout holds now
-    code_dir = snapshot_code(sweep_dir / "code")
-    logs = sweep_dir / "logs"
-    name = slurm.job_name or f"bonnerlab-{kind}-sweep"
-    setup = job_setup_lines(slurm, code_dir)
-    from bonnerlab.runs import write_git_info
-
-    write_git_info(sweep_dir)  # once; every task folder gets a copy
-    tasks = []
-    for i in todo:
-        run_dir = task_dir(sweep_dir, i)
-        cfg = prepare_job_config(kind, configs[i], run_dir)
-        if not (run_dir / "config.yaml").exists():
-            write_run_description(run_dir, kind, cfg, slurm, {
-                "run_dir": str(run_dir), "sweep_dir": str(sweep_dir), "task": i, "overrides": points[i]},
-                git_from=sweep_dir)
-        tasks.append((Task(i, points[i], run_dir), cfg))
-
-    if dry_run:
-        script = sbatch_script(slurm, logs, name, setup, array=min(len(tasks), _max_array_size_or_default()))
-        (sweep_dir / "submit.sh").write_text(script)
-        return [t for t, _ in tasks]
-
-    per_array = max_array_size() if slurm.cluster == "slurm" else len(tasks)
-    executor = make_executor(slurm, logs, name, setup)
-    submitted: list[Task] = []
-    for chunk in chunks(tasks, per_array):
-        with _patched_env(_code_env(code_dir) if slurm.cluster == "local" else {}):
-            with executor.batch():
-                jobs = [executor.submit(ClusterJob(kind, cfg, str(t.run_dir), slurm.max_requeues,
-                                                   slurm.gpus_per_node)) for t, cfg in chunk]
-        for (t, _), job in zip(chunk, jobs, strict=True):
-            t.job_id, t.job = str(job.job_id), job
-            update_slurm_yaml(t.run_dir, {"job_id": t.job_id})
-            submitted.append(t)
-        array_id = str(jobs[0].job_id).split("_")[0]
-        src = logs / f"{array_id}_submission.sh"
-        if src.exists():
-            (sweep_dir / f"submit-{array_id}.sh").write_text(src.read_text())
-        _append_manifest(sweep_dir, [t for t, _ in chunk])
-    return submitted
+        paths.sweep_yaml.write_text(yaml_text({"job": kind, "spec": spec or {}, "points": points,
+                                               "base": to_dict(base), "slurm": to_dict(slurm)}))
+    tasks = [Task(i, points[i], paths.task(i), configs[i]) for i in todo]
+    return submit_tasks(Submission(kind, sweep_dir, slurm, tasks, array=True, dry_run=dry_run,
+                                   extra={"sweep_dir": str(sweep_dir)}))
 
 
-def _max_array_size_or_default() -> int:
-    try:
-        return max_array_size()
-    except ClusterError:
-        return 1001
+# ----------------------------------------------------------------------------- retries
 
 
-def _unfinished_tasks(sweep_dir: Path, points: list[dict[str, Any]]) -> list[int]:
-    saved = yaml.safe_load((sweep_dir / "sweep.yaml").read_text()) if (sweep_dir / "sweep.yaml").exists() else None
-    if saved is not None and saved.get("grid") != points:
-        raise ClusterError(f"--resume: {sweep_dir} was made with another grid ({saved.get('grid')}); "
-                           "resume it with the same --sweep flags")
+@dataclass
+class RetryPlan:
+    tasks: list[Task]
+    notes: list[str]  # why other unfinished tasks were left alone
+    changes: list[str]  # what a resubmitted task asks for differently (more memory)
+
+
+def _what_was_submitted(path: Path, points: list[dict[str, Any]] | None) -> tuple[str, SlurmConfig, Any, list]:
+    """(job kind, SLURM request, base config, points) a sweep or run folder was submitted with."""
+    if folder_kind(path) == "run":
+        data = load_yaml_if_exists(RunPaths(path).slurm_yaml)
+        if not data or not data.get("submitted", {}).get("job"):
+            raise ClusterError(f"--resume: {path} was not submitted by jobs/launch.py (no slurm.yaml)")
+        kind = data.pop("submitted")["job"]
+        cfg = from_dict(spec_of(kind).load_config_class(), yaml.safe_load(RunPaths(path).config_yaml.read_text()))
+        return kind, from_dict(SlurmConfig, data), cfg, [{}]
+    saved = read_sweep_yaml(path)
+    if points is not None and points != points_of(saved):
+        raise ClusterError(f"--resume: {path} was made with other points ({points_of(saved)}); "
+                           "resume it with the same --sweep/--zip flags, or with none")
+    kind = saved["job"]
+    cfg = from_dict(spec_of(kind).load_config_class(), saved["base"])
+    return kind, from_dict(SlurmConfig, saved["slurm"]), cfg, points_of(saved)
+
+
+def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
+               max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
+               task: int = -1) -> tuple[str, SlurmConfig, RetryPlan]:
+    """Which tasks of a sweep (or a run folder, one task) to resubmit and with what request:
+    (job kind, base request, plan)."""
+    sweep_dir = Path(sweep_dir).resolve()
+    if not sweep_dir.exists():
+        raise ClusterError(f"--resume: sweep folder {sweep_dir} does not exist")
+    kind, saved_request, base_cfg, all_points = _what_was_submitted(sweep_dir, points)
+    base_request = slurm or saved_request
     table = sweep_status(sweep_dir, write=False)
-    active = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}
-    done = {"DONE", "COMPLETED"}
-    return [int(row.task) for row in table.itertuples() if row.state not in done | active]
+    if task >= len(table) or task < -1:
+        raise ClusterError(f"--task {task} is out of range: the sweep has tasks 0-{len(table) - 1}")
+    wanted = RETRY_AS_IS + RETRY_MORE_MEMORY + (RETRY_WHEN_ASKED if retry_failed else ())
+    plan = RetryPlan([], [], [])
+    for row in table.to_dict("records"):
+        if task >= 0 and row["task"] != task:
+            continue
+        why = row["failure"]
+        if not why:
+            continue
+        if why not in wanted:
+            plan.notes.append(f"task {row['task']}: {why} ({row['error'] or row['state']}); "
+                              "not retried without --retry_failed")
+            continue
+        if row["retries"] >= max_retries:
+            plan.notes.append(f"task {row['task']}: {why}, already retried {row['retries']} times (--max_retries)")
+            continue
+        run_dir = Path(row["run_dir"])
+        request = base_request
+        if why in RETRY_MORE_MEMORY:
+            request = _more_memory(run_dir, base_request, row, mem_factor)
+            plan.changes.append(f"task {row['task']}: out of memory, now mem_gb {request.mem_gb:g}")
+        cfg = apply_overrides(base_cfg, all_points[row["task"]])
+        plan.tasks.append(Task(row["task"], all_points[row["task"]], run_dir, cfg, request,
+                               row["retries"] + (1 if row["job_id"] else 0)))
+    return kind, base_request, plan
 
 
-# ----------------------------------------------------------------------------- status
+def _more_memory(run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: float) -> SlurmConfig:
+    """The request the task ran out of memory with, times `factor`."""
+    had = (load_yaml_if_exists(RunPaths(run_dir).slurm_yaml) or {}).get("mem_gb", 0) or base.mem_gb
+    if not had:
+        info = slurm_commands.query([row["job_id"]]).get(row["job_id"]) if row["job_id"] else None
+        had = (info.mem_mb / 1024) if info and info.mem_mb else 0
+    if not had:
+        raise ClusterError(f"task {row['task']} ran out of memory with the partition's default memory; "
+                           "pass --mem_gb to say how much to ask for")
+    return SlurmConfig(**{**to_dict(base), "mem_gb": round(had * factor, 3)})
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """job id -> state, from squeue (queued/running) then sacct (finished); {} without SLURM."""
-    ids = [j for j in job_ids if j]
-    if not ids:
-        return {}
-    states: dict[str, str] = {}
-    try:
-        # -r: one line per array task (a pending array is otherwise one "12_[3-9]" line)
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({i.split('_')[0] for i in ids}))],
-                             capture_output=True, text=True, timeout=30)
-        for line in out.stdout.splitlines():
-            if "|" in line:
-                jid, state = line.split("|", 1)
-                states[jid.strip()] = state.strip()
-        missing = [i for i in ids if i not in states]
-        if missing:
-            out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(missing)],
-                                 capture_output=True, text=True, timeout=30)
-            for line in out.stdout.splitlines():
-                if "|" in line:
-                    jid, state = line.split("|", 1)
-                    # "CANCELLED by 0" -> CANCELLED
-                    states.setdefault(jid.strip(), state.split()[0] if state.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return states
-    return states
+def retry_sweep(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
+                max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
+                task: int = -1, dry_run: bool = False) -> RetryPlan:
+    """Resubmit only the retryable tasks, as one array per request (out-of-memory ones with more
+    memory); a run folder's one job is resubmitted the same way, as a plain job."""
+    kind, base, plan = plan_retry(sweep_dir, slurm, retry_failed, max_retries, mem_factor, points, task)
+    if plan.tasks:
+        sweep_dir = Path(sweep_dir).resolve()
+        sweep = folder_kind(sweep_dir) == "sweep"
+        submit_tasks(Submission(kind, sweep_dir, base, plan.tasks, array=sweep, dry_run=dry_run,
+                                extra={"sweep_dir": str(sweep_dir)} if sweep else {}))
+    return plan
 
 
-def _tasks_of(path: Path) -> list[dict[str, Any]]:
-    """Manifest rows of a sweep folder, or one row for a single run folder."""
-    manifest = read_manifest(path)
-    if manifest:
-        return manifest
-    from bonnerlab.runs import load_yaml_if_exists
-
-    submitted = (load_yaml_if_exists(path / "slurm.yaml") or {}).get("submitted", {})
-    if not (path / "config.yaml").exists():
-        raise ClusterError(f"{path} is neither a sweep folder (manifest.jsonl) nor a run folder (config.yaml)")
-    return [{"task": submitted.get("task", 0), "overrides": submitted.get("overrides", {}), "run_dir": str(path),
-             "job_id": str(submitted.get("job_id", ""))}]
-
-
-def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", write: bool = True) -> Any:
-    """A pandas DataFrame, one row per task: overrides, state (squeue, sacct, then the job's marker),
-    best and last `metric` from metrics.jsonl, and `best` marking the best task.
-
-    With `write`, also saves results.csv and results.png (metric vs each swept value) in `path`.
-    """
-    import pandas as pd
-
-    from bonnerlab.runs import read_metrics, read_state
-
-    path = Path(path)
-    rows = _tasks_of(path)
-    slurm_states = _slurm_states([r["job_id"] for r in rows])
-    records = []
-    for r in rows:
-        run_dir = Path(r["run_dir"])
-        marker = read_state(run_dir) if run_dir.exists() else None
-        state = slurm_states.get(r["job_id"]) or marker or "UNKNOWN"
-        # SLURM says COMPLETED for a finished batch script; the marker says whether training did
-        if state == "COMPLETED" and marker:
-            state = marker
-        metrics = read_metrics(run_dir) if run_dir.exists() else []
-        values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
-        best = (max(values) if mode == "max" else min(values)) if values else math.nan
-        record = {"task": int(r["task"]), **{k: v for k, v in r["overrides"].items()},
-                  "state": state, "job_id": r["job_id"], "epochs": len(metrics),
-                  f"best_{metric}": best, f"last_{metric}": values[-1] if values else math.nan,
-                  "run_dir": str(run_dir)}
-        records.append(record)
-    table = pd.DataFrame.from_records(records)
-    col = f"best_{metric}"
-    table["best"] = ""
-    if table[col].notna().any():
-        best_idx = table[col].idxmax() if mode == "max" else table[col].idxmin()
-        table.loc[best_idx, "best"] = "*"
-    if write:
-        table.to_csv(path / "results.csv", index=False)
-        keys = sorted({k for r in rows for k in r["overrides"]})
-        if keys and table[col].notna().any():
-            plot_sweep(table, keys, col, path / "results.png")
-    return table
-
-
-def _log_axis(key: str, values: list[Any]) -> bool:
-    nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
-    if len(nums) != len(values) or min(nums, default=0) <= 0:
-        return False
-    return key.split(".")[-1] in ("lr", "weight_decay") or max(nums) / min(nums) >= 100
-
-
-def plot_sweep(table: Any, keys: list[str], col: str, out: Path) -> None:
-    """One panel per swept key: the metric of every task against that key's value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        values = table[key].tolist()
-        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
-        others = [k for k in keys if k != key]
-        groups = table.groupby(others, dropna=False) if others else [("", table)]
-        for label, group in groups:
-            group = group.sort_values(key) if numeric else group
-            x = group[key] if numeric else group[key].astype(str)
-            ax.plot(x, group[col], "o-", label=str(label) if others else None)
-        if numeric and _log_axis(key, values):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(col)
-        if others:
-            ax.legend(title=",".join(others), fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-
-
-def format_table(table: Any, metric: str = "val_acc") -> str:
-    shown = [c for c in table.columns if c not in ("run_dir",)]
-    return table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}")

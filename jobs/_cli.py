@@ -14,7 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bonnerlab.errors import UserError  # noqa: E402
 
 
-def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None, save_on_signals: bool = False) -> None:
+    """`save_on_signals`: SIGTERM/SIGUSR2 (preemption, scancel, torchrun passing on its own SIGTERM)
+    ask the job to save at its next step boundary instead of killing it (bonnerlab.interrupt)."""
+    if save_on_signals:
+        from bonnerlab import interrupt
+
+        interrupt.install_handlers()
     try:
         main(sys.argv[1:] if argv is None else argv)
     except UserError as e:
@@ -36,3 +42,5 @@ def print_result(result: Any) -> None:
 
     if resolve_env()[0] == 0:
         print(json.dumps(result), flush=True)
+        if isinstance(result, dict) and result.get("interrupted"):
+            print(f"stopped by a signal; saved. Continue with: --run_dir {result['run_dir']} --resume", flush=True)

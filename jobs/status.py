@@ -1,17 +1,21 @@
-"""States and results of a sweep (or one run) as a table; writes results.csv and results.png.
+"""Every run and sweep at a glance, or one folder's table; writes results.csv and results.png.
 
-    python jobs/status.py runs/<sweep-or-run>
+    python jobs/status.py                          # every run and sweep under runs/, newest first
+    python jobs/status.py --watch 10               # refresh every 10 s until nothing is queued or running
+    python jobs/status.py runs/<sweep-or-run>      # one row per task, results.csv, results.png
     python jobs/status.py runs/<sweep> --metric val_loss --mode min
 
-State comes from squeue (queued, running), then sacct (finished), then the job's own STATE
-marker, so it works with no launcher alive, and without SLURM for local runs. From an analysis
-script: `from bonnerlab.sweeps import sweep_status; df = sweep_status("runs/<sweep>")`.
+State comes from SLURM (one squeue and one sacct per refresh, for all folders together), then the
+job's own STATE marker, so it works with no launcher alive, and without SLURM for local runs.
+A failed task's row shows its failure kind and the last line of its error. From an analysis
+script: `from bonnerlab.status import sweep_status; df = sweep_status("runs/<sweep>")`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from _cli import run_job
@@ -21,23 +25,52 @@ from bonnerlab.errors import UserError
 
 def main(argv: list[str]):
     p = argparse.ArgumentParser(prog="jobs/status.py", description=__doc__.splitlines()[0])
-    p.add_argument("path", help="sweep folder (manifest.jsonl) or run folder")
+    p.add_argument("path", nargs="?", default="", help="sweep or run folder; none = every folder under --runs_root")
+    p.add_argument("--runs_root", default="runs", help="where to look for runs and sweeps")
     p.add_argument("--metric", default="val_acc", help="metrics.jsonl key to rank tasks by")
     p.add_argument("--mode", default="max", choices=("max", "min"), help="whether larger is better")
+    p.add_argument("--watch", type=float, default=0, metavar="N",
+                   help="refresh every N seconds until nothing is queued or running")
     args = p.parse_args(argv)
+    if args.watch < 0:
+        raise UserError(f"--watch must be >= 0; got {args.watch}")
+    while True:
+        table, active = show(args)
+        if not args.watch or not active:
+            return table
+        time.sleep(args.watch)
+        print()
+
+
+def show(args: argparse.Namespace):
+    from bonnerlab import slurm
+    from bonnerlab.status import format_table, status_all, sweep_status
+
+    active_states = {"PENDING", *slurm.ACTIVE}
+    if not args.path:
+        root = Path(args.runs_root)
+        if not root.is_dir():
+            raise UserError(f"{root} is not a folder (--runs_root)")
+        table = status_all(root, metric=args.metric, mode=args.mode)
+        if table.empty:
+            print(f"no runs or sweeps under {root}")
+            return table, False
+        shown = table if table["error"].astype(bool).any() else table.drop(columns="error")
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        active = any(s.split()[0] in active_states for states in table["states"] for s in states.split(" · ") if s)
+        return table, active
     path = Path(args.path)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
-    from bonnerlab.sweeps import format_table, sweep_status
-
     table = sweep_status(path, metric=args.metric, mode=args.mode)
     print(format_table(table, args.metric))
-    counts = table["state"].value_counts().to_dict()
-    print("  ".join(f"{state}: {n}" for state, n in sorted(counts.items())))
-    written = [f for f in ("results.csv", "results.png") if (path / f).exists()]
+    from bonnerlab.status import state_counts
+
+    print(state_counts(table["state"].tolist()))
+    written = [f for f in ("results.csv", "results.png", "report.html") if (path / f).exists()]
     if written:
         print(f"wrote {', '.join(str(path / f) for f in written)}")
-    return table
+    return table, bool(set(table["state"]) & active_states)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
     torchrun --nproc_per_node 2 jobs/train.py --device cpu  # DDP (gloo on CPU, NCCL on GPUs)
     python jobs/launch.py --partition gpu --gpus_per_node 1 train --optim.lr 0.01   # SLURM
     python jobs/train.py --config_path runs/<run>/config.yaml --run_dir runs/again   # reproduce
+
+SIGTERM or SIGUSR2 (preemption, a hand-written sbatch script's --signal, torchrun passing on its
+own SIGTERM) saves latest.pt at the next step and exits; `--resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -26,4 +29,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    run_job(main)
+    run_job(main, save_on_signals=True)

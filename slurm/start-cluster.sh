@@ -17,6 +17,7 @@
 #   SLURMLAB_MEM_MB=N            RealMemory per node (default: MemTotal - 1 GiB)
 #   SLURMLAB_GPUS=N              fake GPUs on the gpu node (default 2)
 #   SLURMLAB_MAX_ARRAY=N         MaxArraySize (default 1001)
+#   SLURMLAB_DEF_MEM_PER_CPU=MB  memory of a job that asks for none, per CPU (default RealMemory / CPUs)
 #   SLURMLAB_INSTALL=1|0         apt-get install missing packages (default 1)
 set -euo pipefail
 
@@ -29,6 +30,8 @@ CPUS=${SLURMLAB_CPUS:-8}
 MEM=${SLURMLAB_MEM_MB:-$(( $(awk '/^MemTotal/{print int($2/1024)}' /proc/meminfo) - 1024 ))}
 NGPU=${SLURMLAB_GPUS:-2}
 MAX_ARRAY=${SLURMLAB_MAX_ARRAY:-1001}
+# memory a job gets per CPU when it asks for none (MB): 8 such 1-CPU jobs fit a node
+DEF_MEM_PER_CPU=${SLURMLAB_DEF_MEM_PER_CPU:-$(( MEM / CPUS ))}
 CTLD_PORT=${SLURMLAB_CTLD_PORT:-6817}
 SLURMD_PORT=${SLURMLAB_SLURMD_PORT:-6818}
 SLURMD_PORT_GPU=${SLURMLAB_SLURMD_PORT_GPU:-6828}
@@ -116,7 +119,7 @@ render() {  # render TEMPLATE OUT: replace @VARS@, write atomically
       -e "s#@CPU_NODE@#$CPU_NODE#g" -e "s#@GPU_NODE@#$GPU_NODE#g" \
       -e "s#@CTLD_PORT@#$CTLD_PORT#g" -e "s#@SLURMD_PORT@#$SLURMD_PORT#g" \
       -e "s#@SLURMD_PORT_GPU@#$SLURMD_PORT_GPU#g" -e "s#@DBD_PORT@#$DBD_PORT#g" \
-      -e "s#@MYSQL_PORT@#$MYSQL_PORT#g" >"$tmp"
+      -e "s#@MYSQL_PORT@#$MYSQL_PORT#g" -e "s#@DEF_MEM_PER_CPU@#$DEF_MEM_PER_CPU#g" >"$tmp"
   mv "$tmp" "$2"
 }
 render "$HERE/templates/slurm.conf.in" "$LAB/etc/slurm.conf"

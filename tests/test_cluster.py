@@ -3,7 +3,9 @@ run in-process. None of these need SLURM; tests/test_cluster_slurm.py uses the r
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonnerlab.cluster import (
-    ClusterError,
-    ClusterJob,
-    SlurmConfig,
-    parse_time_min,
-    prepare_job_config,
-)
-from bonnerlab.config import EvaluateConfig
-from bonnerlab.runs import read_state
+from bonnerlab.cluster import prepare_job_config
+from bonnerlab.config import EvaluateConfig, SlurmConfig
+from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.job import ClusterJob
+from bonnerlab.runs import read_metrics, read_state
+from bonnerlab.slurm import NO_CONTROLLER, parse_time_minutes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
@@ -41,27 +40,27 @@ def test_tasks_default_to_one_per_gpu():
     [
         ({"gpus_per_node": 2, "tasks_per_node": 1}, r"tasks_per_node \(1\) must equal gpus_per_node \(2\)"),
         ({"cluster": "kubernetes"}, "cluster must be one of slurm, local, debug"),
-        ({"time_min": 0}, "time_min must be >= 1"),
+        ({"time_minutes": 0}, "time_minutes must be >= 1"),
         ({"nodes": 0}, "nodes must be >= 1"),
         ({"cluster": "debug", "tasks_per_node": 2}, "cannot run several tasks"),
     ],
 )
 def test_slurm_config_checks(kwargs, message):
-    with pytest.raises(ClusterError, match=message):
+    with pytest.raises(ConfigError, match=message):
         SlurmConfig(**kwargs)
 
 
 def test_slurm_time_formats():
-    assert parse_time_min("60") == 60
-    assert parse_time_min("1:00:00") == 60
-    assert parse_time_min("30:00") == 30
-    assert parse_time_min("2-00:00:00") == 2880
-    assert parse_time_min("infinite") == float("inf")
+    assert parse_time_minutes("60") == 60
+    assert parse_time_minutes("1:00:00") == 60
+    assert parse_time_minutes("30:00") == 30
+    assert parse_time_minutes("2-00:00:00") == 2880
+    assert parse_time_minutes("infinite") == float("inf")
 
 
 def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_path):
     run = tmp_path / "run"
-    out = launch("--dry-run", "--partition", "gpu", "--gpus_per_node", "2", "--time_min", "20",
+    out = launch("--dry-run", "--partition", "gpu", "--gpus_per_node", "2", "--time_minutes", "20",
                  "--mem_gb", "8", "--setup", "module load cuda", "--additional_parameters", "exclusive=true",
                  "train", "--epochs", "1", "--optim.lr", "0.01", "--run_dir", str(run))
     assert out.returncode == 0, out.stderr
@@ -137,7 +136,7 @@ def test_no_sbatch_on_path_suggests_local(tmp_path):
     env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
     out = launch("train", "--run_dir", str(tmp_path / "run"), env=env)
     assert out.returncode == 2
-    assert out.stderr.strip() == "error: no sbatch on PATH: this machine has no SLURM; run with --cluster local"
+    assert out.stderr.strip() == "error: " + NO_CONTROLLER.format(why="no sbatch on PATH")
     assert not (tmp_path / "run").exists()
 
 
@@ -182,10 +181,11 @@ def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
 
 def test_partition_checks():
     """The checks on an sinfo listing of the local cluster's shape (the live one: test_cluster_slurm.py)."""
-    from bonnerlab.cluster import check_partition, parse_sinfo
+    from bonnerlab.cluster import check_partition
+    from bonnerlab.slurm import parse_sinfo
 
     parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
-    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_min == 60
+    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_minutes == 60
     assert parts["gpu"].gpus_per_node == 2 and not parts["gpu"].default
     assert parts["urgent"].gpus_per_node == 2 and parts["urgent"].nodes == 2
     assert parse_sinfo("a100|infinite|gpu:a100:8(S:0-1)|4\n")["a100"].gpus_per_node == 8
@@ -197,6 +197,250 @@ def test_partition_checks():
     with pytest.raises(ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"):
         check_partition(SlurmConfig(partition="big"), parts)
     with pytest.raises(ClusterError, match="over partition gpu's limit of 120"):
-        check_partition(SlurmConfig(partition="gpu", time_min=121), parts)
+        check_partition(SlurmConfig(partition="gpu", time_minutes=121), parts)
     with pytest.raises(ClusterError, match="2 nodes requested; partition cpu has 1"):
         check_partition(SlurmConfig(nodes=2), parts)
+
+
+# ----------------------------------------------------------------------------- golden sbatch scripts
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+@pytest.mark.parametrize("name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)])
+def test_sbatch_script_matches_its_golden_file(name, array):
+    """submitit's practice: the generated script is compared to a recorded one. A deliberate change
+    is recorded with BONNERLAB_UPDATE_GOLDEN=1 and reviewed in the diff."""
+    from bonnerlab.cluster import job_setup_lines, sbatch_script
+
+    cfg = SlurmConfig(partition="gpu", gpus_per_node=2, mem_gb=7.5, time_minutes=20, account="lab", qos="high",
+                      setup=["module load cuda"], additional_parameters={"exclusive": True}, array_parallelism=4)
+    script = sbatch_script(cfg, Path("/lab/runs/x/logs"), "bonnerlab-train", job_setup_lines(cfg, Path("/lab/runs/x/code")),
+                           array=array, python="/lab/venv/bin/python")
+    golden = GOLDEN / name
+    if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+# ----------------------------------------------------------------------------- no SLURM, bad folders
+
+STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
+CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
+LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+
+
+def _no_slurm_env(tmp_path, conf: str | None = None):
+    """PATH without SLURM's clients, or (conf) with them but pointing at a controller that is not there."""
+    env = {**os.environ}
+    env.pop("SLURM_CONF", None)
+    if conf is not None:
+        env["SLURM_CONF"] = conf
+        return env
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for tool in ("git", "bash", "sh"):
+        src = subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip()
+        if src and not (bin_dir / tool).exists():
+            (bin_dir / tool).symlink_to(src)
+    env["PATH"] = f"{Path(sys.executable).parent}:{bin_dir}"
+    return env
+
+
+def _submitted_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "slurm.yaml").write_text("cluster: slurm\nsubmitted:\n  job: train\n  job_id: '4242'\n")
+    return run
+
+
+@pytest.mark.parametrize("why", ["no clients", "no controller"])
+def test_cancel_and_launch_without_a_controller_say_so_in_one_line(tmp_path, why):
+    if why == "no controller":
+        if shutil.which("squeue") is None:
+            pytest.skip("SLURM's clients are not installed here")
+        conf = tmp_path / "slurm.conf"  # a controller on a port where nothing listens
+        conf.write_text("ClusterName=nowhere\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+                        "AuthType=auth/none\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n")
+        env = _no_slurm_env(tmp_path, str(conf))
+    else:
+        env = _no_slurm_env(tmp_path)
+    run = _submitted_run(tmp_path)
+    for cmd in ([*CANCEL, str(run)], [*LAUNCH, "train", "--run_dir", str(tmp_path / "new")]):
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        line = out.stderr.strip()
+        assert len(line.splitlines()) == 1, line
+        assert line.startswith("error: no SLURM controller reachable (") and line.endswith(
+            "; start the local one (make slurm-up && source .slurm-lab/env.sh), run on a login node, "
+            "or --cluster local"), line
+    assert not (tmp_path / "new").exists()
+    # status still answers from the folders' own markers, with the same line as a warning
+    status = subprocess.run([*STATUS, str(run)], capture_output=True, text=True, env=env, timeout=120)
+    assert status.returncode == 0, status.stderr
+    assert "warning: no SLURM controller reachable" in status.stderr
+
+
+@pytest.mark.parametrize("tool", [STATUS, CANCEL, LOGS])
+def test_a_folder_that_is_neither_run_nor_sweep_is_one_line(tmp_path, tool):
+    (tmp_path / "stuff").mkdir()
+    out = subprocess.run([*tool, str(tmp_path / "stuff")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"error: {tmp_path / 'stuff'} is neither a sweep folder (sweep.yaml, "
+                                  "manifest.jsonl) nor a run folder (config.yaml)")
+
+
+def test_logs_of_task_k_and_bad_task(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "logs").mkdir(parents=True)
+    (sweep / "sweep.yaml").write_text("job: train\npoints: [{seed: 0}, {seed: 1}]\n")
+    (sweep / "manifest.jsonl").write_text("".join(
+        json.dumps({"task": i, "overrides": {"seed": i}, "run_dir": f"{sweep}/task-00{i}", "job_id": f"5_{i}"}) + "\n"
+        for i in range(2)))
+    (sweep / "logs" / "5_1_0_log.out").write_text("".join(f"line {i}\n" for i in range(100)))
+    (sweep / "logs" / "5_1_1_log.err").write_text("rank 1 says hi\n")
+    out = subprocess.run([*LOGS, str(sweep), "--task", "1", "--lines", "3"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1:] == ["line 97", "line 98", "line 99"]
+    out = subprocess.run([*LOGS, str(sweep), "--task", "1", "--rank", "1", "--err"], capture_output=True, text=True)
+    assert out.stdout.splitlines()[-1] == "rank 1 says hi"
+    out = subprocess.run([*LOGS, str(sweep), "--task", "7"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: --task 7 is out of range: {sweep} has tasks 0-1"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--zip", "optim.lr=0.1,0.01", "--zip", "seed=1,2,3"], "zipped value lists must have equal lengths"),
+        (["--zip", "optim.lr=0.1,0.01", "--sweep", "optim.lr=0.3"], "optim.lr is both zipped and swept"),
+        (["--sweep", "optim.lr=0.1,0.01", "--task", "2"], "--task 2 is out of range: the sweep has tasks 0-1"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_and_nothing_written(tmp_path, args, message):
+    out = launch("--dry-run", "--sweep_dir", str(tmp_path / "s"), *args, "train")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_dry_run_of_a_zip_sweep_prints_the_script_and_the_points(tmp_path):
+    out = launch("--dry-run", "--sweep_dir", str(tmp_path / "s"), "--zip", "optim.lr=0.1,0.01",
+                 "--zip", "epochs=2,4", "--sweep", "seed=0,1", "train")
+    assert out.returncode == 0, out.stderr
+    assert "#SBATCH --array=0-3%4" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("task", "0 ", "1 ", "2 ", "3 "))]
+    assert rows == [["task", "optim.lr", "epochs", "seed"], ["0", "0.10", "2", "0"], ["1", "0.10", "2", "1"],
+                    ["2", "0.01", "4", "0"], ["3", "0.01", "4", "1"]]
+    assert not list((tmp_path / "s" / "logs").glob("*.pkl")) if (tmp_path / "s" / "logs").exists() else True
+
+
+def test_retry_with_nothing_retryable_says_so_and_exits_0(tmp_path):
+    sweep = tmp_path / "s"
+    out = launch("--cluster", "debug", "--wait", "--sweep_dir", str(sweep), "--sweep", "seed=0", "train",
+                 "--epochs", "1", "--max_steps_per_epoch", "2", "--model.width", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    again = launch("--sweep_dir", str(sweep), "--resume")
+    assert again.returncode == 0, again.stderr
+    assert f"nothing to resubmit: no task of {sweep} failed for a retryable reason" in again.stdout
+
+
+@pytest.mark.slow
+def test_one_task_of_a_sweep_runs_here_then_the_rest_is_queued_around_it(tmp_path):
+    """`--task K --cluster local`: try one point on this machine, in its own task folder."""
+    sweep = tmp_path / "s"
+    flags = ["--sweep_dir", str(sweep), "--sweep", "optim.lr=0.1,0.01,0.001"]
+    job = ["train", "--epochs", "1", "--max_steps_per_epoch", "2", "--model.width", "8", "--device", "cpu"]
+    out = launch(*flags, "--task", "1", "--cluster", "local", *job)
+    assert out.returncode == 0, out.stderr
+    assert "submitted task 1 as 1 job array(s)" in out.stdout
+    assert read_state(sweep / "task-001") == "DONE"
+    assert yaml.safe_load((sweep / "task-001" / "config.yaml").read_text())["optim"]["lr"] == 0.01
+    assert not (sweep / "task-000").exists() and not (sweep / "task-002").exists()
+    # the other points are still to do: a dry-run resume would submit exactly those
+    again = launch("--sweep_dir", str(sweep), "--resume", "--dry-run")
+    assert again.returncode == 0, again.stderr
+    assert "would resubmit tasks [0, 2]" in again.stdout
+    # a different sweep in the same folder is refused
+    other = launch("--sweep_dir", str(sweep), "--sweep", "optim.lr=0.5", "--task", "0", "--cluster", "local", *job)
+    assert other.returncode == 2 and "was made with other points" in other.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_run(tmp_path):
+    """jobs/train.py installs the stop handlers itself: torchrun passes its SIGTERM to both workers,
+    which save latest.pt at the same step boundary and exit; --resume then ends bit for bit where
+    an uninterrupted run ends."""
+    import signal
+    import time
+
+    from conftest import assert_same_weights
+
+    from bonnerlab.checkpoint import load_checkpoint
+
+    common = ["--device", "cpu", "--progress", "false", "--epochs", "12", "--model.width", "8",
+              "--data.batch_size", "64", "--checkpoint_every_steps", "4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    train_py = str(REPO / "jobs" / "train.py")
+
+    def torchrun(run: Path, *extra: str) -> list[str]:
+        import socket
+
+        with socket.socket() as s:  # a free port: fixed ones collide with other test runs on the machine
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                train_py, *common, "--run_dir", str(run), *extra]
+
+    ref = subprocess.run(torchrun(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(torchrun(run), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    end = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() and time.monotonic() < end and proc.poll() is None:
+        time.sleep(0.1)
+    assert proc.poll() is None, "training finished before it could be signalled"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped by a signal; saved" in out, out[-3000:]
+    assert read_state(run) == "INTERRUPTED"
+    assert (run / "checkpoints" / "latest.pt").is_file() and len(read_metrics(run)) < 12
+    resumed = subprocess.run(torchrun(run, "--resume", "true"), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_state(run) == "DONE"
+
+    assert_same_weights(load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt")["model"],
+                        load_checkpoint(run / "checkpoints" / "latest.pt")["model"])
+
+
+def test_one_yaml_file_holds_launcher_and_slurm_keys_and_flags_win(tmp_path):
+    spec = tmp_path / "launch.yaml"
+    spec.write_text("partition: gpu\narray_parallelism: 1\ndry_run: true\nsweep: ['optim.lr=0.1,0.01']\n")
+    out = launch("--config_path", str(spec), "--sweep_dir", str(tmp_path / "a"), "train")
+    assert out.returncode == 0, out.stderr
+    script = (tmp_path / "a" / "submit.sh").read_text()
+    assert "#SBATCH --array=0-1%1" in script and "#SBATCH --partition=gpu" in script
+    out = launch("--config_path", str(spec), "--sweep", "seed=0,1,2", "--partition", "cpu",
+                 "--sweep_dir", str(tmp_path / "b"), "train")
+    assert out.returncode == 0, out.stderr
+    script = (tmp_path / "b" / "submit.sh").read_text()
+    assert "#SBATCH --array=0-2%1" in script and "#SBATCH --partition=cpu" in script
+    spec.write_text("partition: gpu\nsweeps: [x]\n")
+    bad = launch("--config_path", str(spec), "--dry-run", "train")
+    assert bad.returncode == 2 and "unknown config key sweeps" in bad.stderr
+
+
+def test_a_single_run_folder_is_retried_like_a_sweep_task(tmp_path):
+    run = tmp_path / "run"
+    out = launch("--cluster", "debug", "--wait", "train", "--epochs", "1", "--max_steps_per_epoch", "2",
+                 "--model.width", "8", "--device", "cpu", "--run_dir", str(run))
+    assert out.returncode == 0, out.stderr
+    nothing = launch("--sweep_dir", str(run), "--resume")
+    assert nothing.returncode == 0 and "nothing to resubmit" in nothing.stdout
+    (run / "STATE").write_text("INTERRUPTED\n")  # as a preempted job that was never requeued leaves it
+    again = launch("--sweep_dir", str(run), "--resume", "--wait")
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 tasks" in again.stdout and "tasks 0" in again.stdout
+    assert read_state(run) == "DONE"
+    assert yaml.safe_load((run / "slurm.yaml").read_text())["submitted"]["retries"] == 1

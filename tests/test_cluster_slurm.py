@@ -19,12 +19,14 @@ import torch
 from conftest import assert_same_weights
 from slurm_fixtures import slurm_cluster  # noqa: F401
 
-from bonnerlab import cluster
+from bonnerlab import slurm
 from bonnerlab.checkpoint import load_checkpoint
-from bonnerlab.cluster import SlurmConfig, submit
-from bonnerlab.config import EvaluateConfig, TrainConfig, apply_overrides
+from bonnerlab.cluster import submit
+from bonnerlab.config import EvaluateConfig, SlurmConfig, TrainConfig, apply_overrides
+from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
-from bonnerlab.sweeps import read_manifest, submit_sweep, sweep_status
+from bonnerlab.status import read_manifest, sweep_status
+from bonnerlab.sweeps import submit_sweep
 
 # Run one after another (`make test` gives them their own pytest process; xdist_group keeps them
 # on one worker under plain -n): a preemption test displaces every running job.
@@ -75,7 +77,7 @@ def log_of(run_dir: Path) -> str:
 
 def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoints(tmp_path):
     run = tmp_path / "run"
-    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "train",
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_minutes", "5", "train",
                           *sum(([f"--{k}", str(v)] for k, v in TINY.items()), []), "--run_dir", str(run)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -94,21 +96,21 @@ def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoin
 
 
 def test_live_cluster_checks_refuse_before_queueing(tmp_path):
-    with pytest.raises(cluster.ClusterError, match="partition cpu has no GPUs per node"):
+    with pytest.raises(ClusterError, match="partition cpu has no GPUs per node"):
         submit("train", tiny(), SlurmConfig(partition="cpu", gpus_per_node=1), tmp_path / "a")
-    with pytest.raises(cluster.ClusterError, match="unknown partition 'nope'"):
+    with pytest.raises(ClusterError, match="unknown partition 'nope'"):
         submit("train", tiny(), SlurmConfig(partition="nope"), tmp_path / "b")
-    with pytest.raises(cluster.ClusterError, match="over partition cpu's limit of 60 minutes"):
-        submit("train", tiny(), SlurmConfig(partition="cpu", time_min=61), tmp_path / "c")
+    with pytest.raises(ClusterError, match="over partition cpu's limit of 60 minutes"):
+        submit("train", tiny(), SlurmConfig(partition="cpu", time_minutes=61), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
-    assert cluster.max_array_size() == 1001
+    assert slurm.max_array_size() == 1001
 
 
 def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
     """Fake GPUs (gres on the gpu node): SLURM sets CUDA_VISIBLE_DEVICES; a job on it runs on CPU."""
     run = tmp_path / "run"
     sub = submit("train", tiny(epochs=1, max_steps_per_epoch=2), SlurmConfig(partition="gpu", gpus_per_node=1,
-                 time_min=5, setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]), run)
+                 time_minutes=5, setup=["echo CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"]), run)
     assert sub.job.result()["epoch"] == 1
     assert "CUDA_VISIBLE_DEVICES=0" in log_of(run)
     assert "#SBATCH --gpus-per-node=1" in (run / "submit.sh").read_text()
@@ -131,7 +133,7 @@ def test_evaluate_job_on_slurm(tmp_path):
 def test_failing_job_ends_failed_in_slurm_and_in_its_folder(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    sub = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_min=5),
+    sub = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_minutes=5),
                  tmp_path / "eval")
     with pytest.raises(Exception, match="corrupt or not a checkpoint"):
         sub.job.result()
@@ -170,12 +172,10 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
     for i, lr in enumerate([0.1, 0.03, 0.01]):
         assert __import__("yaml").safe_load((sweep / f"task-{i:03d}" / "config.yaml").read_text())["optim"]["lr"] == lr
 
-    # --resume resubmits only what did not finish: pretend task 1 failed
-    write_state(sweep / "task-001", "FAILED")
+    # --resume resubmits only what did not finish: pretend task 1 was preempted and not requeued
+    write_state(sweep / "task-001", "INTERRUPTED")
     again = subprocess.run([*LAUNCH, "--wait", "--resume", "--sweep", "optim.lr=0.1,0.03,0.01",
-                            "--sweep_dir", str(sweep), "train", "--epochs", "1", "--model.width", "8",
-                            "--device", "cpu", "--data.batch_size", "64"],
-                           capture_output=True, text=True, timeout=300)
+                            "--sweep_dir", str(sweep), "train"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "submitted 1 tasks" in again.stdout
     after = read_manifest(sweep)
@@ -189,10 +189,10 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
 
 
 def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkeypatch):
-    monkeypatch.setattr("bonnerlab.sweeps.max_array_size", lambda: 2)
+    monkeypatch.setattr("bonnerlab.slurm.max_array_size", lambda: 2)
     points = [{"optim.lr": lr} for lr in (0.1, 0.03, 0.01)]
     tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), points,
-                         SlurmConfig(time_min=5), tmp_path / "sweep")
+                         SlurmConfig(time_minutes=5), tmp_path / "sweep")
     arrays = [t.job_id.split("_")[0] for t in tasks]
     assert arrays[0] == arrays[1] != arrays[2]
     # a chunk of one is a plain job (submitit submits single jobs without --array)
@@ -207,8 +207,8 @@ def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkey
 
 def test_two_task_gloo_job_matches_one_process_with_the_same_global_batch(tmp_path):
     cfg = tiny(epochs=1, max_steps_per_epoch=8, **{"model.batchnorm": False, "data.rotation": 20.0})
-    one = submit("train", cfg, SlurmConfig(partition="cpu", time_min=5), tmp_path / "one")
-    two = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=5), tmp_path / "two")
+    one = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=5), tmp_path / "one")
+    two = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_minutes=5), tmp_path / "two")
     one.job.result()
     results = two.job.results()
     assert len(results) == 2  # one result per task
@@ -245,9 +245,9 @@ def _wait_until_training(run: Path, timeout: float = 120) -> None:
 def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_path):
     cfg = tiny(**LONG)
     # the reference runs alone on the other node, with the same cores per task
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=10, additional_parameters={"exclusive": True}), run)
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}), run)
     _wait_until_training(run)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
     urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "--nodelist", node, "--exclusive",
@@ -272,9 +272,10 @@ def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(
     # epochs of the width-16 model take ~85 s of compute on an idle 2-core machine.
     epochs = 300
     cfg = tiny(**{**LONG, "epochs": epochs})
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_min=2, signal_delay_s=60, max_requeues=4), run)
+    # each run trains 30-60 s: on a loaded shared machine that is few epochs, so allow many requeues
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=2, signal_delay_s=60, max_requeues=10), run)
     result = sub.job.result()
     ref.job.result()
     assert result["epoch"] == epochs
@@ -294,7 +295,7 @@ def test_array_task_requeues_alone(tmp_path):
     itself and resumes; the other task is never restarted."""
     sweep = tmp_path / "sweep"
     tasks = submit_sweep("train", tiny(**LONG), [{"epochs": 1, "max_steps_per_epoch": 2}, {"epochs": 30}],
-                         SlurmConfig(partition="cpu", time_min=10), sweep)
+                         SlurmConfig(partition="cpu", time_minutes=10), sweep)
     _wait_until_training(sweep / "task-001")
     subprocess.run(["scancel", "--signal=USR2", tasks[1].job_id], check=True)
     assert [t.job.result()["epoch"] for t in tasks] == [1, 30]
@@ -311,9 +312,9 @@ def test_array_task_requeues_alone(tmp_path):
 def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
     """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both resume."""
     cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
-    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_min=10), tmp_path / "ref")
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_minutes=10), tmp_path / "ref")
     run = tmp_path / "run"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_min=10,
+    sub = submit("train", cfg, SlurmConfig(partition="cpu", tasks_per_node=2, time_minutes=10,
                                            additional_parameters={"exclusive": True}), run)
     _wait_until_training(run)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
@@ -338,7 +339,7 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
     args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
             "--batch_size", "16", "--device", "cpu", "--progress", "false"]
     store = tmp_path / "sharded.zarr"
-    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_min", "5", "--shards", "3", "--wait",
+    out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_minutes", "5", "--shards", "3", "--wait",
                           "--sweep_dir", str(tmp_path / "shards"), "extract", *args, "--output", str(store)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -357,3 +358,140 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
         assert np.array_equal(a.values, b.values), layer
         assert list(a["stimulus"].values) == list(b["stimulus"].values)
     assert sacct_state(array_id + "_0") == "COMPLETED"
+
+
+# ----------------------------------------------------------------------------- operating runs and sweeps
+
+STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
+CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
+LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+
+
+def test_status_of_many_folders_asks_slurm_once_and_shows_the_error_line(tmp_path):
+    from bonnerlab.status import status_all
+
+    runs = tmp_path / "runs"
+    tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), [{"seed": s} for s in range(4)],
+                         SlurmConfig(time_minutes=5), runs / "sweep")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    failing = submit("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), SlurmConfig(time_minutes=5),
+                     runs / "eval")
+    single = submit("train", tiny(epochs=1, max_steps_per_epoch=2), SlurmConfig(time_minutes=5), runs / "one")
+    for t in tasks:
+        t.job.result()
+    single.job.result()
+    with pytest.raises(Exception, match="corrupt or not a checkpoint"):
+        failing.job.result()
+    for job_id in [tasks[0].job_id, failing.job_id, single.job_id]:
+        squeue_gone(job_id)
+        sacct_state(job_id)  # until slurmdbd has the final state
+
+    slurm.CALLS.clear()
+    table = status_all(runs)
+    assert dict(slurm.CALLS) == {"squeue": 1, "sacct": 1}
+    rows = {r["folder"]: r for r in table.to_dict("records")}
+    assert rows["sweep"]["states"] == "DONE 4" and rows["one"]["states"] == "DONE 1"
+    assert rows["eval"]["states"] == "FAILED 1" and rows["eval"]["job"] == "evaluate"
+    assert "corrupt or not a checkpoint" in rows["eval"]["error"]
+
+    out = subprocess.run([*STATUS, "--runs_root", str(runs)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "corrupt or not a checkpoint" in out.stdout and "DONE 4" in out.stdout
+    one = subprocess.run([*STATUS, str(runs / "eval")], capture_output=True, text=True, timeout=120)
+    assert "error" in one.stdout and "corrupt or not a checkpoint" in one.stdout
+    # the log of task 2, found from the sweep folder alone
+    logs = subprocess.run([*LOGS, str(runs / "sweep"), "--task", "2"], capture_output=True, text=True, timeout=60)
+    assert logs.returncode == 0 and f"{runs / 'sweep' / 'task-002'}" in logs.stdout
+
+
+def test_cancel_of_a_running_sweep_leaves_cancelled_in_sacct_and_in_the_folders(tmp_path):
+    sweep = tmp_path / "sweep"
+    tasks = submit_sweep("train", tiny(**LONG), [{"seed": 0}, {"seed": 1}], SlurmConfig(time_minutes=10), sweep)
+    _wait_until_training(sweep / "task-000")
+    out = subprocess.run([*CANCEL, str(sweep)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "cancelled 2 job(s)" in out.stdout
+    for t in tasks:
+        assert sacct_state(t.job_id) == "CANCELLED"
+        assert read_state(t.run_dir) == "CANCELLED"
+    table = sweep_status(sweep, write=False)
+    assert table["state"].tolist() == ["CANCELLED"] * 2 and table["failure"].tolist() == ["cancelled"] * 2
+    again = subprocess.run([*CANCEL, str(sweep)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to cancel" in again.stdout
+    # cancelled tasks come back only when asked
+    retry = subprocess.run([*LAUNCH, "--sweep_dir", str(sweep), "--resume", "--dry-run"], capture_output=True,
+                           text=True, timeout=120)
+    assert "nothing to resubmit" in retry.stdout and "not retried without --retry_failed" in retry.stdout
+
+
+def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_not(tmp_path):
+    """Task 0 trains past its 1.2 GB (slurmstepd kills it: "exceeded memory limit"); task 1 raises
+    (an image folder with no images) while still under it. --resume resubmits task 0 alone, as
+    one array, with 2.4 GB, and it finishes; task 1 waits for a fix and --retry_failed."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
+    sweep = tmp_path / "sweep"
+    out = subprocess.run([*LAUNCH, "--wait", "--time_minutes", "5", "--mem_gb", "1.2", "--sweep_dir", str(sweep),
+                          "--zip", "data.dataset=digits,imagefolder", "--zip", "model.width=32,8",
+                          "--zip", "data.batch_size=1024,64", "train", "--epochs", "1", "--max_steps_per_epoch", "3",
+                          "--device", "cpu", "--data.root", str(empty)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    manifest = read_manifest(sweep)
+    for r in manifest:
+        squeue_gone(r["job_id"])
+        sacct_state(r["job_id"])
+    table = sweep_status(sweep, write=False)
+    assert table["failure"].tolist() == ["out of memory", "error"], table[["state", "error"]].to_dict("records")
+    assert "exceeded job memory limit" in table["error"][0].lower()
+    assert "DataError: no images in" in table["error"][1]
+
+    retry = subprocess.run([*LAUNCH, "--wait", "--sweep_dir", str(sweep), "--resume"],
+                           capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stderr
+    assert "submitted 1 tasks as 1 job array(s)" in retry.stdout and "tasks 0" in retry.stdout
+    assert "task 0: out of memory, now mem_gb 2.4" in retry.stdout
+    assert "task 1: error (bonnerlab.errors.DataError: no images in" in retry.stdout
+    after = read_manifest(sweep)
+    assert after[0]["job_id"] != manifest[0]["job_id"] and after[0]["retries"] == 1 and after[0]["mem_gb"] == 2.4
+    assert after[1]["job_id"] == manifest[1]["job_id"]
+    array_id = after[0]["job_id"].split("_")[0]
+    assert "#SBATCH --mem=2457MB" in (sweep / f"submit-{array_id}.sh").read_text()
+    assert read_state(sweep / "task-000") == "DONE"
+    assert sweep_status(sweep, write=False)["state"].tolist() == ["DONE", "FAILED"]
+
+
+# ----------------------------------------------------------------------------- two nodes
+
+MULTI = {"partition": "multi", "nodes": 2, "tasks_per_node": 1}
+
+
+def test_two_node_gloo_job_matches_one_process(tmp_path):
+    cfg = tiny(epochs=1, max_steps_per_epoch=8, **{"model.batchnorm": False, "data.rotation": 20.0})
+    one = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=5), tmp_path / "one")
+    two = submit("train", cfg, SlurmConfig(**MULTI, time_minutes=5), tmp_path / "two")
+    one.job.result()
+    assert len(two.job.results()) == 2
+    nodes = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "NNodes,NodeList", "-j", two.job_id],
+                           capture_output=True, text=True).stdout.split("\n")[0]
+    assert nodes.startswith("2|"), nodes
+    assert "2 process(es)" in log_of(tmp_path / "two")
+    assert "#SBATCH --nodes=2" in (tmp_path / "two" / "submit.sh").read_text()
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-5)
+
+
+def test_preempted_two_node_job_requeues_and_resumes_to_the_same_weights(tmp_path):
+    cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
+    ref = submit("train", cfg, SlurmConfig(partition="gpu", tasks_per_node=2, time_minutes=10), tmp_path / "ref")
+    run = tmp_path / "run"
+    sub = submit("train", cfg, SlurmConfig(**MULTI, time_minutes=10), run)
+    _wait_until_training(run)
+    node = subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
+                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    assert [r["epoch"] for r in sub.job.results()] == [15, 15]
+    ref.job.results()
+    log = log_of(run)
+    assert "2 process(es)" in log and "restart 1" in log
+    assert_same_weights(weights(tmp_path / "ref"), weights(run), atol=1e-6)

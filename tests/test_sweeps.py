@@ -1,4 +1,4 @@
-"""Sweep specs, the sweep folder and the status table: no SLURM needed."""
+"""Sweep specs, the sweep folder, the status table and retries: no SLURM needed."""
 
 from __future__ import annotations
 
@@ -6,18 +6,18 @@ import json
 
 import pytest
 
-from bonnerlab.cluster import ClusterError, SlurmConfig
-from bonnerlab.config import TrainConfig
-from bonnerlab.errors import ConfigError
+from bonnerlab.cluster import chunks
+from bonnerlab.config import SlurmConfig, TrainConfig
+from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.runs import write_state
 from bonnerlab.sweeps import (
-    chunks,
     expand,
     grid,
     load_sweep_file,
     parse_sweep_arg,
     parse_sweep_args,
     read_manifest,
+    retry_sweep,
     submit_sweep,
     sweep_status,
 )
@@ -80,7 +80,12 @@ def test_expand_applies_every_override():
 def test_sweep_file(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("optim.lr: [0.1, 0.01]\nepochs: 3\n")
-    assert load_sweep_file(path) == {"optim.lr": [0.1, 0.01], "epochs": [3]}
+    assert load_sweep_file(path) == ({"optim.lr": [0.1, 0.01], "epochs": [3]}, {})
+    path.write_text("grid:\n  seed: [0, 1]\nzip:\n  optim.lr: [0.1, 0.01]\n  epochs: [2, 4]\n")
+    assert load_sweep_file(path) == ({"seed": [0, 1]}, {"optim.lr": [0.1, 0.01], "epochs": [2, 4]})
+    path.write_text("zip:\n  optim.lr: [0.1, 0.01]\n  epochs: [2, 4, 8]\n")
+    with pytest.raises(ConfigError, match="equal lengths; got optim.lr 2, epochs 3"):
+        load_sweep_file(path)
     path.write_text("optim.lr: []\n")
     with pytest.raises(ConfigError, match="empty value list"):
         load_sweep_file(path)
@@ -101,8 +106,11 @@ def test_existing_sweep_folder_is_refused_without_resume(tmp_path):
     with pytest.raises(ClusterError, match="already exists; pass --resume"):
         submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"), tmp_path / "sweep")
     with pytest.raises(ClusterError, match="does not exist"):
+        retry_sweep(tmp_path / "new")
+    with pytest.raises(ClusterError, match=r"--task 1 is out of range: the sweep has tasks 0-0"):
         submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"),
-                     tmp_path / "new", resume=True)
+                     tmp_path / "new", task=1)
+    assert not (tmp_path / "new").exists()
 
 
 def _fake_sweep(root, accs):
@@ -171,3 +179,140 @@ def test_dry_run_sweep_from_a_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-3%4" in (tmp_path / "s" / "submit.sh").read_text()
     assert "dry run: 4 tasks" in out.stdout
+
+
+# ----------------------------------------------------------------------------- zip, status, retries
+
+
+def test_zip_pairs_values_and_multiplies_the_grid():
+    from bonnerlab.sweeps import combine, parse_zip_args
+
+    zipped = parse_zip_args(["optim.lr=0.1,0.01", "optim.weight_decay=1e-4,1e-5"])
+    points = combine(parse_sweep_args(["seed=0,1,2"]), zipped)
+    assert len(points) == 6
+    assert points[0] == {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "seed": 0}
+    assert points[2] == {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "seed": 2}
+    assert points[3] == {"optim.lr": 0.01, "optim.weight_decay": 1e-5, "seed": 0}
+    assert combine({}, zipped) == [{"optim.lr": 0.1, "optim.weight_decay": 1e-4},
+                                   {"optim.lr": 0.01, "optim.weight_decay": 1e-5}]
+    assert len(combine({"seed": [0, 1]})) == 2
+
+
+def test_zip_errors():
+    from bonnerlab.sweeps import combine, parse_zip_args
+
+    with pytest.raises(ConfigError, match=r"--zip: zipped value lists must have equal lengths; got optim.lr 2, seed 3"):
+        parse_zip_args(["optim.lr=0.1,0.01", "seed=0,1,2"])
+    with pytest.raises(ConfigError, match="optim.lr is both zipped and swept"):
+        combine({"optim.lr": [0.1]}, {"optim.lr": [0.2]})
+
+
+def _error_log(logs, job_id, text):
+    logs.mkdir(exist_ok=True)
+    (logs / f"{job_id}_0_log.err").write_text(text)
+
+
+TRACEBACK = """submitit ERROR (2026-11-27) - Submitted job triggered an exception
+Traceback (most recent call last):
+  File "/x/bonnerlab/job.py", line 140, in __call__
+    raise ValueError("bad input")
+ValueError: data.root /nope holds no images
+srun: error: node: task 0: Exited with exit code 1
+"""
+
+
+def test_error_line_and_failure_kinds(tmp_path):
+    from bonnerlab.status import error_line, failure_kind
+
+    _error_log(tmp_path, "7_2", TRACEBACK)
+    record = {"job_id": "7_2", "logs": str(tmp_path)}
+    assert error_line(record) == "ValueError: data.root /nope holds no images"
+    _error_log(tmp_path, "8", "slurmstepd: error: Detected 1 oom_kill event in StepId=8.0. Some of the step tasks "
+                              "have been OOM Killed.\n")
+    assert error_line({"job_id": "8", "logs": str(tmp_path)}).startswith("slurmstepd: error: Detected 1 oom_kill")
+    assert error_line({"job_id": "9", "logs": str(tmp_path)}) == ""
+    assert failure_kind("OUT_OF_MEMORY", "") == "out of memory"
+    assert failure_kind("FAILED", "slurmstepd: error: Detected 1 oom_kill event") == "out of memory"
+    assert failure_kind("PREEMPTED", "") == "preempted"
+    assert failure_kind("INTERRUPTED", "") == "preempted"
+    assert failure_kind("NODE_FAIL", "") == "node failure"
+    assert failure_kind("TIMEOUT", "") == "time limit"
+    assert failure_kind("FAILED", "RuntimeError: requeued 4 times, more than max_requeues=3") == "time limit"
+    assert failure_kind("FAILED", "ValueError: x") == "error"
+    assert failure_kind("CANCELLED", "") == "cancelled"
+    assert failure_kind("DONE", "") == failure_kind("RUNNING", "") == failure_kind("PENDING", "") == ""
+
+
+def _sweep_folder(root, states, job_ids=None):
+    """A sweep folder of tiny train tasks run on the local executor, left in the given STATE markers."""
+    from bonnerlab.cluster import yaml_text
+    from bonnerlab.config import apply_overrides, to_dict
+
+    base = apply_overrides(TrainConfig(), {"epochs": 1, "max_steps_per_epoch": 2, "model.width": 8,
+                                           "device": "cpu", "progress": False})
+    points = [{"seed": i} for i in range(len(states))]
+    root.mkdir()
+    (root / "sweep.yaml").write_text(yaml_text({"job": "train", "points": points, "base": to_dict(base),
+                                                "slurm": to_dict(SlurmConfig(cluster="local"))}))
+    lines = []
+    for i, state in enumerate(states):
+        run = root / f"task-{i:03d}"
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml_text(to_dict(apply_overrides(base, {**points[i], "run_dir": str(run)}))))
+        (run / "slurm.yaml").write_text(yaml_text({**to_dict(SlurmConfig(cluster="local")), "submitted": {}}))
+        write_state(run, state)
+        job_id = (job_ids or {}).get(i, f"{100 + i}")
+        lines.append(json.dumps({"task": i, "overrides": points[i], "run_dir": str(run), "job_id": job_id}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return points
+
+
+def test_status_shows_the_failed_tasks_error_line_and_kind(tmp_path):
+    sweep = tmp_path / "sweep"
+    _sweep_folder(sweep, ["DONE", "FAILED", "INTERRUPTED"])
+    _error_log(sweep / "logs", "101", TRACEBACK)
+    table = sweep_status(sweep, write=False)
+    assert table["state"].tolist() == ["DONE", "FAILED", "INTERRUPTED"]
+    assert table["failure"].tolist() == ["", "error", "preempted"]
+    assert table["error"].tolist() == ["", "ValueError: data.root /nope holds no images", ""]
+
+
+def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
+    from bonnerlab.sweeps import plan_retry, retry_sweep
+
+    sweep = tmp_path / "sweep"
+    _sweep_folder(sweep, ["DONE", "FAILED", "INTERRUPTED", "CANCELLED"])
+    _error_log(sweep / "logs", "101", TRACEBACK)
+    _, _, plan = plan_retry(sweep)
+    assert [t.index for t in plan.tasks] == [2]
+    assert plan.tasks[0].retries == 1
+    assert plan.notes == ["task 1: error (ValueError: data.root /nope holds no images); not retried without "
+                          "--retry_failed", "task 3: cancelled (CANCELLED); not retried without --retry_failed"]
+    _, _, plan = plan_retry(sweep, retry_failed=True)
+    assert [t.index for t in plan.tasks] == [1, 2, 3]
+    _, _, plan = plan_retry(sweep, max_retries=0)
+    assert plan.tasks == [] and "task 2: preempted, already retried 0 times (--max_retries)" in plan.notes
+
+    # a dry run writes the array script of just that task and submits nothing
+    plan = retry_sweep(sweep, dry_run=True)
+    assert [t.index for t in plan.tasks] == [2] and (sweep / "submit.sh").is_file()
+    assert read_manifest(sweep)[2]["job_id"] == "102"
+
+
+def test_status_of_every_folder_under_runs_root(tmp_path):
+    from bonnerlab.status import status_all
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    _sweep_folder(root / "sweep-a", ["DONE", "FAILED", "RUNNING"])
+    run = root / "lab" / "run-b"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.75}\n')
+    write_state(run, "DONE")
+    (root / "empty").mkdir()
+    table = status_all(root)
+    assert table["folder"].tolist() == ["lab/run-b", "sweep-a"]  # newest first
+    assert table["job"].tolist() == ["train", "train sweep"]
+    assert table["states"].tolist() == ["DONE 1", "RUNNING 1 · DONE 1 · FAILED 1"]
+    assert table["best_val_acc"].tolist()[0] == 0.75 and table["tasks"].tolist() == [1, 3]

@@ -1,0 +1,302 @@
+"""Every run and sweep folder read back: states, failure kinds, error lines, tables.
+
+    table = sweep_status("runs/sweep-lr")    # one row per task; results.csv, results.png, report.html
+    overview = status_all("runs")             # one row per run and sweep folder, newest first
+
+State comes from SLURM while it knows the job (`bonnerlab.slurm.query`: ONE squeue and ONE sacct
+for any number of folders), corrected by the job's own STATE marker; without a controller, from
+the markers alone. A task that did not finish gets a failure kind (`failure_kind`) and the last
+line of its error log (`error_line`), which `bonnerlab.sweeps.retry_sweep` acts on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from bonnerlab import slurm as slurm_commands
+from bonnerlab.errors import ClusterError
+from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, read_metrics, read_state
+
+
+def read_manifest(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The latest manifest line of every task, in task order."""
+    path = SweepPaths(sweep_dir).manifest
+    latest: dict[int, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                latest[int(record["task"])] = record
+    return [latest[k] for k in sorted(latest)]
+
+
+def read_sweep_yaml(sweep_dir: Path) -> dict[str, Any]:
+    data = load_yaml_if_exists(SweepPaths(sweep_dir).sweep_yaml)
+    if not data:
+        raise ClusterError(f"{sweep_dir} is not a sweep folder (no sweep.yaml)")
+    return data
+
+
+def points_of(saved: dict[str, Any]) -> list[dict[str, Any]]:
+    return saved.get("points", saved.get("grid", []))
+
+
+# ----------------------------------------------------------------------------- reading folders
+
+
+def folder_kind(path: Path) -> str:
+    """"sweep", "run", or a one-line ClusterError for anything else."""
+    paths = SweepPaths(path)
+    if paths.manifest.exists() or paths.sweep_yaml.exists():
+        return "sweep"
+    if paths.config_yaml.exists():
+        return "run"
+    raise ClusterError(f"{path} is neither a sweep folder (sweep.yaml, manifest.jsonl) nor a run folder (config.yaml)")
+
+
+def task_records(path: Path) -> list[dict[str, Any]]:
+    """One record per task of a sweep (every point, submitted or not), or one for a run folder."""
+    path = Path(path)
+    if folder_kind(path) == "sweep":
+        latest = {r["task"]: r for r in read_manifest(path)}
+        saved = load_yaml_if_exists(SweepPaths(path).sweep_yaml) or {}
+        points = points_of(saved)
+        records = []
+        for i in sorted(set(range(len(points))) | set(latest)):
+            r = latest.get(i) or {"task": i, "overrides": points[i], "run_dir": str(SweepPaths(path).task(i)),
+                                  "job_id": ""}
+            records.append({**r, "logs": str(SweepPaths(path).logs)})
+        return records
+    submitted = (load_yaml_if_exists(RunPaths(path).slurm_yaml) or {}).get("submitted", {})
+    return [{"task": submitted.get("task", 0), "overrides": submitted.get("overrides", {}), "run_dir": str(path),
+             "job_id": str(submitted.get("job_id", "")), "retries": submitted.get("retries", 0),
+             "logs": str(RunPaths(path).logs)}]
+
+
+def log_path(record: dict[str, Any], rank: int = 0, err: bool = False) -> Path | None:
+    """A task's log file from its job id: <logs>/<job_id>_<rank>_log.out (submitit's naming)."""
+    job_id = record.get("job_id", "")
+    if not job_id:
+        return None
+    return Path(record["logs"]) / f"{job_id}_{rank}_log.{'err' if err else 'out'}"
+
+
+def _tail(path: Path, size: int = 65536) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
+
+
+def error_line(record: dict[str, Any]) -> str:
+    """The exception message at the end of a task's error log ('' when there is none)."""
+    path = log_path(record, err=True)
+    if path is None or not path.exists():
+        return ""
+    text = _tail(path)
+    lines = text.splitlines()
+    for line in reversed(lines):  # SLURM's own reasons first: they explain a kill
+        if re.search(r"oom[_-]kill|Exceeded (job|step) memory limit|memory limit", line, re.I):
+            return line.strip()
+    start = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")),
+                default=None)
+    if start is None:
+        return ""
+    for line in lines[start + 1:]:
+        if line and not line[0].isspace():
+            return line.strip()
+    return ""
+
+
+# Failure kinds, and which of them `retry_sweep` resubmits.
+RETRY_AS_IS = ("preempted", "node failure", "time limit", "not submitted")
+RETRY_MORE_MEMORY = ("out of memory",)
+RETRY_WHEN_ASKED = ("error", "cancelled")
+
+
+def failure_kind(state: str, error: str) -> str:
+    """Why an unfinished task stopped ('' for tasks done or still queued/running)."""
+    if state in ("DONE", "COMPLETED") or state in slurm_commands.ACTIVE:
+        return ""
+    if state == "OUT_OF_MEMORY" or re.search(r"oom[_-]kill|memory limit|MemoryError", error, re.I):
+        return "out of memory"
+    if state in ("PREEMPTED", "INTERRUPTED"):
+        return "preempted"
+    if state in ("NODE_FAIL", "BOOT_FAIL"):
+        return "node failure"
+    if state in ("TIMEOUT", "DEADLINE") or "more than max_requeues" in error:
+        return "time limit"
+    if state == "CANCELLED":
+        return "cancelled"
+    if state in ("PENDING_UNSUBMITTED", "UNKNOWN"):
+        return "not submitted"
+    return "error"
+
+
+def _state(record: dict[str, Any], info: slurm_commands.JobInfo | None, marker: str | None) -> str:
+    """SLURM's state while it knows the job, corrected by the job's own marker."""
+    if info is None:
+        if marker == "PENDING" or marker is None:
+            # written at submission: a job SLURM never saw (dry run, local run that died)
+            return "PENDING_UNSUBMITTED" if not record.get("job_id") else (marker or "UNKNOWN")
+        return marker
+    if info.state == "COMPLETED" and marker:
+        # SLURM says COMPLETED for a finished batch script; the marker says whether the job did
+        return marker if marker != "RUNNING" else "DONE"
+    if info.state in ("FAILED", "CANCELLED") and marker == "CANCELLED":
+        return "CANCELLED"
+    return info.state
+
+
+def _hours(info: slurm_commands.JobInfo | None) -> tuple[float, float]:
+    if info is None:
+        return 0.0, 0.0
+    return info.elapsed_s * info.gpus / 3600, info.elapsed_s * info.cpus / 3600
+
+
+def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_commands.JobInfo],
+              metric: str, mode: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        run_dir = Path(r["run_dir"])
+        marker = read_state(run_dir) if run_dir.exists() else None
+        info = infos.get(r.get("job_id", ""))
+        state = _state(r, info, marker)
+        error = error_line(r) if state not in ("DONE",) and state not in slurm_commands.ACTIVE else ""
+        metrics = read_metrics(run_dir) if run_dir.exists() else []
+        values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
+        best = (max(values) if mode == "max" else min(values)) if values else math.nan
+        gpu_h, cpu_h = _hours(info)
+        rows.append({"task": int(r["task"]), **dict(r.get("overrides", {})),
+                     "state": "PENDING" if state == "PENDING_UNSUBMITTED" else state,
+                     "failure": failure_kind(state, error), "job_id": r.get("job_id", ""),
+                     "retries": int(r.get("retries", 0) or 0), "epochs": len(metrics),
+                     f"best_{metric}": best, f"last_{metric}": values[-1] if values else math.nan,
+                     "gpu_hours": gpu_h, "cpu_hours": cpu_h, "error": error, "run_dir": str(run_dir)})
+    return rows
+
+
+def _query_or_warn(job_ids: list[str]) -> dict[str, slurm_commands.JobInfo]:
+    """SLURM's view of these jobs; without a controller, a warning and the folders' own markers."""
+    try:
+        return slurm_commands.query(job_ids)
+    except ClusterError as e:
+        import sys
+
+        print(f"warning: {e}; states below are the jobs' own markers", file=sys.stderr)
+        return {}
+
+
+def _needs_slurm(path: Path, records: list[dict[str, Any]]) -> bool:
+    """Only jobs queued on SLURM have ids worth asking about (local executor ids are PIDs)."""
+    if not any(r.get("job_id") for r in records):
+        return False
+    slurm_yaml = load_yaml_if_exists(RunPaths(records[-1]["run_dir"]).slurm_yaml) or {}
+    return slurm_yaml.get("cluster", "slurm") == "slurm"
+
+
+def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", write: bool = True,
+                 infos: dict[str, slurm_commands.JobInfo] | None = None) -> Any:
+    """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and last
+    `metric`, GPU/CPU hours, and `best` marking the best task.
+
+    With `write`, also saves results.csv, results.png (metric vs each swept value) and report.html
+    (bonnerlab/report.py) in `path`.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    records = task_records(path)
+    if infos is None:
+        infos = _query_or_warn([r["job_id"] for r in records]) if _needs_slurm(path, records) else {}
+    table = pd.DataFrame.from_records(task_rows(path, records, infos, metric, mode))
+    col = f"best_{metric}"
+    table["best"] = ""
+    if table[col].notna().any():
+        best_idx = table[col].idxmax() if mode == "max" else table[col].idxmin()
+        table.loc[best_idx, "best"] = "*"
+    if write:
+        from bonnerlab.report import plot_sweep, write_report
+        from bonnerlab.runs import atomic_write_text
+
+        atomic_write_text(path / "results.csv", table.to_csv(index=False))
+        keys = sorted({k for r in records for k in r.get("overrides", {})})
+        if keys and table[col].notna().any():
+            plot_sweep(table, keys, col, path / "results.png")
+        write_report(path, table, metric)
+    return table
+
+
+def state_counts(states: list[str]) -> str:
+    """"RUNNING 3 · DONE 12 · FAILED 1" in a fixed order."""
+    order = ["PENDING", "RUNNING", "REQUEUED", "DONE", "FAILED", "OUT_OF_MEMORY", "TIMEOUT", "PREEMPTED",
+             "NODE_FAIL", "INTERRUPTED", "CANCELLED"]
+    counts: dict[str, int] = {}
+    for s in states:
+        counts[s] = counts.get(s, 0) + 1
+    keys = sorted(counts, key=lambda s: (order.index(s) if s in order else len(order), s))
+    return " · ".join(f"{k} {counts[k]}" for k in keys)
+
+
+def find_folders(runs_root: Path) -> list[Path]:
+    """Every sweep and run folder under `runs_root` (a sweep's task folders belong to the sweep)."""
+    found = []
+    for root, dirs, files in os.walk(runs_root):
+        here = Path(root)
+        if "sweep.yaml" in files or "manifest.jsonl" in files or "config.yaml" in files:
+            found.append(here)
+            dirs.clear()
+        else:
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("code", "logs", "checkpoints")]
+    return found
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def status_all(runs_root: str | Path, metric: str = "val_acc", mode: str = "max") -> Any:
+    """One row per run and sweep folder under `runs_root`, newest first; ONE SLURM query for all."""
+    import pandas as pd
+
+    folders = find_folders(Path(runs_root))
+    records = {f: task_records(f) for f in folders}
+    ids = [r["job_id"] for f in folders if _needs_slurm(f, records[f]) for r in records[f]]
+    infos = _query_or_warn(ids) if ids else {}
+    now = time.time()
+    rows = []
+    for f in folders:
+        tasks = task_rows(f, records[f], infos, metric, mode)
+        kind = "sweep" if folder_kind(f) == "sweep" else "run"
+        saved = load_yaml_if_exists(SweepPaths(f).sweep_yaml if kind == "sweep" else RunPaths(f).slurm_yaml) or {}
+        job = saved.get("job") or saved.get("submitted", {}).get("job") or "train"
+        values = [t[f"best_{metric}"] for t in tasks if not math.isnan(t[f"best_{metric}"])]
+        best = (max(values) if mode == "max" else min(values)) if values else math.nan
+        born = min(p.stat().st_mtime for p in (f / n for n in ("sweep.yaml", "config.yaml", "manifest.jsonl"))
+                   if p.exists())
+        errors = [t["error"] for t in tasks if t["error"]]
+        rows.append({"folder": str(f.relative_to(runs_root)) if f != Path(runs_root) else f.name,
+                     "job": f"{job} {kind}" if kind == "sweep" else job, "tasks": len(tasks),
+                     "states": state_counts([t["state"] for t in tasks]), f"best_{metric}": best,
+                     "age": _age(now - born), "_born": born, "error": errors[-1] if errors else ""})
+    table = pd.DataFrame.from_records(rows, columns=["folder", "job", "tasks", "states", f"best_{metric}", "age",
+                                                     "_born", "error"])
+    return table.sort_values("_born", ascending=False).drop(columns="_born").reset_index(drop=True)
+
+
+def format_table(table: Any, metric: str = "val_acc") -> str:
+    hidden = {"run_dir", "gpu_hours", "cpu_hours"}
+    if not table["error"].astype(bool).any():
+        hidden |= {"error", "failure"}
+    if not table["retries"].astype(bool).any():
+        hidden.add("retries")
+    shown = [c for c in table.columns if c not in hidden]
+    return table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -1,0 +1,62 @@
+"""Cancel a run's or sweep's queued and running jobs (one scancel); marks them CANCELLED, deletes nothing.
+
+    python jobs/cancel.py runs/<sweep>                # every queued or running task
+    python jobs/cancel.py runs/<sweep> --task 3 --task 7
+    python jobs/cancel.py runs/<run>
+    python jobs/launch.py --sweep_dir runs/<sweep> --resume --retry_failed   # resubmit them later
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from _cli import run_job
+
+from bonnerlab.errors import UserError
+
+
+def main(argv: list[str]) -> list[int]:
+    p = argparse.ArgumentParser(prog="jobs/cancel.py", description=__doc__.splitlines()[0])
+    p.add_argument("path", help="run or sweep folder")
+    p.add_argument("--task", type=int, action="append", default=[], help="only this task (repeatable)")
+    p.add_argument("--no_wait", action="store_true",
+                   help="return right after scancel instead of waiting for the jobs to stop")
+    args = p.parse_args(argv)
+    from bonnerlab import slurm
+    from bonnerlab.runs import write_state
+    from bonnerlab.status import task_records
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder")
+    records = task_records(path)
+    by_task = {r["task"]: r for r in records}
+    for k in args.task:
+        if k not in by_task:
+            raise UserError(f"--task {k} is out of range: {path} has tasks {min(by_task)}-{max(by_task)}")
+    chosen = [by_task[k] for k in args.task] if args.task else records
+    ids = [r["job_id"] for r in chosen if r.get("job_id")]
+    active = set(slurm.active_ids(ids)) if ids else set()  # one squeue (also: no controller -> one line)
+    targets = [r for r in chosen if r.get("job_id") in active]
+    if not targets:
+        print(f"nothing to cancel: no task of {path} is queued or running")
+        return []
+    slurm.cancel(sorted(r["job_id"] for r in targets))
+    # a cancelled training job saves at its next step and writes INTERRUPTED: wait for it to stop,
+    # then record what really happened
+    end = time.monotonic() + (0 if args.no_wait else 120)
+    while time.monotonic() < end and slurm.active_ids([r["job_id"] for r in targets]):
+        time.sleep(1)
+    for r in targets:
+        write_state(r["run_dir"], "CANCELLED")
+    tasks = [int(r["task"]) for r in targets]
+    print(f"cancelled {len(targets)} job(s) of {path}: tasks {', '.join(map(str, tasks))} "
+          f"(job ids {', '.join(r['job_id'] for r in targets)})")
+    return tasks
+
+
+if __name__ == "__main__":
+    run_job(main, sys.argv[1:])
