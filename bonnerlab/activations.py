@@ -130,8 +130,19 @@ class ActivationStore:
     def _marker(self, layer: str, chunk: int) -> Path:
         return self.path / DONE_DIR / layer / str(chunk)
 
-    def is_done(self, chunk: int) -> bool:
-        return all(self._marker(layer, chunk).exists() for layer in self.layers)
+    def clear_partial_writes(self, chunks: Iterable[int]) -> int:
+        """Remove zarr's half-written temp files (`*.partial`) from `chunks`, left by a process
+        killed mid-write; only chunks this process is about to rewrite, since a sibling shard
+        may be writing its own chunks right now. Returns how many were removed."""
+        removed = 0
+        for layer in self.layers:
+            for chunk in chunks:
+                folder = self.path / layer / "c" / str(chunk)
+                if folder.is_dir():
+                    for leftover in folder.rglob("*.partial"):
+                        leftover.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     def missing_chunks(self, chunks: Iterable[int] | None = None) -> list[int]:
         chunks = range(self.n_chunks) if chunks is None else chunks

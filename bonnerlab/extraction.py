@@ -368,6 +368,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         coords=stimuli.coords,
     )
     todo = store.missing_chunks(shard_chunks(store.n_chunks, cfg.shard_index, cfg.num_shards))
+    store.clear_partial_writes(todo)  # a kill mid-write leaves zarr's temp files behind
     rows = [range(store.chunk_slice(c).start, store.chunk_slice(c).stop) for c in todo]
     t0, cpu0 = time.perf_counter(), time.process_time()
     n_skipped = run_batches(cfg, model, plan, pre, stimuli, store, todo, rows, device, amp, output.name)

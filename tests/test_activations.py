@@ -215,3 +215,19 @@ def test_finalize_by_hand_cli(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["chunks"] == 3
     assert A.store_info(path)["complete"] is True
+
+
+def test_restart_clears_half_written_chunk_files_of_its_own_chunks(tmp_path):
+    store, _ = _make(tmp_path / "s.zarr")
+    _fill(store, chunks=[0])
+    # what zarr's LocalStore leaves when killed between writing its temp file and the rename
+    mine = tmp_path / "s.zarr" / "conv1" / "c" / "1" / "0" / "0" / "0.3f2a.partial"
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    mine.write_bytes(b"half")
+    sibling = tmp_path / "s.zarr" / "fc" / "c" / "2" / "0.9b1c.partial"  # another shard's chunk
+    sibling.parent.mkdir(parents=True, exist_ok=True)
+    sibling.write_bytes(b"in flight")
+    assert store.clear_partial_writes(store.missing_chunks([1])) == 1
+    assert not mine.exists() and sibling.exists()
+    _fill(store, chunks=[1])
+    assert list((tmp_path / "s.zarr").rglob("*.partial")) == [sibling]
