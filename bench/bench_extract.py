@@ -157,7 +157,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
             for round_ in range(args.rounds):
                 for mode in args.modes.split(","):
-                    r = measure(args, arch, mode, Path(tmp) / mode)
+                    r = measure(args, arch, mode, Path(tmp) / f"{mode}-{round_}")  # a fresh store each round
                     print(f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
                           f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
                     best = rows.get(mode)

@@ -283,14 +283,14 @@ def resolve_preprocess(
     origin = f"{origin} ({read_from})" if origin else read_from
     size = _output_size(steps)
     own_norm = next(s for s in steps if s["op"] in ("normalize", "rescale_normalize"))
+    if channels == 1 and not mean and len(own_norm["mean"]) == 3:
+        raise ConfigError("this model's preprocessing is for RGB images; pass --mean and --std for one channel")
     mean = _floats(mean) or own_norm["mean"]
     std = _floats(std) or own_norm["std"]
     if len(mean) not in (1, channels) or len(std) not in (1, channels):
         raise ConfigError(f"mean and std need 1 or {channels} values; got {mean} and {std}")
     if len(mean) != channels:
         mean, std = mean * channels, std * channels
-    if channels == 1 and len(own_norm["mean"]) == 3:
-        raise ConfigError("this model's preprocessing is for RGB images; pass --mean and --std for one channel")
     side = image_size or (size[0] if size else 0)
     convert = {"op": "convert", "mode": "L" if channels == 1 else "RGB"}
     if mode == "model":
