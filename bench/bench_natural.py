@@ -1,0 +1,351 @@
+"""Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, in one run.
+
+    python bench/bench_natural.py                    # ~4-5 min on 2 CPU cores
+    python bench/bench_natural.py --quick            # 2 short rounds, to check that it runs
+    python bench/bench_natural.py --threads 1 --workers 1 --batch 32 --steps 8 --rounds 3
+
+Data: 2,000 JPEG photographs cut from the two real photographs scikit-learn ships
+(`sklearn.datasets.load_sample_images`, 427x640 each): random crops (10-100% of the area,
+aspect 3:4 to 4:3) saved at a random shorter side of 160-512 pixels (quality 90), under
+train/<photo>/ and val/<photo>/ of a temporary folder (or --data, kept for reuse).
+
+Both paths train torchvision ResNet-18 (random weights, 2 classes) at 112x112 with SGD (lr 0.1,
+Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers:
+- bonnerlab: `bonnerlab.training.build` + `train_one_epoch` with `data.augment natural` (workers
+  decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
+  `Preprocess.natural`) and the config's defaults otherwise (channels-last on);
+- reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +
+  `ToTensor` + `Normalize` per sample (full-size PIL decode), and the classic loop
+  (zero_grad, forward, cross-entropy, backward, step) on a contiguous (NCHW) model.
+
+The two paths alternate, --steps training steps each per round (each a fresh pass over a
+seeded sample of the folder, persistent workers on both sides, pipeline fill included), and each
+keeps its best round: the least disturbed by other processes. bonnerlab's step is split into
+phases by bench_train.PhaseTimer: `fetch` (waiting for the next batch from the workers) +
+`augment` (Preprocess.augment) is the share "spent loading + augmenting"; the reference's time
+waiting on its DataLoader is reported beside it. Then the model step alone (forward + backward +
+SGD on a fixed batch, NCHW vs channels-last) shows how much of the ratio is the data path and
+how much the memory format.
+
+Results: a table on stdout and bench/out/natural.json. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+from bench_train import PhaseTimer  # noqa: E402
+
+from bonnerlab import distributed as dist  # noqa: E402
+from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from bonnerlab.runs import Logger  # noqa: E402
+from bonnerlab.training import EpochState, build, train_one_epoch, wrap  # noqa: E402
+
+SIZE = 112
+N_TRAIN, N_VAL = 2000, 20
+SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_photos(root: Path, n_train: int = N_TRAIN, n_val: int = N_VAL, seed: int = 0) -> dict:
+    """train/<photo>/*.jpg and val/<photo>/*.jpg cut from scikit-learn's two sample photographs;
+    skipped when root already holds them (a --data folder from an earlier run)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    marker = root / "photos.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    photos = load_sample_images()
+    names = [Path(f).stem for f in photos.filenames]  # china, flower
+    rng = np.random.default_rng(seed)
+    sides = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        for name in names:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            k = i % len(names)
+            image = photos.images[k]
+            h, w = image.shape[:2]
+            for _ in range(20):  # a crop of 10-100% of the area at aspect 3:4..4:3 that fits
+                area = h * w * rng.uniform(0.1, 1.0)
+                ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+                cw, ch = round(np.sqrt(area * ratio)), round(np.sqrt(area / ratio))
+                if cw <= w and ch <= h:
+                    break
+            else:
+                cw, ch = w, h
+            top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            crop = Image.fromarray(image[top : top + ch, left : left + cw])
+            short = int(rng.integers(160, 513))  # many scales, below and above the source's
+            scale = short / min(cw, ch)
+            crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BILINEAR)
+            crop.save(root / split / names[k] / f"{i:05d}.jpg", quality=90)
+            sides.append(crop.size)
+    arr = np.array(sides)
+    info = {"photos": names, "train": n_train, "val": n_val, "mean_size": arr.mean(0).round(1).tolist(),
+            "min_short_side": int(arr.min()), "max_long_side": int(arr.max()),
+            "bytes": sum(p.stat().st_size for p in root.rglob("*.jpg"))}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+# ----------------------------------------------------------------------------- the two paths
+
+
+def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainConfig:
+    data = DataConfig(dataset="imagefolder", root=str(root), image_size=SIZE, channels=3, augment="natural",
+                      batch_size=batch, eval_batch_size=batch, num_workers=workers)
+    optim = OptimConfig(optimizer="sgd", schedule="constant", **SGD)
+    return TrainConfig(data=data, model=ModelConfig(arch="resnet18"), optim=optim, device="cpu",
+                       progress=False, max_steps_per_epoch=steps, epochs=1000, log_every_steps=50)
+
+
+class BonnerlabRun:
+    """bonnerlab's own build() + wrap() + train_one_epoch, timed per phase."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        info = dist.setup(cfg.device)
+        self.cfg, self.run = cfg, build(cfg, info)
+        wrap(self.run, info)
+        self.timer = PhaseTimer()
+        self.timer.attach(self.run.batches, self.run.preprocess, self.run.model, self.run.optimizer)
+        self._scratch = tempfile.TemporaryDirectory(prefix="bench-natural-log-")
+        self.logger = Logger(self._scratch.name)
+
+    def close(self) -> None:
+        self.run.batches.close()
+        self.run.val_batches.close()
+        self.logger.close()
+        self._scratch.cleanup()
+
+    def chunk(self) -> dict:
+        self.timer.t.clear()
+        state: EpochState = self.run.state
+        state.step, state.seen = 0, 0
+        start = time.perf_counter()
+        train_one_epoch(self.run.model, self.run.batches, self.run.preprocess, self.run.optimizer,
+                        self.run.scheduler, self.run.precision, self.cfg, state, self.logger)
+        total = time.perf_counter() - start
+        state.epoch += 1
+        phases = dict(self.timer.t)
+        phases["other"] = total - sum(phases.values())
+        return {"samples": state.seen, "seconds": total, "samples_per_s": state.seen / total,
+                "phases_s": phases,
+                "load_augment_share": (phases.get("fetch", 0) + phases.get("augment", 0)) / total}
+
+
+class ReferenceRun:
+    """The plain PyTorch loop: torchvision transforms per sample in DataLoader workers."""
+
+    def __init__(self, root: Path, batch: int, workers: int, steps: int, num_classes: int) -> None:
+        import torchvision
+        from torchvision import transforms as T
+
+        torch.manual_seed(0)
+        transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
+                               T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+        # each pass is `steps` batches of a fresh random sample: no batch is prefetched for a
+        # pass that is never timed (it would run during the other path's round)
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=steps * batch)
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                                                  persistent_workers=workers > 0, drop_last=True)
+        self.model = torchvision.models.resnet18(num_classes=num_classes)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), nesterov=True, **SGD)
+
+    def chunk(self) -> dict:
+        self.model.train()
+        seen, wait = 0, 0.0
+        start = time.perf_counter()
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, labels = next(it)
+            except StopIteration:
+                break
+            wait += time.perf_counter() - t0
+            self.optimizer.zero_grad()
+            loss = F.cross_entropy(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            seen += len(labels)
+        total = time.perf_counter() - start
+        return {"samples": seen, "seconds": total, "samples_per_s": seen / total, "fetch_share": wait / total}
+
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
+def model_step_rates(batch: int, num_classes: int, steps: int) -> dict:
+    """Samples/s of forward + backward + SGD step alone on one fixed batch: NCHW vs channels-last."""
+    import torchvision
+
+    out = {}
+    x = torch.randn(batch, 3, SIZE, SIZE)
+    y = torch.randint(0, num_classes, (batch,))
+    for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=num_classes).to(memory_format=fmt)
+        opt = torch.optim.SGD(model.parameters(), nesterov=True, **SGD)
+        xf = x.contiguous(memory_format=fmt)
+        best = float("inf")
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            F.cross_entropy(model(xf), y).backward()
+            opt.step()
+            if i:  # the first step allocates
+                best = min(best, time.perf_counter() - t0)
+        out[name] = batch / best
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="", help="folder for the photographs, kept for reuse (default: a temporary one)")
+    p.add_argument("--batch", type=int, default=64, help="batch size of both paths")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)")
+    p.add_argument("--steps", type=int, default=12, help="training steps per path per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each path keeps its best")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 4 steps at batch 32, to check that it runs")
+    p.add_argument("--out", default=str(HERE / "out" / "natural.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.steps, args.rounds = 32, 4, 2
+    load = os.getloadavg()[0]
+    busy = load >= 0.5 * (os.cpu_count() or 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif busy:
+        torch.set_num_threads(1)
+    from bonnerlab.data import resolve_workers
+
+    workers = resolve_workers(args.workers)
+    bench_start = time.perf_counter()
+    log(f"bonnerlab natural-image bench: torch {torch.__version__}, {torch.get_num_threads()} training threads, "
+        f"{workers} loader worker(s), batch {args.batch}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"load average {load:.1f}")
+    if busy:
+        log("  note: other processes are using the CPUs: absolute rates are deflated; compare the ratios")
+
+    scratch = None if args.data else tempfile.TemporaryDirectory(prefix="bench-natural-photos-")
+    root = Path(args.data or scratch.name)
+    try:
+        t0 = time.perf_counter()
+        photos = make_photos(root)
+        log(f"photographs: {photos['train']} train + {photos['val']} val JPEGs cut from {photos['photos']}, "
+            f"mean {photos['mean_size'][0]:.0f}x{photos['mean_size'][1]:.0f} px, "
+            f"{photos['bytes'] / 2**20:.0f} MiB, in {root} ({time.perf_counter() - t0:.1f} s)")
+
+        cfg = bonnerlab_config(root, args.batch, workers, args.steps)
+        ours = BonnerlabRun(cfg)
+        ref = ReferenceRun(root, args.batch, workers, args.steps, ours.run.splits.num_classes)
+        # warm-up: workers started, allocator and kernels warm on both sides; not timed
+        ours_warm, ref_warm = ours.chunk(), ref.chunk()
+        log(f"warm-up: bonnerlab {ours_warm['samples_per_s']:.1f}, reference {ref_warm['samples_per_s']:.1f} samples/s")
+        ours_rounds, ref_rounds = [], []
+        for r in range(args.rounds):
+            # alternate which path goes first, so a drift in load hits both alike
+            first, second = (ours, ref) if r % 2 == 0 else (ref, ours)
+            results = {id(first): first.chunk(), id(second): second.chunk()}
+            ours_rounds.append(results[id(ours)])
+            ref_rounds.append(results[id(ref)])
+            o, f = ours_rounds[-1], ref_rounds[-1]
+            log(f"  round {r + 1}: bonnerlab {o['samples_per_s']:.1f} samples/s (load+augment "
+                f"{100 * o['load_augment_share']:.1f}%: " + ", ".join(
+                    f"{k} {100 * v / o['seconds']:.1f}%" for k, v in o["phases_s"].items())
+                + f"); reference {f['samples_per_s']:.1f} samples/s (waiting on its loader "
+                f"{100 * f['fetch_share']:.1f}%)")
+        ours.close()
+        ref.close()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+    best_ours = max(ours_rounds, key=lambda e: e["samples_per_s"])
+    best_ref = max(ref_rounds, key=lambda e: e["samples_per_s"])
+    ratio = best_ours["samples_per_s"] / best_ref["samples_per_s"]
+    share = best_ours["load_augment_share"]
+    share_median = statistics.median(e["load_augment_share"] for e in ours_rounds)
+    log("model step alone (forward + backward + SGD, one fixed batch, best of 3 steps):")
+    step = model_step_rates(args.batch, ours.run.splits.num_classes, 3)
+    log(f"  NCHW {step['nchw']:.1f} samples/s, channels-last {step['channels_last']:.1f} samples/s")
+
+    rows = [
+        ("train samples/s, ResNet-18 112px (best round)", f"{best_ref['samples_per_s']:.1f}",
+         f"{best_ours['samples_per_s']:.1f}", f"{ratio:.2f}x (target >= 1.3x)"),
+        ("step time loading + augmenting (best round)", f"{100 * best_ref['fetch_share']:.1f}% waiting",
+         f"{100 * share:.1f}% (median {100 * share_median:.1f}%)", "target < 10%"),
+        ("model step alone, samples/s", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last']:.1f} (channels-last)",
+         f"{step['channels_last'] / step['nchw']:.2f}x"),
+    ]
+    head = ("metric", "reference", "bonnerlab", "ratio")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    log("")
+    log(line(head))
+    log(line(["-" * w for w in widths]))
+    for r in rows:
+        log(line(r))
+    seconds = time.perf_counter() - bench_start
+    log(f"{torch.get_num_threads()} torch threads, {workers} worker(s), batch {args.batch}, {args.rounds} rounds of "
+        f"{args.steps} steps per path; bench took {seconds:.0f} s")
+
+    result = {
+        "threads": torch.get_num_threads(), "workers": workers, "batch": args.batch, "steps": args.steps,
+        "rounds": args.rounds, "cpus": os.cpu_count(), "torch": torch.__version__,
+        "load_average_at_start": load, "photos": photos,
+        "bonnerlab_rounds": ours_rounds, "reference_rounds": ref_rounds,
+        "bonnerlab_samples_per_s": best_ours["samples_per_s"], "reference_samples_per_s": best_ref["samples_per_s"],
+        "ratio": ratio, "load_augment_share": share, "load_augment_share_median": share_median,
+        "model_step_samples_per_s": step, "bench_seconds": seconds,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(out)
+    log(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
