@@ -57,7 +57,7 @@ from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
-from bonnerlab.training import EpochState, build, train_one_epoch, wrap  # noqa: E402
+from bonnerlab.training import EpochState, Precision, build, train_one_epoch, wrap  # noqa: E402
 
 SIZE = 112
 N_TRAIN, N_VAL = 2000, 20
@@ -125,12 +125,22 @@ def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainC
                        progress=False, max_steps_per_epoch=steps, epochs=1000, log_every_steps=50)
 
 
+class CpuBf16Precision(Precision):
+    """What-if (--cpu-bf16), not bonnerlab's behaviour today: bfloat16 autocast on the CPU, which
+    `Precision` turns off there. CPUs with native bf16 (AVX512-BF16, AMX) run convolutions faster."""
+
+    def autocast(self):
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+
+
 class BonnerlabRun:
     """bonnerlab's own build() + wrap() + train_one_epoch, timed per phase."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, cpu_bf16: bool = False) -> None:
         info = dist.setup(cfg.device)
         self.cfg, self.run = cfg, build(cfg, info)
+        if cpu_bf16:
+            self.run.precision = CpuBf16Precision(info.device, False)
         wrap(self.run, info)
         self.timer = PhaseTimer()
         self.timer.attach(self.run.batches, self.run.preprocess, self.run.model, self.run.optimizer)
@@ -204,14 +214,52 @@ class ReferenceRun:
             iterator._shutdown_workers()
 
 
+def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
+    """Milliseconds of one core per image of each data path alone, in this process (best of 2):
+    the reference's decode + RandomResizedCrop + flip + ToTensor + Normalize; bonnerlab's draft
+    decode to the canvas (what its workers do) and its share of Preprocess.natural on a batch."""
+    import torchvision
+    from torchvision import transforms as T
+
+    transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
+    source, preprocess = run.run.splits.train, run.run.preprocess
+    index = np.random.default_rng(1).choice(len(source), n, replace=False).tolist()
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * min(times) / n
+
+    canvases = torch.stack([source[i][0] for i in index])
+    threads = torch.get_num_threads()
+    # decoding in one thread, as in a DataLoader worker: on a busy machine the small tensor ops of
+    # a multi-threaded pool wait for descheduled threads (8 ms instead of 2 ms per image here)
+    torch.set_num_threads(1)
+    try:
+        out = {"reference": best(lambda: [dataset[i] for i in index]),
+               "bonnerlab_decode": best(lambda: [source[i] for i in index])}
+    finally:
+        torch.set_num_threads(threads)
+    # the batched augmentation runs in the training process, with its threads
+    out["bonnerlab_augment"] = best(lambda: preprocess.augment(canvases, 0, 0, 0, 0, 1))
+    return out
+
+
 def model_step_rates(batch: int, num_classes: int, steps: int) -> dict:
-    """Samples/s of forward + backward + SGD step alone on one fixed batch: NCHW vs channels-last."""
+    """Samples/s of forward + backward + SGD step alone on one fixed batch: NCHW vs channels-last,
+    and channels-last under CPU bfloat16 autocast (the --cpu-bf16 what-if)."""
     import torchvision
 
     out = {}
     x = torch.randn(batch, 3, SIZE, SIZE)
     y = torch.randint(0, num_classes, (batch,))
-    for name, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    for name, fmt, bf16 in (("nchw", torch.contiguous_format, False), ("channels_last", torch.channels_last, False),
+                            ("channels_last_bf16", torch.channels_last, True)):
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=num_classes).to(memory_format=fmt)
         opt = torch.optim.SGD(model.parameters(), nesterov=True, **SGD)
@@ -220,7 +268,9 @@ def model_step_rates(batch: int, num_classes: int, steps: int) -> dict:
         for i in range(steps + 1):
             t0 = time.perf_counter()
             opt.zero_grad()
-            F.cross_entropy(model(xf), y).backward()
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(xf), y)
+            loss.backward()
             opt.step()
             if i:  # the first step allocates
                 best = min(best, time.perf_counter() - t0)
@@ -235,18 +285,20 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="folder for the photographs, kept for reuse (default: a temporary one)")
-    p.add_argument("--batch", type=int, default=64, help="batch size of both paths")
+    p.add_argument("--batch", type=int, default=32, help="batch size of both paths")
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)")
-    p.add_argument("--steps", type=int, default=12, help="training steps per path per round")
+    p.add_argument("--steps", type=int, default=8, help="training steps per path per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each path keeps its best")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)")
-    p.add_argument("--quick", action="store_true", help="2 rounds of 4 steps at batch 32, to check that it runs")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="also time a what-if path: bonnerlab with bfloat16 autocast on the CPU (not its behaviour today)")
+    p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps at batch 16, to check that it runs")
     p.add_argument("--out", default=str(HERE / "out" / "natural.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.steps, args.rounds = 32, 4, 2
+        args.batch, args.steps, args.rounds = 16, 3, 2
     load = os.getloadavg()[0]
     busy = load >= 0.5 * (os.cpu_count() or 1)
     if args.threads:
@@ -274,46 +326,64 @@ def main(argv: list[str] | None = None) -> dict:
 
         cfg = bonnerlab_config(root, args.batch, workers, args.steps)
         ours = BonnerlabRun(cfg)
-        ref = ReferenceRun(root, args.batch, workers, args.steps, ours.run.splits.num_classes)
-        # warm-up: workers started, allocator and kernels warm on both sides; not timed
-        ours_warm, ref_warm = ours.chunk(), ref.chunk()
-        log(f"warm-up: bonnerlab {ours_warm['samples_per_s']:.1f}, reference {ref_warm['samples_per_s']:.1f} samples/s")
-        ours_rounds, ref_rounds = [], []
+        paths = {"bonnerlab": ours,
+                 "reference": ReferenceRun(root, args.batch, workers, args.steps, ours.run.splits.num_classes)}
+        if args.cpu_bf16:
+            paths["bonnerlab, CPU bf16 autocast (what-if)"] = BonnerlabRun(cfg, cpu_bf16=True)
+        # warm-up: workers started, allocator and kernels warm on every path; not timed
+        warm = {name: path.chunk()["samples_per_s"] for name, path in paths.items()}
+        log("warm-up: " + ", ".join(f"{name} {v:.1f}" for name, v in warm.items()) + " samples/s")
+        rounds: dict[str, list[dict]] = {name: [] for name in paths}
+        names = list(paths)
         for r in range(args.rounds):
-            # alternate which path goes first, so a drift in load hits both alike
-            first, second = (ours, ref) if r % 2 == 0 else (ref, ours)
-            results = {id(first): first.chunk(), id(second): second.chunk()}
-            ours_rounds.append(results[id(ours)])
-            ref_rounds.append(results[id(ref)])
-            o, f = ours_rounds[-1], ref_rounds[-1]
-            log(f"  round {r + 1}: bonnerlab {o['samples_per_s']:.1f} samples/s (load+augment "
-                f"{100 * o['load_augment_share']:.1f}%: " + ", ".join(
-                    f"{k} {100 * v / o['seconds']:.1f}%" for k, v in o["phases_s"].items())
-                + f"); reference {f['samples_per_s']:.1f} samples/s (waiting on its loader "
-                f"{100 * f['fetch_share']:.1f}%)")
-        ours.close()
-        ref.close()
+            # rotate which path goes first, so a drift in load hits them alike
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                rounds[name].append(paths[name].chunk())
+            parts = []
+            for name in names:
+                e = rounds[name][-1]
+                if "phases_s" in e:
+                    detail = f"load+augment {100 * e['load_augment_share']:.1f}%: " + ", ".join(
+                        f"{k} {100 * v / e['seconds']:.1f}%" for k, v in e["phases_s"].items())
+                else:
+                    detail = f"waiting on its loader {100 * e['fetch_share']:.1f}%"
+                parts.append(f"{name} {e['samples_per_s']:.1f} samples/s ({detail})")
+            log(f"  round {r + 1}: " + "; ".join(parts))
+        paths["reference"].close()
+        data_ms = data_path_ms(root, ours, 4 * args.batch)
+        for name, path in paths.items():
+            if name != "reference":
+                path.close()
     finally:
         if scratch is not None:
             scratch.cleanup()
 
-    best_ours = max(ours_rounds, key=lambda e: e["samples_per_s"])
-    best_ref = max(ref_rounds, key=lambda e: e["samples_per_s"])
+    best = {name: max(rs, key=lambda e: e["samples_per_s"]) for name, rs in rounds.items()}
+    best_ours, best_ref = best["bonnerlab"], best["reference"]
     ratio = best_ours["samples_per_s"] / best_ref["samples_per_s"]
     share = best_ours["load_augment_share"]
-    share_median = statistics.median(e["load_augment_share"] for e in ours_rounds)
+    share_median = statistics.median(e["load_augment_share"] for e in rounds["bonnerlab"])
+    ours_data = data_ms["bonnerlab_decode"] + data_ms["bonnerlab_augment"]
+    log(f"data path alone, ms per image: reference {data_ms['reference']:.2f}; bonnerlab {ours_data:.2f} "
+        f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} + batched augment {data_ms['bonnerlab_augment']:.2f})")
     log("model step alone (forward + backward + SGD, one fixed batch, best of 3 steps):")
     step = model_step_rates(args.batch, ours.run.splits.num_classes, 3)
-    log(f"  NCHW {step['nchw']:.1f} samples/s, channels-last {step['channels_last']:.1f} samples/s")
+    log("  " + ", ".join(f"{k} {v:.1f}" for k, v in step.items()) + " samples/s")
 
     rows = [
         ("train samples/s, ResNet-18 112px (best round)", f"{best_ref['samples_per_s']:.1f}",
          f"{best_ours['samples_per_s']:.1f}", f"{ratio:.2f}x (target >= 1.3x)"),
         ("step time loading + augmenting (best round)", f"{100 * best_ref['fetch_share']:.1f}% waiting",
          f"{100 * share:.1f}% (median {100 * share_median:.1f}%)", "target < 10%"),
+        ("data path alone, ms per image", f"{data_ms['reference']:.2f}", f"{ours_data:.2f}",
+         f"{data_ms['reference'] / ours_data:.2f}x"),
         ("model step alone, samples/s", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last']:.1f} (channels-last)",
          f"{step['channels_last'] / step['nchw']:.2f}x"),
     ]
+    for name in names[2:]:
+        rate = best[name]["samples_per_s"]
+        rows.append((f"train samples/s, {name}", f"{best_ref['samples_per_s']:.1f}", f"{rate:.1f}",
+                     f"{rate / best_ref['samples_per_s']:.2f}x"))
     head = ("metric", "reference", "bonnerlab", "ratio")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
 
@@ -333,10 +403,10 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(), "workers": workers, "batch": args.batch, "steps": args.steps,
         "rounds": args.rounds, "cpus": os.cpu_count(), "torch": torch.__version__,
         "load_average_at_start": load, "photos": photos,
-        "bonnerlab_rounds": ours_rounds, "reference_rounds": ref_rounds,
+        "rounds_by_path": rounds,
         "bonnerlab_samples_per_s": best_ours["samples_per_s"], "reference_samples_per_s": best_ref["samples_per_s"],
         "ratio": ratio, "load_augment_share": share, "load_augment_share_median": share_median,
-        "model_step_samples_per_s": step, "bench_seconds": seconds,
+        "data_path_ms_per_image": data_ms, "model_step_samples_per_s": step, "bench_seconds": seconds,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
