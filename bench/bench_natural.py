@@ -1,8 +1,9 @@
 """Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, in one run.
 
-    python bench/bench_natural.py                    # ~4-5 min on 2 CPU cores
+    python bench/bench_natural.py                    # ~3 min on 2 CPU cores (make bench-natural)
+    python bench/bench_natural.py --cpu-bf16         # also a what-if path: CPU bfloat16 autocast
     python bench/bench_natural.py --quick            # 2 short rounds, to check that it runs
-    python bench/bench_natural.py --threads 1 --workers 1 --batch 32 --steps 8 --rounds 3
+    python bench/bench_natural.py --threads 2 --workers 1 --batch 64 --steps 8 --rounds 4
 
 Data: 2,000 JPEG photographs cut from the two real photographs scikit-learn ships
 (`sklearn.datasets.load_sample_images`, 427x640 each): random crops (10-100% of the area,
@@ -10,24 +11,30 @@ aspect 3:4 to 4:3) saved at a random shorter side of 160-512 pixels (quality 90)
 train/<photo>/ and val/<photo>/ of a temporary folder (or --data, kept for reuse).
 
 Both paths train torchvision ResNet-18 (random weights, 2 classes) at 112x112 with SGD (lr 0.1,
-Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers:
-- bonnerlab: `bonnerlab.training.build` + `train_one_epoch` with `data.augment natural` (workers
-  decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
-  `Preprocess.natural`) and the config's defaults otherwise (channels-last on);
+Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers
+(default: bonnerlab's auto, one core left to training):
+- bonnerlab: `bonnerlab.training.build` + `wrap` + `train_one_epoch` with `data.augment natural`
+  (workers decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
+  `Preprocess.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
 - reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +
   `ToTensor` + `Normalize` per sample (full-size PIL decode), and the classic loop
   (zero_grad, forward, cross-entropy, backward, step) on a contiguous (NCHW) model.
 
-The two paths alternate, --steps training steps each per round (each a fresh pass over a
-seeded sample of the folder, persistent workers on both sides, pipeline fill included), and each
-keeps its best round: the least disturbed by other processes. bonnerlab's step is split into
-phases by bench_train.PhaseTimer: `fetch` (waiting for the next batch from the workers) +
-`augment` (Preprocess.augment) is the share "spent loading + augmenting"; the reference's time
-waiting on its DataLoader is reported beside it. Then the model step alone (forward + backward +
-SGD on a fixed batch, NCHW vs channels-last) shows how much of the ratio is the data path and
-how much the memory format.
+The paths take turns, --steps training steps each per round (each a fresh pass over a seeded
+sample of the folder, persistent workers on every side, pipeline fill included; the order
+rotates every round), and each keeps its best round: the least disturbed by other processes.
+bonnerlab's step is split into phases by bench_train.PhaseTimer: `fetch` (waiting for the next
+batch from the workers) + `augment` (Preprocess.augment) is the share "spent loading +
+augmenting"; the reference's time waiting on its DataLoader is reported beside it. Then two
+attributions: each data path alone (ms per image: decode + transforms in one thread as in a
+worker; bonnerlab's batched augmentation in the training process), and the model step alone on
+a fixed batch (NCHW, channels-last, channels-last + CPU bf16 autocast), which tell how much of
+the ratio is the data path and how much the memory format.
 
-Results: a table on stdout and bench/out/natural.json. Not a test: nothing here asserts a speed.
+Threads: torch's default (one per core), or 1 when the load average at start is at least half
+the core count (see bench_train.py: a busy machine stalls multi-threaded small ops); --threads N
+forces N. Results: a table on stdout and bench/out/natural.json. Not a test: nothing here
+asserts a speed.
 """
 
 from __future__ import annotations
@@ -250,32 +257,34 @@ def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
     return out
 
 
-def model_step_rates(batch: int, num_classes: int, steps: int) -> dict:
+def model_step_rates(batch: int, num_classes: int, rounds: int, steps: int = 2) -> dict:
     """Samples/s of forward + backward + SGD step alone on one fixed batch: NCHW vs channels-last,
-    and channels-last under CPU bfloat16 autocast (the --cpu-bf16 what-if)."""
+    and channels-last under CPU bfloat16 autocast (the --cpu-bf16 what-if); the variants
+    alternate, `steps` timed steps each per round, best step kept."""
     import torchvision
 
-    out = {}
     x = torch.randn(batch, 3, SIZE, SIZE)
     y = torch.randint(0, num_classes, (batch,))
+    variants = {}
     for name, fmt, bf16 in (("nchw", torch.contiguous_format, False), ("channels_last", torch.channels_last, False),
                             ("channels_last_bf16", torch.channels_last, True)):
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=num_classes).to(memory_format=fmt)
-        opt = torch.optim.SGD(model.parameters(), nesterov=True, **SGD)
-        xf = x.contiguous(memory_format=fmt)
-        best = float("inf")
-        for i in range(steps + 1):
-            t0 = time.perf_counter()
-            opt.zero_grad()
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(xf), y)
-            loss.backward()
-            opt.step()
-            if i:  # the first step allocates
-                best = min(best, time.perf_counter() - t0)
-        out[name] = batch / best
-    return out
+        variants[name] = (model, torch.optim.SGD(model.parameters(), nesterov=True, **SGD),
+                          x.contiguous(memory_format=fmt), bf16)
+    best = dict.fromkeys(variants, float("inf"))
+    for r in range(rounds):
+        for name, (model, opt, xf, bf16) in variants.items():
+            for i in range(steps + (r == 0)):
+                t0 = time.perf_counter()
+                opt.zero_grad()
+                with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(model(xf), y)
+                loss.backward()
+                opt.step()
+                if r or i:  # the very first step allocates
+                    best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: batch / t for name, t in best.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -288,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32, help="batch size of both paths")
     p.add_argument("--workers", type=int, default=-1,
                    help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)")
-    p.add_argument("--steps", type=int, default=8, help="training steps per path per round")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; each path keeps its best")
+    p.add_argument("--steps", type=int, default=4, help="training steps per path per round")
+    p.add_argument("--rounds", type=int, default=8, help="alternating rounds; each path keeps its best")
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)")
     p.add_argument("--cpu-bf16", action="store_true",
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours_data = data_ms["bonnerlab_decode"] + data_ms["bonnerlab_augment"]
     log(f"data path alone, ms per image: reference {data_ms['reference']:.2f}; bonnerlab {ours_data:.2f} "
         f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} + batched augment {data_ms['bonnerlab_augment']:.2f})")
-    log("model step alone (forward + backward + SGD, one fixed batch, best of 3 steps):")
+    log("model step alone (forward + backward + SGD on one fixed batch; best of 3 rounds of 2 steps):")
     step = model_step_rates(args.batch, ours.run.splits.num_classes, 3)
     log("  " + ", ".join(f"{k} {v:.1f}" for k, v in step.items()) + " samples/s")
 
