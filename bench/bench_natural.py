@@ -1,6 +1,6 @@
 """Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, in one run.
 
-    python bench/bench_natural.py                    # ~3 min on 2 CPU cores (make bench-natural)
+    python bench/bench_natural.py                    # ~4 min on 2 busy CPU cores (make bench-natural)
     python bench/bench_natural.py --cpu-bf16         # also a what-if path: CPU bfloat16 autocast
     python bench/bench_natural.py --quick            # 2 short rounds, to check that it runs
     python bench/bench_natural.py --threads 2 --workers 1 --batch 64 --steps 8 --rounds 4
