@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-cluster bench-extract gpu-check slurm-up slurm-down clean chromium
+.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-natural bench-cluster bench-extract gpu-check slurm-up slurm-down clean chromium
 
 install: $(STAMP)
 
@@ -48,6 +48,9 @@ notebooks: install  ## execute notebooks/*.ipynb in place, so they are committed
 
 bench: install  ## benchmarks: ratios against reference implementations, measured in one run
 	$(PY) bench/bench_train.py $(ARGS)
+
+bench-natural: install  ## ResNet-18 on 2,000 JPEG photographs: natural preset vs a torchvision DataLoader loop
+	$(PY) bench/bench_natural.py $(ARGS)
 
 bench-cluster: install  ## cluster costs on the local SLURM (starts it if needed; root)
 	$(PY) bench/bench_cluster.py

@@ -57,15 +57,14 @@ import reference_mnist as ref  # noqa: E402
 from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, TrainConfig, apply_overrides  # noqa: E402
 from bonnerlab.data import Preprocess, TrainBatches, load_splits  # noqa: E402
-from bonnerlab.models import build_model  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
 from bonnerlab.training import (  # noqa: E402
-    EpochState,
-    Precision,
+    build,
     build_optimizer,
     build_scheduler,
     train,
     train_one_epoch,
+    wrap,
 )
 
 DEFAULT_ROOT = os.path.normpath(REPO / ".." / "shared" / "data" / "mnist")
@@ -192,39 +191,45 @@ class PhaseTimer:
 
 
 class ProductRun:
-    """bonnerlab's own train_one_epoch, with everything built as training._train builds it."""
+    """bonnerlab's own train_one_epoch on what `training.build` builds (as train() does), timed per phase.
+
+    `model` replaces the configured one (the reference's network, which no model.arch names);
+    the optimizer and schedule are then rebuilt for it, as build() would have.
+    """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module | None = None) -> None:
         info = dist.setup(cfg.device)
-        torch.manual_seed(cfg.seed)
-        splits = load_splits(cfg.data)
-        if model is None:
-            model = build_model(cfg.model, splits.channels, splits.num_classes)
-        self.cfg, self.model = cfg, model.to(info.device)
-        self.batches = TrainBatches(splits.train, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
-                                    info.device, cfg.data.num_workers, cfg.max_steps_per_epoch)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, len(self.batches), cfg.epochs)
-        self.precision = Precision(info.device, cfg.amp)
-        self.preprocess = Preprocess(splits.mean, splits.std, cfg.data)
+        run = build(cfg, info)
+        if model is not None:
+            model = model.to(info.device)
+            if cfg.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            run.model = model
+            run.optimizer = build_optimizer(model, cfg.optim)
+            run.scheduler = build_scheduler(run.optimizer, cfg.optim, len(run.batches), cfg.epochs)
+        wrap(run, info)
+        self.cfg, self.run, self.model = cfg, run, run.model
         self.timer = PhaseTimer()
-        self.timer.attach(self.batches, self.preprocess, self.model, self.optimizer)
+        self.timer.attach(run.batches, run.preprocess, run.model, run.optimizer)
         # a real Logger (TensorBoard scalars every log_every_steps), as train() has
         self._scratch = tempfile.TemporaryDirectory(prefix="bench-train-log-")
-        self.state, self.logger = EpochState(), Logger(self._scratch.name)
+        self.logger = Logger(self._scratch.name)
 
     def close(self) -> None:
+        self.run.batches.close()
+        self.run.val_batches.close()
         self.logger.close()
         self._scratch.cleanup()
 
     def epoch(self) -> dict:
         """One (possibly max_steps_per_epoch-shortened) epoch; seconds per phase."""
         self.timer.t.clear()
-        state = self.state
+        run = self.run
+        state = run.state
         state.step, state.seen = 0, 0
         start = time.perf_counter()
-        train_one_epoch(self.model, self.batches, self.preprocess, self.optimizer, self.scheduler,
-                        self.precision, self.cfg, state, self.logger)
+        train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+                        run.precision, self.cfg, state, self.logger)
         total = time.perf_counter() - start
         state.epoch += 1
         phases = dict(self.timer.t)
