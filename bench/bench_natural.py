@@ -1,7 +1,7 @@
 """Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, in one run.
 
     python bench/bench_natural.py                    # ~4 min on 2 busy CPU cores (make bench-natural)
-    python bench/bench_natural.py --cpu-bf16         # also a what-if path: CPU bfloat16 autocast
+    python bench/bench_natural.py --cpu-bf16         # also bonnerlab with --amp_cpu (CPU bfloat16 autocast)
     python bench/bench_natural.py --quick            # 2 short rounds, to check that it runs
     python bench/bench_natural.py --threads 2 --workers 1 --batch 64 --steps 8 --rounds 4
 
@@ -47,6 +47,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
-from bonnerlab.training import EpochState, Precision, build, train_one_epoch, wrap  # noqa: E402
+from bonnerlab.training import EpochState, build, train_one_epoch, wrap  # noqa: E402
 
 SIZE = 112
 N_TRAIN, N_VAL = 2000, 20
@@ -132,22 +133,14 @@ def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainC
                        progress=False, max_steps_per_epoch=steps, epochs=1000, log_every_steps=50)
 
 
-class CpuBf16Precision(Precision):
-    """What-if (--cpu-bf16), not bonnerlab's behaviour today: bfloat16 autocast on the CPU, which
-    `Precision` turns off there. CPUs with native bf16 (AVX512-BF16, AMX) run convolutions faster."""
-
-    def autocast(self):
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-
-
 class BonnerlabRun:
     """bonnerlab's own build() + wrap() + train_one_epoch, timed per phase."""
 
     def __init__(self, cfg: TrainConfig, cpu_bf16: bool = False) -> None:
         info = dist.setup(cfg.device)
+        if cpu_bf16:  # --amp_cpu: bfloat16 autocast where the CPU runs it natively
+            cfg = replace(cfg, amp_cpu=True)
         self.cfg, self.run = cfg, build(cfg, info)
-        if cpu_bf16:
-            self.run.precision = CpuBf16Precision(info.device, False)
         wrap(self.run, info)
         self.timer = PhaseTimer()
         self.timer.attach(self.run.batches, self.run.preprocess, self.run.model, self.run.optimizer)
@@ -259,7 +252,7 @@ def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
 
 def model_step_rates(batch: int, num_classes: int, rounds: int, steps: int = 2) -> dict:
     """Samples/s of forward + backward + SGD step alone on one fixed batch: NCHW vs channels-last,
-    and channels-last under CPU bfloat16 autocast (the --cpu-bf16 what-if); the variants
+    and channels-last under CPU bfloat16 autocast (--amp_cpu); the variants
     alternate, `steps` timed steps each per round, best step kept."""
     import torchvision
 
@@ -302,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=0,
                    help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)")
     p.add_argument("--cpu-bf16", action="store_true",
-                   help="also time a what-if path: bonnerlab with bfloat16 autocast on the CPU (not its behaviour today)")
+                   help="also time bonnerlab with --amp_cpu (bfloat16 autocast where the CPU runs it natively)")
     p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps at batch 16, to check that it runs")
     p.add_argument("--out", default=str(HERE / "out" / "natural.json"))
     args = p.parse_args(argv)
@@ -338,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         paths = {"bonnerlab": ours,
                  "reference": ReferenceRun(root, args.batch, workers, args.steps, ours.run.splits.num_classes)}
         if args.cpu_bf16:
-            paths["bonnerlab, CPU bf16 autocast (what-if)"] = BonnerlabRun(cfg, cpu_bf16=True)
+            paths["bonnerlab --amp_cpu (CPU bf16 autocast)"] = BonnerlabRun(cfg, cpu_bf16=True)
         # warm-up: workers started, allocator and kernels warm on every path; not timed
         warm = {name: path.chunk()["samples_per_s"] for name, path in paths.items()}
         log("warm-up: " + ", ".join(f"{name} {v:.1f}" for name, v in warm.items()) + " samples/s")
@@ -393,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
          f"{data_ms['reference'] / ours_data:.2f}x"),
         ("model step alone, samples/s", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last']:.1f} (channels-last)",
          f"{step['channels_last'] / step['nchw']:.2f}x"),
-        ("... with CPU bf16 autocast (what-if)", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last_bf16']:.1f}",
+        ("... with --amp_cpu (CPU bf16 autocast)", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last_bf16']:.1f}",
          f"{step['channels_last_bf16'] / step['nchw']:.2f}x"),
     ]
     for name in names[2:]:

@@ -195,6 +195,9 @@ class TrainConfig:
     # AMP's dtype: auto = bfloat16 where the GPU has it natively (float32's range, no loss
     # scaling), else float16; float16 (with loss scaling) can be faster, e.g. ResNets on H200 1.3x
     amp_dtype: str = "auto"
+    # bfloat16 autocast on a CPU that runs it natively (AVX512-BF16, AMX; float32 elsewhere):
+    # about 2x a ResNet step there (bench/bench_natural.py); off by default: it changes results
+    amp_cpu: bool = False
     # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
     channels_last: bool = True
     # bit-reproducible CUDA runs: deterministic kernels only (an op without one is an error),

@@ -91,9 +91,11 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LRScheduler:
     """Stepped once per optimizer step, so a mid-epoch resume restores it exactly."""
     total = steps_per_epoch * epochs
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total >= 2:
+        # at least one warm-up step: OneCycleLR divides by the warm-up's length (a 4-step smoke
+        # run at warmup_fraction 0.25 would divide by zero)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_fraction,
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(cfg.warmup_fraction, 1.01 / total),
             cycle_momentum=cfg.optimizer == "sgd",
         )
     if cfg.schedule == "cosine":
@@ -103,15 +105,30 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN runs bfloat16 natively (AVX512-BF16 or AMX); emulated, it is slower than float32."""
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private op: absent in some builds
+        return False
+
+
 @dataclass
 class Precision:
-    """Autocast + loss scaling on CUDA; plain float32 on CPU (CPU autocast is rarely faster)."""
+    """Autocast + loss scaling on CUDA; on a CPU float32, or bfloat16 autocast when asked
+    (`cpu_bf16`) and the CPU runs it natively."""
 
     device: torch.device
     enabled: bool
     requested: str = "auto"  # auto, bfloat16 or float16
+    cpu_bf16: bool = False
 
     def __post_init__(self) -> None:
+        if self.device.type == "cpu":
+            self.enabled = self.cpu_bf16 and cpu_has_native_bf16()
+            self.dtype = torch.bfloat16
+            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+            return
         self.enabled = self.enabled and self.device.type == "cuda"
         # bfloat16 where the GPU has it natively (Ampere+). `is_bf16_supported()` alone also
         # counts emulation (True on a T4/V100, where bf16 is slow): those take float16.
@@ -133,7 +150,7 @@ class Precision:
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.enabled:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:
@@ -332,7 +349,8 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         raise RunDirError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it or choose a new --run_dir"
         )
-    ours, theirs = _flat(to_dict(cfg)), _flat(saved)
+    # a key an older run's config lacks (added since) reads as its default
+    ours, theirs = _flat(to_dict(cfg)), {**_flat(to_dict(TrainConfig())), **_flat(saved)}
     changed = sorted(k for k in ours.keys() | theirs.keys()
                      if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k))
     if changed:
@@ -435,7 +453,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     return Training(
         cfg, splits, model, batches, val_batches, optimizer,
         build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
-        Precision(info.device, cfg.amp, cfg.amp_dtype), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
+        Precision(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
     )
 
 
@@ -673,7 +691,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
         try:
             result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
-                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp, train_cfg.amp_dtype))
+                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu))
         finally:
             batches.close()
         out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"

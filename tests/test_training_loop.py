@@ -91,3 +91,28 @@ def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
     assert "\n" not in str(e.value) and "drop --compile" in str(e.value) and "g++" in str(e.value)
     with pytest.warns(UserWarning, match="training uncompiled"):
         assert compile_model(model, torch.device("cpu"), fallback=True) is model
+
+
+def test_cpu_bfloat16_autocast_when_asked(tiny_train_cfg, tmp_path):
+    from bonnerlab.training import Precision, cpu_has_native_bf16
+
+    precision = Precision(torch.device("cpu"), True, cpu_bf16=True)
+    assert precision.enabled == cpu_has_native_bf16() and not precision.scaler.is_enabled()
+    assert not Precision(torch.device("cpu"), True).enabled  # off by default: it changes results
+    result = train(tiny_train_cfg(run_dir=str(tmp_path / "bf16"), amp_cpu=True, epochs=1, max_steps_per_epoch=4))
+    assert result["epoch"] == 1 and result["train_loss"] == result["train_loss"]  # finite, not NaN
+
+
+def test_resuming_a_run_saved_before_a_config_key_existed(tiny_train_cfg):
+    import yaml
+
+    from bonnerlab.runs import RunPaths as Paths
+
+    cfg = tiny_train_cfg(epochs=2, max_steps_per_epoch=3)
+    train(cfg)
+    saved = yaml.safe_load(Paths(cfg.run_dir).config_yaml.read_text())
+    del saved["amp_cpu"], saved["optim"]["accumulate_steps"]  # an older bonnerlab's config.yaml
+    Paths(cfg.run_dir).config_yaml.write_text(yaml.safe_dump(saved))
+    from dataclasses import replace
+
+    assert train(replace(cfg, resume=True, epochs=2))["epoch"] == 2
