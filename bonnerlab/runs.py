@@ -218,8 +218,8 @@ def latest_run(runs_root: str | Path) -> Path | None:
 class Logger:
     """metrics.jsonl + TensorBoard scalars; a no-op object on ranks other than 0."""
 
-    def __init__(self, run_dir: str | Path | None, enabled: bool = True) -> None:
-        self.enabled = enabled and run_dir is not None
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.enabled = run_dir is not None
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._tb = None
         if self.enabled:

@@ -292,7 +292,7 @@ def status_all(runs_root: str | Path, metric: str = "val_acc", mode: str = "max"
     return table.sort_values("_born", ascending=False).drop(columns="_born").reset_index(drop=True)
 
 
-def format_table(table: Any, metric: str = "val_acc") -> str:
+def format_table(table: Any) -> str:
     hidden = {"run_dir", "gpu_hours", "cpu_hours"}
     if not table["error"].astype(bool).any():
         hidden |= {"error", "failure"}

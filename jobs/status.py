@@ -63,7 +63,7 @@ def show(args: argparse.Namespace):
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
     table = sweep_status(path, metric=args.metric, mode=args.mode)
-    print(format_table(table, args.metric))
+    print(format_table(table))
     from bonnerlab.status import state_counts
 
     print(state_counts(table["state"].tolist()))
