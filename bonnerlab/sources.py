@@ -60,8 +60,8 @@ def require(source: str) -> Any:
 
 
 def _closest(name: str, names: list[str], what: str) -> UserError:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f"; closest: {', '.join(close)}" if close else ""
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
     return WeightsError(f"unknown {what} {name!r}{hint}")
 
 

@@ -42,7 +42,7 @@ def test_fine_tune_from_local_weights_file(tmp_path):
 
 
 def test_weights_errors(tmp_path):
-    with pytest.raises(WeightsError, match="unknown model.arch 'resnet181'; closest: resnet18"):
+    with pytest.raises(WeightsError, match="unknown model.arch 'resnet181'; did you mean resnet18"):
         build_model(ModelConfig(arch="resnet181"), 1, 10)
     with pytest.raises(WeightsError, match="weights file .* not found"):
         build_model(ModelConfig(arch="resnet18", weights=str(tmp_path / "missing.pth")), 3, 10)

@@ -133,7 +133,7 @@ def test_timm_vit_tokens_patterns_and_embedding(photos, tmp_path):
 
 def test_timm_errors(tmp_path, photos):
     pytest.importorskip("timm")
-    with pytest.raises(WeightsError, match=r"unknown timm model 'vit_tiny_patch16_22'; closest: vit_tiny_patch16_224"):
+    with pytest.raises(WeightsError, match=r"unknown timm model 'vit_tiny_patch16_22'; did you mean vit_tiny_patch16_224"):
         load_model(cfg(photos, tmp_path / "x.zarr", "timm:vit_tiny_patch16_22", "none", ["norm"]))
     with pytest.raises(WeightsError, match="unknown timm pretrained tag 'nope' for resnet18; published: "):
         load_model(cfg(photos, tmp_path / "x.zarr", "timm:resnet18", "nope", ["fc"]))
