@@ -30,7 +30,7 @@ from bonnerlab.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, from_dict, save_yaml, to_dict
+from bonnerlab.config import EvaluateConfig, OptimConfig, TrainConfig, save_yaml, to_dict
 from bonnerlab.data import (
     EVAL_CROP_FRACTION,
     EvalBatches,
@@ -56,6 +56,7 @@ from bonnerlab.runs import (
     write_git_info,
     write_state,
 )
+from bonnerlab.sources import load_trained
 
 FILE_LIST = "files.json"  # an image folder's scanned file list, in the run folder
 
@@ -641,27 +642,6 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- evaluate
-
-
-def load_trained(checkpoint_path: Path, device: torch.device) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
-    """Rebuild the model a checkpoint was trained as and load its weights."""
-    payload = load_checkpoint(checkpoint_path)
-    try:
-        train_cfg = from_dict(TrainConfig, payload["config"])
-    except ConfigError as e:
-        raise CheckpointError(f"checkpoint {checkpoint_path} holds an unreadable config: {e}") from e
-    pre = payload["preprocess"]
-    model = build_model(
-        # the head is rebuilt from the checkpoint itself; never download weights again
-        type(train_cfg.model)(**{**to_dict(train_cfg.model), "weights": "none", "freeze_backbone": False}),
-        pre["channels"], len(payload["classes"]),
-    )
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {checkpoint_path} does not fit {train_cfg.model.arch}: "
-                              f"{str(e).splitlines()[0]}") from e
-    return model.to(device).eval(), train_cfg, payload
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:

@@ -415,7 +415,8 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
     from bonnerlab.data import Preprocess, load_splits
-    from bonnerlab.training import load_trained, train
+    from bonnerlab.sources import load_trained
+    from bonnerlab.training import train
 
     monkeypatch.chdir(tmp_path)
     train(TrainConfig(epochs=1, max_steps_per_epoch=2, run_dir="runs/r1", progress=False))

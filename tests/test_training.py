@@ -157,7 +157,7 @@ def test_jobs_print_one_line_errors_and_exit_2(tmp_path):
     cases = [
         (["jobs/train.py", "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "none")], "does not exist"),
         (["jobs/train.py", "--optim.lr", "0"], "optim.lr must be > 0"),
-        (["jobs/train.py", "--model.arch", "resnet181"], "closest: resnet18"),
+        (["jobs/train.py", "--model.arch", "resnet181"], "did you mean resnet18"),
         (["jobs/evaluate.py", "--checkpoint", str(tmp_path / "x.pt")], "not found"),
     ]
     for args, message in cases:
