@@ -465,11 +465,13 @@ def restore(run: Training, checkpoint: dict[str, Any], path: Path) -> None:
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit model.arch {run.cfg.model.arch}: "
                               f"{str(e).splitlines()[0]}") from e
-    # the saved param groups carry the implementation flags of the device that saved them
-    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, flags in zip(run.optimizer.param_groups, implementation, strict=True):
-        group.update(flags)
+    # The saved param groups carry the implementation flags of the device that saved them; use
+    # this device's, before loading: torch places the `step` counters by them (on the GPU for
+    # fused kernels), so a CPU checkpoint resumes with fused AdamW on a GPU and back.
+    saved = checkpoint["optimizer"]
+    flags = [{k: g.get(k) for k in ("fused", "foreach")} for g in run.optimizer.param_groups]
+    groups = [{**group, **own} for group, own in zip(saved["param_groups"], flags, strict=True)]
+    run.optimizer.load_state_dict({**saved, "param_groups": groups})
     run.scheduler.load_state_dict(checkpoint["scheduler"])
     run.precision.load_scaler_state(checkpoint["scaler"])
     set_rng_state(checkpoint["rng"])

@@ -433,8 +433,8 @@ def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_n
     empty.mkdir()
     sweep = tmp_path / "sweep"
     out = subprocess.run([*LAUNCH, "--wait", "--time_minutes", "5", "--mem_gb", "1.2", "--sweep_dir", str(sweep),
-                          "--zip", "data.dataset=digits,imagefolder", "--zip", "model.width=32,8",
-                          "--zip", "data.batch_size=1024,64", "train", "--epochs", "1", "--max_steps_per_epoch", "3",
+                          "--zip", "data.dataset=digits,imagefolder", "--zip", "model.width=64,8",
+                          "--zip", "data.batch_size=1024,64", "train", "--epochs", "1", "--max_steps_per_epoch", "6",
                           "--device", "cpu", "--data.root", str(empty)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -445,14 +445,14 @@ def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_n
     table = sweep_status(sweep, write=False)
     assert table["failure"].tolist() == ["out of memory", "error"], table[["state", "error"]].to_dict("records")
     assert "exceeded job memory limit" in table["error"][0].lower()
-    assert "DataError: no images in" in table["error"][1]
+    assert "DataError: image folder" in table["error"][1] and "need at least 2" in table["error"][1]
 
     retry = subprocess.run([*LAUNCH, "--wait", "--sweep_dir", str(sweep), "--resume"],
                            capture_output=True, text=True, timeout=300)
     assert retry.returncode == 0, retry.stderr
     assert "submitted 1 tasks as 1 job array(s)" in retry.stdout and "tasks 0" in retry.stdout
     assert "task 0: out of memory, now mem_gb 2.4" in retry.stdout
-    assert "task 1: error (bonnerlab.errors.DataError: no images in" in retry.stdout
+    assert "task 1: error (bonnerlab.errors.DataError: image folder" in retry.stdout
     after = read_manifest(sweep)
     assert after[0]["job_id"] != manifest[0]["job_id"] and after[0]["retries"] == 1 and after[0]["mem_gb"] == 2.4
     assert after[1]["job_id"] == manifest[1]["job_id"]
