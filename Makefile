@@ -71,4 +71,5 @@ clean:
 	rm -rf runs .pytest_cache
 
 chromium:  ## Debian's Chromium, for the headless test of report.html (root)
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+	command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }

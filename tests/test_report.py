@@ -20,6 +20,8 @@ from bonnerlab.status import sweep_status
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        # a fresh machine's package lists may be empty: update them first
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
         subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", "--no-install-recommends",
                         "chromium"], capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                        timeout=900)
