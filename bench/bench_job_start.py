@@ -58,7 +58,7 @@ def one_job(run: Path, hook: Path, importtime: bool = False) -> dict[str, float]
     cfg = apply_overrides(TrainConfig(), {**TINY, "max_steps_per_epoch": 2})
     setup = ['echo "$(date +%s.%N) [bench] batch script start"', f"export PYTHONPATH={hook}:$PYTHONPATH",
              *(["export PYTHONPROFILEIMPORTTIME=1"] if importtime else [])]
-    sub = submit("train", cfg, SlurmConfig(time_min=5, setup=setup), run)
+    sub = submit("train", cfg, SlurmConfig(time_minutes=5, setup=setup), run)
     sub.job.result()
     log = "".join(p.read_text() for p in (run / "logs").glob("*_log.out"))
 

@@ -209,7 +209,9 @@ def configure_backends(device: torch.device, deterministic: bool = False, benchm
         torch.set_float32_matmul_precision("highest")
         torch.backends.cudnn.allow_tf32 = False
         return
-    torch.use_deterministic_algorithms(False)
+    if torch.are_deterministic_algorithms_enabled():
+        # only when set: the call imports torch._inductor (over a second of every job's start)
+        torch.use_deterministic_algorithms(False)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
