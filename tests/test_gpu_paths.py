@@ -214,7 +214,7 @@ def test_accumulate_steps_must_divide_the_per_process_batch(tiny_train_cfg):
 
 
 UNEVEN_EVAL = textwrap.dedent("""
-    import json, torch
+    import json, sys, torch
     from bonnerlab import distributed as dist
     from bonnerlab.config import DataConfig
     from bonnerlab.data import EvalBatches, Preprocess, load_splits
@@ -227,8 +227,10 @@ UNEVEN_EVAL = textwrap.dedent("""
     batches = EvalBatches(splits.val, 179, info.rank, info.world_size, info.device)
     from bonnerlab.training import evaluate_model
     result = evaluate_model(model, batches, Preprocess(splits.mean, splits.std), 10)
-    print(json.dumps({"rank": info.rank, "batches": len(batches), "count": result["count"],
-                      "acc": result["acc"]}))
+    # one file per rank: two ranks printing at once interleave their lines
+    out = sys.argv[1] + f"/rank{info.rank}.json"
+    open(out, "w").write(json.dumps({"rank": info.rank, "batches": len(batches), "count": result["count"],
+                                     "acc": result["acc"]}))
     dist.teardown()
 """)
 
@@ -239,14 +241,14 @@ def test_uneven_eval_shards_under_ddp_finish_and_count_every_example_once(tmp_pa
     script.write_text(UNEVEN_EVAL)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+         str(tmp_path)],
         env=env, capture_output=True, text=True, timeout=180,  # a hang fails here
     )
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 
-    rows = sorted((json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")),
-                  key=lambda r: r["rank"])
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["batches"] for r in rows] == [2, 1]
     assert [r["count"] for r in rows] == [359, 359]  # every validation image once, on both ranks
     assert rows[0]["acc"] == rows[1]["acc"]
