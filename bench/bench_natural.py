@@ -59,13 +59,10 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from bench_train import PhaseTimer  # noqa: E402
+from bench_train import ProductRun  # noqa: E402
 
-from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from bonnerlab.runs import Logger  # noqa: E402
-from bonnerlab.training import EpochState, build, train_one_epoch, wrap  # noqa: E402
 
 SIZE = 112
 N_TRAIN, N_VAL = 2000, 20
@@ -133,40 +130,15 @@ def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainC
                        progress=False, max_steps_per_epoch=steps, epochs=1000, log_every_steps=50)
 
 
-class BonnerlabRun:
-    """bonnerlab's own build() + wrap() + train_one_epoch, timed per phase."""
+class BonnerlabRun(ProductRun):
+    """bonnerlab's own build() + wrap() + train_one_epoch, timed per phase (bench_train's)."""
 
     def __init__(self, cfg: TrainConfig, cpu_bf16: bool = False) -> None:
-        info = dist.setup(cfg.device)
-        if cpu_bf16:  # --amp_cpu: bfloat16 autocast where the CPU runs it natively
-            cfg = replace(cfg, amp_cpu=True)
-        self.cfg, self.run = cfg, build(cfg, info)
-        wrap(self.run, info)
-        self.timer = PhaseTimer()
-        self.timer.attach(self.run.batches, self.run.preprocess, self.run.model, self.run.optimizer)
-        self._scratch = tempfile.TemporaryDirectory(prefix="bench-natural-log-")
-        self.logger = Logger(self._scratch.name)
-
-    def close(self) -> None:
-        self.run.batches.close()
-        self.run.val_batches.close()
-        self.logger.close()
-        self._scratch.cleanup()
+        # --amp_cpu: bfloat16 autocast where the CPU runs it natively
+        super().__init__(replace(cfg, amp_cpu=True) if cpu_bf16 else cfg)
 
     def chunk(self) -> dict:
-        self.timer.t.clear()
-        state: EpochState = self.run.state
-        state.step, state.seen = 0, 0
-        start = time.perf_counter()
-        train_one_epoch(self.run.model, self.run.batches, self.run.preprocess, self.run.optimizer,
-                        self.run.scheduler, self.run.precision, self.cfg, state, self.logger)
-        total = time.perf_counter() - start
-        state.epoch += 1
-        phases = dict(self.timer.t)
-        phases["other"] = total - sum(phases.values())
-        return {"samples": state.seen, "seconds": total, "samples_per_s": state.seen / total,
-                "phases_s": phases,
-                "load_augment_share": (phases.get("fetch", 0) + phases.get("augment", 0)) / total}
+        return self.epoch()
 
 
 class ReferenceRun:

@@ -216,8 +216,7 @@ class ProductRun:
         self.logger = Logger(self._scratch.name)
 
     def close(self) -> None:
-        self.run.batches.close()
-        self.run.val_batches.close()
+        self.run.close()
         self.logger.close()
         self._scratch.cleanup()
 

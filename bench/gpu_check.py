@@ -164,8 +164,7 @@ def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
             seconds = time.perf_counter() - start
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            run.batches.close()
-            run.val_batches.close()
+            run.close()
     syncs = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
     logging = {s for s in range(len(per_step)) if (s + 1) % cfg.log_every_steps == 0}
     measured = [n for s, n in enumerate(per_step) if s >= warmup and s not in logging]

@@ -376,6 +376,11 @@ class Training:
     preprocess: Preprocess
     state: EpochState
 
+    def close(self) -> None:
+        """Stop the loaders' persistent workers."""
+        self.batches.close()
+        self.val_batches.close()
+
     def payload(self) -> dict[str, Any]:
         cfg, splits = self.cfg, self.splits
         return {
@@ -633,8 +638,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         raise
     finally:
         logger.close()
-        run.batches.close()
-        run.val_batches.close()
+        run.close()
     if info.is_main:
         write_state(run_dir, "DONE")
     dist.barrier()

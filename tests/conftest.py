@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -22,6 +23,25 @@ def assert_same_weights(a, b, atol=0.0):
             assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+@contextlib.contextmanager
+def stop_at_check(n: int):
+    """A stop request at the n-th time training checks for one (as a signal would arrive), so
+    an interrupted run stops at a chosen step; the real check is restored afterwards."""
+    from bonnerlab import interrupt
+
+    real, calls = interrupt.stop_requested, [0]
+
+    def stop_requested() -> bool:
+        calls[0] += 1
+        return calls[0] == n
+
+    interrupt.stop_requested = stop_requested
+    try:
+        yield
+    finally:
+        interrupt.stop_requested = real
 
 
 @pytest.fixture

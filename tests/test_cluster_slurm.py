@@ -318,8 +318,7 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
                                            additional_parameters={"exclusive": True}), run)
     _wait_until_training(run)
     node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
-    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
-                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    preempt(node)
     assert [r["epoch"] for r in sub.job.results()] == [15, 15]
     ref.job.results()
     log = log_of(run)
@@ -464,6 +463,12 @@ def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_n
 
 # ----------------------------------------------------------------------------- two nodes
 
+def preempt(node: str) -> None:
+    """A job on the preempting `urgent` partition takes `node` whole: what runs there is requeued."""
+    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
+                    "--wrap", "sleep 1"], check=True, capture_output=True)
+
+
 MULTI = {"partition": "multi", "nodes": 2, "tasks_per_node": 1}
 
 
@@ -488,8 +493,7 @@ def test_preempted_two_node_job_requeues_and_resumes_to_the_same_weights(tmp_pat
     sub = submit("train", cfg, SlurmConfig(**MULTI, time_minutes=10), run)
     _wait_until_training(run)
     node = subprocess.run(["sinfo", "-h", "-p", "cpu", "-o", "%N"], capture_output=True, text=True).stdout.strip()
-    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
-                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    preempt(node)
     assert [r["epoch"] for r in sub.job.results()] == [15, 15]
     ref.job.results()
     log = log_of(run)

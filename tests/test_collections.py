@@ -10,10 +10,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import stop_at_check
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from bonnerlab import interrupt
 from bonnerlab.config import DataConfig, EvaluateConfig
 from bonnerlab.data import (
     Preprocess,
@@ -102,18 +102,8 @@ def test_run_keeps_its_file_list_and_evaluates_the_test_folder(tmp_path, tiny_tr
                  "data.image_size": 32, "data.batch_size": 8, "data.num_workers": 0,
                  "epochs": 2}
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "run"), **overrides)
-    calls = {"n": 0}
-
-    def stop_in_epoch_2():
-        calls["n"] += 1
-        return calls["n"] == 5  # 4 steps per epoch: epoch 2, step 2
-
-    real = interrupt.stop_requested
-    interrupt.stop_requested = stop_in_epoch_2
-    try:
+    with stop_at_check(5):  # 4 steps per epoch: epoch 2, step 2
         assert train(cfg)["interrupted"]
-    finally:
-        interrupt.stop_requested = real
     listing = json.loads((tmp_path / "run" / "files.json").read_text())
     assert len(listing["splits"]["train"][0]) == 32 and listing["classes"] == ["china", "flower"]
     # images added to the folder after the run started do not change the resumed run
@@ -134,18 +124,8 @@ def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
                  "data.color_jitter": 0.3, "data.erasing": 0.5, "epochs": 2}
     train(tiny_train_cfg(run_dir=str(tmp_path / "ref"), **overrides))
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "split"), **overrides)
-    calls = {"n": 0}
-
-    def stop():
-        calls["n"] += 1
-        return calls["n"] == 4
-
-    real = interrupt.stop_requested
-    interrupt.stop_requested = stop
-    try:
+    with stop_at_check(4):
         assert train(cfg)["interrupted"]
-    finally:
-        interrupt.stop_requested = real
     train(replace(cfg, resume=True))
     from conftest import assert_same_weights
 
@@ -157,7 +137,7 @@ def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
 
 def _canvases(n=6, side=40):
     photos = _photos(n, seed=3)
-    return torch.stack([TF.center_crop(TF.resize(torch.from_numpy(p).permute(2, 0, 1), side), side)
+    return torch.stack([TF.center_crop(TF.resize(torch.from_numpy(p.copy()).permute(2, 0, 1), side), side)
                         for p in photos]).float() / 255
 
 
