@@ -12,6 +12,7 @@ helpers here move whatever they are given: no caller can hand NCCL a CPU tensor.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -241,6 +242,10 @@ def setup(device: str = "auto") -> DistInfo:
 def teardown() -> None:
     global _info
     if dist.is_initialized():
+        # The DDP wrapper of a finished run may sit in a reference cycle, holding the process
+        # group (and gloo's worker threads) until the interpreter's own teardown, where freeing
+        # them can abort the process. Collect it now, while the interpreter is whole.
+        gc.collect()
         dist.destroy_process_group()
     _info = DistInfo()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +25,26 @@ def assert_same_weights(a, b, atol=0.0):
             assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone` (a free rendezvous port, so parallel test
+    runs never collide) with 2 CPU workers; fails the test with the workers' own output.
+
+    faulthandler is on in the workers: a worker killed by a signal (SIGABRT from C++, a fatal
+    Python error at exit) prints its Python stack, which the agent's summary does not show.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        # The agent's own traceback and failure table come last and say only "exitcode -6":
+        # keep what the workers printed before it.
+        workers = out.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+        summary = out.stderr[-800:]
+        raise AssertionError(f"torchrun exited {out.returncode}\n--- workers' stderr (tail) ---\n"
+                             f"{workers[-4000:]}\n--- agent (tail) ---\n{summary}")
+    return out
 
 
 @contextlib.contextmanager

@@ -6,13 +6,11 @@ uneven evaluation shards under DDP, loader workers from the allocation, --determ
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import torchrun
 
 from bonnerlab import checkpoint
 from bonnerlab import distributed as dist
@@ -239,13 +237,7 @@ UNEVEN_EVAL = textwrap.dedent("""
 def test_uneven_eval_shards_under_ddp_finish_and_count_every_example_once(tmp_path):
     script = tmp_path / "uneven_eval.py"
     script.write_text(UNEVEN_EVAL)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=180,  # a hang fails here
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
+    torchrun(str(script), str(tmp_path), timeout=180)  # a hang fails here
     import json
 
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_weights
+from conftest import REPO, assert_same_weights, torchrun
 
 from bonnerlab import interrupt
 from bonnerlab.checkpoint import load_checkpoint
@@ -107,11 +107,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     train_py = str(REPO / "jobs" / "train.py")
     subprocess.run([sys.executable, train_py, *common, "--run_dir", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
-    # --standalone: a free rendezvous port, so parallel test runs never collide
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    out = subprocess.run([*torchrun, train_py, *common, "--run_dir", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = torchrun(train_py, *common, "--run_dir", str(tmp_path / "two"))
     assert "2 process(es)" in out.stdout
     assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

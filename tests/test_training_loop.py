@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_same_weights
+from conftest import REPO, assert_same_weights, torchrun
 
 from bonnerlab.checkpoint import load_checkpoint
 from bonnerlab.runs import RunPaths, read_metrics
@@ -36,13 +36,8 @@ def test_gradient_accumulation_equals_the_large_batch(tiny_train_cfg, tmp_path):
     assert m4["train_acc"] == m1["train_acc"]
 
 
-def _torchrun(args, run_dir, nproc=2):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(REPO / "jobs" / "train.py"), *args, "--run_dir", str(run_dir)]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out
+def _torchrun(args, run_dir):
+    return torchrun(str(REPO / "jobs" / "train.py"), *args, "--run_dir", str(run_dir))
 
 
 @pytest.mark.slow
