@@ -13,7 +13,7 @@ train/<photo>/ and val/<photo>/ of a temporary folder (or --data, kept for reuse
 Both paths train torchvision ResNet-18 (random weights, 2 classes) at 112x112 with SGD (lr 0.1,
 Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers
 (default: bonnerlab's auto, one core left to training):
-- bonnerlab: `bonnerlab.training.build` + `wrap` + `train_one_epoch` with `data.augment natural`
+- bonnerlab: `bonnerlab.build.build` + `wrap` + `bonnerlab.training.train_one_epoch` with `data.augment natural`
   (workers decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
   `Preprocess.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
 - reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +

@@ -123,7 +123,7 @@ def section_environment() -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "auto_device": str(device),
     }
-    from bonnerlab.training import Precision
+    from bonnerlab.build import Precision
 
     env["amp_dtype"] = str(Precision(device, True).dtype)
     for k, v in env.items():
@@ -136,8 +136,9 @@ def section_environment() -> dict:
 
 def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
     """Per-step synchronizing CUDA calls in bonnerlab's own train_one_epoch, after `warmup`."""
+    from bonnerlab.build import build, wrap
     from bonnerlab.runs import Logger
-    from bonnerlab.training import build, train_one_epoch, wrap
+    from bonnerlab.training import train_one_epoch
 
     info = dist.setup(cfg.device)
     run = build(cfg, info)
@@ -316,7 +317,7 @@ def section_resume(tmp: Path) -> None:
         real = torch.cuda.is_bf16_supported
         torch.cuda.is_bf16_supported = lambda including_emulation=True: False  # a T4/V100
         try:
-            from bonnerlab.training import Precision
+            from bonnerlab.build import Precision
 
             assert Precision(torch.device("cuda"), True).dtype == torch.float16
             result = train(replace(cfg, resume=True))
@@ -437,7 +438,8 @@ def gpu_utilisation() -> str:
 def section_throughput(tmp: Path, quick: bool) -> None:
     import torchvision
 
-    from bonnerlab.training import DeviceSums, Precision, build_optimizer, train_step
+    from bonnerlab.build import Precision, build_optimizer
+    from bonnerlab.training import DeviceSums, train_step
 
     say("6. throughput (batch 256, AMP, channels-last, synthetic 224x224 on the GPU)")
     device = torch.device("cuda", 0)

@@ -14,15 +14,9 @@ from conftest import stop_at_check
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from bonnerlab.augment import Preprocess, color_jitter_batch, natural_params, resized_crop_batch
 from bonnerlab.config import DataConfig, EvaluateConfig
-from bonnerlab.data import (
-    Preprocess,
-    color_jitter_batch,
-    load_splits,
-    natural_params,
-    resized_crop_batch,
-    scan_collection,
-)
+from bonnerlab.data import load_splits, scan_collection
 from bonnerlab.errors import DataError
 from bonnerlab.runs import RunPaths, read_metrics
 from bonnerlab.training import evaluate, train
@@ -207,8 +201,8 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path):
     """timm's ViT-Tiny is published with mean = std = 0.5 and a 0.9 evaluation crop."""
     import timm
 
+    from bonnerlab.build import published_normalization
     from bonnerlab.config import TrainConfig, apply_overrides
-    from bonnerlab.training import published_normalization
 
     weights = tmp_path / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), weights)

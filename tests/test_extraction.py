@@ -412,9 +412,10 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
 
 def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     """A `train` run folder as the model ("latest" = newest run under runs/), digits val split."""
+    from bonnerlab.augment import Preprocess
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
-    from bonnerlab.data import Preprocess, load_splits
+    from bonnerlab.data import load_splits
     from bonnerlab.sources import load_trained
     from bonnerlab.training import train
 

@@ -14,8 +14,8 @@ from conftest import torchrun
 
 from bonnerlab import checkpoint
 from bonnerlab import distributed as dist
+from bonnerlab.build import Precision, build, check_deterministic
 from bonnerlab.errors import ConfigError, UserError
-from bonnerlab.training import Precision, build, check_deterministic
 
 SLURM_AND_TORCHRUN_VARS = [
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -215,7 +215,8 @@ UNEVEN_EVAL = textwrap.dedent("""
     import json, sys, torch
     from bonnerlab import distributed as dist
     from bonnerlab.config import DataConfig
-    from bonnerlab.data import EvalBatches, Preprocess, load_splits
+    from bonnerlab.augment import Preprocess
+    from bonnerlab.data import EvalBatches, load_splits
     from bonnerlab.models import MnistCNN
     info = dist.setup("cpu")
     splits = load_splits(DataConfig())
