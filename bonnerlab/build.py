@@ -33,7 +33,7 @@ from bonnerlab.data import (
     scan_collection,
 )
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
-from bonnerlab.models import build_model
+from bonnerlab.sources import build_model_and_transform
 
 FILE_LIST = "files.json"  # an image folder's scanned file list, in the run folder
 
@@ -197,14 +197,15 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     return found
 
 
-def published_normalization(cfg: TrainConfig) -> Normalization | None:
+def published_normalization(cfg: TrainConfig, transform: Any, published_by: str) -> Normalization | None:
     """Fine-tuning pretrained weights on an image folder: the mean, std and evaluation crop the
-    weights were published with (bonnerlab.preprocess reads them from the source)."""
+    weights were published with (`transform`, as `build_model_and_transform` returns it, read
+    by bonnerlab.preprocess)."""
     if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.channels != 3:
         return None
-    from bonnerlab.preprocess import resolve_for_model
+    from bonnerlab.preprocess import resolve_preprocess
 
-    spec = resolve_for_model(cfg.model, channels=3, mode="model")
+    spec = resolve_preprocess(transform, 3, "model", 0, (), (), published_by)
     resize = next((st for st in spec.steps if st["op"] == "resize" and len(st["size"]) == 1), None)
     crop = spec.output_size[0] if spec.output_size else None
     fraction = crop / resize["size"][0] if resize and crop else 1.0
@@ -216,15 +217,20 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     anything is written. The model is not yet wrapped for DDP (see `wrap`)."""
     torch.manual_seed(cfg.seed)
     dist.configure_backends(info.device, deterministic=cfg.deterministic)
-    splits = load_splits(cfg.data, files, published_normalization(cfg))
+    splits = load_splits(cfg.data, files)
     micro = cfg.optim.accumulate_steps
     if (cfg.data.batch_size // info.world_size) % micro:
         raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
                           f"{cfg.data.batch_size // info.world_size} (data.batch_size / processes)")
+    # One load gives the model and the transform its weights were published with.
+    model, transform, published_by = build_model_and_transform(cfg.model, splits.channels, splits.num_classes)
+    published = published_normalization(cfg, transform, published_by)
+    if published is not None:
+        splits = splits.with_published(published)
     cache = cfg.data.device_cache_gb * 2**30
     train_split = place_in_memory(splits.train, info.device, cache)
     val_split = place_in_memory(splits.val, info.device, cache)
-    model = build_model(cfg.model, splits.channels, splits.num_classes).to(info.device)
+    model = model.to(info.device)
     if cfg.channels_last:  # NHWC: faster convs on tensor cores, and 3-9x faster pooling/BN on CPU
         model = model.to(memory_format=torch.channels_last)
     batches = TrainBatches(train_split, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,10 @@ class FolderSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def with_fit(self, fit: str) -> FolderSource:
+    def with_fit(self, fit: str, crop_fraction: float | None = None) -> FolderSource:
         """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
         return FolderSource(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit,
-                            self.crop_fraction)
+                            self.crop_fraction if crop_fraction is None else crop_fraction)
 
     @property
     def side(self) -> int:
@@ -133,6 +133,21 @@ class Splits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def with_published(self, published: Normalization) -> Splits:
+        """Fine-tuning pretrained weights: their own mean and std (when they have this many
+        channels) and evaluation crop share, in place of the defaults."""
+
+        def crop(source: Source | None) -> Source | None:
+            if isinstance(source, FolderSource):
+                return source.with_fit(source.fit, published.crop_fraction)
+            return source
+
+        same_channels = len(published.mean) == self.channels
+        return replace(self, train=crop(self.train), val=crop(self.val), test=crop(self.test),
+                       mean=published.mean if same_channels else self.mean,
+                       std=published.std if same_channels else self.std,
+                       crop_fraction=published.crop_fraction)
 
 
 def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,11 +398,9 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
         natural = augment_preset(cfg) == "natural"
         eval_fit = "center_crop" if natural else "squash"
 
-        crop_fraction = published.crop_fraction if published else EVAL_CROP_FRACTION
-
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderSource:
             return FolderSource(root, [root / names[i] for i in idx], [labels[i] for i in idx],
-                                cfg.image_size, cfg.channels, fit, crop_fraction)
+                                cfg.image_size, cfg.channels, fit)
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
         if va is None:
@@ -400,9 +413,8 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
             test_files, test_labels = listing.splits["test"]
             test = make(test_files, test_labels, np.arange(len(test_files)), eval_fit)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else ((0.5,), (0.25,))
-        if published is not None and len(published.mean) == cfg.channels:
-            mean, std = published.mean, published.std
-        return Splits(train, val, test, listing.classes, cfg.channels, mean, std, crop_fraction)
+        splits = Splits(train, val, test, listing.classes, cfg.channels, mean, std)
+        return splits.with_published(published) if published is not None else splits
 
     if cfg.dataset == "digits":
         full, test = load_digits_source(cfg), None

@@ -11,7 +11,8 @@ float rounding.
 
 Modes: `model` (the published transform), `squash` (resize to image_size x image_size, bilinear,
 no crop: the old default), `center_crop` (shorter side to image_size, then the central square).
-The same module gives training its evaluation transform (`resolve_for_model`).
+The same module gives training its evaluation transform when fine-tuning pretrained weights
+(`bonnerlab.build.published_normalization`, from the transform `build_model_and_transform` returns).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 
-from bonnerlab.config import ModelConfig
 from bonnerlab.errors import ConfigError
 
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -314,12 +314,3 @@ def resolve_preprocess(
         origin = f"bonnerlab {mode}"
     steps = [convert, *steps]
     return PreprocessSpec(mode, channels, tuple(steps), origin, _output_size(steps))
-
-
-def resolve_for_model(cfg: ModelConfig, channels: int = 3, mode: str = "model", image_size: int = 0,
-                      mean: tuple[float, ...] = (), std: tuple[float, ...] = ()) -> PreprocessSpec:
-    """The evaluation preprocessing of `cfg`'s model (training uses this for its eval transform)."""
-    from bonnerlab.sources import load_source
-
-    source = load_source(cfg, channels=channels)
-    return resolve_preprocess(source.published_transform, channels, mode, image_size, mean, std, source.published_by)

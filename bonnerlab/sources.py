@@ -170,22 +170,16 @@ def load_source(cfg: ModelConfig, seed: int = 0, channels: int = 0, num_classes:
         model: nn.Module = MnistCNN(channels, num_classes or 10, cfg.width, cfg.dropout, cfg.batchnorm)
         if weights != "none":
             load_matching(model, read_state_dict(weights), weights, cfg.arch)
-        mean, std = ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-        published: Any = {"image_size": 28, "mean": mean, "std": std}
-        origin = "mnist_cnn default"
+        published, origin = _mnist_cnn_transform(channels)
     elif source == "torchvision":
         model = _torchvision(name, weights, num_classes or 1000, channels or 3)
-        published = _torchvision_transform(name, weights)
-        origin = f"torchvision {'the weights' if weights != 'none' and not is_weights_file(weights) else name + ' DEFAULT weights'}' transforms()"
+        published, origin = _torchvision_transform(name, weights)
     elif source == "timm":
         model = _timm(name, weights, num_classes=num_classes or None, channels=channels or 3)
-        timm = require("timm")
-        data_cfg = timm.data.resolve_data_config(model=model)
-        published = timm.data.create_transform(**data_cfg)
-        origin = "timm resolve_data_config + create_transform"
+        published, origin = _timm_transform(model)
     elif source == "open_clip":
         model, published = _open_clip(name, weights)
-        origin = "open_clip preprocess (image_transform_v2 of the model's preprocess_cfg)"
+        origin = OPEN_CLIP_ORIGIN
     else:
         model, published = _hf(name, weights)
         origin = f"transformers {type(published).__name__}"
@@ -246,14 +240,29 @@ def _download_torchvision(weights: Any) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def _torchvision_transform(arch: str, weights: str) -> Any:
+def _mnist_cnn_transform(channels: int) -> tuple[dict[str, Any], str]:
+    mean, std = ((0.5,), (0.25,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return {"image_size": 28, "mean": mean, "std": std}, "mnist_cnn default"
+
+
+def _torchvision_transform(arch: str, weights: str) -> tuple[Any, str]:
     """The weights' own transforms(); for random or local weights, the architecture's DEFAULT's
     (what torchvision publishes for it: the metadata only, nothing is downloaded)."""
     from torchvision.models import get_model_weights
 
     if weights != "none" and not is_weights_file(weights):
-        return torchvision_weights(arch, weights).transforms()
-    return get_model_weights(arch).DEFAULT.transforms()
+        return torchvision_weights(arch, weights).transforms(), "torchvision the weights' transforms()"
+    return get_model_weights(arch).DEFAULT.transforms(), f"torchvision {arch} DEFAULT weights' transforms()"
+
+
+def _timm_transform(model: nn.Module) -> tuple[Any, str]:
+    """timm's eval transform from the model's pretrained_cfg (kept when the head is replaced)."""
+    timm = require("timm")
+    return (timm.data.create_transform(**timm.data.resolve_data_config(model=model)),
+            "timm resolve_data_config + create_transform")
+
+
+OPEN_CLIP_ORIGIN = "open_clip preprocess (image_transform_v2 of the model's preprocess_cfg)"
 
 
 def _timm(name: str, weights: str, num_classes: int | None, channels: int) -> nn.Module:
@@ -439,31 +448,40 @@ class TowerClassifier(nn.Module):
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The configured network for training: `num_classes` outputs, `in_channels` inputs."""
+    return build_model_and_transform(cfg, in_channels, num_classes)[0]
+
+
+def build_model_and_transform(cfg: ModelConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Any, str]:
+    """`build_model`, with the transform its weights were published with and where that comes
+    from (as `Source.published_transform` / `published_by`), from the same single load."""
     source, name = split_arch(cfg.arch)
     if source == "mnist_cnn":
         model: nn.Module = MnistCNN(in_channels, num_classes, cfg.width, cfg.dropout, cfg.batchnorm)
         if cfg.weights != "none":
             load_matching(model, read_state_dict(cfg.weights), cfg.weights, cfg.arch)
-        return model
+        return model, *_mnist_cnn_transform(in_channels)
     if source == "torchvision":
         model = _torchvision(name, cfg.weights, num_classes, in_channels)
         head = classifier_head(model)[0]
+        published, origin = _torchvision_transform(name, cfg.weights)
     elif source == "timm":
         model = _timm(name, cfg.weights, num_classes=num_classes, channels=in_channels)
         classifier = model.get_classifier()
         head = next(n for n, m in model.named_modules() if m is classifier)
+        published, origin = _timm_transform(model)
     else:
         if in_channels != 3:
             raise ConfigError(f"data.channels {in_channels}: {cfg.arch} takes RGB (3 channels)")
-        backbone, _ = _open_clip(name, cfg.weights) if source == "open_clip" else _hf(name, cfg.weights)
+        backbone, published = _open_clip(name, cfg.weights) if source == "open_clip" else _hf(name, cfg.weights)
         if source == "open_clip":
-            features = backbone.output_dim
+            features, origin = backbone.output_dim, OPEN_CLIP_ORIGIN
         else:
             config = backbone.config
             features = getattr(config, "hidden_size", None) or config.hidden_sizes[-1]
+            origin = f"transformers {type(published).__name__}"
         model = TowerClassifier(backbone, features, num_classes, hf=source == "hf")
         head = "head"
     if cfg.freeze_backbone:
         for pname, p in model.named_parameters():
             p.requires_grad = pname.startswith(head + ".")
-    return model
+    return model, published, origin

@@ -197,26 +197,37 @@ def test_natural_batches_do_not_depend_on_world_size():
     assert math.isfinite(whole.abs().max().item())
 
 
-def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path):
-    """timm's ViT-Tiny is published with mean = std = 0.5 and a 0.9 evaluation crop."""
+def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monkeypatch):
+    """timm's ViT-Tiny is published with mean = std = 0.5 and a 0.9 evaluation crop; `build`
+    reads them from the same single load that builds the model (the weights file is read once)."""
     import timm
 
-    from bonnerlab.build import published_normalization
+    from bonnerlab import distributed as dist
+    from bonnerlab import sources
+    from bonnerlab.build import build
     from bonnerlab.config import TrainConfig, apply_overrides
 
     weights = tmp_path / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), weights)
     root = _collection(tmp_path / "photos", splits=("train", "val"), per_class=2)
     cfg = apply_overrides(TrainConfig(), {
-        "model.arch": "timm:vit_tiny_patch16_224", "model.weights": str(weights),
-        "data.dataset": "imagefolder", "data.root": str(root), "data.channels": 3, "data.image_size": 224})
-    published = published_normalization(cfg)
-    assert published.mean == published.std == (0.5, 0.5, 0.5)
-    assert published.crop_fraction == pytest.approx(0.9, abs=0.005)
-    s = load_splits(cfg.data, published=published)
-    assert s.mean == (0.5, 0.5, 0.5) and s.val.crop_fraction == published.crop_fraction
+        "model.arch": "timm:vit_tiny_patch16_224", "model.weights": str(weights), "device": "cpu",
+        "data.dataset": "imagefolder", "data.root": str(root), "data.channels": 3, "data.image_size": 224,
+        "data.num_workers": 0, "data.batch_size": 2, "run_dir": str(tmp_path / "run")})
+    reads = []
+    real_read = sources.read_state_dict
+    monkeypatch.setattr(sources, "read_state_dict", lambda path: reads.append(path) or real_read(path))
+    run = build(cfg, dist.DistInfo())
+    run.close()
+    assert reads == [str(weights)]
+    s = run.splits
+    assert s.mean == s.std == (0.5, 0.5, 0.5)
+    assert s.crop_fraction == pytest.approx(0.9, abs=0.005)
+    assert s.val.crop_fraction == s.crop_fraction and s.train.crop_fraction == s.crop_fraction
     photo = Image.open(s.val.files[0]).convert("RGB")
-    expected = TF.center_crop(TF.resize(TF.pil_to_tensor(photo), round(224 / published.crop_fraction)), 224)
+    expected = TF.center_crop(TF.resize(TF.pil_to_tensor(photo), round(224 / s.crop_fraction)), 224)
     assert (s.val[0][0].float() - expected.float()).abs().max() <= 2  # PIL vs tensor resize rounding
     # without pretrained weights: nothing published, ImageNet statistics and the 0.875 crop
-    assert published_normalization(apply_overrides(cfg, {"model.weights": "none"})) is None
+    plain = build(apply_overrides(cfg, {"model.weights": "none"}), dist.DistInfo())
+    plain.close()
+    assert plain.splits.mean == (0.485, 0.456, 0.406) and plain.splits.val.crop_fraction == 0.875
