@@ -17,13 +17,15 @@ The same module gives training its evaluation transform when fine-tuning pretrai
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from bonnerlab.errors import ConfigError
 
+# steps that take and give float tensors; every other step works on uint8 pixels
+FLOAT_OPS = ("to_tensor", "normalize", "rescale_normalize")
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
@@ -46,6 +48,21 @@ class PreprocessSpec:
 
     def transform(self) -> Transform:
         return Transform(self)
+
+    def split_at_float(self) -> tuple[Transform, Transform] | None:
+        """The same transform in two parts: decoding, resizing and cropping, which end in a uint8
+        tensor (for the loader's workers), then scaling and normalizing (for the device, over a
+        whole batch). Workers then hand over a quarter of the bytes, and the result is the same
+        tensor: the float steps see the same uint8 values either way. None when a step that
+        needs floats comes before a geometric one (no published transform does that)."""
+        first = next((i for i, s in enumerate(self.steps) if s["op"] in FLOAT_OPS), None)
+        if first is None or any(s["op"] not in FLOAT_OPS for s in self.steps[first:]):
+            return None
+        head = list(self.steps[:first])
+        if not any(s["op"] == "pil_to_tensor" for s in head):
+            head.append({"op": "pil_to_tensor"})
+        return (Transform(replace(self, steps=tuple(head))),
+                Transform(replace(self, steps=tuple(self.steps[first:]))))
 
     @property
     def square_size(self) -> int:
@@ -71,7 +88,7 @@ class Transform:
     """PIL image (or a uint8 tensor [C, H, W] / [B, C, H, W]) -> float tensor, step by step."""
 
     spec: PreprocessSpec
-    _consts: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _consts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
@@ -102,18 +119,26 @@ class Transform:
                 img = _center_crop(img, step["size"], step["offset"])
             elif op == "to_tensor":
                 img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(255)
-            elif op == "normalize":
-                img = tvF.normalize(img, step["mean"], step["std"])
-            elif op == "rescale_normalize":
-                # transformers' fused rescale + normalize: (x - mean/scale) / (std/scale), in float32
-                if i not in self._consts:
-                    inv = 1.0 / step["scale"]
-                    self._consts[i] = (torch.tensor(step["mean"]) * inv, torch.tensor(step["std"]) * inv)
-                mean, std = self._consts[i]
-                img = tvF.normalize(img.to(torch.float32), mean.tolist(), std.tolist())
+            elif op in ("normalize", "rescale_normalize"):
+                # what tvF.normalize computes (x - mean) / std, with the constants made once per
+                # device: a batch on a GPU then needs no host-to-device copy (a sync) per call
+                mean, std = self._constants(i, img.device)
+                img = img.to(torch.float32).sub(mean).div(std)
             else:  # pragma: no cover - specs come from resolve_preprocess
                 raise ConfigError(f"unknown preprocessing step {op!r}")
         return img
+
+    def _constants(self, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (i, str(device))
+        if key not in self._consts:
+            step = self.spec.steps[i]
+            mean, std = torch.tensor(step["mean"]), torch.tensor(step["std"])
+            if step["op"] == "rescale_normalize":
+                # transformers' fused rescale + normalize: (x - mean/scale) / (std/scale), in float32
+                inv = 1.0 / step["scale"]
+                mean, std = mean * inv, std * inv
+            self._consts[key] = (mean.view(-1, 1, 1).to(device), std.view(-1, 1, 1).to(device))
+        return self._consts[key]
 
 
 def _size_of(img: Any) -> tuple[int, int]:

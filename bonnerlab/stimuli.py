@@ -152,8 +152,11 @@ class FileImages(torch.utils.data.Dataset):
     so the main process can name the file in a one-line error (worker exceptions arrive as long
     tracebacks)."""
 
-    def __init__(self, files: list[Path], transform: Transform, shape: tuple[int, int, int]):
-        self.files, self.transform, self.shape = files, transform, shape
+    def __init__(self, files: list[Path], transform: Transform, shape: tuple[int, int, int],
+                 dtype: torch.dtype = torch.float32):
+        # dtype: what `transform` returns (uint8 when the device scales and normalizes); an
+        # unreadable image's placeholder matches it, so the batch still stacks
+        self.files, self.transform, self.shape, self.dtype = files, transform, shape, dtype
 
     def __len__(self) -> int:
         return len(self.files)
@@ -167,9 +170,9 @@ class FileImages(torch.utils.data.Dataset):
                 img.load()
                 x = self.transform(img)
         except (OSError, UnidentifiedImageError, ValueError) as e:
-            return torch.zeros(self.shape), f"cannot read image {path}: {e}"
+            return torch.zeros(self.shape, dtype=self.dtype), f"cannot read image {path}: {e}"
         if tuple(x.shape) != self.shape:
-            return torch.zeros(self.shape), (
+            return torch.zeros(self.shape, dtype=self.dtype), (
                 f"image {path} preprocesses to {list(x.shape)}, not {list(self.shape)}: this "
                 "preprocessing keeps each image's aspect ratio; pass --preprocess center_crop"
             )
@@ -178,16 +181,19 @@ class FileImages(torch.utils.data.Dataset):
 
 def iter_batches(
     stimuli: Stimuli, chunks: list[range], transform: Transform, shape: tuple[int, int, int],
-    num_workers: int, pin: bool,
+    num_workers: int, pin: bool, worker_transform: Transform | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
-    """(preprocessed float batch, positions that could not be read, their errors) per chunk."""
+    """(batch, positions that could not be read, their errors) per chunk: preprocessed floats,
+    or for image files with `worker_transform` (the uint8 part of `transform`, see
+    PreprocessSpec.split_at_float) the uint8 batch it gives, to be finished on the device."""
     if stimuli.images is not None:
         for rows in chunks:
             yield transform(stimuli.images[rows.start : rows.stop]), [], []
         return
     assert stimuli.files is not None
+    dtype = torch.float32 if worker_transform is None else torch.uint8
     loader = torch.utils.data.DataLoader(
-        FileImages(stimuli.files, transform, shape),
+        FileImages(stimuli.files, worker_transform or transform, shape, dtype),
         batch_sampler=[list(rows) for rows in chunks],
         num_workers=num_workers,
         pin_memory=pin,

@@ -154,11 +154,22 @@ def test_preprocessed_input_equals_the_source_transform(arch, photos):
         pytest.importorskip({"timm": "timm", "open_clip": "open_clip"}[arch.split(":")[0]])
     cfg = ExtractConfig(model=ModelConfig(arch=arch), layers=["x"], stimuli="digits")
     source = load_model(cfg)
-    transform = load_preprocess(cfg, source).transform()
+    spec = load_preprocess(cfg, source)
+    transform = spec.transform()
     for image in photos:
         expected = source.published_transform(image)
         assert transform(image).shape == expected.shape == (3, 224, 224)
         torch.testing.assert_close(transform(image), expected, rtol=0, atol=1e-5)
+    assert_split_equals_whole(spec, photos)
+
+
+def assert_split_equals_whole(spec, photos):
+    """Workers' uint8 part, then the device's float part over the batch: the very same tensor."""
+    in_workers, on_device = spec.split_at_float()
+    parts = [in_workers(image) for image in photos]
+    assert all(p.dtype == torch.uint8 for p in parts)
+    batch = torch.stack(parts)
+    assert torch.equal(on_device(batch), torch.stack([spec.transform()(image) for image in photos]))
 
 
 @pytest.mark.parametrize("kind", ["vit", "dinov2", "convnext", "clip"])
@@ -177,10 +188,12 @@ def test_preprocessed_input_equals_the_hf_image_processor(kind, photos, tmp_path
     processor.save_pretrained(tmp_path)
     cfg = ExtractConfig(model=ModelConfig(arch=f"hf:{tmp_path}"), layers=["x"], stimuli="digits")
     source = load_model(cfg)
-    transform = load_preprocess(cfg, source).transform()
+    spec = load_preprocess(cfg, source)
+    transform = spec.transform()
     for image in photos:
         expected = source.published_transform(image, return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(transform(image), expected, rtol=0, atol=1e-5)
+    assert_split_equals_whole(spec, photos)
 
 
 def test_squash_center_crop_and_overrides(photos):

@@ -293,6 +293,29 @@ def test_corrupt_image_named_then_skipped(tmp_path):
     assert np.isnan(A.select_stimuli(raw, ["cat/broken.png"]).values).all()
 
 
+def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
+    """What a GPU run does (workers hand uint8, the device scales and normalizes), forced on the
+    CPU: the activations equal the default path's bit for bit, a skipped image included."""
+    from bonnerlab import extraction
+
+    root = tmp_path / "stim"
+    make_images(root, 6)
+    (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    common = dict(layers=["layer2", "avgpool"], batch_size=4, skip_bad_images=True, preprocess="center_crop",
+                  image_size=24, num_workers=1)
+    extract(rcfg(root, tmp_path / "cpu.zarr", **common))
+    split = []
+    real_split = extraction.PreprocessSpec.split_at_float
+    monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)
+    monkeypatch.setattr(extraction.PreprocessSpec, "split_at_float", lambda self: split.append(1) or real_split(self))
+    extract(rcfg(root, tmp_path / "device.zarr", **common))
+    assert split  # the split path ran
+    for layer in common["layers"]:
+        a = A.open_activations(tmp_path / "cpu.zarr", layer, drop_skipped=False).values
+        b = A.open_activations(tmp_path / "device.zarr", layer, drop_skipped=False).values
+        assert np.isnan(a).any() and np.array_equal(a, b, equal_nan=True)
+
+
 def test_existing_store_with_other_config_or_weights_is_refused(stimuli, tmp_path):
     out = tmp_path / "x.zarr"
     extract(rcfg(stimuli, out, layers=["layer1"]))
