@@ -125,7 +125,7 @@ def section_environment() -> dict:
     }
     from bonnerlab.build import Precision
 
-    env["amp_dtype"] = str(Precision(device, True).dtype)
+    env["amp_dtype"] = str(Precision.resolve(device).dtype)
     for k, v in env.items():
         say(f"    {k}: {v}")
     return env
@@ -319,7 +319,7 @@ def section_resume(tmp: Path) -> None:
         try:
             from bonnerlab.build import Precision
 
-            assert Precision(torch.device("cuda"), True).dtype == torch.float16
+            assert Precision.resolve(torch.device("cuda")).dtype == torch.float16
             result = train(replace(cfg, resume=True))
         finally:
             torch.cuda.is_bf16_supported = real
@@ -464,7 +464,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
         cfg = apply_overrides(TrainConfig(), {"optim.optimizer": "sgd", "optim.lr": 0.1})
         optimizer = build_optimizer(model, cfg.optim)
-        precision, sums = Precision(device, True, amp_dtype), DeviceSums(device)
+        precision, sums = Precision.resolve(device, amp_dtype=amp_dtype), DeviceSums(device)
         x, y = batch()
         return lambda: train_step(model, x, y, optimizer, precision, cfg, sums)
 
@@ -504,7 +504,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
                     "ratio_vs_reference_fp16": round(best["bonnerlab"] / best["reference_fp16"], 3),
                     "ratio_vs_reference_bf16": round(best["bonnerlab"] / best["reference_bf16"], 3),
                     "ratio_fp16_vs_reference_fp16": round(best["bonnerlab_fp16"] / best["reference_fp16"], 3),
-                    "amp_dtype": str(Precision(device, True).dtype),
+                    "amp_dtype": str(Precision.resolve(device).dtype),
                     "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     "utilisation_pct_after": gpu_utilisation()}
 

@@ -86,31 +86,32 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclass
 class Precision:
-    """Autocast + loss scaling on CUDA; on a CPU float32, or bfloat16 autocast when asked
-    (`cpu_bf16`) and the CPU runs it natively."""
+    """What a training step runs in: autocast to `dtype` when `enabled`, and float16's loss
+    scaler (a disabled scaler otherwise). Made by `Precision.resolve`."""
 
     device: torch.device
     enabled: bool
-    requested: str = "auto"  # auto, bfloat16 or float16
-    cpu_bf16: bool = False
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler
 
-    def __post_init__(self) -> None:
-        if self.device.type == "cpu":
-            self.enabled = self.cpu_bf16 and cpu_has_native_bf16()
-            self.dtype = torch.bfloat16
-            self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-            return
-        self.enabled = self.enabled and self.device.type == "cuda"
-        # bfloat16 where the GPU has it natively (Ampere+). `is_bf16_supported()` alone also
-        # counts emulation (True on a T4/V100, where bf16 is slow): those take float16.
-        if self.requested == "auto":
-            native_bf16 = self.enabled and torch.cuda.is_bf16_supported(including_emulation=False)
-            self.dtype = torch.bfloat16 if native_bf16 else torch.float16
+    @classmethod
+    def resolve(cls, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
+                amp_cpu: bool = False) -> Precision:
+        """CUDA with `amp`: bfloat16 where the GPU has it natively (Ampere+), float16 otherwise
+        (`is_bf16_supported()` alone also counts emulation: True on a T4/V100, where bf16 is
+        slow), or the `amp_dtype` asked for. A CPU: float32, or bfloat16 autocast with
+        `amp_cpu` where oneDNN runs it natively. bfloat16 has float32's range and needs no loss
+        scaling; float16's scaler reads one found-inf flag back per step, a host sync bf16 avoids."""
+        if device.type == "cuda" and amp:
+            if amp_dtype == "auto":
+                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+                dtype = torch.bfloat16 if native_bf16 else torch.float16
+            else:
+                dtype = getattr(torch, amp_dtype)
+            enabled = True
         else:
-            self.dtype = getattr(torch, self.requested)
-        # bfloat16 has float32's range: no loss scaling needed. (float16's scaler reads one
-        # found-inf flag back per step: a host sync bf16 avoids.)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
+            enabled, dtype = device.type == "cpu" and amp_cpu and cpu_has_native_bf16(), torch.bfloat16
+        return cls(device, enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
 
     def load_scaler_state(self, state: dict[str, Any]) -> None:
         """A bf16 or CPU checkpoint holds an empty scaler state: resuming it with float16 keeps
@@ -241,7 +242,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     return Training(
         cfg, splits, model, batches, val_batches, optimizer,
         build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
-        Precision(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
+        Precision.resolve(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
     )
 
 

@@ -437,7 +437,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
         try:
             result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
-                                    len(payload["classes"]), precision=Precision(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu))
+                                    len(payload["classes"]), precision=Precision.resolve(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu))
         finally:
             batches.close()
         out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"

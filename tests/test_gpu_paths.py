@@ -156,7 +156,7 @@ def test_rng_state_of_this_processs_gpu_only(monkeypatch):
 
 
 def test_empty_scaler_state_is_not_loaded():
-    precision = Precision(torch.device("cpu"), enabled=False)
+    precision = Precision.resolve(torch.device("cpu"))
     precision.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)  # as float16 would
     with pytest.raises(RuntimeError, match="empty"):
         precision.scaler.load_state_dict({})  # what resuming a bf16/CPU checkpoint did

@@ -91,9 +91,9 @@ def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
 def test_cpu_bfloat16_autocast_when_asked(tiny_train_cfg, tmp_path):
     from bonnerlab.build import Precision, cpu_has_native_bf16
 
-    precision = Precision(torch.device("cpu"), True, cpu_bf16=True)
+    precision = Precision.resolve(torch.device("cpu"), amp_cpu=True)
     assert precision.enabled == cpu_has_native_bf16() and not precision.scaler.is_enabled()
-    assert not Precision(torch.device("cpu"), True).enabled  # off by default: it changes results
+    assert not Precision.resolve(torch.device("cpu")).enabled  # off by default: it changes results
     result = train(tiny_train_cfg(run_dir=str(tmp_path / "bf16"), amp_cpu=True, epochs=1, max_steps_per_epoch=4))
     assert result["epoch"] == 1 and result["train_loss"] == result["train_loss"]  # finite, not NaN
 
