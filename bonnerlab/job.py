@@ -149,8 +149,11 @@ class ClusterJob:
         self.gpus_per_node = gpus_per_node
 
     def __call__(self) -> dict[str, Any]:
+        import faulthandler
+
         from bonnerlab import interrupt
 
+        faulthandler.enable()  # a fatal signal prints the Python stack into the task's error log
         run_dir = Path(self.run_dir)
         rank = rank_after_export(self.gpus_per_node)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

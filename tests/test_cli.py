@@ -1,4 +1,4 @@
-"""The job scripts' own surface: --help text and the result line under torchrun."""
+"""The job scripts' own surface: --help text, the result line under torchrun, a crash's stack."""
 
 from __future__ import annotations
 
@@ -29,3 +29,24 @@ def test_torchrun_prints_one_result_line(tmp_path):
     results = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, out.stdout
     assert json.loads(results[0])["epoch"] == 1
+
+
+def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
+    """SIGABRT from C++ (a collective library's thread) or a segfault: the job's stderr shows
+    where Python was, not only the launcher's "exitcode -6"."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--device", "cpu", "--progress",
+                             "false", "--epochs", "50", "--model.width", "8", "--run_dir", str(tmp_path / "run")],
+                            env={k: v for k, v in ENV.items() if k != "PYTHONFAULTHANDLER"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # training has started once the first epoch ends
+            if line.startswith("[bonnerlab] epoch 1/"):
+                break
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGABRT
+    assert "Fatal Python error: Aborted" in err and "bonnerlab/training.py" in err, err[-2000:]
