@@ -232,8 +232,17 @@ def redone_steps(log: str, steps_per_epoch: int) -> list[int]:
     return [(e1 - e2) * steps_per_epoch + (s1 - s2) for (e1, s1), (e2, s2) in zip(stops, resumes, strict=False)]
 
 
-def _wait_until_training(run: Path, timeout: float = 120) -> None:
-    """Until the run (or its sweep's logs) reports a finished first epoch."""
+def _wait_until_training(run: Path, timeout: float = 120, queue_timeout: float = 600) -> None:
+    """Until the run reports a finished first epoch: `timeout` seconds from the moment its job
+    runs, after up to `queue_timeout` queued (on this small cluster a job may wait for another
+    test's job to finish, longer on a loaded machine)."""
+    from bonnerlab.runs import read_state
+
+    end = time.monotonic() + queue_timeout
+    while read_state(run) != "RUNNING" and not (run / "metrics.jsonl").exists():
+        if time.monotonic() > end:
+            raise AssertionError(f"{run}'s job never started (state {read_state(run)}):\n{log_of(run)[-2000:]}")
+        time.sleep(0.5)
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if (run / "metrics.jsonl").exists():
