@@ -6,8 +6,10 @@ Submits tiny train jobs (2 steps) to the local cluster, as `make bench-cluster` 
 timestamps every line the job prints (a bash loop in the batch script), so the time splits into:
   script start -> Python imported submitit + unpickled the job + entered the job wrapper
   (the wrapper's "[bonnerlab] train job in ..." line) -> train() built data and model (its
-  "[bonnerlab] starting" line) -> first step (the run's TensorBoard event). One more job runs
-  with `python -X importtime` to name the slowest imports. Medians; measurements, not tests.
+  "[bonnerlab] starting" line) -> first step (the run's TensorBoard event). Beside each job, a
+  fresh interpreter times `import torch, torch._dynamo`: the floor, which moves with the
+  machine's speed. One more job runs with `python -X importtime` to name the slowest imports.
+  Medians; measurements, not tests.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +74,14 @@ def one_job(run: Path, hook: Path, importtime: bool = False) -> dict[str, float]
             "step": step - built, "total": step - start}
 
 
+def bare_torch_import() -> float:
+    """The floor no job start can go below, measured beside the jobs: a fresh interpreter that
+    imports torch and torch._dynamo (which torch.optim's first parameter group imports)."""
+    code = "import time; t = time.perf_counter(); import torch, torch._dynamo; print(time.perf_counter() - t)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def slowest_imports(run: Path, n: int = 12) -> list[tuple[float, str]]:
     """Top-level imports (and bonnerlab modules) by cumulative time, from -X importtime."""
     err = "".join(p.read_text() for p in (run / "logs").glob("*_log.err"))
@@ -91,8 +102,12 @@ def main() -> None:
     hook = work / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    runs = [one_job(work / f"job-{i}", hook) for i in range(args.repeats)]
+    runs, floors = [], []
+    for i in range(args.repeats):  # interleaved, so both see the same machine
+        runs.append(one_job(work / f"job-{i}", hook))
+        floors.append(bare_torch_import())
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    floor = statistics.median(floors)
     print(f"median of {args.repeats} tiny train jobs on the local cluster (work folder {work})")
     print(f"  batch script start -> python running (srun, interpreter start)         {med['python']:.2f} s")
     print(f"  -> job wrapper running (submitit import, unpickle, wrapper imports)    {med['wrapper']:.2f} s")
@@ -100,6 +115,9 @@ def main() -> None:
     print(f"  -> first training step done                                            {med['step']:.2f} s")
     print(f"  batch script start -> first training step                              {med['total']:.2f} s")
     print("  each run: " + "  ".join(f"{r['total']:.2f}" for r in runs))
+    print(f"reference: `import torch, torch._dynamo` in a fresh interpreter, median    {floor:.2f} s")
+    print(f"  the job's own cost above it (submitit, unpickle, data, model, 1 step)  {med['total'] - floor:.2f} s"
+          f"  (job start / reference: {med['total'] / floor:.2f}x)")
     one_job(work / "importtime", hook, importtime=True)
     print("slowest imports in the job (cumulative, under -X importtime):")
     for seconds, name in slowest_imports(work / "importtime"):
