@@ -85,10 +85,11 @@ class PreprocessSpec:
 
 @dataclass
 class Transform:
-    """PIL image (or a uint8 tensor [C, H, W] / [B, C, H, W]) -> float tensor, step by step."""
+    """PIL image (or a uint8 tensor [C, H, W] / [B, C, H, W]) -> tensor, step by step: floats for a
+    whole spec; uint8 for the workers' part of `PreprocessSpec.split_at_float`."""
 
     spec: PreprocessSpec
-    _consts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _consts: dict[tuple[int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
@@ -118,7 +119,10 @@ class Transform:
             elif op == "center_crop":
                 img = _center_crop(img, step["size"], step["offset"])
             elif op == "to_tensor":
-                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(255)
+                # a uint8 tensor: divided by 255 held in a tensor on its device. CUDA divides by
+                # a plain number as a multiplication by its reciprocal, which rounds 126 of the
+                # 256 values differently from torchvision's to_tensor on the CPU
+                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(self._scale(img.device))
             elif op in ("normalize", "rescale_normalize"):
                 # what tvF.normalize computes (x - mean) / std, with the constants made once per
                 # device: a batch on a GPU then needs no host-to-device copy (a sync) per call
@@ -128,11 +132,18 @@ class Transform:
                 raise ConfigError(f"unknown preprocessing step {op!r}")
         return img
 
-    def _constants(self, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale(self, device: torch.device) -> torch.Tensor:
+        key = (-1, str(device))
+        if key not in self._consts:
+            self._consts[key] = (torch.tensor(255.0, dtype=torch.float32, device=device),)
+        return self._consts[key][0]
+
+    def _constants(self, i: int, device: torch.device) -> tuple[torch.Tensor, ...]:
         key = (i, str(device))
         if key not in self._consts:
             step = self.spec.steps[i]
-            mean, std = torch.tensor(step["mean"]), torch.tensor(step["std"])
+            mean = torch.tensor(step["mean"], dtype=torch.float32)
+            std = torch.tensor(step["std"], dtype=torch.float32)
             if step["op"] == "rescale_normalize":
                 # transformers' fused rescale + normalize: (x - mean/scale) / (std/scale), in float32
                 inv = 1.0 / step["scale"]

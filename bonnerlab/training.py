@@ -74,19 +74,11 @@ RESUMABLE_CHANGES = {
 }
 
 
-
-
-
-
-
-
 def step_seed(seed: int, global_step: int, rank: int) -> int:
     return (seed * 1_000_003 + global_step) * 1_009 + rank
 
 
 # ----------------------------------------------------------------------------- train
-
-
 
 
 class DeviceSums:
@@ -274,22 +266,6 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
             f"cannot resume {run_dir} with a different config ({', '.join(changed[:4])}); "
             f"use the saved config (--config_path {RunPaths(run_dir).config_yaml}) or a new --run_dir"
         )
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def start_run_folder(run: Training, run_dir: Path, resumed: bool) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -20,7 +22,8 @@ def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None, sav
     ask the job to save at its next step boundary instead of killing it (bonnerlab.interrupt)."""
     # A process killed by a fatal signal (SIGSEGV, or SIGABRT from C++ code such as a collective
     # library's thread) prints its Python stack: torchrun's own report says only "exitcode -6".
-    faulthandler.enable()
+    with contextlib.suppress(io.UnsupportedOperation, ValueError, RuntimeError):  # stderr without a file descriptor
+        faulthandler.enable()
     if save_on_signals:
         from bonnerlab import interrupt
 

@@ -35,11 +35,14 @@ def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
     """SIGABRT from C++ (a collective library's thread) or a segfault: the job's stderr shows
     where Python was, not only the launcher's "exitcode -6"."""
     import signal
+    import threading
 
     proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--device", "cpu", "--progress",
                              "false", "--epochs", "50", "--model.width", "8", "--run_dir", str(tmp_path / "run")],
                             env={k: v for k, v in ENV.items() if k != "PYTHONFAULTHANDLER"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killer = threading.Timer(120, proc.kill)  # a job that never reaches epoch 1 fails the test
+    killer.start()
     try:
         for line in proc.stdout:  # training has started once the first epoch ends
             if line.startswith("[bonnerlab] epoch 1/"):
@@ -47,6 +50,7 @@ def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
         proc.send_signal(signal.SIGABRT)
         _, err = proc.communicate(timeout=60)
     finally:
+        killer.cancel()
         proc.kill()
     assert proc.returncode == -signal.SIGABRT
     assert "Fatal Python error: Aborted" in err and "bonnerlab/training.py" in err, err[-2000:]

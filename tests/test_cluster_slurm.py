@@ -239,7 +239,7 @@ def _wait_until_training(run: Path, timeout: float = 120, queue_timeout: float =
     from bonnerlab.runs import read_state
 
     end = time.monotonic() + queue_timeout
-    while read_state(run) != "RUNNING" and not (run / "metrics.jsonl").exists():
+    while read_state(run) in (None, "PENDING") and not (run / "metrics.jsonl").exists():
         if time.monotonic() > end:
             raise AssertionError(f"{run}'s job never started (state {read_state(run)}):\n{log_of(run)[-2000:]}")
         time.sleep(0.5)
