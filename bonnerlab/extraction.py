@@ -388,9 +388,10 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
 
 
 def finish_on_device(device: torch.device) -> bool:
-    """Whether image files cross from the loader's workers as uint8, scaled and normalized on the
-    device: on a GPU, a quarter of the bytes through shared memory, pinning and PCIe (float32
-    batches of 224 px images are 77 MB per 128). On a CPU the workers normalize in parallel with
+    """Whether images cross to the device as uint8 (from the loader's workers, or cropped in this
+    process for in-memory datasets) and are scaled and normalized there: on a GPU, a quarter of
+    the bytes through shared memory, pinning and PCIe (float32 batches of 224 px images are 77 MB
+    per 128), and the float work off the CPU. On a CPU the workers normalize in parallel with
     the forward pass; moving it into the main process would only add to its work."""
     return device.type == "cuda"
 
@@ -415,7 +416,7 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
                     pin_memory=device.type == "cuda", before_first_copy=writer.acquire) as capture,
             torch.inference_mode(),
         ):
-            split = pre.split_at_float() if finish_on_device(device) and stimuli.files is not None else None
+            split = pre.split_at_float() if finish_on_device(device) else None
             in_workers, on_device = split if split is not None else (None, None)
             batches = iter_batches(stimuli, rows, pre.transform(), shape, resolve_workers(cfg.num_workers),
                                    device.type == "cuda", in_workers)

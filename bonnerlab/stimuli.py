@@ -184,11 +184,11 @@ def iter_batches(
     num_workers: int, pin: bool, worker_transform: Transform | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """(batch, positions that could not be read, their errors) per chunk: preprocessed floats,
-    or for image files with `worker_transform` (the uint8 part of `transform`, see
-    PreprocessSpec.split_at_float) the uint8 batch it gives, to be finished on the device."""
-    if stimuli.images is not None:
+    or with `worker_transform` (the uint8 part of `transform`, see PreprocessSpec.split_at_float)
+    the uint8 batch it gives, to be finished on the device."""
+    if stimuli.images is not None:  # in memory: transformed here, a batch at a time
         for rows in chunks:
-            yield transform(stimuli.images[rows.start : rows.stop]), [], []
+            yield (worker_transform or transform)(stimuli.images[rows.start : rows.stop]), [], []
         return
     assert stimuli.files is not None
     dtype = torch.float32 if worker_transform is None else torch.uint8

@@ -316,6 +316,23 @@ def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, mo
         assert np.isnan(a).any() and np.array_equal(a, b, equal_nan=True)
 
 
+def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
+    """The same for an in-memory dataset (digits at 64 px, centre-cropped): cropped here as uint8,
+    scaled and normalized where the model runs."""
+    from bonnerlab import extraction
+
+    common = dict(model=ModelConfig(arch="resnet18"), stimuli="digits", split="all", limit=40, image_size=64,
+                  preprocess="center_crop", image_channels=3, layers=["layer2", "avgpool"], batch_size=16,
+                  device="cpu", progress=False)
+    extract(ExtractConfig(**common, output=str(tmp_path / "cpu.zarr")))
+    monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)
+    extract(ExtractConfig(**common, output=str(tmp_path / "device.zarr")))
+    for layer in common["layers"]:
+        a = A.open_activations(tmp_path / "cpu.zarr", layer).values
+        b = A.open_activations(tmp_path / "device.zarr", layer).values
+        assert np.abs(a).max() > 0 and np.array_equal(a, b)
+
+
 def test_existing_store_with_other_config_or_weights_is_refused(stimuli, tmp_path):
     out = tmp_path / "x.zarr"
     extract(rcfg(stimuli, out, layers=["layer1"]))
