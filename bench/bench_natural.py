@@ -59,7 +59,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from bench_train import ProductRun  # noqa: E402
+from bench_train import ProductRun, set_threads  # noqa: E402
 
 from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -273,12 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.steps, args.rounds = 16, 3, 2
-    load = os.getloadavg()[0]
-    busy = load >= 0.5 * (os.cpu_count() or 1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif busy:
-        torch.set_num_threads(1)
+    load, busy = set_threads(args.threads)
     from bonnerlab.data import resolve_workers
 
     workers = resolve_workers(args.workers)

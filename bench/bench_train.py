@@ -253,6 +253,19 @@ class ReferenceLoaderRun:
 # ----------------------------------------------------------------------------- report
 
 
+def set_threads(threads: int) -> tuple[float, bool]:
+    """torch's thread count for a bench: `threads` when given; else torch's default (one per core),
+    or 1 when the load average is at least half the core count (a busy machine stalls
+    multi-threaded small ops). Returns (load average, busy)."""
+    load = os.getloadavg()[0]
+    busy = load >= 0.5 * (os.cpu_count() or 1)
+    if threads:
+        torch.set_num_threads(threads)
+    elif busy:
+        torch.set_num_threads(1)
+    return load, busy
+
+
 def fmt(v: float | None, spec: str = ".1f", none: str = "not reached") -> str:
     return none if v is None else format(v, spec)
 
@@ -275,12 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(HERE / "out" / "train.json"))
     args = p.parse_args(argv)
     recipe = {**RECIPE, **json.loads(args.recipe)}
-    load = os.getloadavg()[0]
-    busy = load >= 0.5 * (os.cpu_count() or 1)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif busy:
-        torch.set_num_threads(1)
+    load, busy = set_threads(args.threads)
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     rounds, chunk_steps = (1, 40) if args.quick else (2, 0)  # 0: whole epochs
     bench_start = time.perf_counter()

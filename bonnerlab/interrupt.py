@@ -12,6 +12,7 @@ job wrapper (`bonnerlab.job.ClusterJob`) too, restoring submitit's own afterward
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -53,6 +54,17 @@ def install_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> Handlers:
     for sig in signals:
         signal.signal(sig, request_stop)
     return previous
+
+
+def enable_crash_stacks() -> None:
+    """A process killed by a fatal signal (SIGSEGV, or SIGABRT from C++ code such as a collective
+    library's thread) prints its Python stack to stderr: torchrun's own report says only
+    "exitcode -6". Skipped where stderr has no file descriptor (a notebook, a captured stream)."""
+    import faulthandler
+    import io
+
+    with contextlib.suppress(io.UnsupportedOperation, ValueError, RuntimeError):
+        faulthandler.enable()
 
 
 def restore_handlers(previous: Handlers) -> None:

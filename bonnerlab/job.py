@@ -149,16 +149,9 @@ class ClusterJob:
         self.gpus_per_node = gpus_per_node
 
     def __call__(self) -> dict[str, Any]:
-        import contextlib
-        import faulthandler
-        import io
-
         from bonnerlab import interrupt
 
-        # a fatal signal prints the Python stack into the task's error log (the debug executor
-        # runs jobs inside the launcher, whose stderr may have no file descriptor)
-        with contextlib.suppress(io.UnsupportedOperation, ValueError, RuntimeError):
-            faulthandler.enable()
+        interrupt.enable_crash_stacks()  # a fatal signal prints the Python stack into the task's log
         run_dir = Path(self.run_dir)
         rank = rank_after_export(self.gpus_per_node)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

@@ -17,6 +17,7 @@ The same module gives training its evaluation transform when fine-tuning pretrai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -89,7 +90,7 @@ class Transform:
     whole spec; uint8 for the workers' part of `PreprocessSpec.split_at_float`."""
 
     spec: PreprocessSpec
-    _consts: dict[tuple[int, str], tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
+    _consts: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __call__(self, img: Any) -> torch.Tensor:
         from PIL import Image
@@ -122,34 +123,33 @@ class Transform:
                 # a uint8 tensor: divided by 255 held in a tensor on its device. CUDA divides by
                 # a plain number as a multiplication by its reciprocal, which rounds 126 of the
                 # 256 values differently from torchvision's to_tensor on the CPU
-                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(self._scale(img.device))
+                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(self._on("255", img.device, lambda: torch.tensor(255.0)))
             elif op in ("normalize", "rescale_normalize"):
                 # what tvF.normalize computes (x - mean) / std, with the constants made once per
                 # device: a batch on a GPU then needs no host-to-device copy (a sync) per call
-                mean, std = self._constants(i, img.device)
+                mean, std = self._mean_std(i, img.device)
                 img = img.to(torch.float32).sub(mean).div(std)
             else:  # pragma: no cover - specs come from resolve_preprocess
                 raise ConfigError(f"unknown preprocessing step {op!r}")
         return img
 
-    def _scale(self, device: torch.device) -> torch.Tensor:
-        key = (-1, str(device))
-        if key not in self._consts:
-            self._consts[key] = (torch.tensor(255.0, dtype=torch.float32, device=device),)
-        return self._consts[key][0]
+    def _on(self, key: str, device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """`make()` on `device`, made once per device and reused for every batch."""
+        if (key, str(device)) not in self._consts:
+            self._consts[key, str(device)] = make().to(device)
+        return self._consts[key, str(device)]
 
-    def _constants(self, i: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        key = (i, str(device))
-        if key not in self._consts:
-            step = self.spec.steps[i]
-            mean = torch.tensor(step["mean"], dtype=torch.float32)
-            std = torch.tensor(step["std"], dtype=torch.float32)
-            if step["op"] == "rescale_normalize":
-                # transformers' fused rescale + normalize: (x - mean/scale) / (std/scale), in float32
-                inv = 1.0 / step["scale"]
-                mean, std = mean * inv, std * inv
-            self._consts[key] = (mean.view(-1, 1, 1).to(device), std.view(-1, 1, 1).to(device))
-        return self._consts[key]
+    def _mean_std(self, i: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.spec.steps[i]
+        # transformers' fused rescale + normalize: (x - mean/scale) / (std/scale), in float32
+        inv = 1.0 / step["scale"] if step["op"] == "rescale_normalize" else 1.0
+
+        def make(values: list[float]) -> torch.Tensor:
+            t = torch.tensor(values, dtype=torch.float32)
+            return (t * inv).view(-1, 1, 1)  # x 1.0 is exact: plain normalize is unchanged
+
+        return (self._on(f"mean{i}", device, lambda: make(step["mean"])),
+                self._on(f"std{i}", device, lambda: make(step["std"])))
 
 
 def _size_of(img: Any) -> tuple[int, int]:

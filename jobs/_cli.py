@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
-import io
 import json
 import sys
 from collections.abc import Callable
@@ -20,13 +17,10 @@ from bonnerlab.errors import UserError  # noqa: E402
 def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None, save_on_signals: bool = False) -> None:
     """`save_on_signals`: SIGTERM/SIGUSR2 (preemption, scancel, torchrun passing on its own SIGTERM)
     ask the job to save at its next step boundary instead of killing it (bonnerlab.interrupt)."""
-    # A process killed by a fatal signal (SIGSEGV, or SIGABRT from C++ code such as a collective
-    # library's thread) prints its Python stack: torchrun's own report says only "exitcode -6".
-    with contextlib.suppress(io.UnsupportedOperation, ValueError, RuntimeError):  # stderr without a file descriptor
-        faulthandler.enable()
-    if save_on_signals:
-        from bonnerlab import interrupt
+    from bonnerlab import interrupt
 
+    interrupt.enable_crash_stacks()
+    if save_on_signals:
         interrupt.install_handlers()
     try:
         main(sys.argv[1:] if argv is None else argv)
