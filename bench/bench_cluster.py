@@ -31,9 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bonnerlab.cluster import SlurmConfig, submit  # noqa: E402
+from bonnerlab.cluster.submit import SlurmConfig, submit  # noqa: E402
+from bonnerlab.cluster.sweeps import submit_sweep  # noqa: E402
 from bonnerlab.config import TrainConfig, apply_overrides  # noqa: E402
-from bonnerlab.sweeps import submit_sweep  # noqa: E402
 
 TINY = {"epochs": 1, "device": "cpu", "model.width": 8, "data.batch_size": 64, "log_every_steps": 1}
 
@@ -178,10 +178,10 @@ def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
 def bench_status(work: Path, n: int = 1000) -> dict[str, float]:
     import json
 
-    from bonnerlab import slurm
+    from bonnerlab.cluster import slurm_cli
+    from bonnerlab.cluster.status import status_all, sweep_status
+    from bonnerlab.cluster.sweeps import retry_sweep
     from bonnerlab.runs import write_state
-    from bonnerlab.status import status_all, sweep_status
-    from bonnerlab.sweeps import retry_sweep
 
     cfg = apply_overrides(TrainConfig(), TINY)
     held = SlurmConfig(time_minutes=5, mem_gb=0.5, additional_parameters={"hold": True})
@@ -193,11 +193,11 @@ def bench_status(work: Path, n: int = 1000) -> dict[str, float]:
     def refresh(fn) -> tuple[float, int]:
         best, calls = float("inf"), 0
         for _ in range(3):
-            slurm.CALLS.clear()
+            slurm_cli.CALLS.clear()
             t = time.perf_counter()
             fn()
             best = min(best, time.perf_counter() - t)
-            calls = sum(slurm.CALLS.values())
+            calls = sum(slurm_cli.CALLS.values())
         return best, calls
 
     queued_s, queued_calls = refresh(lambda: sweep_status(sweep, write=False))

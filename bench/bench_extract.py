@@ -8,7 +8,7 @@ Per model, each measurement runs in its own subprocess so that its peak RSS (ru_
 main process; decoding workers are separate processes in every mode) is its own:
 - bare:     the same DataLoader decoding and published preprocessing (`preprocess.Transform` in
             the same number of workers) + the full forward pass, nothing kept
-- extract:  bonnerlab.extraction.extract (hooks, early stop, writer thread, zarr store)
+- extract:  bonnerlab.extract.run.extract (hooks, early stop, writer thread, zarr store)
 - reduce:   the same extraction with `--reduce LAYER=srp:4096` on the largest layer
 Random weights (seeded; no download): the speed does not depend on the weights' values.
 Modes run interleaved for `--rounds` rounds and each keeps its best images/s, so a burst of load
@@ -77,8 +77,8 @@ def _cfg(args, mode: str):
 def run_bare(args) -> dict:
     import torch
 
-    from bonnerlab.extraction import load_model, load_preprocess
-    from bonnerlab.stimuli import iter_batches, load_stimuli
+    from bonnerlab.extract.run import load_model, load_preprocess
+    from bonnerlab.extract.stimuli import iter_batches, load_stimuli
 
     cfg = _cfg(args, "bare")
     source = load_model(cfg)
@@ -94,7 +94,7 @@ def run_bare(args) -> dict:
 
 
 def run_extract(args) -> dict:
-    from bonnerlab.extraction import extract
+    from bonnerlab.extract.run import extract
 
     result = extract(_cfg(args, args.mode))
     store = Path(result["store"])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_cluster import TINY, ensure_cluster, first_step_time  # noqa: E402
 
-from bonnerlab.cluster import SlurmConfig, submit  # noqa: E402
+from bonnerlab.cluster.submit import SlurmConfig, submit  # noqa: E402
 from bonnerlab.config import TrainConfig, apply_overrides  # noqa: E402
 
 # A sitecustomize put first on the job's PYTHONPATH prefixes each line the job prints with the

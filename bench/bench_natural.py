@@ -13,7 +13,7 @@ train/<photo>/ and val/<photo>/ of a temporary folder (or --data, kept for reuse
 Both paths train torchvision ResNet-18 (random weights, 2 classes) at 112x112 with SGD (lr 0.1,
 Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers
 (default: bonnerlab's auto, one core left to training):
-- bonnerlab: `bonnerlab.build.build` + `wrap` + `bonnerlab.training.train_one_epoch` with `data.augment natural`
+- bonnerlab: `bonnerlab.train.build.build` + `wrap` + `bonnerlab.train.loop.train_one_epoch` with `data.augment natural`
   (workers decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
   `Preprocess.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
 - reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +
@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from bench_train import ProductRun, set_threads  # noqa: E402
 
 from bonnerlab.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from bonnerlab.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from bonnerlab.data.datasets import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 SIZE = 112
 N_TRAIN, N_VAL = 2000, 20
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch, args.steps, args.rounds = 16, 3, 2
     load, busy = set_threads(args.threads)
-    from bonnerlab.data import resolve_workers
+    from bonnerlab.data.datasets import resolve_workers
 
     workers = resolve_workers(args.workers)
     bench_start = time.perf_counter()

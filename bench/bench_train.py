@@ -10,7 +10,7 @@ bonnerlab's seeded split (data.val_fraction 0.2, split_seed 0); the reference us
 
 1. seconds to reach >= --target held-out accuracy (evaluated after every epoch; training plus the
    per-epoch evaluation, nothing before the first epoch), reference / ours. Ours is
-   `bonnerlab.training.train(cfg)` with RECIPE, read back from run_dir/metrics.jsonl
+   `bonnerlab.train.loop.train(cfg)` with RECIPE, read back from run_dir/metrics.jsonl
    (`epoch_time_s`, `val_acc`), for several seeds. The reference trains up to main.py's 14 epochs;
    when it never reaches the target the ratio is a lower bound, and row 1b compares the two at
    the best accuracy the reference did reach.
@@ -55,12 +55,12 @@ sys.path.insert(0, str(REPO))
 import reference_mnist as ref  # noqa: E402
 
 from bonnerlab import distributed as dist  # noqa: E402
-from bonnerlab.augment import Preprocess  # noqa: E402
-from bonnerlab.build import build, build_optimizer, build_scheduler, wrap  # noqa: E402
 from bonnerlab.config import DataConfig, TrainConfig, apply_overrides  # noqa: E402
-from bonnerlab.data import TrainBatches, load_splits  # noqa: E402
+from bonnerlab.data.augment import Preprocess  # noqa: E402
+from bonnerlab.data.datasets import TrainBatches, load_splits  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
-from bonnerlab.training import train, train_one_epoch  # noqa: E402
+from bonnerlab.train.build import build, build_optimizer, build_scheduler, wrap  # noqa: E402
+from bonnerlab.train.loop import train, train_one_epoch  # noqa: E402
 
 DEFAULT_ROOT = os.path.normpath(REPO / ".." / "shared" / "data" / "mnist")
 # The issue reports the reference reaching 98.5% after 4 epochs (~39 s); on this split and seed it
@@ -103,7 +103,7 @@ def seconds_to_target(rows: list[dict], target: float) -> tuple[float | None, in
 
 
 def run_ours(cfg: TrainConfig, target: float) -> dict:
-    """bonnerlab.training.train(cfg) in a scratch run folder; per-epoch metrics from metrics.jsonl."""
+    """bonnerlab.train.loop.train(cfg) in a scratch run folder; per-epoch metrics from metrics.jsonl."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         cfg = apply_overrides(cfg, {"run_dir": str(Path(scratch) / "run")})
         start = time.perf_counter()
@@ -186,7 +186,7 @@ class PhaseTimer:
 
 
 class ProductRun:
-    """bonnerlab's own train_one_epoch on what `bonnerlab.build.build` builds (as train() does), timed per phase.
+    """bonnerlab's own train_one_epoch on what `bonnerlab.train.build.build` builds (as train() does), timed per phase.
 
     `model` replaces the configured one (the reference's network, which no model.arch names);
     the optimizer and schedule are then rebuilt for it, as build() would have.

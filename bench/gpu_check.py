@@ -123,7 +123,7 @@ def section_environment() -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "auto_device": str(device),
     }
-    from bonnerlab.build import Precision
+    from bonnerlab.train.build import Precision
 
     env["amp_dtype"] = str(Precision.resolve(device).dtype)
     for k, v in env.items():
@@ -136,9 +136,9 @@ def section_environment() -> dict:
 
 def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
     """Per-step synchronizing CUDA calls in bonnerlab's own train_one_epoch, after `warmup`."""
-    from bonnerlab.build import build, wrap
     from bonnerlab.runs import Logger
-    from bonnerlab.training import train_one_epoch
+    from bonnerlab.train.build import build, wrap
+    from bonnerlab.train.loop import train_one_epoch
 
     info = dist.setup(cfg.device)
     run = build(cfg, info)
@@ -237,7 +237,7 @@ def section_ddp(tmp: Path) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29000 + os.getpid() % 1000))
         tdist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
         try:
-            from bonnerlab.training import train
+            from bonnerlab.train.loop import train
 
             result = train(train_cfg(tmp, "ddp-nccl", max_steps_per_epoch=12))  # DDP-wrapped, NCCL sums
             assert result["val_acc"] > 0.5, result
@@ -280,7 +280,7 @@ def sigusr2_at_call(n: int):
 def section_resume(tmp: Path) -> None:
     from dataclasses import replace
 
-    from bonnerlab.training import train
+    from bonnerlab.train.loop import train
 
     say("4. resume on CUDA")
     overrides = {"max_steps_per_epoch": 20, "model.dropout": 0.2}
@@ -317,7 +317,7 @@ def section_resume(tmp: Path) -> None:
         real = torch.cuda.is_bf16_supported
         torch.cuda.is_bf16_supported = lambda including_emulation=True: False  # a T4/V100
         try:
-            from bonnerlab.build import Precision
+            from bonnerlab.train.build import Precision
 
             assert Precision.resolve(torch.device("cuda")).dtype == torch.float16
             result = train(replace(cfg, resume=True))
@@ -357,9 +357,9 @@ def section_resume(tmp: Path) -> None:
 
 def section_extraction(tmp: Path, quick: bool) -> dict:
     say("5. extraction CPU vs CUDA")
-    from bonnerlab.activations import open_activations
+    from bonnerlab.activations.store import open_activations
     from bonnerlab.config import ModelConfig
-    from bonnerlab.extraction import ExtractConfig, extract
+    from bonnerlab.extract.run import ExtractConfig, extract
 
     def run(device: str, name: str, **extra) -> tuple[dict, dict]:
         cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
@@ -405,7 +405,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         if torch.cuda.device_count() < 2:
             return "skipped: one GPU"
         code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
-                + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extraction import ExtractConfig, extract\n"
+                + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extract.run import ExtractConfig, extract\n"
                 + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
                 + "image_size=64, preprocess='squash', image_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
                 + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
@@ -438,8 +438,8 @@ def gpu_utilisation() -> str:
 def section_throughput(tmp: Path, quick: bool) -> None:
     import torchvision
 
-    from bonnerlab.build import Precision, build_optimizer
-    from bonnerlab.training import DeviceSums, train_step
+    from bonnerlab.train.build import Precision, build_optimizer
+    from bonnerlab.train.loop import DeviceSums, train_step
 
     say("6. throughput (batch 256, AMP, channels-last, synthetic 224x224 on the GPU)")
     device = torch.device("cuda", 0)
@@ -512,7 +512,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
 
     def extraction_rate():
         from bonnerlab.config import ModelConfig
-        from bonnerlab.extraction import ExtractConfig, extract
+        from bonnerlab.extract.run import ExtractConfig, extract
 
         torch.cuda.reset_peak_memory_stats()
         n = 512 if quick else 1797  # every digit

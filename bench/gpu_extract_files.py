@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bonnerlab import extraction  # noqa: E402
-from bonnerlab.activations import open_activations  # noqa: E402
+from bonnerlab.activations.store import open_activations  # noqa: E402
 from bonnerlab.config import ModelConfig  # noqa: E402
-from bonnerlab.extraction import ExtractConfig, extract  # noqa: E402
+from bonnerlab.extract.run import ExtractConfig, extract  # noqa: E402
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> None:

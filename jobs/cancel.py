@@ -25,9 +25,9 @@ def main(argv: list[str]) -> list[int]:
     p.add_argument("--no_wait", action="store_true",
                    help="return right after scancel instead of waiting for the jobs to stop")
     args = p.parse_args(argv)
-    from bonnerlab import slurm
+    from bonnerlab.cluster import slurm_cli
+    from bonnerlab.cluster.status import task_records
     from bonnerlab.runs import write_state
-    from bonnerlab.status import task_records
 
     path = Path(args.path)
     if not path.is_dir():
@@ -39,16 +39,16 @@ def main(argv: list[str]) -> list[int]:
             raise UserError(f"--task {k} is out of range: {path} has tasks {min(by_task)}-{max(by_task)}")
     chosen = [by_task[k] for k in args.task] if args.task else records
     ids = [r["job_id"] for r in chosen if r.get("job_id")]
-    active = set(slurm.active_ids(ids)) if ids else set()  # one squeue (also: no controller -> one line)
+    active = set(slurm_cli.active_ids(ids)) if ids else set()  # one squeue (also: no controller -> one line)
     targets = [r for r in chosen if r.get("job_id") in active]
     if not targets:
         print(f"nothing to cancel: no task of {path} is queued or running")
         return []
-    slurm.cancel(sorted(r["job_id"] for r in targets))
+    slurm_cli.cancel(sorted(r["job_id"] for r in targets))
     # a cancelled training job saves at its next step and writes INTERRUPTED: wait for it to stop,
     # then record what really happened
     end = time.monotonic() + (0 if args.no_wait else 120)
-    while time.monotonic() < end and slurm.active_ids([r["job_id"] for r in targets]):
+    while time.monotonic() < end and slurm_cli.active_ids([r["job_id"] for r in targets]):
         time.sleep(1)
     for r in targets:
         write_state(r["run_dir"], "CANCELLED")

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> dict:
     from bonnerlab.config import parse_config
 
     cfg = parse_config(ExtractConfig, argv, prog="jobs/extract.py")
-    from bonnerlab import extraction
+    from bonnerlab.extract import run as extraction
 
     if cfg.list_layers:
         rows = extraction.list_layers(cfg)

@@ -34,9 +34,9 @@ from typing import Any
 
 from _cli import run_job
 
+from bonnerlab.cluster.registry import JOBS
 from bonnerlab.config import LaunchConfig, SlurmConfig, from_dict, parse_config, to_dict
 from bonnerlab.errors import ConfigError
-from bonnerlab.job import JOBS
 
 
 def launcher_parser() -> argparse.ArgumentParser:
@@ -158,7 +158,7 @@ def main(argv: list[str]) -> Any:
 
 
 def launch_one(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
-    from bonnerlab.cluster import submit
+    from bonnerlab.cluster.submit import submit
 
     t0 = time.perf_counter()
     sub = submit(kind, cfg, slurm, dry_run=opts.dry_run)
@@ -180,7 +180,7 @@ def launch_one(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> A
 
 def sweep_points(opts: LaunchConfig) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The sweep's points from --sweep, --zip and --sweep_file, and the spec they came from."""
-    from bonnerlab.sweeps import combine, load_sweep_file, parse_sweep_args, parse_zip_args
+    from bonnerlab.cluster.sweeps import combine, load_sweep_file, parse_sweep_args, parse_zip_args
 
     grid_spec, zip_spec = parse_sweep_args(opts.sweep), parse_zip_args(opts.zip)
     if opts.sweep_file:
@@ -193,8 +193,8 @@ def sweep_points(opts: LaunchConfig) -> tuple[list[dict[str, Any]], dict[str, An
 
 
 def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
-    from bonnerlab.status import format_table, sweep_status
-    from bonnerlab.sweeps import submit_sweep
+    from bonnerlab.cluster.status import format_table, sweep_status
+    from bonnerlab.cluster.sweeps import submit_sweep
 
     points, spec = sweep_points(opts)
     sweep_dir = Path(opts.sweep_dir or Path(getattr(cfg, "runs_root", "runs")) /
@@ -227,8 +227,8 @@ def points_table(points: list[dict[str, Any]], indices: list[int]) -> str:
 
 
 def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> Any:
-    from bonnerlab.status import folder_kind, format_table, read_sweep_yaml, sweep_status
-    from bonnerlab.sweeps import retry_sweep
+    from bonnerlab.cluster.status import folder_kind, format_table, read_sweep_yaml, sweep_status
+    from bonnerlab.cluster.sweeps import retry_sweep
 
     if not opts.sweep_dir:
         raise ConfigError("--resume needs --sweep_dir DIR (the sweep or run folder to resubmit)")
@@ -265,8 +265,8 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
         raise ConfigError(f"--shards is for extract jobs, not {kind}")
     if opts.sweep or opts.zip or opts.sweep_file:
         raise ConfigError("--shards cannot be combined with --sweep or --zip")
+    from bonnerlab.cluster.sweeps import submit_sweep
     from bonnerlab.config import default_store_name
-    from bonnerlab.sweeps import submit_sweep
 
     # every task must agree on the store before any of them starts: the name a plain extract uses
     output = cfg.output or default_store_name(cfg)
@@ -292,7 +292,7 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
 
 def wait_for_tasks(tasks: list[Any], poll_s: float = 2.0) -> None:
     """Block until every task has a final result (requeued tasks are waited for again)."""
-    from bonnerlab import slurm as slurm_commands
+    from bonnerlab.cluster import slurm_cli
     from bonnerlab.errors import ClusterError
 
     pending = [t for t in tasks if t.job is not None]
@@ -304,7 +304,7 @@ def wait_for_tasks(tasks: list[Any], poll_s: float = 2.0) -> None:
     ids = sorted({t.job_id for t in tasks if t.job_id and type(t.job).__name__ == "SlurmJob"})
     for _ in range(30):
         try:
-            if not ids or not slurm_commands.active_ids(ids):
+            if not ids or not slurm_cli.active_ids(ids):
                 return
         except ClusterError:
             return

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> str:
     p.add_argument("--lines", type=int, default=40, help="how many lines from the end")
     p.add_argument("--follow", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
     args = p.parse_args(argv)
-    from bonnerlab.status import log_path, task_records
+    from bonnerlab.cluster.status import log_path, task_records
 
     path = Path(args.path)
     if not path.is_dir():

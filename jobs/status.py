@@ -8,7 +8,7 @@
 State comes from SLURM (one squeue and one sacct per refresh, for all folders together), then the
 job's own STATE marker, so it works with no launcher alive, and without SLURM for local runs.
 A failed task's row shows its failure kind and the last line of its error. From an analysis
-script: `from bonnerlab.status import sweep_status; df = sweep_status("runs/<sweep>")`.
+script: `from bonnerlab.cluster.status import sweep_status; df = sweep_status("runs/<sweep>")`.
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def main(argv: list[str]):
 
 
 def show(args: argparse.Namespace):
-    from bonnerlab import slurm
-    from bonnerlab.status import format_table, status_all, sweep_status
+    from bonnerlab.cluster import slurm_cli
+    from bonnerlab.cluster.status import format_table, status_all, sweep_status
 
-    active_states = {"PENDING", *slurm.ACTIVE}
+    active_states = {"PENDING", *slurm_cli.ACTIVE}
     if not args.path:
         root = Path(args.runs_root)
         if not root.is_dir():
@@ -64,7 +64,7 @@ def show(args: argparse.Namespace):
         raise UserError(f"{path} is not a folder")
     table = sweep_status(path, metric=args.metric, mode=args.mode)
     print(format_table(table))
-    from bonnerlab.status import state_counts
+    from bonnerlab.cluster.status import state_counts
 
     print(state_counts(table["state"].tolist()))
     written = [f for f in ("results.csv", "results.png", "report.html") if (path / f).exists()]

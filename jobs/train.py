@@ -21,7 +21,7 @@ from bonnerlab.config import TrainConfig, parse_config
 
 def main(argv: list[str]) -> dict:
     cfg = parse_config(TrainConfig, argv, prog="jobs/train.py")
-    from bonnerlab.training import train
+    from bonnerlab.train.loop import train
 
     result = train(cfg)
     print_result(result)

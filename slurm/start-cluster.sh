@@ -38,7 +38,7 @@ SLURMD_PORT_GPU=${SLURMLAB_SLURMD_PORT_GPU:-6828}
 DBD_PORT=${SLURMLAB_DBD_PORT:-6819}
 MYSQL_PORT=${SLURMLAB_MYSQL_PORT:-3307}
 # Node names: the gpu node takes the machine's own name so it resolves; the cpu node's name does
-# not, and bonnerlab.cluster falls back to its NodeAddr for the DDP rendezvous address.
+# not, and bonnerlab.cluster.submit falls back to its NodeAddr for the DDP rendezvous address.
 CPU_NODE=${SLURMLAB_CPU_NODE:-$HOST-cpu}
 GPU_NODE=${SLURMLAB_GPU_NODE:-$HOST}
 NODES=("$CPU_NODE" "$GPU_NODE")

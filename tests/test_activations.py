@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonnerlab import activations as A
+from bonnerlab.activations import store as A
 
 N, CHUNK = 10, 4
 

@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab import activations as A
-from bonnerlab.capture import SparseProjection, projection_seed
+from bonnerlab.activations import store as A
 from bonnerlab.config import (
-    ConfigError,
     ExtractConfig,
     ModelConfig,
     default_store_name,
     layer_matches,
 )
-from bonnerlab.extraction import (
+from bonnerlab.errors import ConfigError
+from bonnerlab.extract.capture import SparseProjection, projection_seed
+from bonnerlab.extract.run import (
     DiskSpaceError,
     check_disk_space,
     extract,

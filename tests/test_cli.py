@@ -53,4 +53,4 @@ def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
         killer.cancel()
         proc.kill()
     assert proc.returncode == -signal.SIGABRT
-    assert "Fatal Python error: Aborted" in err and "bonnerlab/training.py" in err, err[-2000:]
+    assert "Fatal Python error: Aborted" in err and "bonnerlab/train/loop.py" in err, err[-2000:]

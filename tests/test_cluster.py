@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonnerlab.cluster import prepare_job_config
+from bonnerlab.cluster.registry import ClusterJob
+from bonnerlab.cluster.slurm_cli import NO_CONTROLLER, parse_time_minutes
+from bonnerlab.cluster.submit import prepare_job_config
 from bonnerlab.config import EvaluateConfig, SlurmConfig
 from bonnerlab.errors import ClusterError, ConfigError
-from bonnerlab.job import ClusterJob
 from bonnerlab.runs import read_metrics, read_state
-from bonnerlab.slurm import NO_CONTROLLER, parse_time_minutes
 
 REPO = Path(__file__).resolve().parent.parent
 LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
@@ -78,7 +78,7 @@ def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_p
     assert cfg["run_dir"] == str(run) and cfg["resume"] is True and cfg["optim"]["lr"] == 0.01
     slurm = yaml.safe_load((run / "slurm.yaml").read_text())
     assert slurm["gpus_per_node"] == 2 and slurm["additional_parameters"] == {"exclusive": True}
-    assert (run / "code" / "bonnerlab" / "training.py").is_file()
+    assert (run / "code" / "bonnerlab" / "train" / "loop.py").is_file()
     assert (run / "code" / "jobs" / "train.py").is_file()
     assert (run / "git.txt").read_text().startswith(("commit ", "not a git checkout"))
     assert read_state(run) == "PENDING"
@@ -181,8 +181,8 @@ def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
 
 def test_partition_checks():
     """The checks on an sinfo listing of the local cluster's shape (the live one: test_cluster_slurm.py)."""
-    from bonnerlab.cluster import check_partition
-    from bonnerlab.slurm import parse_sinfo
+    from bonnerlab.cluster.slurm_cli import parse_sinfo
+    from bonnerlab.cluster.submit import check_partition
 
     parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
     assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_minutes == 60
@@ -211,7 +211,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 def test_sbatch_script_matches_its_golden_file(name, array):
     """submitit's practice: the generated script is compared to a recorded one. A deliberate change
     is recorded with BONNERLAB_UPDATE_GOLDEN=1 and reviewed in the diff."""
-    from bonnerlab.cluster import job_setup_lines, sbatch_script
+    from bonnerlab.cluster.submit import job_setup_lines, sbatch_script
 
     cfg = SlurmConfig(partition="gpu", gpus_per_node=2, mem_gb=7.5, time_minutes=20, account="lab", qos="high",
                       setup=["module load cuda"], additional_parameters={"exclusive": True}, array_parallelism=4)

@@ -19,14 +19,14 @@ import torch
 from conftest import assert_same_weights
 from slurm_fixtures import slurm_cluster  # noqa: F401
 
-from bonnerlab import slurm
 from bonnerlab.checkpoint import load_checkpoint
-from bonnerlab.cluster import submit
+from bonnerlab.cluster import slurm_cli
+from bonnerlab.cluster.status import read_manifest, sweep_status
+from bonnerlab.cluster.submit import submit
+from bonnerlab.cluster.sweeps import submit_sweep
 from bonnerlab.config import EvaluateConfig, SlurmConfig, TrainConfig, apply_overrides
 from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
-from bonnerlab.status import read_manifest, sweep_status
-from bonnerlab.sweeps import submit_sweep
 
 # Run one after another (`make test` gives them their own pytest process; xdist_group keeps them
 # on one worker under plain -n): a preemption test displaces every running job.
@@ -103,7 +103,7 @@ def test_live_cluster_checks_refuse_before_queueing(tmp_path):
     with pytest.raises(ClusterError, match="over partition cpu's limit of 60 minutes"):
         submit("train", tiny(), SlurmConfig(partition="cpu", time_minutes=61), tmp_path / "c")
     assert not any((tmp_path / d).exists() for d in "abc")
-    assert slurm.max_array_size() == 1001
+    assert slurm_cli.max_array_size() == 1001
 
 
 def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
@@ -117,7 +117,7 @@ def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
 
 
 def test_evaluate_job_on_slurm(tmp_path):
-    from bonnerlab.training import train
+    from bonnerlab.train.loop import train
 
     train(tiny(epochs=1, max_steps_per_epoch=3, run_dir=str(tmp_path / "trained"), progress=False))
     out = subprocess.run([*LAUNCH, "--wait", "evaluate", "--checkpoint", str(tmp_path / "trained"),
@@ -189,7 +189,7 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
 
 
 def test_sweep_past_max_array_size_is_split_into_several_arrays(tmp_path, monkeypatch):
-    monkeypatch.setattr("bonnerlab.slurm.max_array_size", lambda: 2)
+    monkeypatch.setattr("bonnerlab.cluster.slurm_cli.max_array_size", lambda: 2)
     points = [{"optim.lr": lr} for lr in (0.1, 0.03, 0.01)]
     tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), points,
                          SlurmConfig(time_minutes=5), tmp_path / "sweep")
@@ -341,8 +341,8 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
 
 
 def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tmp_path):
-    from bonnerlab.activations import list_layers, open_activations
-    from bonnerlab.extraction import ExtractConfig, extract
+    from bonnerlab.activations.store import list_layers, open_activations
+    from bonnerlab.extract.run import ExtractConfig, extract
 
     args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
             "--batch_size", "16", "--device", "cpu", "--progress", "false"]
@@ -376,7 +376,7 @@ LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
 
 
 def test_status_of_many_folders_asks_slurm_once_and_shows_the_error_line(tmp_path):
-    from bonnerlab.status import status_all
+    from bonnerlab.cluster.status import status_all
 
     runs = tmp_path / "runs"
     tasks = submit_sweep("train", tiny(epochs=1, max_steps_per_epoch=2), [{"seed": s} for s in range(4)],
@@ -395,9 +395,9 @@ def test_status_of_many_folders_asks_slurm_once_and_shows_the_error_line(tmp_pat
         squeue_gone(job_id)
         sacct_state(job_id)  # until slurmdbd has the final state
 
-    slurm.CALLS.clear()
+    slurm_cli.CALLS.clear()
     table = status_all(runs)
-    assert dict(slurm.CALLS) == {"squeue": 1, "sacct": 1}
+    assert dict(slurm_cli.CALLS) == {"squeue": 1, "sacct": 1}
     rows = {r["folder"]: r for r in table.to_dict("records")}
     assert rows["sweep"]["states"] == "DONE 4" and rows["one"]["states"] == "DONE 1"
     assert rows["eval"]["states"] == "FAILED 1" and rows["eval"]["job"] == "evaluate"

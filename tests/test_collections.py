@@ -14,12 +14,17 @@ from conftest import stop_at_check
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from bonnerlab.augment import Preprocess, color_jitter_batch, natural_params, resized_crop_batch
 from bonnerlab.config import DataConfig, EvaluateConfig
-from bonnerlab.data import load_splits, scan_collection
+from bonnerlab.data.augment import (
+    Preprocess,
+    color_jitter_batch,
+    natural_params,
+    resized_crop_batch,
+)
+from bonnerlab.data.datasets import load_splits, scan_collection
 from bonnerlab.errors import DataError
 from bonnerlab.runs import RunPaths, read_metrics
-from bonnerlab.training import evaluate, train
+from bonnerlab.train.loop import evaluate, train
 
 
 def _photos(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -203,9 +208,9 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monke
     import timm
 
     from bonnerlab import distributed as dist
-    from bonnerlab import sources
-    from bonnerlab.build import build
     from bonnerlab.config import TrainConfig, apply_overrides
+    from bonnerlab.models import sources
+    from bonnerlab.train.build import build
 
     weights = tmp_path / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), weights)

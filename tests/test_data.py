@@ -6,9 +6,9 @@ import torch
 from conftest import SHARED_MNIST
 from PIL import Image
 
-from bonnerlab.augment import Preprocess
 from bonnerlab.config import DataConfig
-from bonnerlab.data import TrainBatches, eval_batches, load_splits
+from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.datasets import TrainBatches, eval_batches, load_splits
 from bonnerlab.errors import DataError
 
 

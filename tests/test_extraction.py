@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab import activations as A
-from bonnerlab.capture import Capture, LayerPlan
-from bonnerlab.config import ConfigError, ExtractConfig, ModelConfig, parse_channels
-from bonnerlab.errors import UserError
-from bonnerlab.extraction import extract, load_model
+from bonnerlab.activations import store as A
+from bonnerlab.config import ExtractConfig, ModelConfig, parse_channels
+from bonnerlab.errors import ConfigError, UserError
+from bonnerlab.extract.capture import Capture, LayerPlan
+from bonnerlab.extract.run import extract, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = str(ROOT / "jobs" / "extract.py")
@@ -296,7 +296,7 @@ def test_corrupt_image_named_then_skipped(tmp_path):
 def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
     """What a GPU run does (workers hand uint8, the device scales and normalizes), forced on the
     CPU: the activations equal the default path's bit for bit, a skipped image included."""
-    from bonnerlab import extraction
+    from bonnerlab.extract import run as extraction
 
     root = tmp_path / "stim"
     make_images(root, 6)
@@ -319,7 +319,7 @@ def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, mo
 def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
     """The same for an in-memory dataset (digits at 64 px, centre-cropped): cropped here as uint8,
     scaled and normalized where the model runs."""
-    from bonnerlab import extraction
+    from bonnerlab.extract import run as extraction
 
     common = dict(model=ModelConfig(arch="resnet18"), stimuli="digits", split="all", limit=40, image_size=64,
                   preprocess="center_crop", image_channels=3, layers=["layer2", "avgpool"], batch_size=16,
@@ -452,12 +452,12 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
 
 def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     """A `train` run folder as the model ("latest" = newest run under runs/), digits val split."""
-    from bonnerlab.augment import Preprocess
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
-    from bonnerlab.data import load_splits
-    from bonnerlab.sources import load_trained
-    from bonnerlab.training import train
+    from bonnerlab.data.augment import Preprocess
+    from bonnerlab.data.datasets import load_splits
+    from bonnerlab.models.sources import load_trained
+    from bonnerlab.train.loop import train
 
     monkeypatch.chdir(tmp_path)
     train(TrainConfig(epochs=1, max_steps_per_epoch=2, run_dir="runs/r1", progress=False))

@@ -14,8 +14,8 @@ from conftest import torchrun
 
 from bonnerlab import checkpoint
 from bonnerlab import distributed as dist
-from bonnerlab.build import Precision, build, check_deterministic
 from bonnerlab.errors import ConfigError, UserError
+from bonnerlab.train.build import Precision, build, check_deterministic
 
 SLURM_AND_TORCHRUN_VARS = [
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -215,16 +215,16 @@ UNEVEN_EVAL = textwrap.dedent("""
     import json, sys, torch
     from bonnerlab import distributed as dist
     from bonnerlab.config import DataConfig
-    from bonnerlab.augment import Preprocess
-    from bonnerlab.data import EvalBatches, load_splits
-    from bonnerlab.models import MnistCNN
+    from bonnerlab.data.augment import Preprocess
+    from bonnerlab.data.datasets import EvalBatches, load_splits
+    from bonnerlab.models.cnn import MnistCNN
     info = dist.setup("cpu")
     splits = load_splits(DataConfig())
     torch.manual_seed(0)
     model = dist.wrap_model(MnistCNN(width=8))  # BatchNorm buffers: DDP broadcasts them per forward
     # 359 images, batches of 179: rank 0 holds 2 batches, rank 1 holds 1
     batches = EvalBatches(splits.val, 179, info.rank, info.world_size, info.device)
-    from bonnerlab.training import evaluate_model
+    from bonnerlab.train.loop import evaluate_model
     result = evaluate_model(model, batches, Preprocess(splits.mean, splits.std), 10)
     # one file per rank: two ranks printing at once interleave their lines
     out = sys.argv[1] + f"/rank{info.rank}.json"

@@ -16,7 +16,7 @@ from conftest import REPO
 def test_digits_read_without_sklearn_equal_sklearns_own():
     from sklearn.datasets import load_digits
 
-    from bonnerlab.data import _digits_arrays
+    from bonnerlab.data.datasets import _digits_arrays
 
     images, labels = _digits_arrays()
     bunch = load_digits()
@@ -30,7 +30,7 @@ def test_default_training_job_imports_neither_torchvision_nor_sklearn(tmp_path):
     code = (
         "import sys\n"
         "from bonnerlab.config import TrainConfig, apply_overrides\n"
-        "from bonnerlab.training import train\n"
+        "from bonnerlab.train.loop import train\n"
         "cfg = apply_overrides(TrainConfig(), {'epochs': 1, 'max_steps_per_epoch': 1, 'device': 'cpu',\n"
         f"    'progress': False, 'model.width': 8, 'run_dir': {str(tmp_path / 'run')!r}}})\n"
         "assert train(cfg)['epoch'] == 1\n"

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from test_sweeps import TRACEBACK, _error_log, _sweep_folder
 
-from bonnerlab.status import sweep_status
+from bonnerlab.cluster.status import sweep_status
 
 
 def _chromium() -> str:

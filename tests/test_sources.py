@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab import activations as A
-from bonnerlab.config import ConfigError, ExtractConfig, ModelConfig
-from bonnerlab.errors import DataError, UserError, WeightsError
-from bonnerlab.extraction import extract, load_model, load_preprocess
+from bonnerlab.activations import store as A
+from bonnerlab.config import ExtractConfig, ModelConfig
+from bonnerlab.errors import ConfigError, DataError, UserError, WeightsError
+from bonnerlab.extract.run import extract, load_model, load_preprocess
 
 pytestmark = pytest.mark.slow
 
@@ -262,7 +262,7 @@ def test_bad_elements_and_patterns_fail_before_writing(photos, tmp_path, hf_vit)
 
 def test_build_model_new_heads_and_freeze(hf_vit):
     pytest.importorskip("timm")
-    from bonnerlab.models import build_model
+    from bonnerlab.models.cnn import build_model
 
     for arch, channels in [("timm:resnet18", 1), (f"hf:{hf_vit}", 3)]:
         model = build_model(ModelConfig(arch=arch, freeze_backbone=True), channels, 5).eval()
@@ -310,7 +310,7 @@ def test_digits_through_a_published_transform(tmp_path):
                       progress=False)
     extract(c)
     from bonnerlab.config import DataConfig
-    from bonnerlab.data import load_digits_source
+    from bonnerlab.data.datasets import load_digits_source
 
     images = load_digits_source(DataConfig(image_size=256, channels=3)).images[:4]
     x = load_preprocess(c, load_model(c)).transform()(images)

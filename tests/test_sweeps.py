@@ -6,11 +6,8 @@ import json
 
 import pytest
 
-from bonnerlab.cluster import chunks
-from bonnerlab.config import SlurmConfig, TrainConfig
-from bonnerlab.errors import ClusterError, ConfigError
-from bonnerlab.runs import write_state
-from bonnerlab.sweeps import (
+from bonnerlab.cluster.submit import chunks
+from bonnerlab.cluster.sweeps import (
     expand,
     grid,
     load_sweep_file,
@@ -21,6 +18,9 @@ from bonnerlab.sweeps import (
     submit_sweep,
     sweep_status,
 )
+from bonnerlab.config import SlurmConfig, TrainConfig
+from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.runs import write_state
 
 
 def test_sweep_arg_values_are_typed():
@@ -185,7 +185,7 @@ def test_dry_run_sweep_from_a_file(tmp_path):
 
 
 def test_zip_pairs_values_and_multiplies_the_grid():
-    from bonnerlab.sweeps import combine, parse_zip_args
+    from bonnerlab.cluster.sweeps import combine, parse_zip_args
 
     zipped = parse_zip_args(["optim.lr=0.1,0.01", "optim.weight_decay=1e-4,1e-5"])
     points = combine(parse_sweep_args(["seed=0,1,2"]), zipped)
@@ -199,7 +199,7 @@ def test_zip_pairs_values_and_multiplies_the_grid():
 
 
 def test_zip_errors():
-    from bonnerlab.sweeps import combine, parse_zip_args
+    from bonnerlab.cluster.sweeps import combine, parse_zip_args
 
     with pytest.raises(ConfigError, match=r"--zip: zipped value lists must have equal lengths; got optim.lr 2, seed 3"):
         parse_zip_args(["optim.lr=0.1,0.01", "seed=0,1,2"])
@@ -214,7 +214,7 @@ def _error_log(logs, job_id, text):
 
 TRACEBACK = """submitit ERROR (2026-11-27) - Submitted job triggered an exception
 Traceback (most recent call last):
-  File "/x/bonnerlab/job.py", line 140, in __call__
+  File "/x/bonnerlab/cluster/registry.py", line 140, in __call__
     raise ValueError("bad input")
 ValueError: data.root /nope holds no images
 srun: error: node: task 0: Exited with exit code 1
@@ -222,7 +222,7 @@ srun: error: node: task 0: Exited with exit code 1
 
 
 def test_error_line_and_failure_kinds(tmp_path):
-    from bonnerlab.status import error_line, failure_kind
+    from bonnerlab.cluster.status import error_line, failure_kind
 
     _error_log(tmp_path, "7_2", TRACEBACK)
     record = {"job_id": "7_2", "logs": str(tmp_path)}
@@ -245,7 +245,7 @@ def test_error_line_and_failure_kinds(tmp_path):
 
 def _sweep_folder(root, states, job_ids=None):
     """A sweep folder of tiny train tasks run on the local executor, left in the given STATE markers."""
-    from bonnerlab.cluster import yaml_text
+    from bonnerlab.cluster.submit import yaml_text
     from bonnerlab.config import apply_overrides, to_dict
 
     base = apply_overrides(TrainConfig(), {"epochs": 1, "max_steps_per_epoch": 2, "model.width": 8,
@@ -278,7 +278,7 @@ def test_status_shows_the_failed_tasks_error_line_and_kind(tmp_path):
 
 
 def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
-    from bonnerlab.sweeps import plan_retry, retry_sweep
+    from bonnerlab.cluster.sweeps import plan_retry, retry_sweep
 
     sweep = tmp_path / "sweep"
     _sweep_folder(sweep, ["DONE", "FAILED", "INTERRUPTED", "CANCELLED"])
@@ -300,7 +300,7 @@ def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
 
 
 def test_status_of_every_folder_under_runs_root(tmp_path):
-    from bonnerlab.status import status_all
+    from bonnerlab.cluster.status import status_all
 
     root = tmp_path / "runs"
     root.mkdir()

@@ -13,7 +13,7 @@ from conftest import REPO, assert_same_weights, torchrun
 
 from bonnerlab.checkpoint import load_checkpoint
 from bonnerlab.runs import RunPaths, read_metrics
-from bonnerlab.training import train
+from bonnerlab.train.loop import train
 
 
 def _weights(run_dir):
@@ -71,8 +71,8 @@ def test_compile_runs_and_matches_eager(tiny_train_cfg, tmp_path):
 
 
 def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
-    from bonnerlab.build import compile_model
     from bonnerlab.errors import UserError
+    from bonnerlab.train.build import compile_model
 
     def broken_compile(fn, *args, **kwargs):
         def run(*a, **k):  # what inductor raises at the first call when no C++ compiler exists
@@ -89,7 +89,7 @@ def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
 
 
 def test_cpu_bfloat16_autocast_when_asked(tiny_train_cfg, tmp_path):
-    from bonnerlab.build import Precision, cpu_has_native_bf16
+    from bonnerlab.train.build import Precision, cpu_has_native_bf16
 
     precision = Precision.resolve(torch.device("cpu"), amp_cpu=True)
     assert precision.enabled == cpu_has_native_bf16() and not precision.scaler.is_enabled()

@@ -1,7 +1,7 @@
 """Models: the from-scratch `mnist_cnn` and the parts that give any backbone a new head.
 
 Building a model of any source (torchvision, timm, open_clip, transformers) and loading its
-weights lives in `bonnerlab.sources`; `build_model` here is the training entry's name for it.
+weights lives in `bonnerlab.models.sources`; `build_model` here is the training entry's name for it.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
     """The configured network, with `num_classes` outputs and `in_channels` inputs (any source:
-    see `bonnerlab.sources.build_model`)."""
-    from bonnerlab.sources import build_model as build  # sources builds on the parts above
+    see `bonnerlab.models.sources.build_model`)."""
+    from bonnerlab.models.sources import build_model as build  # sources builds on the parts above
 
     return build(cfg, in_channels, num_classes)
 

@@ -3,10 +3,10 @@
     table = sweep_status("runs/sweep-lr")    # one row per task; results.csv, results.png, report.html
     overview = status_all("runs")             # one row per run and sweep folder, newest first
 
-State comes from SLURM while it knows the job (`bonnerlab.slurm.query`: ONE squeue and ONE sacct
+State comes from SLURM while it knows the job (`bonnerlab.cluster.slurm_cli.query`: ONE squeue and ONE sacct
 for any number of folders), corrected by the job's own STATE marker; without a controller, from
 the markers alone. A task that did not finish gets a failure kind (`failure_kind`) and the last
-line of its error log (`error_line`), which `bonnerlab.sweeps.retry_sweep` acts on.
+line of its error log (`error_line`), which `bonnerlab.cluster.sweeps.retry_sweep` acts on.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bonnerlab import slurm as slurm_commands
+from bonnerlab.cluster import slurm_cli
 from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, read_metrics, read_state
 
@@ -121,7 +121,7 @@ RETRY_WHEN_ASKED = ("error", "cancelled")
 
 def failure_kind(state: str, error: str) -> str:
     """Why an unfinished task stopped ('' for tasks done or still queued/running)."""
-    if state in ("DONE", "COMPLETED") or state in slurm_commands.ACTIVE:
+    if state in ("DONE", "COMPLETED") or state in slurm_cli.ACTIVE:
         return ""
     if state == "OUT_OF_MEMORY" or re.search(r"oom[_-]kill|memory limit|MemoryError", error, re.I):
         return "out of memory"
@@ -138,7 +138,7 @@ def failure_kind(state: str, error: str) -> str:
     return "error"
 
 
-def _state(record: dict[str, Any], info: slurm_commands.JobInfo | None, marker: str | None) -> str:
+def _state(record: dict[str, Any], info: slurm_cli.JobInfo | None, marker: str | None) -> str:
     """SLURM's state while it knows the job, corrected by the job's own marker."""
     if info is None:
         if marker == "PENDING" or marker is None:
@@ -153,13 +153,13 @@ def _state(record: dict[str, Any], info: slurm_commands.JobInfo | None, marker: 
     return info.state
 
 
-def _hours(info: slurm_commands.JobInfo | None) -> tuple[float, float]:
+def _hours(info: slurm_cli.JobInfo | None) -> tuple[float, float]:
     if info is None:
         return 0.0, 0.0
     return info.elapsed_s * info.gpus / 3600, info.elapsed_s * info.cpus / 3600
 
 
-def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_commands.JobInfo],
+def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_cli.JobInfo],
               metric: str, mode: str) -> list[dict[str, Any]]:
     rows = []
     for r in records:
@@ -167,7 +167,7 @@ def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_
         marker = read_state(run_dir) if run_dir.exists() else None
         info = infos.get(r.get("job_id", ""))
         state = _state(r, info, marker)
-        error = error_line(r) if state not in ("DONE",) and state not in slurm_commands.ACTIVE else ""
+        error = error_line(r) if state not in ("DONE",) and state not in slurm_cli.ACTIVE else ""
         metrics = read_metrics(run_dir) if run_dir.exists() else []
         values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
         best = (max(values) if mode == "max" else min(values)) if values else math.nan
@@ -181,10 +181,10 @@ def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_
     return rows
 
 
-def _query_or_warn(job_ids: list[str]) -> dict[str, slurm_commands.JobInfo]:
+def _query_or_warn(job_ids: list[str]) -> dict[str, slurm_cli.JobInfo]:
     """SLURM's view of these jobs; without a controller, a warning and the folders' own markers."""
     try:
-        return slurm_commands.query(job_ids)
+        return slurm_cli.query(job_ids)
     except ClusterError as e:
         import sys
 
@@ -201,12 +201,12 @@ def _needs_slurm(path: Path, records: list[dict[str, Any]]) -> bool:
 
 
 def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", write: bool = True,
-                 infos: dict[str, slurm_commands.JobInfo] | None = None) -> Any:
+                 infos: dict[str, slurm_cli.JobInfo] | None = None) -> Any:
     """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and last
     `metric`, GPU/CPU hours, and `best` marking the best task.
 
     With `write`, also saves results.csv, results.png (metric vs each swept value) and report.html
-    (bonnerlab/report.py) in `path`.
+    (bonnerlab/cluster/report.py) in `path`.
     """
     import pandas as pd
 
@@ -221,7 +221,7 @@ def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", w
         best_idx = table[col].idxmax() if mode == "max" else table[col].idxmin()
         table.loc[best_idx, "best"] = "*"
     if write:
-        from bonnerlab.report import plot_sweep, write_report
+        from bonnerlab.cluster.report import plot_sweep, write_report
         from bonnerlab.runs import atomic_write_text
 
         atomic_write_text(path / "results.csv", table.to_csv(index=False))

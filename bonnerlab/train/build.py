@@ -2,7 +2,7 @@
 precision, augmentation and the counters a checkpoint saves (`Training`); restoring it from a
 checkpoint; wrapping it for DDP and torch.compile.
 
-`bonnerlab.training` runs the loop over what `build` returns; benchmarks and `make gpu-check`
+`bonnerlab.train.loop` runs the loop over what `build` returns; benchmarks and `make gpu-check`
 build the same objects to time the product's own step.
 """
 
@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonnerlab import distributed as dist
-from bonnerlab.augment import Preprocess
 from bonnerlab.checkpoint import rng_state, set_rng_state
 from bonnerlab.config import OptimConfig, TrainConfig, to_dict
-from bonnerlab.data import (
+from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.datasets import (
     EvalBatches,
     FileList,
     Normalization,
@@ -33,7 +33,7 @@ from bonnerlab.data import (
     scan_collection,
 )
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
-from bonnerlab.sources import build_model_and_transform
+from bonnerlab.models.sources import build_model_and_transform
 
 FILE_LIST = "files.json"  # an image folder's scanned file list, in the run folder
 
@@ -201,10 +201,10 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
 def published_normalization(cfg: TrainConfig, transform: Any, published_by: str) -> Normalization | None:
     """Fine-tuning pretrained weights on an image folder: the mean, std and evaluation crop the
     weights were published with (`transform`, as `build_model_and_transform` returns it, read
-    by bonnerlab.preprocess)."""
+    by bonnerlab.models.preprocess)."""
     if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.channels != 3:
         return None
-    from bonnerlab.preprocess import resolve_preprocess
+    from bonnerlab.models.preprocess import resolve_preprocess
 
     spec = resolve_preprocess(transform, 3, "model", 0, (), (), published_by)
     resize = next((st for st in spec.steps if st["op"] == "resize" and len(st["size"]) == 1), None)

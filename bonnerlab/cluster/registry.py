@@ -12,7 +12,7 @@ What happens on the node (`ClusterJob.__call__`):
   * every start resumes from `latest.pt` when it exists: on this SLURM a preempted job restarts from
     its original submission without `checkpoint()` ever being called;
   * `max_requeues` bounds the loop through `SLURM_RESTART_COUNT`.
-Submission (the login-node side) is bonnerlab/cluster.py.
+Submission (the login-node side) is bonnerlab/cluster/submit.py.
 """
 
 from __future__ import annotations
@@ -64,11 +64,11 @@ def _import(path: str) -> Any:
 
 # Adding a job to the launcher is one entry here.
 JOBS: dict[str, JobSpec] = {
-    "train": JobSpec("bonnerlab.config:TrainConfig", "bonnerlab.training:train", "run_dir", "resume",
+    "train": JobSpec("bonnerlab.config:TrainConfig", "bonnerlab.train.loop:train", "run_dir", "resume",
                      unattended={"progress": False}),
-    "evaluate": JobSpec("bonnerlab.config:EvaluateConfig", "bonnerlab.training:evaluate", "output_dir",
+    "evaluate": JobSpec("bonnerlab.config:EvaluateConfig", "bonnerlab.train.loop:evaluate", "output_dir",
                         input_fields=("checkpoint",)),
-    "extract": JobSpec("bonnerlab.extraction:ExtractConfig", "bonnerlab.extraction:extract",
+    "extract": JobSpec("bonnerlab.config:ExtractConfig", "bonnerlab.extract.run:extract",
                        input_fields=("checkpoint",)),
 }
 
@@ -88,9 +88,9 @@ def _node_addr(node: str) -> str:
         socket.gethostbyname(node)
         return node
     except OSError:
-        from bonnerlab import slurm
+        from bonnerlab.cluster import slurm_cli
 
-        return slurm.node_addr(node)
+        return slurm_cli.node_addr(node)
 
 
 def export_distributed_env(gpus_per_node: int) -> None:

@@ -4,7 +4,7 @@
     jobs = query(["12_0", "12_1", "13"])       # ONE squeue + at most ONE sacct, any number of ids
     cancel(["12", "13_4"])                     # ONE scancel
 
-Submission itself is submitit's sbatch call (bonnerlab/cluster.py). When no controller answers,
+Submission itself is submitit's sbatch call (bonnerlab/cluster/submit.py). When no controller answers,
 every function raises the same one-line `ClusterError` (NO_CONTROLLER) instead of SLURM's own
 message (`resolve_ctls_from_dns_srv: res_nsearch error`), so every command says what to do.
 `CALLS` counts the commands run in this process (the status benchmark and tests read it).

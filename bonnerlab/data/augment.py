@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
-from bonnerlab.data import augment_preset, to_device
+from bonnerlab.data.datasets import augment_preset, to_device
 
 
 def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:

@@ -30,8 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonnerlab.activations import LayerSpec, open_store, shard_chunks
-from bonnerlab.capture import (
+from bonnerlab.activations.store import LayerSpec, open_store, shard_chunks
+from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: their old home was here)
+    ExtractConfig,
+    default_store_name,
+    layer_options,
+    parse_channels,
+    to_dict,
+)
+from bonnerlab.data.datasets import resolve_workers
+from bonnerlab.errors import ConfigError, DataError, UserError
+from bonnerlab.extract.capture import (
     Capture,
     LayerPlan,
     SparseProjection,
@@ -44,18 +53,9 @@ from bonnerlab.capture import (
     select,
     split_layer,
 )
-from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: their old home was here)
-    ExtractConfig,
-    default_store_name,
-    layer_options,
-    parse_channels,
-    to_dict,
-)
-from bonnerlab.data import resolve_workers
-from bonnerlab.errors import ConfigError, DataError, UserError
-from bonnerlab.preprocess import PreprocessSpec, resolve_preprocess
-from bonnerlab.sources import Source, load_checkpoint_source, load_source
-from bonnerlab.stimuli import Stimuli, iter_batches, load_stimuli
+from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
+from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
+from bonnerlab.models.sources import Source, load_checkpoint_source, load_source
 
 
 class DiskSpaceError(UserError):

@@ -6,8 +6,8 @@
 ONE path queues everything: a single job, a sweep's job array, the retry of some of its tasks
 (each task may carry its own request, e.g. more memory) and extraction shards all become a
 `Submission` of `Task`s handed to `submit_tasks`. What differs per kind of job lives on its
-`JobSpec` (bonnerlab/job.py), not in branches here. What runs on the node is bonnerlab/job.py;
-every SLURM command other than submitit's sbatch is bonnerlab/slurm.py.
+`JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is bonnerlab/cluster/registry.py;
+every SLURM command other than submitit's sbatch is bonnerlab/cluster/slurm_cli.py.
 
 The code a job runs is a snapshot copied into the run (or sweep) folder at submission
 (PYTHONPATH), so editing the checkout after submitting does not change a queued job.
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bonnerlab import slurm as slurm_commands
+from bonnerlab.cluster import slurm_cli
+from bonnerlab.cluster.registry import JOBS, ClusterJob, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
 from bonnerlab.errors import ClusterError
-from bonnerlab.job import JOBS, ClusterJob, JobSpec
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, write_git_info
 
 
@@ -45,7 +45,7 @@ def spec_of(kind: str) -> JobSpec:
 # ----------------------------------------------------------------------------- fail-fast checks
 
 
-def check_partition(cfg: SlurmConfig, parts: dict[str, slurm_commands.Partition]) -> slurm_commands.Partition:
+def check_partition(cfg: SlurmConfig, parts: dict[str, slurm_cli.Partition]) -> slurm_cli.Partition:
     """Refuse what SLURM would refuse or never schedule on these partitions."""
     _check(bool(parts), "sinfo lists no partitions: is slurmctld up? (make slurm-up)")
     if cfg.partition:
@@ -74,10 +74,10 @@ def check_partition(cfg: SlurmConfig, parts: dict[str, slurm_commands.Partition]
     return part
 
 
-def check_against_cluster(cfg: SlurmConfig) -> slurm_commands.Partition:
+def check_against_cluster(cfg: SlurmConfig) -> slurm_cli.Partition:
     """Fail fast, before anything is queued, against the live cluster."""
-    slurm_commands.require_client()
-    return check_partition(cfg, slurm_commands.partitions())
+    slurm_cli.require_client()
+    return check_partition(cfg, slurm_cli.partitions())
 
 
 def check_job_inputs(kind: str, cfg: Any) -> None:
@@ -149,7 +149,7 @@ def make_executor(cfg: SlurmConfig, folder: Path, job_name: str, setup: list[str
     import submitit
 
     if cfg.cluster == "slurm":
-        slurm_commands.require_client()
+        slurm_cli.require_client()
         executor: Any = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
         executor.update_parameters(**sbatch_parameters(cfg, job_name, setup))
         return executor
@@ -354,7 +354,7 @@ def submit_tasks(sub: Submission) -> list[Task]:
     by_request: dict[str, list[tuple[Task, Any]]] = {}
     for t, job_cfg in zip(sub.tasks, job_cfgs, strict=True):
         by_request.setdefault(_request_key(t.slurm or sub.slurm), []).append((t, job_cfg))
-    per_array = (slurm_commands.max_array_size() if sub.slurm.cluster == "slurm" else len(sub.tasks)) if sub.array else 1
+    per_array = (slurm_cli.max_array_size() if sub.slurm.cluster == "slurm" else len(sub.tasks)) if sub.array else 1
     for key, group in by_request.items():
         request = requests[key]
         executor = make_executor(request, paths.logs, sub.job_name, job_setup_lines(request, code_dir))
@@ -377,7 +377,7 @@ def _record(sub: Submission, paths: SweepPaths, tasks: list[Task], jobs: list[An
     for t, job in zip(tasks, jobs, strict=True):
         t.job_id, t.job = str(job.job_id), job
         update_slurm_yaml(t.run_dir, {"job_id": t.job_id, "submitted_at": now})
-    array_id = slurm_commands.array_of(tasks[0].job_id)
+    array_id = slurm_cli.array_of(tasks[0].job_id)
     src = paths.logs / f"{array_id}_submission.sh"
     if src.exists():
         shutil.copyfile(src, paths.array_script(array_id) if sub.array else paths.submit_sh)
@@ -399,7 +399,7 @@ def chunks(items: list[Any], size: int) -> list[list[Any]]:
 
 def _max_array_size_or_default() -> int:
     try:
-        return slurm_commands.max_array_size()
+        return slurm_cli.max_array_size()
     except ClusterError:
         return 1001
 

@@ -3,7 +3,7 @@
 Every source hands out uint8 images [C, H, W] and integer labels. Small datasets live in memory
 as one uint8 tensor and are batched by indexing; image folders are decoded by DataLoader
 workers. Augmentation and normalization then run on whole batches on the training device
-(`bonnerlab.augment.Preprocess`), which is far cheaper than per-sample PIL transforms.
+(`bonnerlab.data.augment.Preprocess`), which is far cheaper than per-sample PIL transforms.
 
 Batches are a pure function of (seed, epoch, step): a resumed run sees exactly the batches
 an uninterrupted one would, and N processes each take a contiguous slice of the same global

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonnerlab.config import DATASET_STIMULI, ConfigError, DataConfig, ExtractConfig, to_dict
-from bonnerlab.errors import DataError
-from bonnerlab.preprocess import Transform
+from bonnerlab.config import DATASET_STIMULI, DataConfig, ExtractConfig, to_dict
+from bonnerlab.errors import ConfigError, DataError
+from bonnerlab.models.preprocess import Transform
 
 SHEET_SUFFIXES = (".csv", ".tsv")
 RESERVED = ("stimulus", "presentation")
@@ -40,7 +40,7 @@ class Stimuli:
 
 def scan_stimuli(root: Path) -> tuple[list[Path], list[int], list[str]]:
     """Every image under `root`, recursively, sorted by relative path; labels from class folders."""
-    from bonnerlab.data import IMAGE_EXTENSIONS
+    from bonnerlab.data.datasets import IMAGE_EXTENSIONS
 
     if not root.is_dir():
         raise DataError(f"stimulus folder {root} does not exist")
@@ -107,7 +107,7 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
 
 def load_stimuli(cfg: ExtractConfig, image_size: int, channels: int, data: DataConfig | None) -> Stimuli:
     """The configured stimuli; datasets at `image_size` with `channels` (in memory)."""
-    from bonnerlab import data as bdata
+    from bonnerlab.data import datasets as bdata
 
     if cfg.stimuli not in DATASET_STIMULI:
         path = Path(cfg.stimuli)

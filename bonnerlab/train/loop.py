@@ -1,6 +1,6 @@
 """Training and evaluation as plain functions: `train(cfg) -> dict`, `evaluate(cfg) -> dict`.
 
-`train` reads as its steps: `build` (bonnerlab.build), `restore` when resuming, `wrap` for DDP,
+`train` reads as its steps: `build` (bonnerlab.train.build), `restore` when resuming, `wrap` for DDP,
 then per epoch `train_one_epoch`, `evaluate_model` and `epoch_record`.
 
 They never know how they were started (laptop, torchrun, SLURM): `bonnerlab.distributed`
@@ -24,25 +24,14 @@ from torch import nn
 
 from bonnerlab import distributed as dist
 from bonnerlab import interrupt
-from bonnerlab.augment import Preprocess
-from bonnerlab.build import (
-    FILE_LIST,
-    EpochState,
-    Precision,
-    Training,
-    build,
-    check_deterministic,
-    restore,
-    scan_files,
-    wrap,
-)
 from bonnerlab.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
 from bonnerlab.config import EvaluateConfig, TrainConfig, save_yaml, to_dict
-from bonnerlab.data import (
+from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.datasets import (
     EVAL_CROP_FRACTION,
     EvalBatches,
     FileList,
@@ -53,7 +42,8 @@ from bonnerlab.data import (
     place_in_memory,
 )
 from bonnerlab.errors import RunDirError, UserError
-from bonnerlab.models import count_parameters
+from bonnerlab.models.cnn import count_parameters
+from bonnerlab.models.sources import load_trained
 from bonnerlab.runs import (
     Logger,
     RunPaths,
@@ -64,7 +54,17 @@ from bonnerlab.runs import (
     write_git_info,
     write_state,
 )
-from bonnerlab.sources import load_trained
+from bonnerlab.train.build import (
+    FILE_LIST,
+    EpochState,
+    Precision,
+    Training,
+    build,
+    check_deterministic,
+    restore,
+    scan_files,
+    wrap,
+)
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {

@@ -5,7 +5,7 @@ tower) or `hf:REPO_ID_OR_FOLDER` (transformers, built with the Auto classes). `m
 `none` (seeded random init), a published name (downloaded once into each library's own cache:
 TORCH_HOME, HF_HOME), or a local file (`.pth`/`.pt`/`.safetensors` state dict) or, for `hf:`, a
 `save_pretrained` folder. Each source also hands out the evaluation transform its weights were
-published with (`Source.published_transform`), which `bonnerlab.preprocess` turns into explicit,
+published with (`Source.published_transform`), which `bonnerlab.models.preprocess` turns into explicit,
 recorded steps.
 
 The optional libraries are imported only when their prefix is used; a missing one is a one-line
@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bonnerlab.config import ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
-from bonnerlab.errors import CheckpointError, UserError, WeightsError
-from bonnerlab.models import MnistCNN, adapt_input_channels, classifier_head, set_module
+from bonnerlab.config import DataConfig, ModelConfig, TrainConfig, from_dict, to_dict
+from bonnerlab.errors import CheckpointError, ConfigError, UserError, WeightsError
+from bonnerlab.models.cnn import MnistCNN, adapt_input_channels, classifier_head, set_module
 
 PREFIXES = ("timm", "open_clip", "hf")
 PACKAGES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "clip"), "hf": ("transformers", "hf")}
@@ -146,7 +146,7 @@ class Source:
     weights: str
     weights_file_sha256: str | None
     channels: int
-    # what bonnerlab.preprocess resolves: a torchvision/timm/open_clip transform, a Hugging Face
+    # what bonnerlab.models.preprocess resolves: a torchvision/timm/open_clip transform, a Hugging Face
     # image processor, or {"image_size", "mean", "std"} (mnist_cnn and our own checkpoints)
     published_transform: Any
     published_by: str  # where the transform comes from, recorded with it

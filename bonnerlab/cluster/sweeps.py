@@ -14,7 +14,7 @@ Sweep folder (bonnerlab.runs.SweepPaths):
     task-000/ ...      one run folder per task (config.yaml, slurm.yaml, metrics.jsonl, checkpoints/, STATE)
     results.csv, results.png, report.html   written by `jobs/status.py`
 
-Reading folders back (states, failure kinds, error lines, tables) is bonnerlab/status.py.
+Reading folders back (states, failure kinds, error lines, tables) is bonnerlab/cluster/status.py.
 """
 
 from __future__ import annotations
@@ -26,12 +26,8 @@ from typing import Any
 
 import yaml
 
-from bonnerlab import slurm as slurm_commands
-from bonnerlab.cluster import Submission, Task, chunks, spec_of, submit_tasks, yaml_text
-from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, to_dict
-from bonnerlab.errors import ClusterError, ConfigError
-from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
-from bonnerlab.status import (
+from bonnerlab.cluster import slurm_cli
+from bonnerlab.cluster.status import (
     RETRY_AS_IS,
     RETRY_MORE_MEMORY,
     RETRY_WHEN_ASKED,
@@ -43,8 +39,12 @@ from bonnerlab.status import (
     status_all,
     sweep_status,
 )
+from bonnerlab.cluster.submit import Submission, Task, chunks, spec_of, submit_tasks, yaml_text
+from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, to_dict
+from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
 
-# status is bonnerlab/status.py's; these names stay importable from here for analysis scripts
+# status is bonnerlab/cluster/status.py's; these names stay importable from here for analysis scripts
 __all__ = ["chunks", "combine", "grid", "expand", "submit_sweep", "retry_sweep", "sweep_status", "status_all",
            "read_manifest", "format_table"]
 
@@ -273,7 +273,7 @@ def _more_memory(run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: 
     """The request the task ran out of memory with, times `factor`."""
     had = (load_yaml_if_exists(RunPaths(run_dir).slurm_yaml) or {}).get("mem_gb", 0) or base.mem_gb
     if not had:
-        info = slurm_commands.query([row["job_id"]]).get(row["job_id"]) if row["job_id"] else None
+        info = slurm_cli.query([row["job_id"]]).get(row["job_id"]) if row["job_id"] else None
         had = (info.mem_mb / 1024) if info and info.mem_mb else 0
     if not had:
         raise ClusterError(f"task {row['task']} ran out of memory with the partition's default memory; "

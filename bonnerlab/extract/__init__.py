@@ -1,0 +1,1 @@
+"""Extraction: a model's layers over a stimulus set into an activation store."""

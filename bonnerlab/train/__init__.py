@@ -1,0 +1,1 @@
+"""Training: build a run, the loop, evaluation."""
