@@ -1,45 +1,53 @@
-"""Every job's config dataclass, their checks, YAML and `parse_config`. Imports no torch."""
+"""Every job's config dataclass, their checks, YAML and `parse_config`. Imports no torch.
 
+`from bonnerlab.config import TrainConfig` is the import for users; the modules split the same
+names by job: core (the machinery), train (train, evaluate), extract (with the layer-name
+grammar), cluster (SLURM and the launcher).
+"""
+
+from bonnerlab.config.cluster import CLUSTERS, LaunchConfig, SlurmConfig
 from bonnerlab.config.core import (
-    AUGMENTATIONS,
-    CLUSTERS,
-    DATASET_STIMULI,
-    DATASETS,
-    DTYPES,
-    OPTIMIZERS,
-    POOLINGS,
-    PREPROCESS_MODES,
-    SCHEDULES,
-    DataConfig,
-    EvaluateConfig,
-    ExtractConfig,
-    LaunchConfig,
-    LayerOptions,
-    ModelConfig,
-    OptimConfig,
-    SlurmConfig,
-    TrainConfig,
     apply_overrides,
     check,
-    default_store_name,
+    check_choice,
     from_dict,
+    load_config,
+    load_yaml,
+    parse_config,
+    save_yaml,
+    to_dict,
+)
+from bonnerlab.config.extract import (
+    DATASET_STIMULI,
+    DTYPES,
+    POOLINGS,
+    PREPROCESS_MODES,
+    ExtractConfig,
+    LayerOptions,
+    default_store_name,
     is_pattern,
     layer_matches,
     layer_options,
-    load_config,
-    load_yaml,
     parse_channels,
-    parse_config,
     parse_reduce,
-    save_yaml,
-    to_dict,
+)
+from bonnerlab.config.train import (
+    AUGMENTATIONS,
+    DATASETS,
+    OPTIMIZERS,
+    SCHEDULES,
+    DataConfig,
+    EvaluateConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
 )
 
 __all__ = [
     "AUGMENTATIONS", "CLUSTERS", "DATASET_STIMULI", "DATASETS", "DTYPES", "OPTIMIZERS", "POOLINGS",
     "PREPROCESS_MODES", "SCHEDULES", "DataConfig", "EvaluateConfig", "ExtractConfig",
     "LaunchConfig", "LayerOptions", "ModelConfig", "OptimConfig", "SlurmConfig", "TrainConfig",
-    "apply_overrides", "check", "default_store_name", "from_dict", "is_pattern", "layer_matches",
-    "layer_options", "load_config", "load_yaml", "parse_channels", "parse_config", "parse_reduce",
-    "save_yaml", "to_dict",
+    "apply_overrides", "check", "check_choice", "default_store_name", "from_dict", "is_pattern",
+    "layer_matches", "layer_options", "load_config", "load_yaml", "parse_channels", "parse_config",
+    "parse_reduce", "save_yaml", "to_dict",
 ]

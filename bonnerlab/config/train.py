@@ -1,0 +1,239 @@
+"""The training and evaluation jobs' configs: data, model, optimizer, and the jobs themselves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bonnerlab.config.core import check, check_choice
+
+DATASETS = ("digits", "mnist", "imagefolder")
+AUGMENTATIONS = ("auto", "digits", "natural", "none")
+OPTIMIZERS = ("sgd", "adamw", "adadelta")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
+
+@dataclass
+class DataConfig:
+    """Which images to train on and how to feed them."""
+
+    # dataset: digits (scikit-learn's handwritten digits, offline default), mnist, imagefolder
+    dataset: str = "digits"
+    # folder with the data: MNIST's torchvision layout (root/MNIST/raw) or root/<class>/*.png
+    root: str = "data"
+    # MNIST files to train from: train (60k) or test (10k, the files in ../shared/data/mnist)
+    mnist_files: str = "train"
+    # download MNIST into root when its files are missing (needs internet)
+    download: bool = True
+    # share of the training files held out for validation, carved with split_seed
+    val_fraction: float = 0.2
+    # seed of the train/validation split (fixed so every run sees the same held-out images)
+    split_seed: int = 0
+    # images are resized to image_size x image_size
+    image_size: int = 28
+    # colour channels given to the model: 1 (grayscale) or 3 (RGB); digits and mnist are grayscale
+    channels: int = 1
+    # global batch size, split evenly over all processes
+    batch_size: int = 128
+    # batch size for evaluation
+    eval_batch_size: int = 1000
+    # DataLoader worker processes that decode image folders (in-memory datasets need none);
+    # -1 = from the CPUs this task was given (SLURM_CPUS_PER_TASK, else its CPU affinity)
+    num_workers: int = -1
+    # an in-memory dataset (digits, mnist) is copied to the GPU once when it fits in this many
+    # GiB; a larger one stays in pinned host memory and is copied batch by batch
+    device_cache_gb: float = 4.0
+    # augmentation of training batches, per sample on the training device (none at evaluation):
+    # digits (random affine), natural (random-resized crop, flip, colour jitter), none;
+    # auto = digits for digits/mnist, natural for image folders
+    augment: str = "auto"
+    # natural: smallest crop, as a fraction of the image's area (largest: the whole image)
+    crop_scale: float = 0.08
+    # natural: largest crop aspect ratio (smallest: its inverse)
+    crop_ratio: float = 4 / 3
+    # natural: probability of a horizontal flip
+    flip: float = 0.5
+    # natural: brightness, contrast and saturation each scaled by a factor in [1 - x, 1 + x]
+    color_jitter: float = 0.0
+    # largest rotation, in degrees
+    rotation: float = 10.0
+    # largest translation, as a fraction of the image size
+    translate: float = 0.1
+    # smallest and largest zoom factor
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    # probability of erasing a random rectangle of each training image (0 = off)
+    erasing: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("data.dataset", self.dataset, DATASETS)
+        check_choice("data.mnist_files", self.mnist_files, ("train", "test"))
+        check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
+        check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
+        check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
+        check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
+        check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
+        check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
+        check(self.device_cache_gb >= 0, f"data.device_cache_gb must be >= 0; got {self.device_cache_gb}")
+        check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
+        check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
+        check_choice("data.augment", self.augment, AUGMENTATIONS)
+        check(0.0 < self.crop_scale <= 1.0, f"data.crop_scale must be in (0, 1]; got {self.crop_scale}")
+        check(self.crop_ratio >= 1.0, f"data.crop_ratio must be >= 1; got {self.crop_ratio}")
+        check(0.0 <= self.flip <= 1.0, f"data.flip must be in [0, 1]; got {self.flip}")
+        check(0.0 <= self.color_jitter < 1.0, f"data.color_jitter must be in [0, 1); got {self.color_jitter}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build."""
+
+    # mnist_cnn (the from-scratch tutorial model), a torchvision classifier name (resnet18),
+    # timm:NAME, open_clip:NAME (the image tower) or hf:REPO_ID_OR_LOCAL_FOLDER (transformers)
+    arch: str = "mnist_cnn"
+    # none (seeded random init), a published name (torchvision weights name such as
+    # ResNet18_Weights.IMAGENET1K_V1 or DEFAULT; timm pretrained tag or DEFAULT; open_clip tag such
+    # as laion2b_s34b_b79k; DEFAULT for hf: the repo's own), or a local .pth/.pt/.safetensors
+    # file (a save_pretrained folder for hf:)
+    weights: str = "none"
+    # train only the new classification head (fine-tuning a pretrained backbone)
+    freeze_backbone: bool = False
+    # mnist_cnn: channels of the first conv layer (later layers double it)
+    width: int = 16
+    # mnist_cnn: dropout before the classifier (0 = off)
+    dropout: float = 0.0
+    # mnist_cnn: batch normalization after each conv (turn off for bit-level DDP comparisons)
+    batchnorm: bool = True
+    # under DDP, BatchNorm statistics over the global batch (SyncBatchNorm) instead of per rank
+    sync_batchnorm: bool = False
+
+    def __post_init__(self) -> None:
+        check(bool(self.arch), "model.arch must not be empty")
+        check(self.width > 0, f"model.width must be > 0; got {self.width}")
+        check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1); got {self.dropout}")
+
+
+@dataclass
+class OptimConfig:
+    """How to optimize."""
+
+    # sgd, adamw or adadelta
+    optimizer: str = "adamw"
+    # peak learning rate
+    lr: float = 0.02
+    # decoupled weight decay (adamw) or L2 penalty (sgd, adadelta)
+    weight_decay: float = 0.0005
+    # sgd momentum
+    momentum: float = 0.9
+    # learning-rate schedule: onecycle, cosine, step (x gamma every step_epochs), constant
+    schedule: str = "onecycle"
+    # onecycle: share of the steps spent warming up
+    warmup_fraction: float = 0.25
+    # step schedule: epochs between decays
+    step_epochs: int = 1
+    # step schedule: decay factor
+    gamma: float = 0.7
+    # label smoothing of the cross-entropy loss (0 = off)
+    label_smoothing: float = 0.0
+    # clip gradients to this global norm (0 = off)
+    grad_clip: float = 0.0
+    # split each rank's batch into this many micro-batches, one optimizer step per batch
+    # (gradient accumulation: a global batch larger than memory)
+    accumulate_steps: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("optim.optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("optim.schedule", self.schedule, SCHEDULES)
+        check(self.lr > 0, f"optim.lr must be > 0; got {self.lr}")
+        check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0; got {self.weight_decay}")
+        check(0.0 < self.warmup_fraction < 1.0, "optim.warmup_fraction must be in (0, 1)")
+        check(self.step_epochs > 0, f"optim.step_epochs must be > 0; got {self.step_epochs}")
+        check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
+        check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
+        check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
+        check(self.accumulate_steps >= 1, f"optim.accumulate_steps must be >= 1; got {self.accumulate_steps}")
+
+
+@dataclass
+class TrainConfig:
+    """Train a classifier; the defaults finish on a laptop CPU in seconds, offline."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # passes over the training split
+    epochs: int = 5
+    # seed of initialization, shuffling, augmentation and dropout
+    seed: int = 0
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # mixed precision when on CUDA
+    amp: bool = True
+    # AMP's dtype: auto = bfloat16 where the GPU has it natively (float32's range, no loss
+    # scaling), else float16; float16 (with loss scaling) can be faster, e.g. ResNets on H200 1.3x
+    amp_dtype: str = "auto"
+    # bfloat16 autocast on a CPU that runs it natively (AVX512-BF16, AMX; float32 elsewhere):
+    # about 2x a ResNet step there (bench/bench_natural.py); off by default: it changes results
+    amp_cpu: bool = False
+    # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
+    channels_last: bool = True
+    # bit-reproducible CUDA runs: deterministic kernels only (an op without one is an error),
+    # no TF32, no cuDNN autotuning; slower. CPU runs are reproducible without it.
+    deterministic: bool = False
+    # torch.compile the model (needs a working compiler: a C++ toolchain on CPU, Triton on GPU)
+    compile: bool = False
+    # with compile: train uncompiled (with a warning) when compiling fails, instead of stopping
+    compile_fallback: bool = False
+    # run folder; empty = <runs_root>/<date>-<time>-<arch>-<dataset>
+    run_dir: str = ""
+    # parent of automatically named run folders
+    runs_root: str = "runs"
+    # continue from <run_dir>/checkpoints/latest.pt when it exists (else start fresh)
+    resume: bool = False
+    # also save latest.pt every this many steps (0 = at the end of each epoch only)
+    checkpoint_every_steps: int = 0
+    # stop each epoch after this many steps (0 = the whole split); for smoke tests
+    max_steps_per_epoch: int = 0
+    # write per-step TensorBoard scalars every this many steps
+    log_every_steps: int = 10
+    # show a progress bar (rank 0, at a terminal)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.epochs > 0, f"epochs must be > 0; got {self.epochs}")
+        check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0")
+        check(self.max_steps_per_epoch >= 0, "max_steps_per_epoch must be >= 0")
+        check(self.log_every_steps > 0, "log_every_steps must be > 0")
+        check_choice("amp_dtype", self.amp_dtype, ("auto", "bfloat16", "float16"))
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            f"device must be auto, cpu or cuda[:N]; got {self.device!r}",
+        )
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a trained checkpoint; accuracy, loss, per-class accuracy, confusion matrix."""
+
+    # run folder or checkpoint file; empty = the newest run under runs_root (its best.pt)
+    checkpoint: str = ""
+    # where to look for the newest run when checkpoint is empty
+    runs_root: str = "runs"
+    # which checkpoint of a run folder: best or latest
+    which: str = "best"
+    # split to evaluate: val (held out from training), test (MNIST test files) or train
+    split: str = "val"
+    # data folder; empty = the one the model was trained with
+    data_root: str = ""
+    # batch size for evaluation
+    batch_size: int = 1000
+    # auto (cuda when available), cpu, cuda, cuda:1, ...
+    device: str = "auto"
+    # DataLoader workers decoding image folders; -1 = from the CPUs this task was given
+    num_workers: int = -1
+    # where to write the results; empty = <run folder>/eval-<split>
+    output_dir: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("which", self.which, ("best", "latest"))
+        check_choice("split", self.split, ("val", "test", "train"))
+        check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
+        check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
