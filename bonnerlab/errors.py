@@ -27,3 +27,11 @@ class RunDirError(UserError):
 
 class ClusterError(UserError):
     """A job SLURM would refuse or could not run, or a folder that holds no job: nothing was queued."""
+
+
+class StoreError(UserError):
+    """An activation store that is missing, incomplete or made with another config."""
+
+
+class DiskSpaceError(UserError):
+    """Not enough free space for an output (an activation store)."""

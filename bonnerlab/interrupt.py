@@ -7,7 +7,7 @@ so handlers only set a flag that `train` polls between steps (and record which s
 the job wrapper knows whether to requeue itself or wait for SLURM).
 
 Every entry point installs the same handlers: jobs/*.py through `install_handlers()`, the SLURM
-job wrapper (`bonnerlab.cluster.registry.ClusterJob`) too, restoring submitit's own afterwards.
+job wrapper (`bonnerlab.cluster.node.ClusterJob`) too, restoring submitit's own afterwards.
 """
 
 from __future__ import annotations

@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bonnerlab.activations import store as A
+from bonnerlab import activations
+from bonnerlab.activations.store import ActivationStore, LayerSpec, open_store, shard_chunks
+from bonnerlab.errors import StoreError
 
 N, CHUNK = 10, 4
 
 
-def _specs() -> list[A.LayerSpec]:
+def _specs() -> list[LayerSpec]:
     return [
-        A.LayerSpec("conv1", ("channel", "y", "x"), (3, 4, 4), "float32", {"pooling": "none"}),
-        A.LayerSpec("fc", ("neuroid",), (5,), "float16"),
+        LayerSpec("conv1", ("channel", "y", "x"), (3, 4, 4), "float32", {"pooling": "none"}),
+        LayerSpec("fc", ("neuroid",), (5,), "float16"),
     ]
 
 
@@ -35,7 +37,7 @@ STIMULI = [f"cls{i % 2}/img{i}.png" for i in range(N)]
 
 
 def _make(path: Path, identity: dict | None = None, overwrite: bool = False):
-    return A.open_store(
+    return open_store(
         path,
         identity=identity or {"weights": "a"},
         layers=_specs(),
@@ -47,7 +49,7 @@ def _make(path: Path, identity: dict | None = None, overwrite: bool = False):
     )
 
 
-def _fill(store: A.ActivationStore, chunks=None, skipped=None) -> None:
+def _fill(store: ActivationStore, chunks=None, skipped=None) -> None:
     full = _full()
     for c in range(store.n_chunks) if chunks is None else chunks:
         sl = store.chunk_slice(c)
@@ -60,27 +62,27 @@ def test_roundtrip_lazy_read_flatten_select(tmp_path):
     assert outcome == "created" and store.n_chunks == 3 and store.missing_chunks() == [0, 1, 2]
     _fill(store)
     assert store.finalize()["chunks"] == 3
-    assert A.list_layers(path) == ["conv1", "fc"]
+    assert activations.stored_layers(path) == ["conv1", "fc"]
 
-    da = A.open_activations(path, "conv1")
+    da = activations.open_activations(path, "conv1")
     assert da.dims == ("presentation", "channel", "y", "x")
     assert list(da["stimulus"].values) == STIMULI
     assert da["label"].values.tolist() == [i % 2 for i in range(N)]
     assert da.attrs["arch"] == "toy" and da.attrs["pooling"] == "none" and da.attrs["complete"]
     # lazy: xarray keeps a backend array until values are asked for
     assert not isinstance(da.variable._data, np.ndarray)
-    np.testing.assert_array_equal(A.to_numpy(da), _full()["conv1"])
+    np.testing.assert_array_equal(activations.to_numpy(da), _full()["conv1"])
 
-    flat = A.flatten(da)
+    flat = activations.flatten(da)
     assert flat.dims == ("presentation", "neuroid") and flat.shape == (N, 48)
     np.testing.assert_array_equal(flat.values, _full()["conv1"].reshape(N, -1))
 
-    sel = A.select_stimuli(da, ["cls1/img3.png", "cls0/img0.png"])
+    sel = activations.select_stimuli(da, ["cls1/img3.png", "cls0/img0.png"])
     np.testing.assert_array_equal(sel.values, _full()["conv1"][[3, 0]])
-    with pytest.raises(A.StoreError, match="not in the store"):
-        A.select_stimuli(da, ["nope.png"])
+    with pytest.raises(StoreError, match="not in the store"):
+        activations.select_stimuli(da, ["nope.png"])
 
-    fc = A.open_activations(path, "fc")
+    fc = activations.open_activations(path, "fc")
     assert fc.dtype == np.float16
     np.testing.assert_array_equal(fc.values, _full()["fc"])
 
@@ -90,11 +92,11 @@ def test_unfinished_store_is_refused_until_finalized(tmp_path):
     store, _ = _make(path)
     _fill(store, chunks=[0, 2])
     assert store.missing_chunks() == [1]
-    with pytest.raises(A.StoreError, match="1 of 3 chunks not written"):
+    with pytest.raises(StoreError, match="1 of 3 chunks not written"):
         store.finalize()
-    with pytest.raises(A.StoreError, match="not finalized"):
-        A.open_activations(path, "conv1")
-    partial = A.open_activations(path, "conv1", allow_incomplete=True).values
+    with pytest.raises(StoreError, match="not finalized"):
+        activations.open_activations(path, "conv1")
+    partial = activations.open_activations(path, "conv1", allow_incomplete=True).values
     assert np.isnan(partial[4:8]).all()  # the unwritten chunk reads as the NaN fill value
     np.testing.assert_array_equal(partial[:4], _full()["conv1"][:4])
 
@@ -109,7 +111,7 @@ def test_reuse_refuse_overwrite(tmp_path):
     again, outcome = _make(path)
     assert outcome == "reused" and again.missing_chunks() == []
 
-    with pytest.raises(A.StoreError, match=r"different config \(weights: .*--overwrite"):
+    with pytest.raises(StoreError, match=r"different config \(weights: .*--overwrite"):
         _make(path, identity={"weights": "b"})
     assert (path / "zarr.json").read_bytes() == before  # nothing touched
 
@@ -122,7 +124,7 @@ def test_never_touches_a_folder_that_is_not_a_store(tmp_path):
     path = tmp_path / "mydata"
     path.mkdir()
     (path / "precious.txt").write_text("keep")
-    with pytest.raises(A.StoreError, match="not an activation store"):
+    with pytest.raises(StoreError, match="not an activation store"):
         _make(path, overwrite=True)
     assert (path / "precious.txt").read_text() == "keep"
 
@@ -130,10 +132,10 @@ def test_never_touches_a_folder_that_is_not_a_store(tmp_path):
 def test_shard_ranges_are_disjoint_and_cover_all_chunks():
     for n_chunks in (1, 7, 10):
         for shards in (1, 2, 3, 8):
-            ranges = [A.shard_chunks(n_chunks, i, shards) for i in range(shards)]
+            ranges = [shard_chunks(n_chunks, i, shards) for i in range(shards)]
             assert [c for r in ranges for c in r] == list(range(n_chunks))
-    with pytest.raises(A.StoreError, match="out of range"):
-        A.shard_chunks(10, 2, 2)
+    with pytest.raises(StoreError, match="out of range"):
+        shard_chunks(10, 2, 2)
 
 
 def test_concurrent_creation_gives_one_store(tmp_path):
@@ -146,7 +148,7 @@ def test_concurrent_creation_gives_one_store(tmp_path):
         try:
             store, outcome = _make(path)
             results.append(outcome)
-            _fill(store, chunks=A.shard_chunks(store.n_chunks, i, 3))
+            _fill(store, chunks=shard_chunks(store.n_chunks, i, 3))
         except BaseException as e:
             errors.append(e)
 
@@ -158,8 +160,8 @@ def test_concurrent_creation_gives_one_store(tmp_path):
     assert not errors
     assert results.count("created") >= 1
     assert not list(tmp_path.glob(".s.zarr.tmp-*"))
-    A.finalize(path)
-    np.testing.assert_array_equal(A.open_activations(path, "conv1").values, _full()["conv1"])
+    activations.finalize(path)
+    np.testing.assert_array_equal(activations.open_activations(path, "conv1").values, _full()["conv1"])
 
 
 def test_skipped_stimuli_are_recorded_and_dropped(tmp_path):
@@ -167,10 +169,10 @@ def test_skipped_stimuli_are_recorded_and_dropped(tmp_path):
     store, _ = _make(path)
     _fill(store, skipped={1: ["cls1/img5.png"]})
     store.finalize()
-    assert A.store_info(path)["skipped_stimuli"] == ["cls1/img5.png"]
-    da = A.open_activations(path, "conv1")
+    assert activations.store_info(path)["skipped_stimuli"] == ["cls1/img5.png"]
+    da = activations.open_activations(path, "conv1")
     assert da.sizes["presentation"] == N - 1 and "cls1/img5.png" not in list(da["stimulus"].values)
-    assert A.open_activations(path, "conv1", drop_skipped=False).sizes["presentation"] == N
+    assert activations.open_activations(path, "conv1", drop_skipped=False).sizes["presentation"] == N
 
 
 def test_unknown_layer_lists_closest(tmp_path):
@@ -178,10 +180,10 @@ def test_unknown_layer_lists_closest(tmp_path):
     store, _ = _make(path)
     _fill(store)
     store.finalize()
-    with pytest.raises(A.StoreError, match="closest: conv1"):
-        A.open_activations(path, "conv")
-    with pytest.raises(A.StoreError, match="not found"):
-        A.open_activations(tmp_path / "missing.zarr", "conv1")
+    with pytest.raises(StoreError, match="closest: conv1"):
+        activations.open_activations(path, "conv")
+    with pytest.raises(StoreError, match="not found"):
+        activations.open_activations(tmp_path / "missing.zarr", "conv1")
 
 
 def test_export_netcdf(tmp_path):
@@ -191,7 +193,7 @@ def test_export_netcdf(tmp_path):
     store, _ = _make(path)
     _fill(store)
     store.finalize()
-    out = A.export_netcdf(path, tmp_path / "s.nc")
+    out = activations.export_netcdf(path, tmp_path / "s.nc")
     ds = xr.open_dataset(out)
     try:
         np.testing.assert_array_equal(ds["conv1"].values, _full()["conv1"])
@@ -214,7 +216,7 @@ def test_finalize_by_hand_cli(tmp_path):
     ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["chunks"] == 3
-    assert A.store_info(path)["complete"] is True
+    assert activations.store_info(path)["complete"] is True
 
 
 def test_restart_clears_half_written_chunk_files_of_its_own_chunks(tmp_path):

@@ -13,17 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab.activations import store as A
+from bonnerlab import activations
 from bonnerlab.config import (
     ExtractConfig,
     ModelConfig,
     default_store_name,
     layer_matches,
 )
-from bonnerlab.errors import ConfigError
+from bonnerlab.errors import ConfigError, DiskSpaceError
 from bonnerlab.extract.capture import SparseProjection, projection_seed
 from bonnerlab.extract.run import (
-    DiskSpaceError,
     check_disk_space,
     extract,
     load_model,
@@ -49,8 +48,8 @@ def test_srp_matches_dense_projection_and_is_seeded(tmp_path):
     full, red = tmp_path / "full.zarr", tmp_path / "srp.zarr"
     extract(digits(full))
     extract(digits(red, reduce=["features.1=srp:64"]))
-    x = A.open_activations(full, "features.1").values.reshape(32, -1)  # (32, 16*7*7)
-    y = A.open_activations(red, "features.1")
+    x = activations.open_activations(full, "features.1").values.reshape(32, -1)  # (32, 16*7*7)
+    y = activations.open_activations(red, "features.1")
     assert y.dims == ("presentation", "neuroid") and y.shape == (32, 64)
     assert y.attrs["reduce"] == {"method": "srp", "k": 64, "seed": projection_seed(0, "features.1"),
                                  "in_features": x.shape[1], "density": 1 / np.sqrt(x.shape[1])}
@@ -62,7 +61,7 @@ def test_srp_matches_dense_projection_and_is_seeded(tmp_path):
     assert abs(nonzero.size / dense.size - 1 / np.sqrt(x.shape[1])) < 0.01
     np.testing.assert_allclose(np.abs(nonzero), np.sqrt(np.sqrt(x.shape[1]) / 64), rtol=1e-6)
     # fc is untouched; another seed gives another projection
-    np.testing.assert_array_equal(A.open_activations(red, "fc").values, A.open_activations(full, "fc").values)
+    np.testing.assert_array_equal(activations.open_activations(red, "fc").values, activations.open_activations(full, "fc").values)
     other = SparseProjection(x.shape[1], 64, projection_seed(1, "features.1")).build(torch.device("cpu"))
     assert not torch.equal(other.matrix.to_dense(), p.matrix.to_dense())
 
@@ -73,9 +72,9 @@ def test_srp_two_shards_equal_one_job(tmp_path):
     s1 = extract(digits(tmp_path / "two.zarr", reduce=["srp:32"], num_shards=2, shard_index=1))
     assert one["complete"] and not s0["complete"] and s1["complete"]
     for layer in ("features.1", "fc"):
-        a = A.open_activations(tmp_path / "one.zarr", layer).values
+        a = activations.open_activations(tmp_path / "one.zarr", layer).values
         assert a.shape == (32, 32)
-        assert a.tobytes() == A.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        assert a.tobytes() == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
 
 
 # ----------------------------------------------------------------------------- plan and disk
@@ -237,7 +236,7 @@ def test_sheet_order_ids_and_typed_coordinates(tmp_path):
     extract(ExtractConfig(model=ModelConfig(arch="mnist_cnn"), stimuli=str(sheet), layers=["fc"],
                           preprocess="squash", image_size=28, batch_size=2, num_workers=0,
                           device="cpu", output=str(out), progress=False))
-    da = A.open_activations(out, "fc")
+    da = activations.open_activations(out, "fc")
     assert list(da["stimulus"].values) == ["s2", "s10", "s1"]  # the sheet's order
     assert da["label"].values.tolist() == [1, 0, 0]
     assert da["size"].dtype.kind == "i" and da["size"].values.tolist() == [3, 1, 2]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bonnerlab.cluster.registry import ClusterJob
+from bonnerlab.cluster.node import ClusterJob
 from bonnerlab.cluster.slurm_cli import NO_CONTROLLER, parse_time_minutes
 from bonnerlab.cluster.submit import prepare_job_config
 from bonnerlab.config import EvaluateConfig, SlurmConfig

@@ -341,7 +341,7 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
 
 
 def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tmp_path):
-    from bonnerlab.activations.store import list_layers, open_activations
+    from bonnerlab.activations import open_activations, stored_layers
     from bonnerlab.extract.run import ExtractConfig, extract
 
     args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
@@ -358,8 +358,8 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
         "stimuli": "digits", "split": "all", "limit": 96, "layers": ["features.1", "fc"], "batch_size": 16,
         "device": "cpu", "progress": False, "output": str(tmp_path / "single.zarr")}))
     assert single["outcome"] != "reused"
-    assert list_layers(store) == list_layers(tmp_path / "single.zarr")
-    for layer in list_layers(store):
+    assert stored_layers(store) == stored_layers(tmp_path / "single.zarr")
+    for layer in stored_layers(store):
         a = open_activations(store, layer)
         b = open_activations(tmp_path / "single.zarr", layer)
         assert a.shape[0] == 96

@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab.activations import store as A
+from bonnerlab import activations
+from bonnerlab.activations.store import ActivationStore
 from bonnerlab.config import ExtractConfig, ModelConfig, parse_channels
 from bonnerlab.errors import ConfigError, UserError
 from bonnerlab.extract.capture import Capture, LayerPlan
@@ -99,16 +100,16 @@ def test_activations_equal_direct_forward(resnet_run):
     result, out, rel, ref = resnet_run
     assert result["complete"] and result["images"] == 12 and result["chunks_written"] == 1
     for layer, expected in ref.items():
-        da = A.open_activations(out, layer)
+        da = activations.open_activations(out, layer)
         assert list(da["stimulus"].values) == rel
         np.testing.assert_allclose(da.values, expected, rtol=1e-4, atol=1e-5, err_msg=layer)
     # bn1 and layer1.0.bn1 are followed by ReLU(inplace=True); a hook that kept the tensor
     # without copying would see only non-negative values.
-    assert (A.open_activations(out, "bn1").values < 0).mean() > 0.2
-    assert (A.open_activations(out, "layer1.0.bn1").values < 0).mean() > 0.2
-    da = A.open_activations(out, "layer2")
+    assert (activations.open_activations(out, "bn1").values < 0).mean() > 0.2
+    assert (activations.open_activations(out, "layer1.0.bn1").values < 0).mean() > 0.2
+    da = activations.open_activations(out, "layer2")
     assert da.dims == ("presentation", "channel", "y", "x") and da.shape == (12, 128, 8, 8)
-    assert A.open_activations(out, "fc").dims == ("presentation", "neuroid")
+    assert activations.open_activations(out, "fc").dims == ("presentation", "neuroid")
     assert da["label"].values.tolist() == [{"cat": 0, "dog": 1}[r.split("/")[0]] for r in rel]
     assert da.attrs["arch"] == "resnet18" and len(da.attrs["weights_sha256"]) == 64
     assert da.attrs["preprocessing"]["output_size"] == [SIZE, SIZE] and "torch" in da.attrs["versions"]
@@ -116,7 +117,7 @@ def test_activations_equal_direct_forward(resnet_run):
 
 def test_channel_subset_and_pooling_equal_reference(resnet_run, stimuli, tmp_path):
     _, full_out, _, _ = resnet_run
-    full = {k: A.open_activations(full_out, k).values for k in ("layer2", "bn1", "conv1")}
+    full = {k: activations.open_activations(full_out, k).values for k in ("layer2", "bn1", "conv1")}
     channels = [0, 1, 2, 3, 10, 64]
     cfg = rcfg(
         stimuli,
@@ -126,14 +127,14 @@ def test_channel_subset_and_pooling_equal_reference(resnet_run, stimuli, tmp_pat
         pooling=["conv1=max", "bn1=flatten", "layer2=avg"],
     )
     extract(cfg)
-    layer2 = A.open_activations(tmp_path / "sub.zarr", "layer2")
+    layer2 = activations.open_activations(tmp_path / "sub.zarr", "layer2")
     assert layer2.dims == ("presentation", "channel") and layer2.attrs["channels"] == channels
     np.testing.assert_allclose(
         layer2.values, full["layer2"][:, channels].mean(axis=(2, 3)), rtol=1e-5, atol=1e-6
     )
-    conv1 = A.open_activations(tmp_path / "sub.zarr", "conv1").values
+    conv1 = activations.open_activations(tmp_path / "sub.zarr", "conv1").values
     np.testing.assert_array_equal(conv1, full["conv1"].max(axis=(2, 3)))
-    bn1 = A.open_activations(tmp_path / "sub.zarr", "bn1")
+    bn1 = activations.open_activations(tmp_path / "sub.zarr", "bn1")
     assert bn1.dims == ("presentation", "neuroid")
     np.testing.assert_array_equal(bn1.values, full["bn1"][:, [5]].reshape(12, -1))
 
@@ -143,9 +144,9 @@ def test_channel_subset_is_exact_slice_and_float16(resnet_run, stimuli, tmp_path
     extract(
         rcfg(stimuli, tmp_path / "s.zarr", layers=["layer2"], channels=["7-9"], dtype="float16")
     )
-    da = A.open_activations(tmp_path / "s.zarr", "layer2")
+    da = activations.open_activations(tmp_path / "s.zarr", "layer2")
     assert da.dtype == np.float16
-    full = A.open_activations(full_out, "layer2").values
+    full = activations.open_activations(full_out, "layer2").values
     np.testing.assert_array_equal(da.values, full[:, 7:10].astype(np.float16))
 
 
@@ -185,8 +186,8 @@ def test_two_shards_equal_one_job(stimuli, tmp_path):
     s1 = extract(cfg("two.zarr", num_shards=2, shard_index=1))
     assert s1["chunks_written"] == 1 and s1["complete"]  # the last shard finalizes
     for layer in ("features.0", "fc"):
-        a = A.open_activations(tmp_path / "one.zarr", layer).values
-        assert a.tobytes() == A.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        a = activations.open_activations(tmp_path / "one.zarr", layer).values
+        assert a.tobytes() == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
     # A rerun with the same config reuses the finished store and computes nothing.
     again = extract(cfg("one.zarr"))
     assert again["outcome"] == "reused" and again["chunks_written"] == 0
@@ -216,7 +217,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
-    store = A.ActivationStore(killed)
+    store = ActivationStore(killed)
     done_before = store.n_chunks - len(store.missing_chunks())
     assert 0 < done_before < store.n_chunks
 
@@ -229,8 +230,8 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
     fresh = extract(parse_config(ExtractConfig, _digits_args(tmp_path / "fresh.zarr")))
     assert fresh["chunks_written"] == store.n_chunks
     for layer in ("features.1", "fc"):
-        a = A.open_activations(killed, layer).values
-        b = A.open_activations(tmp_path / "fresh.zarr", layer).values
+        a = activations.open_activations(killed, layer).values
+        b = activations.open_activations(tmp_path / "fresh.zarr", layer).values
         assert a.tobytes() == b.tobytes(), layer
         chunk_files = sorted(
             p.relative_to(killed) for p in (killed / layer).rglob("*") if p.is_file()
@@ -286,11 +287,11 @@ def test_corrupt_image_named_then_skipped(tmp_path):
         rcfg(root, tmp_path / "y.zarr", layers=["avgpool"], batch_size=4, skip_bad_images=True)
     )
     assert result["skipped"] == 1 and result["complete"]
-    assert A.store_info(tmp_path / "y.zarr")["skipped_stimuli"] == ["cat/broken.png"]
-    da = A.open_activations(tmp_path / "y.zarr", "avgpool")
+    assert activations.store_info(tmp_path / "y.zarr")["skipped_stimuli"] == ["cat/broken.png"]
+    da = activations.open_activations(tmp_path / "y.zarr", "avgpool")
     assert list(da["stimulus"].values) == rel and not np.isnan(da.values).any()
-    raw = A.open_activations(tmp_path / "y.zarr", "avgpool", drop_skipped=False)
-    assert np.isnan(A.select_stimuli(raw, ["cat/broken.png"]).values).all()
+    raw = activations.open_activations(tmp_path / "y.zarr", "avgpool", drop_skipped=False)
+    assert np.isnan(activations.select_stimuli(raw, ["cat/broken.png"]).values).all()
 
 
 def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
@@ -311,8 +312,8 @@ def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, mo
     extract(rcfg(root, tmp_path / "device.zarr", **common))
     assert split  # the split path ran
     for layer in common["layers"]:
-        a = A.open_activations(tmp_path / "cpu.zarr", layer, drop_skipped=False).values
-        b = A.open_activations(tmp_path / "device.zarr", layer, drop_skipped=False).values
+        a = activations.open_activations(tmp_path / "cpu.zarr", layer, drop_skipped=False).values
+        b = activations.open_activations(tmp_path / "device.zarr", layer, drop_skipped=False).values
         assert np.isnan(a).any() and np.array_equal(a, b, equal_nan=True)
 
 
@@ -328,8 +329,8 @@ def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(tm
     monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)
     extract(ExtractConfig(**common, output=str(tmp_path / "device.zarr")))
     for layer in common["layers"]:
-        a = A.open_activations(tmp_path / "cpu.zarr", layer).values
-        b = A.open_activations(tmp_path / "device.zarr", layer).values
+        a = activations.open_activations(tmp_path / "cpu.zarr", layer).values
+        b = activations.open_activations(tmp_path / "device.zarr", layer).values
         assert np.abs(a).max() > 0 and np.array_equal(a, b)
 
 
@@ -411,12 +412,12 @@ def test_two_shard_processes_at_once_equal_one_job(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     from bonnerlab.config import parse_config
 
-    A.finalize(tmp_path / "two.zarr")  # idempotent, whichever shard finished last
+    activations.finalize(tmp_path / "two.zarr")  # idempotent, whichever shard finished last
     extract(parse_config(ExtractConfig, _digits_args(tmp_path / "one.zarr")))
     for layer in ("features.1", "fc"):
         assert (
-            A.open_activations(tmp_path / "one.zarr", layer).values.tobytes()
-            == A.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+            activations.open_activations(tmp_path / "one.zarr", layer).values.tobytes()
+            == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
         )
 
 
@@ -444,7 +445,7 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
     make_images(root, 2000)
     small = _peak_rss_mb(root, tmp_path / "small.zarr", 200)
     large = _peak_rss_mb(root, tmp_path / "large.zarr", 2000)
-    stored = A.open_activations(tmp_path / "large.zarr", "layer1")
+    stored = activations.open_activations(tmp_path / "large.zarr", "layer1")
     assert stored.shape == (2000, 64, 16, 16)
     # layer1 alone is 2000 x 64 x 16 x 16 x 4 B = 131 MB: accumulating would blow the margin.
     assert large <= small * 1.05 + 25, (small, large)
@@ -471,7 +472,7 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     pre = payload["preprocess"]
     with torch.inference_mode():
         logits = model(Preprocess(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40]))
-    fc = A.open_activations("acts.zarr", "fc")
+    fc = activations.open_activations("acts.zarr", "fc")
     np.testing.assert_allclose(fc.values, logits.numpy(), rtol=1e-5, atol=1e-5)
     assert fc["label"].values.tolist() == val.labels[:40].tolist()
     assert list(fc["stimulus"].values) == val.ids[:40]

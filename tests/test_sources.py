@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bonnerlab.activations import store as A
+from bonnerlab import activations
 from bonnerlab.config import ExtractConfig, ModelConfig
 from bonnerlab.errors import ConfigError, DataError, UserError, WeightsError
 from bonnerlab.extract.run import extract, load_model, load_preprocess
@@ -53,7 +53,7 @@ def cfg(photos: Path, out: Path, arch: str, weights: str, layers: list[str], **k
 
 def assert_store(out: Path, expected: dict[str, torch.Tensor]) -> None:
     for layer, ref in expected.items():
-        got = A.open_activations(out, layer).values
+        got = activations.open_activations(out, layer).values
         np.testing.assert_allclose(got, ref.detach().numpy(), rtol=1e-4, atol=1e-5, err_msg=layer)
 
 
@@ -80,7 +80,7 @@ def test_torchvision_resnet_local_file_published_transform(photos, tmp_path):
     with torch.inference_mode():
         ref = create_feature_extractor(net, ["layer2", "avgpool", "fc"])(x)
     assert_store(out, ref)
-    da = A.open_activations(out, "layer2")
+    da = activations.open_activations(out, "layer2")
     assert da.shape == (4, 128, 28, 28)
     steps = da.attrs["preprocessing"]["steps"]
     assert steps[1] == {"op": "resize", "size": [256], "interpolation": "bilinear", "antialias": True,
@@ -125,9 +125,9 @@ def test_timm_vit_tokens_patterns_and_embedding(photos, tmp_path):
             "output": net(x),
         }
     assert_store(out, ref)
-    da = A.open_activations(out, "blocks.10")
+    da = activations.open_activations(out, "blocks.10")
     assert da.dims == ("presentation", "token", "neuroid") and da.shape == (4, 197, 192)
-    assert A.open_activations(out, "norm").dims == ("presentation", "neuroid")
+    assert activations.open_activations(out, "norm").dims == ("presentation", "neuroid")
     assert da.attrs["layers_requested"] == ["patch_embed.proj", "blocks.1*", "norm", "output"]
 
 
@@ -218,7 +218,7 @@ def test_hf_vit_hidden_states_elements_and_pooling(photos, tmp_path, hf_vit):
         "output:pooler_output": o.pooler_output,
     }
     assert_store(out, ref)
-    assert A.open_activations(out, "layers.1.attention:0").dims == ("presentation", "token", "neuroid")
+    assert activations.open_activations(out, "layers.1.attention:0").dims == ("presentation", "token", "neuroid")
 
 
 def test_hf_convnext_maps(photos, tmp_path):
@@ -236,7 +236,7 @@ def test_hf_convnext_maps(photos, tmp_path):
     with torch.inference_mode():
         o = model(pixel_values=x, output_hidden_states=True)
     assert_store(out, {"encoder.stages.1": o.hidden_states[2], "output:pooler_output": o.pooler_output})
-    assert A.open_activations(out, "encoder.stages.1").dims == ("presentation", "channel", "y", "x")
+    assert activations.open_activations(out, "encoder.stages.1").dims == ("presentation", "channel", "y", "x")
 
 
 def test_bad_elements_and_patterns_fail_before_writing(photos, tmp_path, hf_vit):

@@ -214,7 +214,7 @@ def _error_log(logs, job_id, text):
 
 TRACEBACK = """submitit ERROR (2026-11-27) - Submitted job triggered an exception
 Traceback (most recent call last):
-  File "/x/bonnerlab/cluster/registry.py", line 140, in __call__
+  File "/x/bonnerlab/cluster/node.py", line 140, in __call__
     raise ValueError("bad input")
 ValueError: data.root /nope holds no images
 srun: error: node: task 0: Exited with exit code 1

@@ -6,7 +6,7 @@
 ONE path queues everything: a single job, a sweep's job array, the retry of some of its tasks
 (each task may carry its own request, e.g. more memory) and extraction shards all become a
 `Submission` of `Task`s handed to `submit_tasks`. What differs per kind of job lives on its
-`JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is bonnerlab/cluster/registry.py;
+`JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is bonnerlab/cluster/node.py;
 every SLURM command other than submitit's sbatch is bonnerlab/cluster/slurm_cli.py.
 
 The code a job runs is a snapshot copied into the run (or sweep) folder at submission
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bonnerlab.cluster import slurm_cli
-from bonnerlab.cluster.registry import JOBS, ClusterJob, JobSpec
+from bonnerlab.cluster.node import ClusterJob
+from bonnerlab.cluster.registry import JOBS, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
 from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, write_git_info

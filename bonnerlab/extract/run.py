@@ -39,7 +39,7 @@ from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: th
     to_dict,
 )
 from bonnerlab.data.datasets import resolve_workers
-from bonnerlab.errors import ConfigError, DataError, UserError
+from bonnerlab.errors import ConfigError, DataError, DiskSpaceError, UserError
 from bonnerlab.extract.capture import (
     Capture,
     LayerPlan,
@@ -56,10 +56,6 @@ from bonnerlab.extract.capture import (
 from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.models.sources import Source, load_checkpoint_source, load_source
-
-
-class DiskSpaceError(UserError):
-    """Not enough free space for the store."""
 
 
 def load_model(cfg: ExtractConfig) -> Source:
