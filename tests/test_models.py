@@ -6,7 +6,8 @@ from torchvision.models import resnet18
 
 from bonnerlab.config import ModelConfig
 from bonnerlab.errors import WeightsError
-from bonnerlab.models.cnn import build_model, classifier_head
+from bonnerlab.models.cnn import classifier_head
+from bonnerlab.models.sources import build_model
 
 
 def test_mnist_cnn_shapes():

@@ -262,7 +262,7 @@ def test_bad_elements_and_patterns_fail_before_writing(photos, tmp_path, hf_vit)
 
 def test_build_model_new_heads_and_freeze(hf_vit):
     pytest.importorskip("timm")
-    from bonnerlab.models.cnn import build_model
+    from bonnerlab.models.sources import build_model
 
     for arch, channels in [("timm:resnet18", 1), (f"hf:{hf_vit}", 3)]:
         model = build_model(ModelConfig(arch=arch, freeze_backbone=True), channels, 5).eval()

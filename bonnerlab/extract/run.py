@@ -55,24 +55,24 @@ from bonnerlab.extract.capture import (
 )
 from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
-from bonnerlab.models.sources import Source, load_checkpoint_source, load_source
+from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
 
 
-def load_model(cfg: ExtractConfig) -> Source:
+def load_model(cfg: ExtractConfig) -> LoadedModel:
     """The configured model (a `train` checkpoint or model.arch with model.weights), eval, CPU."""
     if cfg.checkpoint:
         source = load_checkpoint_source(cfg.checkpoint, cfg.which)
     else:
         source = load_source(cfg.model, cfg.seed, cfg.image_channels, cfg.num_classes)
-    if cfg.image_channels and cfg.image_channels != source.channels:
+    if cfg.image_channels and cfg.image_channels != source.in_channels:
         raise ConfigError(
-            f"image_channels {cfg.image_channels} does not match the model's {source.channels} input channels"
+            f"image_channels {cfg.image_channels} does not match the model's {source.in_channels} input channels"
         )
     return source
 
 
-def load_preprocess(cfg: ExtractConfig, source: Source) -> PreprocessSpec:
-    spec = resolve_preprocess(source.published_transform, source.channels, cfg.preprocess,
+def load_preprocess(cfg: ExtractConfig, source: LoadedModel) -> PreprocessSpec:
+    spec = resolve_preprocess(source.published_transform, source.in_channels, cfg.preprocess,
                               cfg.image_size, cfg.mean, cfg.std, source.published_by)
     if spec.output_size is None:
         raise ConfigError("this model's preprocessing keeps each image's aspect ratio (no crop); "
@@ -196,7 +196,7 @@ def _stimuli_sha256(stimuli: Stimuli) -> str:
     return h.hexdigest()
 
 
-def _provenance(cfg: ExtractConfig, source: Source, pre: PreprocessSpec, stimuli: Stimuli, plan: Plan,
+def _provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, stimuli: Stimuli, plan: Plan,
                 device: torch.device, amp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(identity, attrs): the identity is fingerprinted (a change never reuses a store); the
     attrs add what explains the store without changing it."""

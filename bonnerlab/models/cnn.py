@@ -1,7 +1,7 @@
-"""Models: the from-scratch `mnist_cnn` and the parts that give any backbone a new head.
+"""The from-scratch `mnist_cnn` and the parts that give any backbone a new head.
 
 Building a model of any source (torchvision, timm, open_clip, transformers) and loading its
-weights lives in `bonnerlab.models.sources`; `build_model` here is the training entry's name for it.
+weights is `bonnerlab.models.sources`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bonnerlab.config import ModelConfig
 from bonnerlab.errors import WeightsError
 
 
@@ -88,14 +87,6 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
     set_module(model, name, new)
-
-
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
-    """The configured network, with `num_classes` outputs and `in_channels` inputs (any source:
-    see `bonnerlab.models.sources.build_model`)."""
-    from bonnerlab.models.sources import build_model as build  # sources builds on the parts above
-
-    return build(cfg, in_channels, num_classes)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -12,7 +12,7 @@ float rounding.
 Modes: `model` (the published transform), `squash` (resize to image_size x image_size, bilinear,
 no crop: the old default), `center_crop` (shorter side to image_size, then the central square).
 The same module gives training its evaluation transform when fine-tuning pretrained weights
-(`bonnerlab.train.build.published_normalization`, from the transform `build_model_and_transform` returns).
+(`bonnerlab.train.build.published_normalization`, from the transform `sources.build_model_and_transform` returns).
 """
 
 from __future__ import annotations
