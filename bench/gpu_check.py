@@ -123,7 +123,7 @@ def section_environment() -> dict:
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "auto_device": str(device),
     }
-    from bonnerlab.train.build import Precision
+    from bonnerlab.train.precision import Precision
 
     env["amp_dtype"] = str(Precision.resolve(device).dtype)
     for k, v in env.items():
@@ -317,7 +317,7 @@ def section_resume(tmp: Path) -> None:
         real = torch.cuda.is_bf16_supported
         torch.cuda.is_bf16_supported = lambda including_emulation=True: False  # a T4/V100
         try:
-            from bonnerlab.train.build import Precision
+            from bonnerlab.train.precision import Precision
 
             assert Precision.resolve(torch.device("cuda")).dtype == torch.float16
             result = train(replace(cfg, resume=True))
@@ -438,7 +438,8 @@ def gpu_utilisation() -> str:
 def section_throughput(tmp: Path, quick: bool) -> None:
     import torchvision
 
-    from bonnerlab.train.build import Precision, build_optimizer
+    from bonnerlab.train.build import build_optimizer
+    from bonnerlab.train.precision import Precision
     from bonnerlab.train.loop import DeviceSums, train_step
 
     say("6. throughput (batch 256, AMP, channels-last, synthetic 224x224 on the GPU)")

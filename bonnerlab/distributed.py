@@ -11,10 +11,12 @@ helpers here move whatever they are given: no caller can hand NCCL a CPU tensor.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +171,15 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
+def use_device(requested: str, local_rank: int = 0) -> torch.device:
+    """This process's device, made current: with --device cuda:1 the CUDA context, pinned
+    buffers and streams belong on GPU 1, not GPU 0. Training (through `setup`) and extraction."""
+    device = resolve_device(requested, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def describe_device(device: torch.device) -> str:
     """One line for the job log: torch and CUDA build, driver, the GPU and its capability."""
     if device.type != "cuda":
@@ -193,13 +204,15 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus - 1))
 
 
-def configure_backends(device: torch.device, deterministic: bool = False, benchmark: bool = True) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False, benchmark: bool = True,
+                       tf32: bool = True) -> None:
     """Throughput settings for CUDA, or bit-reproducibility when asked.
 
     TF32 matmuls and cuDNN autotuning (fixed shapes in training) are fast and change results in
     the 3rd-4th digit; `deterministic` turns on `torch.use_deterministic_algorithms` (an op with
     no deterministic kernel then raises) with the cuBLAS workspace setting it needs, and turns
-    autotuning and TF32 off.
+    autotuning and TF32 off. Extraction asks for `tf32` only when configured (it is recorded in
+    the store's identity) and no autotuning.
     """
     if deterministic:
         # must be set before the first cuBLAS handle is created (first matmul on the GPU)
@@ -214,8 +227,8 @@ def configure_backends(device: torch.device, deterministic: bool = False, benchm
         # only when set: the call imports torch._inductor (over a second of every job's start)
         torch.use_deterministic_algorithms(False)
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")  # TF32: Ampere and newer
+        torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cudnn.benchmark = benchmark
 
 
@@ -223,9 +236,7 @@ def setup(device: str = "auto") -> DistInfo:
     """Join the process group when launched with several processes; pick this rank's device."""
     global _info
     rank, local_rank, world_size = resolve_env()
-    dev = resolve_device(device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    dev = use_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -237,6 +248,18 @@ def setup(device: str = "auto") -> DistInfo:
         )
     _info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
     return _info
+
+
+@contextlib.contextmanager
+def session(device: str = "auto") -> Iterator[DistInfo]:
+    """`setup` around a job, and `teardown` after it when it joined a process group: the one
+    frame `train` and `evaluate` run in."""
+    info = setup(device)
+    try:
+        yield info
+    finally:
+        if info.distributed:
+            teardown()
 
 
 def teardown() -> None:

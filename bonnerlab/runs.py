@@ -6,6 +6,8 @@
       metrics.jsonl      one JSON object per epoch
       events.out.tfevents.*  TensorBoard curves
       checkpoints/latest.pt, best.pt
+      files.json         an image folder's scanned file list (the exact files trained on)
+      eval-<split>/      what `evaluate` wrote: metrics.json, confusion matrix (CSV, PNG)
       STATE              PENDING | RUNNING | DONE | FAILED | INTERRUPTED | CANCELLED
       slurm.yaml         when launched on SLURM: the SlurmConfig and what was submitted
       submit.sh          the script given to sbatch (a single job's)
@@ -48,6 +50,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:
+    """Save a matplotlib figure atomically (a status page never shows half a PNG) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def timestamp() -> str:
+    """The local time that names automatic run, sweep and shard folders: 20261201-114626."""
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,14 @@ class RunPaths:
     def git_diff(self) -> Path:
         return self.root / "git.diff"
 
+    @property
+    def files_json(self) -> Path:
+        """An image folder's scanned file list: the exact files the run trained and validated on."""
+        return self.root / "files.json"
+
+    def eval_dir(self, split: str) -> Path:
+        return self.root / f"eval-{split}"
+
 
 class SweepPaths(RunPaths):
     """A sweep folder: the shared parts of RunPaths (code/, logs/, git.txt) plus the task folders."""
@@ -135,7 +162,7 @@ def load_yaml_if_exists(path: str | Path) -> dict[str, Any] | None:
 
 
 def default_run_name(arch: str, dataset: str) -> str:
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{arch}-{dataset}"
+    return f"{timestamp()}-{arch}-{dataset}"
 
 
 def write_state(run_dir: str | Path, state: str) -> None:

@@ -15,7 +15,7 @@ from bonnerlab.config import EvaluateConfig, parse_config
 
 def main(argv: list[str]) -> dict:
     cfg = parse_config(EvaluateConfig, argv, prog="jobs/evaluate.py")
-    from bonnerlab.train.loop import evaluate
+    from bonnerlab.train.evaluate import evaluate
 
     return evaluate(cfg)
 

@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bonnerlab.runs import atomic_write_text, read_metrics
+from bonnerlab.runs import atomic_write_text, read_metrics, save_figure
 
 SORT_JS = """
 document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {
@@ -168,7 +168,4 @@ def plot_sweep(table: Any, keys: list[str], col: str, out: Path) -> None:
             ax.legend(title=",".join(others), fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
+    save_figure(fig, out)

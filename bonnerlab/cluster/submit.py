@@ -219,13 +219,13 @@ def prepare_job_config(kind: str, cfg: Any, run_dir: Path) -> Any:
 
 
 def default_run_dir(kind: str, cfg: Any) -> Path:
-    from bonnerlab.runs import default_run_name
+    from bonnerlab.runs import default_run_name, timestamp
 
     runs_root = getattr(cfg, "runs_root", "runs")
     if kind == "train":
         name = default_run_name(cfg.model.arch, cfg.data.dataset)
     else:
-        name = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+        name = f"{timestamp()}-{kind}"
     return Path(runs_root) / name
 
 

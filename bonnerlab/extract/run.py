@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bonnerlab import distributed as dist
 from bonnerlab.activations.store import LayerSpec, open_store, shard_chunks
 from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: their old home was here)
     ExtractConfig,
@@ -56,6 +57,7 @@ from bonnerlab.extract.capture import (
 from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
+from bonnerlab.train.precision import Precision
 
 
 def load_model(cfg: ExtractConfig) -> LoadedModel:
@@ -197,7 +199,7 @@ def _stimuli_sha256(stimuli: Stimuli) -> str:
 
 
 def _provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, stimuli: Stimuli, plan: Plan,
-                device: torch.device, amp: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+                device: torch.device, precision: Precision) -> tuple[dict[str, Any], dict[str, Any]]:
     """(identity, attrs): the identity is fingerprinted (a change never reuses a store); the
     attrs add what explains the store without changing it."""
     from bonnerlab.runs import git_commit
@@ -210,8 +212,8 @@ def _provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, st
         "n_stimuli": len(stimuli.ids),
         "layers": {s.name: {k: s.attrs[k] for k in ("channels", "pooling", "reduce")} for s in plan.specs},
         "dtype": cfg.dtype,
-        "amp": amp,
-        "amp_dtype": str(amp_dtype(device)).removeprefix("torch.") if amp else None,
+        "amp": precision.enabled,
+        "amp_dtype": precision.dtype_name,
         "tf32": cfg.tf32 and device.type == "cuda",
         "device_type": device.type,
         "batch_size": cfg.batch_size,
@@ -229,7 +231,7 @@ def _provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, st
         "stimuli_root": stimuli.root,
         "classes": stimuli.classes,
         "dtype": cfg.dtype,
-        "amp": amp,
+        "amp": precision.enabled,
         "versions": _versions(),
         "git_commit": git_commit(),
         "config": to_dict(cfg),
@@ -309,42 +311,25 @@ def _return_large_buffers_to_os(threshold: int = 16 << 20) -> None:
         pass
 
 
-def _resolve_device(requested: str) -> torch.device:
-    from bonnerlab.distributed import resolve_device
-
-    device = resolve_device(requested, 0)
-    if device.type == "cuda":
-        # --device cuda:1: the context, pinned buffers and streams belong on GPU 1, not GPU 0
-        torch.cuda.set_device(device)
-    return device
-
-
-def amp_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 where the GPU has it natively (float32's range: activations cannot overflow),
-    else float16 (T4/V100-class GPUs emulate bfloat16 slowly)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.bfloat16
-    return torch.float16
-
-
-def storage_dtype(cfg: ExtractConfig, device: torch.device, amp: bool) -> str:
+def storage_dtype(cfg: ExtractConfig, precision: Precision) -> str:
     """`dtype auto`: float16 when AMP computes in float16 (storing it loses nothing and halves
     the store), else float32 (numpy has no bfloat16, and bfloat16 values can exceed float16's
     largest value)."""
     if cfg.dtype != "auto":
         return cfg.dtype
-    return "float16" if amp and amp_dtype(device) == torch.float16 else "float32"
+    return "float16" if precision.dtype_name == "float16" else "float32"
 
 
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Write the configured layers' activations to the store; returns a summary dict."""
     t_start = time.perf_counter()
     _return_large_buffers_to_os()
-    device = _resolve_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
-    if device.type == "cuda":  # recorded in the identity: TF32 changes activations by ~1e-3
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    cfg = replace(cfg, dtype=storage_dtype(cfg, device, amp))
+    device = dist.use_device(cfg.device)
+    # recorded in the identity: TF32 changes activations by ~1e-3; autotuning would pick kernels
+    # that differ between runs
+    dist.configure_backends(device, benchmark=False, tf32=cfg.tf32)
+    precision = Precision.resolve(device, amp=cfg.amp)  # on CUDA only: amp_cpu stays off
+    cfg = replace(cfg, dtype=storage_dtype(cfg, precision))
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
     model = source.model.to(device)
@@ -354,7 +339,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if cfg.plan:
         return {"plan": plan.table(), "store": str(output), "bytes_per_stimulus": plan.bytes_per_stimulus,
                 "total_bytes": plan.total_bytes, "layers": plan.layers}
-    identity, attrs = _provenance(cfg, source, pre, stimuli, plan, device, amp)
+    identity, attrs = _provenance(cfg, source, pre, stimuli, plan, device, precision)
     if not output.exists():
         check_disk_space(output, plan.total_bytes)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +352,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     store.clear_partial_writes(todo)  # a kill mid-write leaves zarr's temp files behind
     rows = [range(store.chunk_slice(c).start, store.chunk_slice(c).stop) for c in todo]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    n_skipped = run_batches(cfg, model, plan, pre, stimuli, store, todo, rows, device, amp, output.name)
+    n_skipped = run_batches(cfg, model, plan, pre, stimuli, store, todo, rows, device, precision, output.name)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
     if not missing:
@@ -393,8 +378,8 @@ def finish_on_device(device: torch.device) -> bool:
 
 
 def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: PreprocessSpec, stimuli: Stimuli,
-                store: Any, todo: list[int], rows: list[range], device: torch.device, amp: bool,
-                label: str) -> int:
+                store: Any, todo: list[int], rows: list[range], device: torch.device,
+                precision: Precision, label: str) -> int:
     """Forward each unfinished chunk and hand its captures to the writer; returns skipped images."""
     from tqdm import tqdm
 
@@ -422,7 +407,7 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
                 x = images.to(device, non_blocking=True)
                 if on_device is not None:
                     x = on_device(x)
-                with torch.autocast(device.type, dtype=amp_dtype(device), enabled=amp):
+                with precision.autocast():
                     outputs = capture.run(model, x, slot=step, wait=False)
                 data = {name: t.numpy() for name, t in outputs.items()}  # views of the slot buffers
                 skipped = [stimuli.ids[r.start + i] for i in bad]

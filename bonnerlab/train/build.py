@@ -8,7 +8,6 @@ build the same objects to time the product's own step.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,8 @@ from bonnerlab.data.datasets import (
 )
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
 from bonnerlab.models.sources import build_model_and_transform
-
-FILE_LIST = "files.json"  # an image folder's scanned file list, in the run folder
+from bonnerlab.runs import RunPaths
+from bonnerlab.train.precision import Precision
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -74,55 +73,6 @@ def build_scheduler(
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN runs bfloat16 natively (AVX512-BF16 or AMX); emulated, it is slower than float32."""
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private op: absent in some builds
-        return False
-
-
-@dataclass
-class Precision:
-    """What a training step runs in: autocast to `dtype` when `enabled`, and float16's loss
-    scaler (a disabled scaler otherwise). Made by `Precision.resolve`."""
-
-    device: torch.device
-    enabled: bool
-    dtype: torch.dtype
-    scaler: torch.amp.GradScaler
-
-    @classmethod
-    def resolve(cls, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
-                amp_cpu: bool = False) -> Precision:
-        """CUDA with `amp`: bfloat16 where the GPU has it natively (Ampere+), float16 otherwise
-        (`is_bf16_supported()` alone also counts emulation: True on a T4/V100, where bf16 is
-        slow), or the `amp_dtype` asked for. A CPU: float32, or bfloat16 autocast with
-        `amp_cpu` where oneDNN runs it natively. bfloat16 has float32's range and needs no loss
-        scaling; float16's scaler reads one found-inf flag back per step, a host sync bf16 avoids."""
-        if device.type == "cuda" and amp:
-            if amp_dtype == "auto":
-                native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-                dtype = torch.bfloat16 if native_bf16 else torch.float16
-            else:
-                dtype = getattr(torch, amp_dtype)
-            enabled = True
-        else:
-            enabled, dtype = device.type == "cpu" and amp_cpu and cpu_has_native_bf16(), torch.bfloat16
-        return cls(device, enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
-
-    def load_scaler_state(self, state: dict[str, Any]) -> None:
-        """A bf16 or CPU checkpoint holds an empty scaler state: resuming it with float16 keeps
-        the fresh scaler (GradScaler refuses an empty state)."""
-        if state and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
 
 @dataclass
@@ -183,7 +133,7 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     shared with the other ranks (a million-image tree is walked once per run)."""
     if cfg.data.dataset != "imagefolder":
         return None
-    cached = run_dir / FILE_LIST
+    cached = RunPaths(run_dir).files_json
     if cfg.resume and cached.is_file():
         return FileList.load(cached)
     found: FileList | UserError | None = None

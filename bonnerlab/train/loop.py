@@ -1,4 +1,4 @@
-"""Training and evaluation as plain functions: `train(cfg) -> dict`, `evaluate(cfg) -> dict`.
+"""Training as plain functions: `train(cfg) -> dict` (evaluation is bonnerlab.train.evaluate).
 
 `train` reads as its steps: `build` (bonnerlab.train.build), `restore` when resuming, `wrap` for DDP,
 then per epoch `train_one_epoch`, `evaluate_model` and `epoch_record`.
@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,29 +24,19 @@ from torch import nn
 from bonnerlab import distributed as dist
 from bonnerlab import interrupt
 from bonnerlab.checkpoint import (
-    find_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from bonnerlab.config import EvaluateConfig, TrainConfig, save_yaml, to_dict
+from bonnerlab.config import TrainConfig, save_yaml, to_dict
 from bonnerlab.data.augment import Preprocess
 from bonnerlab.data.datasets import (
-    EVAL_CROP_FRACTION,
-    EvalBatches,
-    FileList,
-    FolderSource,
-    Normalization,
     TrainBatches,
-    load_splits,
-    place_in_memory,
 )
-from bonnerlab.errors import RunDirError, UserError
+from bonnerlab.errors import RunDirError
 from bonnerlab.models.cnn import count_parameters
-from bonnerlab.models.sources import load_trained
 from bonnerlab.runs import (
     Logger,
     RunPaths,
-    atomic_write_text,
     default_run_name,
     load_yaml_if_exists,
     truncate_metrics,
@@ -55,9 +44,7 @@ from bonnerlab.runs import (
     write_state,
 )
 from bonnerlab.train.build import (
-    FILE_LIST,
     EpochState,
-    Precision,
     Training,
     build,
     check_deterministic,
@@ -65,6 +52,8 @@ from bonnerlab.train.build import (
     scan_files,
     wrap,
 )
+from bonnerlab.train.evaluate import evaluate_model
+from bonnerlab.train.precision import Precision
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
@@ -189,48 +178,6 @@ def train_one_epoch(
     return True
 
 
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module, batches: EvalBatches, preprocess: Preprocess, num_classes: int,
-    channels_last: bool = False, precision: Precision | None = None,
-) -> dict[str, Any]:
-    """Loss, accuracy, per-class accuracy and confusion matrix over `batches`, across all ranks.
-
-    Runs the unwrapped model: a DDP forward is a collective (buffer broadcast), and ranks
-    holding different numbers of evaluation batches would wait on each other forever.
-    """
-    model = dist.unwrap(model)
-    device = dist.info().device
-    was_training = model.training
-    model.eval()
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
-    autocast = precision.autocast() if precision else contextlib.nullcontext()
-    with autocast:
-        for images, labels in batches:
-            x = preprocess.normalize(images)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            # index_add_, not bincount: bincount on CUDA reads min/max back to the host
-            cells = labels * num_classes + logits.argmax(1)
-            confusion.index_add_(0, cells, torch.ones_like(cells, dtype=torch.float64))
-    confusion = dist.all_reduce_sum(confusion)
-    loss_sum = dist.all_reduce_sum(loss_sum)
-    model.train(was_training)
-    matrix = confusion.view(num_classes, num_classes).cpu().numpy().astype(np.int64)  # rows: true class
-    total = max(int(matrix.sum()), 1)
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
-    return {
-        "loss": float(loss_sum.item()) / total,
-        "acc": float(matrix.diagonal().sum()) / total,
-        "per_class_acc": [float(v) for v in per_class],
-        "count": int(matrix.sum()),
-        "confusion": matrix,
-    }
-
-
 def _resolve_run_dir(cfg: TrainConfig) -> Path:
     name = cfg.run_dir or str(Path(cfg.runs_root) / default_run_name(cfg.model.arch, cfg.data.dataset))
     return Path(dist.broadcast_object(name))
@@ -299,13 +246,8 @@ def epoch_record(run: Training, val: dict[str, Any], seconds: float, train_secon
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train `cfg.model` on `cfg.data`; returns the final metrics. Resumes when `cfg.resume`."""
-    info = dist.setup(cfg.device)
-    owns_group = info.distributed
-    try:
+    with dist.session(cfg.device) as info:
         return _train(cfg, info)
-    finally:
-        if owns_group:
-            dist.teardown()
 
 
 def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
@@ -325,8 +267,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     logger = Logger(run_dir if info.is_main else None)
     if info.is_main:
         start_run_folder(run, run_dir, resumed=resume_from is not None)
-        if files is not None and not (run_dir / FILE_LIST).is_file():
-            files.save(run_dir / FILE_LIST)
+        if files is not None and not paths.files_json.is_file():
+            files.save(paths.files_json)
     total, trainable = count_parameters(dist.unwrap(run.model))
     where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
@@ -381,83 +323,3 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     result = dict(last) if last else {"epoch": state.epoch}
     result.update(best_val_acc=state.best_val_acc, run_dir=str(run_dir), checkpoint=str(paths.best))
     return result
-
-
-# ----------------------------------------------------------------------------- evaluate
-
-
-def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate a checkpoint on a split; writes metrics.json and the confusion matrix."""
-    info = dist.setup(cfg.device)
-    owns_group = info.distributed
-    try:
-        path = find_checkpoint(cfg.checkpoint, cfg.which, cfg.runs_root)
-        model, train_cfg, payload = load_trained(path, info.device)
-        data_cfg = train_cfg.data
-        if cfg.data_root:
-            data_cfg = type(data_cfg)(**{**to_dict(data_cfg), "root": cfg.data_root})
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-        listing = run_dir / FILE_LIST  # the exact files the run was trained and validated on
-        pre = payload["preprocess"]
-        published = Normalization(tuple(pre["mean"]), tuple(pre["std"]), pre.get("crop_fraction", EVAL_CROP_FRACTION))
-        splits = load_splits(data_cfg, FileList.load(listing) if listing.is_file() and not cfg.data_root else None,
-                             published)
-        source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
-        if source is None:
-            raise UserError("no test split: it exists for mnist trained from its train files and for "
-                            "image folders with a test/ folder beside train/; use --split val")
-        if isinstance(source, FolderSource) and source.fit == "canvas":
-            source = source.with_fit("center_crop")  # training canvases -> the evaluation transform
-        batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
-                              cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)
-        dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
-        try:
-            result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
-                                    len(payload["classes"]), precision=Precision.resolve(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu))
-        finally:
-            batches.close()
-        out = Path(cfg.output_dir) if cfg.output_dir else run_dir / f"eval-{cfg.split}"
-        confusion = result.pop("confusion")
-        summary = {"checkpoint": str(path), "split": cfg.split, "classes": payload["classes"], **result}
-        if info.is_main:
-            import json
-
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-            header = "true\\pred," + ",".join(payload["classes"])
-            rows = [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(payload["classes"], confusion, strict=True)]
-            atomic_write_text(out / "confusion_matrix.csv", "\n".join([header, *rows]) + "\n")
-            _plot_confusion(confusion, payload["classes"], out / "confusion_matrix.png")
-            dist.print0(f"[bonnerlab] {cfg.split}: acc {result['acc']:.4f} loss {result['loss']:.4f} "
-                        f"on {result['count']} images; results in {out}")
-        summary["confusion"] = confusion.tolist()
-        summary["output_dir"] = str(out)
-        return summary
-    finally:
-        if owns_group:
-            dist.teardown()
-
-
-def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * n, 1 + 0.45 * n))
-    ax.imshow(np.log1p(matrix), cmap="Blues")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7)
-        ax.set_xticks(range(n), classes)
-        ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-

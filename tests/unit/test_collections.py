@@ -24,7 +24,8 @@ from bonnerlab.data.augment import (
 from bonnerlab.data.datasets import load_splits, scan_collection
 from bonnerlab.errors import DataError
 from bonnerlab.runs import RunPaths, read_metrics
-from bonnerlab.train.loop import evaluate, train
+from bonnerlab.train.evaluate import evaluate
+from bonnerlab.train.loop import train
 
 
 def _photos(n: int, seed: int = 0) -> list[np.ndarray]:

@@ -15,7 +15,8 @@ from conftest import torchrun
 from bonnerlab import checkpoint
 from bonnerlab import distributed as dist
 from bonnerlab.errors import ConfigError, UserError
-from bonnerlab.train.build import Precision, build, check_deterministic
+from bonnerlab.train.build import build, check_deterministic
+from bonnerlab.train.precision import Precision
 
 SLURM_AND_TORCHRUN_VARS = [
     "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -224,7 +225,7 @@ UNEVEN_EVAL = textwrap.dedent("""
     model = dist.wrap_model(MnistCNN(width=8))  # BatchNorm buffers: DDP broadcasts them per forward
     # 359 images, batches of 179: rank 0 holds 2 batches, rank 1 holds 1
     batches = EvalBatches(splits.val, 179, info.rank, info.world_size, info.device)
-    from bonnerlab.train.loop import evaluate_model
+    from bonnerlab.train.evaluate import evaluate_model
     result = evaluate_model(model, batches, Preprocess(splits.mean, splits.std), 10)
     # one file per rank: two ranks printing at once interleave their lines
     out = sys.argv[1] + f"/rank{info.rank}.json"

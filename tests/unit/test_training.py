@@ -16,7 +16,8 @@ from bonnerlab.checkpoint import load_checkpoint
 from bonnerlab.config import EvaluateConfig
 from bonnerlab.errors import CheckpointError, RunDirError
 from bonnerlab.runs import RunPaths, read_metrics, read_state
-from bonnerlab.train.loop import evaluate, train
+from bonnerlab.train.evaluate import evaluate
+from bonnerlab.train.loop import train
 
 
 def _weights(run_dir, which="latest"):

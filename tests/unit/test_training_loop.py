@@ -89,7 +89,7 @@ def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
 
 
 def test_cpu_bfloat16_autocast_when_asked(tiny_train_cfg, tmp_path):
-    from bonnerlab.train.build import Precision, cpu_has_native_bf16
+    from bonnerlab.train.precision import Precision, cpu_has_native_bf16
 
     precision = Precision.resolve(torch.device("cpu"), amp_cpu=True)
     assert precision.enabled == cpu_has_native_bf16() and not precision.scaler.is_enabled()
