@@ -1,0 +1,1 @@
+"""Datasets, the folder scanner, loaders and batched augmentation."""
