@@ -8,35 +8,25 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from _cli import run_job
+from _cli import check_task, parse_flags, run_folder, run_job
 
-from bonnerlab.errors import UserError
+from bonnerlab.config import CancelConfig
 
 
 def main(argv: list[str]) -> list[int]:
-    p = argparse.ArgumentParser(prog="jobs/cancel.py", description=__doc__.splitlines()[0])
-    p.add_argument("path", help="run or sweep folder")
-    p.add_argument("--task", type=int, action="append", default=[], help="only this task (repeatable)")
-    p.add_argument("--no_wait", action="store_true",
-                   help="return right after scancel instead of waiting for the jobs to stop")
-    args = p.parse_args(argv)
+    args = parse_flags(CancelConfig, argv, prog="jobs/cancel.py")
     from bonnerlab.cluster import slurm_cli
     from bonnerlab.cluster.status import task_records
     from bonnerlab.runs import write_state
 
-    path = Path(args.path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a folder")
+    path = run_folder(args.path)
     records = task_records(path)
     by_task = {r["task"]: r for r in records}
     for k in args.task:
-        if k not in by_task:
-            raise UserError(f"--task {k} is out of range: {path} has tasks {min(by_task)}-{max(by_task)}")
+        check_task(by_task, k, path)
     chosen = [by_task[k] for k in args.task] if args.task else records
     ids = [r["job_id"] for r in chosen if r.get("job_id")]
     active = set(slurm_cli.active_ids(ids)) if ids else set()  # one squeue (also: no controller -> one line)

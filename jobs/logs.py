@@ -7,34 +7,23 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from _cli import run_job
+from _cli import check_task, parse_flags, run_folder, run_job
 
+from bonnerlab.config import LogsConfig
 from bonnerlab.errors import UserError
 
 
 def main(argv: list[str]) -> str:
-    p = argparse.ArgumentParser(prog="jobs/logs.py", description=__doc__.splitlines()[0])
-    p.add_argument("path", help="run or sweep folder")
-    p.add_argument("--task", type=int, default=None, help="the sweep task (default: 0, the only task of a run)")
-    p.add_argument("--rank", type=int, default=0, help="which process of a multi-task job")
-    p.add_argument("--err", action="store_true", help="stderr instead of stdout")
-    p.add_argument("--lines", type=int, default=40, help="how many lines from the end")
-    p.add_argument("--follow", action="store_true", help="keep printing what is appended (Ctrl-C stops)")
-    args = p.parse_args(argv)
+    args = parse_flags(LogsConfig, argv, prog="jobs/logs.py")
     from bonnerlab.cluster.status import log_path, task_records
 
-    path = Path(args.path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a folder")
+    path = run_folder(args.path)
     records = {r["task"]: r for r in task_records(path)}
     task = args.task if args.task is not None else min(records)
-    if task not in records:
-        raise UserError(f"--task {task} is out of range: {path} has tasks {min(records)}-{max(records)}")
+    check_task(records, task, path)
     log = log_path(records[task], args.rank, args.err)
     if log is None:
         raise UserError(f"task {task} of {path} was never submitted: it has no log")

@@ -13,27 +13,16 @@ script: `from bonnerlab.cluster.status import sweep_status; df = sweep_status("r
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
-from _cli import run_job
+from _cli import parse_flags, run_folder, run_job
 
-from bonnerlab.errors import UserError
+from bonnerlab.config import StatusConfig
 
 
 def main(argv: list[str]):
-    p = argparse.ArgumentParser(prog="jobs/status.py", description=__doc__.splitlines()[0])
-    p.add_argument("path", nargs="?", default="", help="sweep or run folder; none = every folder under --runs_root")
-    p.add_argument("--runs_root", default="runs", help="where to look for runs and sweeps")
-    p.add_argument("--metric", default="val_acc", help="metrics.jsonl key to rank tasks by")
-    p.add_argument("--mode", default="max", choices=("max", "min"), help="whether larger is better")
-    p.add_argument("--watch", type=float, default=0, metavar="N",
-                   help="refresh every N seconds until nothing is queued or running")
-    args = p.parse_args(argv)
-    if args.watch < 0:
-        raise UserError(f"--watch must be >= 0; got {args.watch}")
+    args = parse_flags(StatusConfig, argv, prog="jobs/status.py")
     while True:
         table, active = show(args)
         if not args.watch or not active:
@@ -42,15 +31,13 @@ def main(argv: list[str]):
         print()
 
 
-def show(args: argparse.Namespace):
+def show(args: StatusConfig):
     from bonnerlab.cluster import slurm_cli
     from bonnerlab.cluster.status import format_table, status_all, sweep_status
 
     active_states = {"PENDING", *slurm_cli.ACTIVE}
     if not args.path:
-        root = Path(args.runs_root)
-        if not root.is_dir():
-            raise UserError(f"{root} is not a folder (--runs_root)")
+        root = run_folder(args.runs_root, "--runs_root")
         table = status_all(root, metric=args.metric, mode=args.mode)
         if table.empty:
             print(f"no runs or sweeps under {root}")
@@ -59,9 +46,7 @@ def show(args: argparse.Namespace):
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         active = any(s.split()[0] in active_states for states in table["states"] for s in states.split(" · ") if s)
         return table, active
-    path = Path(args.path)
-    if not path.is_dir():
-        raise UserError(f"{path} is not a folder")
+    path = run_folder(args.path)
     table = sweep_status(path, metric=args.metric, mode=args.mode)
     print(format_table(table))
     from bonnerlab.cluster.status import state_counts

@@ -5,7 +5,14 @@ names by job: core (the machinery), train (train, evaluate), extract (with the l
 grammar), cluster (SLURM and the launcher).
 """
 
-from bonnerlab.config.cluster import CLUSTERS, LaunchConfig, SlurmConfig
+from bonnerlab.config.cluster import (
+    CLUSTERS,
+    CancelConfig,
+    LaunchConfig,
+    LogsConfig,
+    SlurmConfig,
+    StatusConfig,
+)
 from bonnerlab.config.core import (
     apply_overrides,
     check,
@@ -45,8 +52,9 @@ from bonnerlab.config.train import (
 
 __all__ = [
     "AUGMENTATIONS", "CLUSTERS", "DATASET_STIMULI", "DATASETS", "DTYPES", "OPTIMIZERS", "POOLINGS",
-    "PREPROCESS_MODES", "SCHEDULES", "DataConfig", "EvaluateConfig", "ExtractConfig",
-    "LaunchConfig", "LayerOptions", "ModelConfig", "OptimConfig", "SlurmConfig", "TrainConfig",
+    "PREPROCESS_MODES", "SCHEDULES", "CancelConfig", "DataConfig", "EvaluateConfig", "ExtractConfig",
+    "LaunchConfig", "LayerOptions", "LogsConfig", "ModelConfig", "OptimConfig", "SlurmConfig",
+    "StatusConfig", "TrainConfig",
     "apply_overrides", "check", "check_choice", "default_store_name", "from_dict", "is_pattern",
     "layer_matches", "layer_options", "load_config", "load_yaml", "parse_channels", "parse_config",
     "parse_reduce", "save_yaml", "to_dict",

@@ -1,13 +1,52 @@
-"""Where a job runs (SlurmConfig, the sbatch request) and jobs/launch.py's own options."""
+"""Where a job runs (SlurmConfig, the sbatch request), jobs/launch.py's own options, and the
+options of the folder tools (jobs/status.py, jobs/cancel.py, jobs/logs.py).
+
+Some fields carry simple-parsing metadata (`alias`, `positional`, `custom_args`, `cmd`) written
+as plain dicts: they are the keys `simple_parsing.field(...)` would write, and spelling them out
+keeps simple-parsing (70 ms) out of `import bonnerlab.config`.
+"""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
 from bonnerlab.config.core import check, check_choice
 
 CLUSTERS = ("slurm", "local", "debug")
+
+
+class Repeat(argparse.Action):
+    """One value per use of the flag, repeatable: `--sweep a=1,2 --sweep b=3`.
+
+    The first use replaces the default rather than adding to it, so a list given on the command
+    line replaces the one a `--config_path` file gave (argparse's own "append" would extend it).
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = getattr(namespace, self.dest, None)
+        if items is None or items is self.default:
+            items = []
+        setattr(namespace, self.dest, [*items, values])
+
+
+def repeatable(item_type: type = str, metavar: str = "KEY=VALUES") -> dict[str, Any]:
+    """Metadata for a list field given one item per flag. One value per flag (not nargs="*") also
+    keeps a list flag from swallowing the job name that follows it (`--sweep seed=0,1 train`)."""
+    return {"custom_args": {"action": Repeat, "nargs": None, "type": item_type, "metavar": metavar}}
+
+
+def switch(*aliases: str) -> dict[str, Any]:
+    """Metadata for a bool flag that takes no value: simple-parsing's own bool flags take an
+    optional one, which would read the job name after `--wait` as the flag's value."""
+    return {"custom_args": {"action": "store_true"}, "alias": list(aliases)}
+
+
+def positional() -> dict[str, Any]:
+    """Metadata for the folder a tool works on: given without a flag (`jobs/status.py runs/x`)."""
+    return {"positional": True, "custom_args": {"metavar": "PATH"}}
 
 
 @dataclass
@@ -43,11 +82,11 @@ class SlurmConfig:
     mail_type: str = ""
     # job name shown by squeue; empty = bonnerlab-<job>
     job_name: str = ""
-    # shell lines run before the job starts (e.g. "module load cuda")
-    setup: list[str] = field(default_factory=list)
+    # a shell line run before the job starts, e.g. "module load cuda" (repeatable)
+    setup: list[str] = field(default_factory=list, metadata=repeatable(metavar="LINE"))
     # extra sbatch options, {"exclusive": true, "reservation": "lab"}; on the command line
-    # --additional_parameters key=value (repeatable)
-    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    # --additional_parameters key=value (repeatable: LaunchConfig's flag, so not a flag here)
+    additional_parameters: dict[str, Any] = field(default_factory=dict, metadata={"cmd": False})
     # most tasks of a job array that run at the same time
     array_parallelism: int = 64
     # most requeues (time limits and preemptions) before the job is failed
@@ -87,22 +126,22 @@ class LaunchConfig:
     """jobs/launch.py's own options (the SLURM request is SlurmConfig, the job's its own config)."""
 
     # block until the job (or every sweep task) ends; print the results
-    wait: bool = False
+    wait: bool = field(default=False, metadata=switch())
     # write and print the sbatch script (and a sweep's table of points); submit nothing
-    dry_run: bool = False
+    dry_run: bool = field(default=False, metadata=switch("--dry-run"))
     # KEY=V1,V2: sweep a job config key; several --sweep flags form a grid
-    sweep: list[str] = field(default_factory=list)
+    sweep: list[str] = field(default_factory=list, metadata=repeatable())
     # KEY=V1,V2: values paired across --zip flags (equal lengths); times the --sweep grid
-    zip: list[str] = field(default_factory=list)
+    zip: list[str] = field(default_factory=list, metadata=repeatable())
     # YAML file of the points: `grid:` and `zip:` sections (or a plain mapping = a grid)
     sweep_file: str = ""
     # sweep folder (default <runs_root>/sweep-<date>-<time>-<job>)
     sweep_dir: str = ""
     # resubmit the retryable tasks of --sweep_dir (preempted, node failure, time limit, out of memory);
     # --sweep_dir may also be a single run folder
-    resume: bool = False
+    resume: bool = field(default=False, metadata=switch())
     # with --resume: also resubmit tasks that failed with an error in the job, or were cancelled
-    retry_failed: bool = False
+    retry_failed: bool = field(default=False, metadata=switch())
     # with --resume: most resubmissions of one task
     max_retries: int = 3
     # with --resume: out-of-memory tasks ask for this many times the memory they had
@@ -112,7 +151,7 @@ class LaunchConfig:
     # extract: split the stimuli over N array tasks that write one store
     shards: int = 0
     # extra sbatch option KEY=VALUE, e.g. exclusive=true or reservation=lab (repeatable)
-    additional_parameters: list[str] = field(default_factory=list)
+    additional_parameters: list[str] = field(default_factory=list, metadata=repeatable("KEY=VALUE"))
 
     def __post_init__(self) -> None:
         check(self.max_retries >= 0, f"max_retries must be >= 0; got {self.max_retries}")
@@ -120,3 +159,57 @@ class LaunchConfig:
         check(self.task >= -1, f"task must be >= 0 (or -1 = all); got {self.task}")
         check(self.shards >= 0, f"shards must be >= 1; got {self.shards}")
         check(not self.retry_failed or self.resume, "--retry_failed goes with --resume")
+
+
+@dataclass
+class StatusConfig:
+    """Every run and sweep at a glance, or one folder's table; writes results.csv and results.png."""
+
+    # sweep or run folder; none = every folder under --runs_root
+    path: str = field(default="", metadata=positional())
+    # where to look for runs and sweeps
+    runs_root: str = "runs"
+    # metrics.jsonl key to rank tasks by
+    metric: str = "val_acc"
+    # max: larger is better; min: smaller is
+    mode: str = "max"
+    # refresh every N seconds until nothing is queued or running (0 = once)
+    watch: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, ("max", "min"))
+        check(self.watch >= 0, f"--watch must be >= 0; got {self.watch}")
+
+
+@dataclass
+class CancelConfig:
+    """Cancel a run's or sweep's queued and running jobs (one scancel); marks them CANCELLED."""
+
+    # run or sweep folder
+    path: str = field(metadata=positional())
+    # only this task (repeatable); none = every queued or running task
+    task: list[int] = field(default_factory=list, metadata=repeatable(int, "K"))
+    # return right after scancel instead of waiting for the jobs to stop
+    no_wait: bool = field(default=False, metadata=switch())
+
+
+@dataclass
+class LogsConfig:
+    """The tail of a task's output or error log, found from its run or sweep folder alone."""
+
+    # run or sweep folder
+    path: str = field(metadata=positional())
+    # the sweep task; none = the first (the only task of a run)
+    task: int | None = field(default=None, metadata={"custom_args": {"metavar": "K"}})
+    # which process of a multi-task job
+    rank: int = 0
+    # stderr instead of stdout
+    err: bool = field(default=False, metadata=switch())
+    # how many lines from the end
+    lines: int = 40
+    # keep printing what is appended (Ctrl-C stops)
+    follow: bool = field(default=False, metadata=switch())
+
+    def __post_init__(self) -> None:
+        check(self.rank >= 0, f"--rank must be >= 0; got {self.rank}")
+        check(self.lines >= 0, f"--lines must be >= 0; got {self.lines}")
