@@ -28,57 +28,104 @@ import dataclasses
 import json
 import sys
 import time
-import typing
 from pathlib import Path
 from typing import Any
 
-from _cli import run_job
+from _cli import FlagParser, parse, run_job
 
 from bonnerlab.cluster.registry import JOBS
-from bonnerlab.config import LaunchConfig, SlurmConfig, from_dict, parse_config, to_dict
+from bonnerlab.config import (
+    EvaluateConfig,
+    ExtractConfig,
+    LaunchConfig,
+    SlurmConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    load_yaml,
+)
 from bonnerlab.errors import ConfigError
 
 
-def launcher_parser() -> argparse.ArgumentParser:
-    """argparse flags generated from LaunchConfig's fields (their comments are the help)."""
-    from simple_parsing.docstring import get_attribute_docstring
+@dataclasses.dataclass
+class Launch:
+    """One launcher command line: defaults < the --config_path files < flags."""
 
-    p = argparse.ArgumentParser(prog="jobs/launch.py [launcher and SlurmConfig flags] JOB [job flags]",
-                                add_help=False, allow_abbrev=False)
-    hints = typing.get_type_hints(LaunchConfig)
-    for f in dataclasses.fields(LaunchConfig):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        help_text = get_attribute_docstring(LaunchConfig, f.name).comment_above
-        kind = hints[f.name]
-        if kind is bool:
-            p.add_argument(*names, dest=f.name, action="store_true", help=help_text)
-        elif typing.get_origin(kind) is list:
-            p.add_argument(*names, dest=f.name, action="append", default=[], metavar="KEY=VALUES", help=help_text)
-        else:
-            p.add_argument(*names, dest=f.name, type=kind, default=f.default, help=help_text)
-    return p
+    slurm: SlurmConfig
+    opts: LaunchConfig
+    # train, evaluate or extract; "" for `--resume` alone (the sweep's job comes from its sweep.yaml)
+    kind: str = ""
+    job: TrainConfig | EvaluateConfig | ExtractConfig | None = None
+    # whether a SLURM value came from a flag or a file: --resume otherwise reuses each task's own
+    slurm_given: bool = False
 
 
-def launcher_flags_without_value() -> set[str]:
-    hints = typing.get_type_hints(LaunchConfig)
-    flags = {"-h", "--help"}
-    for f in dataclasses.fields(LaunchConfig):
-        if hints[f.name] is bool:
-            flags |= {f"--{f.name}", f"--{f.name.replace('_', '-')}"}
-    return flags
+# a file's `additional_parameters` is SlurmConfig's mapping; KEY=VALUE strings are for flags only
+SLURM_KEYS = {f.name for f in dataclasses.fields(SlurmConfig)}
+LAUNCH_KEYS = {f.name for f in dataclasses.fields(LaunchConfig)} - SLURM_KEYS
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], str, list[str]]:
-    """[top-level flags], job name, [job flags]: the job is the first job name not used as a value."""
-    without_value = launcher_flags_without_value()
-    for i, token in enumerate(argv):
-        if token in JOBS:
-            prev = argv[i - 1] if i else ""
-            if not prev.startswith("-") or prev in without_value:
-                return argv[:i], token, argv[i + 1:]
-    if "--resume" in argv:  # a sweep's job comes from its sweep.yaml
-        return argv, "", []
-    raise ConfigError(f"no job given: jobs/launch.py [flags] {{{','.join(JOBS)}}} [job flags] (--help)")
+def launch_parser(defaults: Launch | None) -> FlagParser:
+    """The launcher's flags (LaunchConfig, SlurmConfig), then one subcommand per job of JOBS.
+
+    `defaults=None` is the first pass: nothing has a default (argparse.SUPPRESS), so the
+    namespace holds only what the command line gave, and no config is built or checked yet.
+    """
+    probe = defaults is None
+    parser = FlagParser(prog="jobs/launch.py", description=__doc__, add_help=not probe,
+                        usage=f"jobs/launch.py [launcher and SlurmConfig flags] {{{','.join(JOBS)}}} [job flags]")
+    parser.add_argument("--config_path", metavar="PATH", default=None,
+                        help="YAML file of SlurmConfig and LaunchConfig keys (a run's slurm.yaml works as is)")
+    parser.add_arguments(SlurmConfig, dest="slurm", default=argparse.SUPPRESS if probe else defaults.slurm)
+    parser.add_arguments(LaunchConfig, dest="launch", default=argparse.SUPPRESS if probe else defaults.opts)
+    # argparse's subparsers, not a simple-parsing `subparsers` field: a field's subcommand flags
+    # are prefixed with the field's name (`train --job.optim.lr`), the launcher's with theirs
+    subcommands = parser.add_subparsers(title="jobs", dest="kind", parser_class=FlagParser,
+                                        metavar=f"{{{','.join(JOBS)}}}", required=False)
+    for kind, spec in JOBS.items():
+        cls = spec.load_config_class()
+        job = subcommands.add_parser(kind, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__,
+                                     add_help=not probe, prog=f"jobs/launch.py [flags] {kind}")
+        job.add_argument("--config_path", dest="job_config_path", metavar="PATH", default=None,
+                         help="YAML file of this job's config values (command-line flags win)")
+        default = argparse.SUPPRESS if probe else defaults.job if defaults.kind == kind else None
+        job.add_arguments(cls, dest="job", default=default)
+    return parser
+
+
+def launcher_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A --config_path file's SlurmConfig and LaunchConfig keys; a run's slurm.yaml also holds
+    what was submitted, which is a record, not a request."""
+    data = load_yaml(path)
+    data.pop("submitted", None)
+    unknown = sorted(set(data) - SLURM_KEYS - LAUNCH_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]} in {path}; valid keys: SlurmConfig's "
+                          f"{', '.join(sorted(SLURM_KEYS))} and LaunchConfig's {', '.join(sorted(LAUNCH_KEYS))}")
+    return ({k: v for k, v in data.items() if k in SLURM_KEYS}, {k: v for k, v in data.items() if k in LAUNCH_KEYS})
+
+
+def parse_launch(argv: list[str]) -> Launch:
+    """Two passes of the same parser: the first finds which --config_path belongs to whom (the
+    parser, not a token scan, tells the launcher's from the job's), the second parses with those
+    files as the defaults, so that flags win over files and each config is checked once, whole."""
+    first = parse(launch_parser(None), argv, known=True)
+    kind = first.kind or ""
+    slurm_file, launch_file = launcher_file(first.config_path) if first.config_path else ({}, {})
+    job_path = getattr(first, "job_config_path", None)
+    defaults = Launch(
+        slurm=from_dict(SlurmConfig, slurm_file),
+        opts=from_dict(LaunchConfig, launch_file),
+        kind=kind,
+        job=load_config(JOBS[kind].load_config_class(), job_path) if kind and job_path else None,
+    )
+    final = parse(launch_parser(defaults), argv)
+    opts: LaunchConfig = final.launch
+    # the sbatch extras: the file's mapping, then the KEY=VALUE flags
+    extras = {**slurm_file.get("additional_parameters", {}), **_key_values(opts.additional_parameters)}
+    slurm = dataclasses.replace(final.slurm, additional_parameters=extras)
+    given = bool(getattr(first, "slurm", None)) or bool(slurm_file) or bool(opts.additional_parameters)
+    return Launch(slurm=slurm, opts=opts, kind=kind, job=getattr(final, "job", None), slurm_given=given)
 
 
 def _key_values(items: list[str]) -> dict[str, Any]:
@@ -93,61 +140,18 @@ def _key_values(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _split_config_file(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """--config_path YAML: SlurmConfig keys stay in the file (a run's slurm.yaml works as is, its
-    `submitted` record dropped); LaunchConfig keys (sweep, zip, wait, ...) come back apart."""
-    import tempfile
-
-    import yaml
-
-    from bonnerlab.config import load_yaml
-
-    if "--config_path" not in argv[:-1]:
-        return argv, {}
-    i = argv.index("--config_path") + 1
-    data = load_yaml(argv[i])
-    # additional_parameters is SlurmConfig's mapping in a file (KEY=VALUE strings only on the command line)
-    launch_keys = {f.name for f in dataclasses.fields(LaunchConfig)} - {f.name for f in dataclasses.fields(SlurmConfig)}
-    launch = {k: data.pop(k) for k in list(data) if k in launch_keys}
-    if not launch and "submitted" not in data:
-        return argv, {}
-    data.pop("submitted", None)
-    tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    with tmp:
-        yaml.safe_dump(data, tmp)
-    return [*argv[:i], tmp.name, *argv[i + 1:]], launch
-
-
-def parse_launch(top: list[str]) -> tuple[LaunchConfig, SlurmConfig, bool]:
-    """(launcher options, SLURM request, whether any SLURM flag was given).
-
-    One YAML file (--config_path) may hold both kinds of keys; flags win over it (a list flag
-    given on the command line replaces the file's list).
-    """
-    namespace, rest = launcher_parser().parse_known_args(top)
-    rest, from_file = _split_config_file(rest)
-    given = {k: v for k, v in vars(namespace).items() if v != getattr(LaunchConfig(), k)}
-    opts = from_dict(LaunchConfig, {**from_file, **given})
-    slurm = parse_config(SlurmConfig, rest, prog="jobs/launch.py")
-    if opts.additional_parameters:
-        slurm = from_dict(SlurmConfig, {**to_dict(slurm), "additional_parameters": {
-            **slurm.additional_parameters, **_key_values(opts.additional_parameters)}})
-    return opts, slurm, bool(rest) or bool(opts.additional_parameters)
-
-
 def main(argv: list[str]) -> Any:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        launcher_parser().print_help()
-        print()
-        parse_config(SlurmConfig, ["--help"], prog="jobs/launch.py")
-    top, kind, job_argv = split_argv(argv)
-    opts, slurm, slurm_given = parse_launch(top)
+    if not argv:
+        launch_parser(Launch(SlurmConfig(), LaunchConfig())).print_help()
+        return None
+    launch = parse_launch(argv)
+    kind, cfg, slurm, opts = launch.kind, launch.job, launch.slurm, launch.opts
     if opts.resume and (opts.sweep_dir or not kind):
-        return launch_retry(kind, slurm if slurm_given else None, opts)
+        return launch_retry(kind, slurm if launch.slurm_given else None, opts)
     if opts.resume:
         raise ConfigError("--resume is for sweep folders (with --sweep_dir); a train run resumes with train --resume")
-    cfg = parse_config(JOBS[kind].load_config_class(), job_argv, prog=f"jobs/launch.py {kind}")
+    if not kind:
+        raise ConfigError(f"no job given: jobs/launch.py [flags] {{{','.join(JOBS)}}} [job flags] (--help)")
     if opts.shards:
         return launch_shards(kind, cfg, slurm, opts)
     if opts.sweep or opts.zip or opts.sweep_file:

@@ -151,7 +151,7 @@ class LaunchConfig:
     # extract: split the stimuli over N array tasks that write one store
     shards: int = 0
     # extra sbatch option KEY=VALUE, e.g. exclusive=true or reservation=lab (repeatable)
-    additional_parameters: list[str] = field(default_factory=list, metadata=repeatable("KEY=VALUE"))
+    additional_parameters: list[str] = field(default_factory=list, metadata=repeatable(metavar="KEY=VALUE"))
 
     def __post_init__(self) -> None:
         check(self.max_retries >= 0, f"max_retries must be >= 0; got {self.max_retries}")
