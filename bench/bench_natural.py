@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.batch, args.steps, args.rounds = 16, 3, 2
     load, busy = set_threads(args.threads)
-    from bonnerlab.data.datasets import resolve_workers
+    from bonnerlab.data.loaders import resolve_workers
 
     workers = resolve_workers(args.workers)
     bench_start = time.perf_counter()

@@ -57,7 +57,8 @@ import reference_mnist as ref  # noqa: E402
 from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, TrainConfig, apply_overrides  # noqa: E402
 from bonnerlab.data.augment import Preprocess  # noqa: E402
-from bonnerlab.data.datasets import TrainBatches, load_splits  # noqa: E402
+from bonnerlab.data.datasets import load_splits  # noqa: E402
+from bonnerlab.data.loaders import TrainBatches  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
 from bonnerlab.train.build import build, build_optimizer, build_scheduler, wrap  # noqa: E402
 from bonnerlab.train.loop import train, train_one_epoch  # noqa: E402

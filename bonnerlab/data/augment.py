@@ -17,12 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
-from bonnerlab.data.datasets import augment_preset, to_device
-
-
-def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    """The CPU generator of global batch (epoch, step): the same draws on every rank and device."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_033 + step)
+from bonnerlab.data.datasets import augment_preset
+from bonnerlab.data.loaders import to_device
+from bonnerlab.seeds import step_generator
 
 
 def natural_params(n: int, canvas: int, cfg: DataConfig, g: torch.Generator) -> torch.Tensor:

@@ -1,20 +1,14 @@
-"""Datasets (digits, mnist, imagefolder), collection scanning and the batch loaders.
+"""Datasets (digits, mnist, imagefolder) and their train/val/test splits.
 
-Every source hands out uint8 images [C, H, W] and integer labels. Small datasets live in memory
-as one uint8 tensor and are batched by indexing; image folders are decoded by DataLoader
-workers. Augmentation and normalization then run on whole batches on the training device
-(`bonnerlab.data.augment.Preprocess`), which is far cheaper than per-sample PIL transforms.
-
-Batches are a pure function of (seed, epoch, step): a resumed run sees exactly the batches
-an uninterrupted one would, and N processes each take a contiguous slice of the same global
-batch a single process would see.
+Every dataset hands out uint8 images [C, H, W] and integer labels. Small datasets live in memory
+as one uint8 tensor and are batched by indexing (`bonnerlab.data.loaders`); image folders, found
+by `bonnerlab.data.folders`, are decoded by DataLoader workers. Augmentation and normalization
+then run on whole batches on the training device (`bonnerlab.data.augment`), which is far
+cheaper than per-sample PIL transforms.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
+from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -34,7 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
-class InMemorySource:
+class InMemoryDataset:
     """Images held as one uint8 tensor [N, C, H, W]."""
 
     images: torch.Tensor
@@ -56,7 +50,7 @@ CANVAS_RATIO = 1.14
 EVAL_CROP_FRACTION = 0.875
 
 
-class FolderSource(torch.utils.data.Dataset):
+class FolderDataset(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers) to uint8 [C, S, S]."""
 
     def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, channels: int,
@@ -69,9 +63,9 @@ class FolderSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def with_fit(self, fit: str, crop_fraction: float | None = None) -> FolderSource:
+    def with_fit(self, fit: str, crop_fraction: float | None = None) -> FolderDataset:
         """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
-        return FolderSource(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit,
+        return FolderDataset(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit,
                             self.crop_fraction if crop_fraction is None else crop_fraction)
 
     @property
@@ -116,14 +110,14 @@ def load_image(path: Path, size: int, channels: int, fit: str = "squash",
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
-Source = InMemorySource | FolderSource
+Dataset = InMemoryDataset | FolderDataset  # one split's images and labels
 
 
 @dataclass
 class Splits:
-    train: Source
-    val: Source
-    test: Source | None
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
     classes: list[str]
     channels: int
     mean: tuple[float, ...]
@@ -138,8 +132,8 @@ class Splits:
         """Fine-tuning pretrained weights: their own mean and std (when they have this many
         channels) and evaluation crop share, in place of the defaults."""
 
-        def crop(source: Source | None) -> Source | None:
-            if isinstance(source, FolderSource):
+        def crop(source: Dataset | None) -> Dataset | None:
+            if isinstance(source, FolderDataset):
                 return source.with_fit(source.fit, published.crop_fraction)
             return source
 
@@ -156,9 +150,9 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def _subset(source: InMemorySource, idx: np.ndarray) -> InMemorySource:
+def _subset(source: InMemoryDataset, idx: np.ndarray) -> InMemoryDataset:
     t = torch.from_numpy(idx)
-    return InMemorySource(source.images[t], source.labels[t], [source.ids[i] for i in idx])
+    return InMemoryDataset(source.images[t], source.labels[t], [source.ids[i] for i in idx])
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -199,14 +193,14 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
 
 
-def load_digits_source(cfg: DataConfig) -> InMemorySource:
+def load_digits_source(cfg: DataConfig) -> InMemoryDataset:
     """scikit-learn's 1,797 real 8x8 handwritten digits (shipped with the package)."""
     digits, target = _digits_arrays()
     # values 0..16 -> 0..255, upsampled to image_size like MNIST's 28x28
     images = torch.from_numpy((digits * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
     images = _to_channels(_resize_uint8(images, cfg.image_size), cfg.channels)
     labels = torch.from_numpy(target.astype(np.int64))
-    return InMemorySource(images, labels, [f"digits/{i:04d}" for i in range(len(labels))])
+    return InMemoryDataset(images, labels, [f"digits/{i:04d}" for i in range(len(labels))])
 
 
 def _read_idx(path: Path) -> torch.Tensor:
@@ -237,7 +231,7 @@ def _find_mnist_files(raw: Path, kind: str) -> tuple[Path, Path] | None:
     return found[0], found[1]
 
 
-def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemorySource:
+def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemoryDataset:
     """MNIST in torchvision's layout (root/MNIST/raw, .gz or not), downloaded by torchvision when
     missing and allowed. Read directly so a read-only folder of .gz files works as is."""
     root = Path(cfg.root)
@@ -266,100 +260,7 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemorySource:
         raise DataError(f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels")
     images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.channels)
     prefix = "train" if train_files else "test"
-    return InMemorySource(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
-
-
-def _walk_images(folder: Path) -> list[str]:
-    """Image files under `folder`, relative to it, sorted: one os.scandir walk, no stat per file
-    (scandir's entry type comes with the directory listing)."""
-    found: list[str] = []
-    stack = [""]
-    while stack:
-        rel = stack.pop()
-        with os.scandir(folder / rel if rel else folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                path = f"{rel}/{entry.name}" if rel else entry.name
-                if entry.is_dir():
-                    stack.append(path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-                    found.append(path)
-    return sorted(found)
-
-
-def _class_folders(folder: Path) -> list[str]:
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-
-
-@dataclass
-class FileList:
-    """A scanned image collection: class names and, per split, files (relative to the root)
-    with their class index. Written to the run folder (`files.json`), so a tree of a million
-    images is walked once per run, not per epoch, rank or restart."""
-
-    classes: list[str]
-    splits: dict[str, tuple[list[str], list[int]]]  # "train" / "val" / "test" -> files, labels
-
-    def save(self, path: Path) -> None:
-        from bonnerlab.runs import atomic_write_text
-
-        atomic_write_text(path, json.dumps({"classes": self.classes, "splits": self.splits}))
-
-    @staticmethod
-    def load(path: Path) -> FileList:
-        data = json.loads(Path(path).read_text())
-        return FileList(data["classes"], {k: (v[0], v[1]) for k, v in data["splits"].items()})
-
-
-def scan_collection(root: Path) -> FileList:
-    """An image collection as labs keep it: `root/train/<class>/...` with optional `val/` and
-    `test/` beside it (ImageNet's layout), or `root/<class>/...` (a validation split is then
-    carved from it). Classes come from `train/`; a `val/` or `test/` class unknown to `train/`
-    is an error."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist (set --data.root)")
-    split_layout = (root / "train").is_dir() and bool(_class_folders(root / "train"))
-    base = root / "train" if split_layout else root
-    classes = _class_folders(base)
-    if split_layout is False and (root / "train").is_dir():
-        raise DataError(f"{root / 'train'} has no class folders: expected {root}/train/<class>/<image>")
-    if len(classes) < 2:
-        raise DataError(f"image folder {base} has {len(classes)} class folder(s); need at least 2 "
-                        f"({base}/<class>/<image>)")
-    splits: dict[str, tuple[list[str], list[int]]] = {}
-    for split in ("train", "val", "test") if split_layout else ("train",):
-        folder = root / split if split_layout else root
-        if not folder.is_dir():
-            continue
-        names = _class_folders(folder)
-        unknown = sorted(set(names) - set(classes))
-        if unknown:
-            raise DataError(f"{folder} has class folder(s) {', '.join(unknown[:5])} that {base} does not; "
-                            "every class must have training images")
-        files: list[str] = []
-        labels: list[int] = []
-        prefix = f"{split}/" if split_layout else ""
-        for label, name in enumerate(classes):
-            if not (folder / name).is_dir():
-                continue
-            found = _walk_images(folder / name)
-            files += [f"{prefix}{name}/{f}" for f in found]
-            labels += [label] * len(found)
-        if not files and split == "train":
-            raise DataError(
-                f"no images in {base}: expected {base}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
-            )
-        splits[split] = (files, labels)
-    return FileList(classes, splits)
-
-
-def scan_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """root/<class>/**/<image> -> files, labels, class names (sorted)."""
-    listing = scan_collection(root)
-    files, labels = listing.splits["train"]
-    return [root / f for f in files], labels, listing.classes
+    return InMemoryDataset(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
 
 
 def augment_preset(cfg: DataConfig) -> str:
@@ -398,8 +299,8 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
         natural = augment_preset(cfg) == "natural"
         eval_fit = "center_crop" if natural else "squash"
 
-        def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderSource:
-            return FolderSource(root, [root / names[i] for i in idx], [labels[i] for i in idx],
+        def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderDataset:
+            return FolderDataset(root, [root / names[i] for i in idx], [labels[i] for i in idx],
                                 cfg.image_size, cfg.channels, fit)
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
@@ -425,211 +326,3 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
     train, val = _subset(full, tr), _subset(full, va)
     mean, std = _stats(train.images)
     return Splits(train, val, test, [str(i) for i in range(10)], cfg.channels, mean, std)
-
-
-# ----------------------------------------------------------------------------- batches
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device without a host sync: through pinned memory, `non_blocking`.
-
-    A plain `.to("cuda")` of pageable memory waits until the GPU is idle. Pinned blocks come from
-    torch's caching host allocator, which keeps a block until the copy that reads it is done, so
-    a fresh pinned tensor per call is safe to refill on the next one.
-    """
-    if device.type != "cuda" or x.device == device:
-        return x.to(device)
-    if not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
-
-
-def place_in_memory(source: Source, device: torch.device, cap_bytes: float) -> Source:
-    """An in-memory dataset copied once to `device` when it fits under `cap_bytes`.
-
-    Above the cap (MNIST at 224x224x3 is 7.2 GB per rank) it stays in host memory and each batch
-    is gathered into pinned memory and copied asynchronously.
-    """
-    if device.type != "cuda" or not isinstance(source, InMemorySource):
-        return source
-    if source.images.numel() * source.images.element_size() > cap_bytes:
-        return source
-    return InMemorySource(to_device(source.images, device), to_device(source.labels, device), source.ids)
-
-
-def _gather(source: InMemorySource, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `idx` of an in-memory source, on `device` (gathered there when the data lives there)."""
-    images, labels = source.images, source.labels
-    if images.device == device:
-        return images.index_select(0, idx.to(device)), labels.index_select(0, idx.to(device))
-    pin = device.type == "cuda"
-    x = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=pin)
-    y = torch.empty(len(idx), dtype=labels.dtype, pin_memory=pin)
-    torch.index_select(images, 0, idx, out=x)
-    torch.index_select(labels, 0, idx, out=y)
-    return to_device(x, device), to_device(y, device)
-
-
-class _ReplaceableBatches(torch.utils.data.Sampler):
-    """A batch sampler whose batches are replaced before each pass, so one DataLoader (and its
-    persistent workers) serves every epoch and evaluation instead of forking new workers."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[int]] = []
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class _FolderLoader:
-    """One persistent DataLoader over a folder source; `batches(index_lists)` runs one pass."""
-
-    def __init__(self, source: FolderSource, num_workers: int, device: torch.device) -> None:
-        self.sampler = _ReplaceableBatches()
-        self.device = device
-        self.loader = torch.utils.data.DataLoader(
-            source, batch_sampler=self.sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
-        )
-
-    def close(self) -> None:
-        """Stop the persistent workers now (else they linger until garbage collection)."""
-        iterator = getattr(self.loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
-
-    def batches(self, index_lists: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.sampler.batches = index_lists
-        for x, y in _unwrap_worker_errors(self.loader):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-
-def resolve_workers(num_workers: int) -> int:
-    """-1 (auto) -> workers that fit this task's CPUs; any other value as given."""
-    if num_workers >= 0:
-        return num_workers
-    from bonnerlab.distributed import default_num_workers
-
-    return default_num_workers()
-
-
-class TrainBatches:
-    """The training batches of one rank: contiguous slices of seeded global batches.
-
-    `batches(epoch, start_step)` yields (uint8 images, labels, step) on `device`, skipping
-    `start_step` batches of the epoch without loading them (mid-epoch resume). Nothing in the
-    loop waits for the GPU: an epoch's indices move to the device once, in-memory data is
-    indexed where it lives, folder batches arrive pinned from persistent workers.
-    """
-
-    def __init__(
-        self,
-        source: Source,
-        global_batch: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        num_workers: int = 0,
-        max_steps: int = 0,
-    ) -> None:
-        if global_batch % world_size:
-            raise DataError(
-                f"data.batch_size {global_batch} must be divisible by the {world_size} processes"
-            )
-        if len(source) < global_batch:
-            raise DataError(
-                f"training split has {len(source)} images, fewer than data.batch_size {global_batch}"
-            )
-        self.source, self.global_batch, self.seed = source, global_batch, seed
-        self.rank, self.world_size, self.device = rank, world_size, device
-        self.local_batch = global_batch // world_size
-        self.num_workers = resolve_workers(num_workers)
-        steps = len(source) // global_batch  # drop the ragged last batch: equal work per rank
-        self.steps_per_epoch = min(steps, max_steps) if max_steps else steps
-        self._folder = (_FolderLoader(source, self.num_workers, device)
-                        if isinstance(source, FolderSource) else None)
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def close(self) -> None:
-        if self._folder is not None:
-            self._folder.close()
-
-    def _rank_indices(self, epoch: int, start_step: int) -> torch.Tensor:
-        """[steps left, local batch]: this rank's slice of each remaining global batch."""
-        perm = epoch_permutation(len(self.source), self.seed, epoch)
-        steps = perm[: self.steps_per_epoch * self.global_batch].view(self.steps_per_epoch, self.global_batch)
-        lo = self.rank * self.local_batch
-        return steps[start_step:, lo : lo + self.local_batch]
-
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        indices = self._rank_indices(epoch, start_step)
-        if self._folder is not None:
-            for step, (x, y) in enumerate(self._folder.batches(indices.tolist()), start=start_step):
-                yield x, y, step
-            return
-        source = self.source
-        if source.images.device == self.device:
-            indices = to_device(indices.contiguous(), self.device)  # once per epoch
-        for step, idx in enumerate(indices, start=start_step):
-            x, y = _gather(source, idx, self.device)
-            yield x, y, step
-
-
-def _unwrap_worker_errors(loader: torch.utils.data.DataLoader) -> Iterator:
-    """A DataError raised in a worker arrives wrapped in the worker's traceback; keep its line."""
-    try:
-        yield from loader
-    except DataError as e:
-        message = str(e)
-        if "DataError: " in message:
-            raise DataError(message.rsplit("DataError: ", 1)[1].strip()) from None
-        raise
-
-
-class EvalBatches:
-    """Every example of `source` exactly once across ranks (strided shards), in order within a
-    rank; built once and iterated at every evaluation (persistent workers for folders)."""
-
-    def __init__(self, source: Source, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, num_workers: int = 0) -> None:
-        self.source, self.device = source, device
-        self.chunks = list(torch.arange(rank, len(source), world_size).split(batch_size))
-        self._folder = (_FolderLoader(source, resolve_workers(num_workers), device)
-                        if isinstance(source, FolderSource) else None)
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def close(self) -> None:
-        if self._folder is not None:
-            self._folder.close()
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._folder is not None:
-            yield from self._folder.batches([c.tolist() for c in self.chunks])
-            return
-        for idx in self.chunks:
-            yield _gather(self.source, idx, self.device)
-
-
-def eval_batches(
-    source: Source, batch_size: int, rank: int, world_size: int, device: torch.device, num_workers: int = 0
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One pass of `EvalBatches` (for a single evaluation); its workers stop after it."""
-    batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers)
-    try:
-        yield from batches
-    finally:
-        batches.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,11 +194,6 @@ class SparseProjection:
     def to_dict(self) -> dict[str, Any]:
         return {"method": "srp", "k": self.k, "seed": self.seed, "in_features": self.in_features,
                 "density": self.density}
-
-
-def projection_seed(seed: int, layer: str) -> int:
-    """Per-layer seed: two layers of the same width get different projections."""
-    return seed * 1_000_003 + zlib.crc32(layer.encode())
 
 
 @dataclass

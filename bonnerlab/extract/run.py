@@ -39,7 +39,7 @@ from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: th
     parse_channels,
     to_dict,
 )
-from bonnerlab.data.datasets import resolve_workers
+from bonnerlab.data.loaders import resolve_workers
 from bonnerlab.errors import ConfigError, DataError, DiskSpaceError, UserError
 from bonnerlab.extract.capture import (
     Capture,
@@ -49,7 +49,6 @@ from bonnerlab.extract.capture import (
     feature_dims,
     list_layer_shapes,
     probe,
-    projection_seed,
     resolve_layers,
     select,
     split_layer,
@@ -57,6 +56,7 @@ from bonnerlab.extract.capture import (
 from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
+from bonnerlab.seeds import projection_seed
 from bonnerlab.train.precision import Precision
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bonnerlab.config import DATASET_STIMULI, DataConfig, ExtractConfig, to_dict
+from bonnerlab.data.folders import scan_stimulus_folder
 from bonnerlab.errors import ConfigError, DataError
 from bonnerlab.models.preprocess import Transform
 
@@ -36,25 +37,6 @@ class Stimuli:
     images: torch.Tensor | None = None  # in-memory datasets: uint8 [N, C, H, W]
     files: list[Path] | None = None  # image folders and sheets
     coords: dict[str, np.ndarray] = field(default_factory=dict)  # sheet columns, typed
-
-
-def scan_stimuli(root: Path) -> tuple[list[Path], list[int], list[str]]:
-    """Every image under `root`, recursively, sorted by relative path; labels from class folders."""
-    from bonnerlab.data.datasets import IMAGE_EXTENSIONS
-
-    if not root.is_dir():
-        raise DataError(f"stimulus folder {root} does not exist")
-    files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise DataError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
-    rel = [p.relative_to(root).parts for p in files]
-    classes = sorted({parts[0] for parts in rel if len(parts) > 1})
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index[parts[0]] if len(parts) > 1 else -1 for parts in rel]
-    return files, labels, classes
 
 
 def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
@@ -113,7 +95,7 @@ def load_stimuli(cfg: ExtractConfig, image_size: int, channels: int, data: DataC
         path = Path(cfg.stimuli)
         if path.suffix.lower() in SHEET_SUFFIXES:
             return read_sheet(path, cfg.limit)
-        files, labels, classes = scan_stimuli(path)
+        files, labels, classes = scan_stimulus_folder(path)
         if cfg.limit:
             files, labels = files[: cfg.limit], labels[: cfg.limit]
         ids = [p.relative_to(path).as_posix() for p in files]

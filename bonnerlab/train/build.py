@@ -21,16 +21,9 @@ from bonnerlab import distributed as dist
 from bonnerlab.checkpoint import rng_state, set_rng_state
 from bonnerlab.config import OptimConfig, TrainConfig, to_dict
 from bonnerlab.data.augment import Preprocess
-from bonnerlab.data.datasets import (
-    EvalBatches,
-    FileList,
-    Normalization,
-    Splits,
-    TrainBatches,
-    load_splits,
-    place_in_memory,
-    scan_collection,
-)
+from bonnerlab.data.datasets import Normalization, Splits, load_splits
+from bonnerlab.data.folders import FileList, scan_collection
+from bonnerlab.data.loaders import EvalBatches, TrainBatches, place_in_memory
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
 from bonnerlab.models.sources import build_model_and_transform
 from bonnerlab.runs import RunPaths

@@ -17,15 +17,9 @@ from bonnerlab import distributed as dist
 from bonnerlab.checkpoint import find_checkpoint
 from bonnerlab.config import EvaluateConfig, to_dict
 from bonnerlab.data.augment import Preprocess
-from bonnerlab.data.datasets import (
-    EVAL_CROP_FRACTION,
-    EvalBatches,
-    FileList,
-    FolderSource,
-    Normalization,
-    load_splits,
-    place_in_memory,
-)
+from bonnerlab.data.datasets import EVAL_CROP_FRACTION, FolderDataset, Normalization, load_splits
+from bonnerlab.data.folders import FileList
+from bonnerlab.data.loaders import EvalBatches, place_in_memory
 from bonnerlab.errors import UserError
 from bonnerlab.models.sources import load_trained
 from bonnerlab.runs import RunPaths, atomic_write_text, save_figure
@@ -96,7 +90,7 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
     if source is None:
         raise UserError("no test split: it exists for mnist trained from its train files and for "
                         "image folders with a test/ folder beside train/; use --split val")
-    if isinstance(source, FolderSource) and source.fit == "canvas":
+    if isinstance(source, FolderDataset) and source.fit == "canvas":
         source = source.with_fit("center_crop")  # training canvases -> the evaluation transform
     batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
                           cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)

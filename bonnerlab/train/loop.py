@@ -29,9 +29,7 @@ from bonnerlab.checkpoint import (
 )
 from bonnerlab.config import TrainConfig, save_yaml, to_dict
 from bonnerlab.data.augment import Preprocess
-from bonnerlab.data.datasets import (
-    TrainBatches,
-)
+from bonnerlab.data.loaders import TrainBatches
 from bonnerlab.errors import RunDirError
 from bonnerlab.models.cnn import count_parameters
 from bonnerlab.runs import (
@@ -43,6 +41,7 @@ from bonnerlab.runs import (
     write_git_info,
     write_state,
 )
+from bonnerlab.seeds import step_seed
 from bonnerlab.train.build import (
     EpochState,
     Training,
@@ -61,10 +60,6 @@ RESUMABLE_CHANGES = {
     "checkpoint_every_steps", "data.root", "data.num_workers", "data.download", "data.eval_batch_size",
     "data.device_cache_gb", "compile", "compile_fallback", "amp_dtype",
 }
-
-
-def step_seed(seed: int, global_step: int, rank: int) -> int:
-    return (seed * 1_000_003 + global_step) * 1_009 + rank
 
 
 # ----------------------------------------------------------------------------- train

@@ -5,12 +5,12 @@ default store name for a plain and a sharded extraction."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import job, job_module, sample_photos
 from PIL import Image
 
 from bonnerlab import activations
@@ -21,15 +21,14 @@ from bonnerlab.config import (
     layer_matches,
 )
 from bonnerlab.errors import ConfigError, DiskSpaceError
-from bonnerlab.extract.capture import SparseProjection, projection_seed
+from bonnerlab.extract.capture import SparseProjection
 from bonnerlab.extract.run import (
     check_disk_space,
     extract,
     load_model,
     load_preprocess,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
+from bonnerlab.seeds import projection_seed
 
 
 def digits(out: Path, **kw) -> ExtractConfig:
@@ -126,10 +125,7 @@ def test_list_layers_shows_elements(capsys, tmp_path):
                                     intermediate_size=64, image_size=32, patch_size=8)
     transformers.ViTModel(config).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import extract as job
-
-    job.main(["--model.arch", f"hf:{folder}", "--list_layers"])
+    job_module("extract").main(["--model.arch", f"hf:{folder}", "--list_layers"])
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "(0: [1, 17, 32], 1: NoneType)" in lines["layers.0.attention"]
     assert "{last_hidden_state: [1, 17, 32], pooler_output: [1, 32]}" in lines["output"]
@@ -140,20 +136,27 @@ def test_list_layers_shows_elements(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def photos() -> list[Image.Image]:
-    from sklearn.datasets import load_sample_images
-
-    china, flower = (Image.fromarray(a) for a in load_sample_images().images)
+    china, flower = sample_photos()
     return [china, flower.crop((50, 0, 351, 427)), flower.resize((97, 61), Image.BICUBIC)]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "vit_b_16", "timm:resnet18", "timm:vit_tiny_patch16_224",
-                                  "open_clip:ViT-S-32", "open_clip:RN50"])
-def test_preprocessed_input_equals_the_source_transform(arch, photos):
+ARCHS = ["resnet18", "vit_b_16", "timm:resnet18", "timm:vit_tiny_patch16_224", "open_clip:ViT-S-32",
+         "open_clip:RN50"]
+HF_KINDS = ["vit", "dinov2", "convnext", "clip"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device half of the split on a GPU")
+
+
+def source_and_spec(arch):
     if ":" in arch:
         pytest.importorskip({"timm": "timm", "open_clip": "open_clip"}[arch.split(":")[0]])
     cfg = ExtractConfig(model=ModelConfig(arch=arch), layers=["x"], stimuli="digits")
     source = load_model(cfg)
-    spec = load_preprocess(cfg, source)
+    return source, load_preprocess(cfg, source)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preprocessed_input_equals_the_source_transform(arch, photos):
+    source, spec = source_and_spec(arch)
     transform = spec.transform()
     for image in photos:
         expected = source.published_transform(image)
@@ -162,20 +165,24 @@ def test_preprocessed_input_equals_the_source_transform(arch, photos):
     assert_split_equals_whole(spec, photos)
 
 
-def assert_split_equals_whole(spec, photos):
-    """Workers' uint8 part, then the device's float part over the batch: the very same tensor."""
+def assert_split_equals_whole(spec, photos, device="cpu"):
+    """Workers' uint8 part, then the device's float part over the batch: the very same tensor
+    (on a GPU, what extraction there computes: still the CPU's bits)."""
     in_workers, on_device = spec.split_at_float()
     parts = [in_workers(image) for image in photos]
     assert all(p.dtype == torch.uint8 for p in parts)
     batch = torch.stack(parts)
     whole = torch.stack([spec.transform()(image) for image in photos])
-    assert torch.equal(on_device(batch), whole)
-    if torch.cuda.is_available():  # what extraction on a GPU computes: still the CPU's bits
-        assert torch.equal(on_device(batch.cuda()).cpu(), whole)
+    assert torch.equal(on_device(batch.to(device)).cpu(), whole)
 
 
-@pytest.mark.parametrize("kind", ["vit", "dinov2", "convnext", "clip"])
-def test_preprocessed_input_equals_the_hf_image_processor(kind, photos, tmp_path):
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_on_cuda_equals_the_cpu_transform(arch, photos):
+    assert_split_equals_whole(source_and_spec(arch)[1], photos, device="cuda")
+
+
+def hf_source_and_spec(kind, folder):
     transformers = pytest.importorskip("transformers")
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     config, processor = {
@@ -186,16 +193,27 @@ def test_preprocessed_input_equals_the_hf_image_processor(kind, photos, tmp_path
                      transformers.ConvNextImageProcessor(size={"shortest_edge": 224})),
         "clip": (transformers.CLIPVisionConfig(**small, intermediate_size=64), transformers.CLIPImageProcessor()),
     }[kind]
-    transformers.AutoModel.from_config(config).save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    cfg = ExtractConfig(model=ModelConfig(arch=f"hf:{tmp_path}"), layers=["x"], stimuli="digits")
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    cfg = ExtractConfig(model=ModelConfig(arch=f"hf:{folder}"), layers=["x"], stimuli="digits")
     source = load_model(cfg)
-    spec = load_preprocess(cfg, source)
+    return source, load_preprocess(cfg, source)
+
+
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_preprocessed_input_equals_the_hf_image_processor(kind, photos, tmp_path):
+    source, spec = hf_source_and_spec(kind, tmp_path)
     transform = spec.transform()
     for image in photos:
         expected = source.published_transform(image, return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(transform(image), expected, rtol=0, atol=1e-5)
     assert_split_equals_whole(spec, photos)
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind", HF_KINDS)
+def test_hf_split_on_cuda_equals_the_cpu_transform(kind, photos, tmp_path):
+    assert_split_equals_whole(hf_source_and_spec(kind, tmp_path)[1], photos, device="cuda")
 
 
 def test_squash_center_crop_and_overrides(photos):
@@ -255,7 +273,7 @@ def test_plain_and_sharded_extract_name_the_same_store(tmp_path, monkeypatch):
     args = ["--model.arch", "mnist_cnn", "--stimuli", "digits", "--split", "all", "--limit", "16",
             "--layers", "fc", "--device", "cpu", "--progress", "false"]
     launched = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "launch.py"), "--dry-run", "--shards", "2",
+        [*job("launch"), "--dry-run", "--shards", "2",
          "--sweep_dir", str(tmp_path / "s"), "extract", *args],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
@@ -263,10 +281,7 @@ def test_plain_and_sharded_extract_name_the_same_store(tmp_path, monkeypatch):
     line = next(ln for ln in launched.stdout.splitlines() if ln.startswith("dry run: 2 shards of "))
     sharded = line.removeprefix("dry run: 2 shards of ").split(";")[0]
     monkeypatch.chdir(tmp_path)
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import extract as job
-
-    result = job.main(args)
+    result = job_module("extract").main(args)
     assert str(Path(result["store"]).resolve()) == sharded == str(tmp_path / "activations" / "mnist_cnn-digits.zarr")
     cfg = ExtractConfig(model=ModelConfig(arch="hf:/data/models/dinov2-small/"), stimuli="/x/sheet.csv")
     assert default_store_name(cfg) == "activations/hf-dinov2-small-sheet.zarr"

@@ -7,10 +7,9 @@ import json
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
-from conftest import stop_at_check
+from helpers import assert_same_weights, photo_crops, run_weights, stop_at_check
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -21,26 +20,14 @@ from bonnerlab.data.augment import (
     natural_params,
     resized_crop_batch,
 )
-from bonnerlab.data.datasets import load_splits, scan_collection
+from bonnerlab.data.datasets import load_splits
+from bonnerlab.data.folders import scan_collection
 from bonnerlab.errors import DataError
 from bonnerlab.runs import RunPaths, read_metrics
 from bonnerlab.train.evaluate import evaluate
 from bonnerlab.train.loop import train
 
-
-def _photos(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Crops of the two real photographs scikit-learn ships, at many sizes and aspect ratios."""
-    from sklearn.datasets import load_sample_images
-
-    rng = np.random.default_rng(seed)
-    images = load_sample_images().images
-    out = []
-    for _ in range(n):
-        img = images[rng.integers(len(images))]
-        h, w = rng.integers(40, 160), rng.integers(40, 160)
-        top, left = rng.integers(0, img.shape[0] - h), rng.integers(0, img.shape[1] - w)
-        out.append(img[top : top + h, left : left + w])
-    return out
+_photos = photo_crops  # crops of the two real photographs scikit-learn ships
 
 
 def _collection(root, splits=("train", "val"), per_class=12, classes=("china", "flower")):
@@ -127,12 +114,7 @@ def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
     with stop_at_check(4):
         assert train(cfg)["interrupted"]
     train(replace(cfg, resume=True))
-    from conftest import assert_same_weights
-
-    from bonnerlab.checkpoint import load_checkpoint
-
-    assert_same_weights(load_checkpoint(RunPaths(tmp_path / "ref").latest)["model"],
-                        load_checkpoint(RunPaths(tmp_path / "split").latest)["model"])
+    assert_same_weights(run_weights(tmp_path / "ref"), run_weights(tmp_path / "split"))
 
 
 def _canvases(n=6, side=40):

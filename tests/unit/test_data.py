@@ -3,12 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_MNIST
+from helpers import SHARED_MNIST
 from PIL import Image
 
 from bonnerlab.config import DataConfig
 from bonnerlab.data.augment import Preprocess
-from bonnerlab.data.datasets import TrainBatches, eval_batches, load_splits
+from bonnerlab.data.datasets import load_splits
+from bonnerlab.data.loaders import TrainBatches, eval_batches
 from bonnerlab.errors import DataError
 
 
@@ -44,6 +45,7 @@ def test_same_seed_same_batches_and_ranks_slice_the_global_batch():
     ranks = [TrainBatches(s.train, 64, seed=5, rank=r, world_size=2, device=torch.device("cpu")) for r in (0, 1)]
     full = list(one.batches(epoch=1))
     again = list(one.batches(epoch=1))
+    assert len(full) == len(again) > 1
     assert all(torch.equal(x[1], y[1]) for x, y in zip(full, again, strict=True))
     halves = [list(r.batches(epoch=1)) for r in ranks]
     for step, (x, _y, _) in enumerate(full):

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import torchrun
+from helpers import torchrun
 
 from bonnerlab import checkpoint
 from bonnerlab import distributed as dist
@@ -203,13 +203,19 @@ def test_deterministic_names_the_op_without_a_deterministic_kernel(tiny_train_cf
         assert "put_ does not have a deterministic implementation" in str(e.value) and "--deterministic" in str(e.value)
         assert "\n" not in str(e.value)
     finally:
+        run.close()
+        dist.teardown()
         dist.configure_backends(torch.device("cpu"), deterministic=False)
     assert not torch.are_deterministic_algorithms_enabled()
+    assert dist.info() == dist.DistInfo()  # no rank/device left behind for the next test
 
 
 def test_accumulate_steps_must_divide_the_per_process_batch(tiny_train_cfg):
-    with pytest.raises(ConfigError, match="accumulate_steps 5 must divide the per-process batch 64"):
-        build(tiny_train_cfg(**{"optim.accumulate_steps": 5}), dist.setup("cpu"))
+    try:
+        with pytest.raises(ConfigError, match="accumulate_steps 5 must divide the per-process batch 64"):
+            build(tiny_train_cfg(**{"optim.accumulate_steps": 5}), dist.setup("cpu"))
+    finally:
+        dist.teardown()
 
 
 UNEVEN_EVAL = textwrap.dedent("""
@@ -217,7 +223,8 @@ UNEVEN_EVAL = textwrap.dedent("""
     from bonnerlab import distributed as dist
     from bonnerlab.config import DataConfig
     from bonnerlab.data.augment import Preprocess
-    from bonnerlab.data.datasets import EvalBatches, load_splits
+    from bonnerlab.data.datasets import load_splits
+    from bonnerlab.data.loaders import EvalBatches
     from bonnerlab.models.cnn import MnistCNN
     info = dist.setup("cpu")
     splits = load_splits(DataConfig())
