@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from bonnerlab.errors import CheckpointError
-from bonnerlab.runs import RunPaths, atomic_write_bytes, latest_run
+from bonnerlab.runs import NEWEST, RunPaths, atomic_write_bytes, latest_run
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,8 +62,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def find_checkpoint(run_or_file: str | Path = "", which: str = "best", runs_root: str | Path = "runs") -> Path:
-    """A checkpoint file from a file path, a run folder, or the newest run under `runs_root`."""
-    if not str(run_or_file):
+    """A checkpoint file from a file path, a run folder, or the newest run under `runs_root`
+    (`newest`, unless a folder of that name is here; or empty)."""
+    if not str(run_or_file) or (str(run_or_file) == NEWEST and not Path(NEWEST).exists()):
         run = latest_run(runs_root)
         if run is None:
             raise CheckpointError(f"no runs under {runs_root}/; train one first or pass --checkpoint")

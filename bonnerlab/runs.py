@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Any
 
 STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "INTERRUPTED", "CANCELLED")
+# a `checkpoint` value that means the newest run folder under runs_root (`latest` is always a
+# run's checkpoints/latest.pt, chosen with `which`)
+NEWEST = "newest"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

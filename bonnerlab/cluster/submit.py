@@ -30,7 +30,7 @@ from bonnerlab.cluster.node import ClusterJob
 from bonnerlab.cluster.registry import JOBS, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
 from bonnerlab.errors import ClusterError
-from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, write_git_info
+from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, load_yaml_if_exists, write_git_info
 
 
 def _check(condition: bool, message: str) -> None:
@@ -87,7 +87,7 @@ def check_job_inputs(kind: str, cfg: Any) -> None:
         _check(Path(cfg.data.root).exists(), f"data.root {cfg.data.root} does not exist")
     for name in spec_of(kind).input_fields:
         value = getattr(cfg, name, "")
-        if value and value != "latest":
+        if value and value != NEWEST:
             _check(Path(value).exists(), f"{name} {value} does not exist")
 
 

@@ -18,12 +18,22 @@ from typing import Any, TypeVar
 import yaml
 
 from bonnerlab.errors import ConfigError
+from bonnerlab.runs import NEWEST, atomic_write_text
 
 
 def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition: the one-line check every config uses."""
     if not condition:
         raise ConfigError(message)
+
+
+def check_checkpoint(checkpoint: str) -> None:
+    """One name per concept: `latest` is a run's latest.pt (`which`), the newest run `newest`."""
+    check(
+        checkpoint != "latest" or Path("latest").exists(),
+        f"checkpoint latest: the newest run is --checkpoint {NEWEST} (a run's latest.pt is "
+        "--checkpoint RUN --which latest)",
+    )
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -132,8 +142,6 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    from bonnerlab.runs import atomic_write_text  # runs imports config; keep the cycle lazy
-
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

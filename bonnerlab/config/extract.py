@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bonnerlab.config.core import check, check_choice
+from bonnerlab.config.core import check, check_checkpoint, check_choice
 from bonnerlab.config.train import ModelConfig
 from bonnerlab.errors import ConfigError
 
@@ -20,7 +20,7 @@ DATASET_STIMULI = ("digits", "mnist")
 class ExtractConfig:
     """Extract layer activations of a model over a set of stimuli into a zarr store."""
 
-    # run folder or checkpoint file from `train`, or latest (the newest run under runs/);
+    # run folder or checkpoint file from `train`, or newest (the newest run under runs/);
     # empty = build model.arch with model.weights
     checkpoint: str = ""
     # which checkpoint of a run folder: best or latest
@@ -104,6 +104,7 @@ class ExtractConfig:
 
     def __post_init__(self) -> None:
         check_choice("which", self.which, ("best", "latest"))
+        check_checkpoint(self.checkpoint)
         check(self.num_classes >= 0, f"num_classes must be >= 0; got {self.num_classes}")
         check(bool(self.stimuli), "stimuli must be an image folder, a .csv/.tsv sheet or one of digits, mnist")
         check(self.limit >= 0, f"limit must be >= 0; got {self.limit}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bonnerlab.config.core import check, check_choice
+from bonnerlab.config.core import check, check_checkpoint, check_choice
 
 DATASETS = ("digits", "mnist", "imagefolder")
 AUGMENTATIONS = ("auto", "digits", "natural", "none")
@@ -213,9 +213,9 @@ class TrainConfig:
 class EvaluateConfig:
     """Evaluate a trained checkpoint; accuracy, loss, per-class accuracy, confusion matrix."""
 
-    # run folder or checkpoint file; empty = the newest run under runs_root (its best.pt)
-    checkpoint: str = ""
-    # where to look for the newest run when checkpoint is empty
+    # run folder or checkpoint file, or newest (the newest run under runs_root)
+    checkpoint: str = "newest"
+    # where to look for the newest run
     runs_root: str = "runs"
     # which checkpoint of a run folder: best or latest
     which: str = "best"
@@ -234,6 +234,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check_choice("which", self.which, ("best", "latest"))
+        check_checkpoint(self.checkpoint)
         check_choice("split", self.split, ("val", "test", "train"))
         check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
         check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")

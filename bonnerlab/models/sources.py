@@ -404,8 +404,7 @@ def load_checkpoint_source(checkpoint: str, which: str) -> LoadedModel:
     """A `train` run's model (its own head and channels) with the preprocessing it was trained with."""
     from bonnerlab.checkpoint import find_checkpoint
 
-    latest = checkpoint == "latest" and not Path("latest").exists()
-    path = find_checkpoint("" if latest else checkpoint, which)
+    path = find_checkpoint(checkpoint, which)
     model, train_cfg, payload = load_trained(path, torch.device("cpu"))
     pre = payload["preprocess"]
     published = {"image_size": int(pre["image_size"]), "mean": tuple(pre["mean"]), "std": tuple(pre["std"])}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import JOBS, job_module
 from PIL import Image
 
 from bonnerlab import activations
@@ -22,8 +23,7 @@ from bonnerlab.errors import ConfigError, UserError
 from bonnerlab.extract.capture import Capture, LayerPlan
 from bonnerlab.extract.run import extract, load_model
 
-ROOT = Path(__file__).resolve().parent.parent
-JOB = str(ROOT / "jobs" / "extract.py")
+JOB = str(JOBS / "extract.py")
 SIZE = 64  # resnet18 at 64x64: small enough for CPU tests, every layer still spatial
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
@@ -236,6 +236,7 @@ def test_sigkill_then_restart_equals_uninterrupted(tmp_path):
         chunk_files = sorted(
             p.relative_to(killed) for p in (killed / layer).rglob("*") if p.is_file()
         )
+        assert chunk_files, layer
         for rel in chunk_files:
             assert (killed / rel).read_bytes() == (tmp_path / "fresh.zarr" / rel).read_bytes()
 
@@ -349,13 +350,6 @@ def test_existing_store_with_other_config_or_weights_is_refused(stimuli, tmp_pat
     assert result["outcome"] == "replaced" and result["complete"]
 
 
-def _job_module():
-    sys.path.insert(0, str(ROOT / "jobs"))
-    import extract as job  # jobs/extract.py
-
-    return job
-
-
 def test_job_cli_one_line_error_exit_2(tmp_path):
     bad = subprocess.run(
         [sys.executable, JOB, "--layers", "features.7", "--output", str(tmp_path / "x.zarr")],
@@ -370,7 +364,7 @@ def test_job_cli_one_line_error_exit_2(tmp_path):
 
 
 def test_job_list_layers_and_final_line(stimuli, tmp_path, capsys):
-    job = _job_module()
+    job = job_module("extract")
     job.main(["--list_layers"])
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert "[1, 32, 14, 14]" in lines["features.1.0"]  # default width 16: 2 x 16 channels
@@ -452,7 +446,7 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
 
 
 def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
-    """A `train` run folder as the model ("latest" = newest run under runs/), digits val split."""
+    """A `train` run folder as the model ("newest" = the newest run under runs/), digits val split."""
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
     from bonnerlab.data.augment import Preprocess
@@ -462,7 +456,7 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     train(TrainConfig(epochs=1, max_steps_per_epoch=2, run_dir="runs/r1", progress=False))
-    cfg = ExtractConfig(checkpoint="latest", stimuli="digits", split="val", limit=40, layers=["features.1", "fc"],
+    cfg = ExtractConfig(checkpoint="newest", stimuli="digits", split="val", limit=40, layers=["features.1", "fc"],
                         batch_size=16, device="cpu", output="acts.zarr", progress=False)  # fmt: skip
     result = extract(cfg)
     assert result["complete"] and result["images"] == 40
