@@ -1,27 +1,240 @@
-"""The local SLURM cluster as a session fixture (import it from conftest or a test module).
+"""The test kit: what more than one test module needs, written once.
 
-    from slurm_fixtures import slurm_cluster  # noqa: F401
-
-`slurm_cluster` runs slurm/start-cluster.sh once per test session (idempotent: a running cluster
-is reused) and exports SLURM_CONF. Where the cluster cannot start (not root, no packages, no
-apt-get) the tests that use it are skipped with the reason, unless BONNERLAB_REQUIRE_SLURM=1
-(CI sets it): then that is a failure, so CI never passes without the cluster tests.
-A cluster this fixture started is stopped at the end of the session (BONNERLAB_KEEP_SLURM=1
-keeps it up for the next run).
+Test modules import from here (`from helpers import REPO, torchrun`); fixtures live in
+tests/conftest.py (`tiny_train_cfg`, `slurm_cluster`). No test module imports from another
+test module. The tiers: tests/unit/ (one file per library room), tests/jobs/ (the job scripts
+and CLIs run as programs), tests/slurm/ (the real local cluster), tests/docs/ (the README and
+the notebooks), tests/golden/ (recorded sbatch scripts). Test file names are unique across the
+tiers (the folders are not packages, so pytest imports each file by its basename).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
+import importlib
+import json
 import os
 import shutil
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+# ----------------------------------------------------------------------------- paths
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+JOBS = REPO / "jobs"
+GOLDEN = TESTS / "golden"
 SLURM_DIR = REPO / "slurm"
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the checkout first on PYTHONPATH (the venv's editable
+    install may point at another checkout), plus `extra` (e.g. OMP_NUM_THREADS="1")."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def job(name: str) -> list[str]:
+    """The command that runs jobs/<name>.py with this interpreter: `[*job("train"), "--epochs", "1"]`."""
+    return [sys.executable, str(JOBS / f"{name}.py")]
+
+
+def job_module(name: str):
+    """jobs/<name>.py imported into this process, to call its `main(argv)` directly."""
+    if str(JOBS) not in sys.path:
+        sys.path.insert(0, str(JOBS))
+    return importlib.import_module(name)
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+# mnist_cnn on the embedded digits, a few seconds a run on a laptop CPU
+TINY_TRAIN = {"epochs": 2, "device": "cpu", "model.width": 8, "data.batch_size": 64, "optim.lr": 0.02}
+
+
+def tiny_train(**overrides: Any):
+    """A TrainConfig of TINY_TRAIN with `overrides` (dotted keys) on top."""
+    from bonnerlab.config import TrainConfig, apply_overrides
+
+    return apply_overrides(TrainConfig(), {**TINY_TRAIN, **overrides})
+
+
+def cli_flags(overrides: dict[str, Any]) -> list[str]:
+    """{"optim.lr": 0.1} -> ["--optim.lr", "0.1"]: the same overrides as a job's flags."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]
+
+
+def run_weights(run_dir, which: str = "latest") -> dict:
+    """The model's state dict from a run folder's latest.pt (or best.pt)."""
+    from bonnerlab.checkpoint import load_checkpoint
+    from bonnerlab.runs import RunPaths
+
+    paths = RunPaths(run_dir)
+    return load_checkpoint(paths.latest if which == "latest" else paths.best)["model"]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    """Two state dicts hold the same tensors: bit for bit, or within `atol`."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            assert torch.allclose(a[k].float(), b[k].float(), atol=atol), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@contextlib.contextmanager
+def stop_at_check(n: int):
+    """A stop request at the n-th time training checks for one (as a signal would arrive), so
+    an interrupted run stops at a chosen step; the real check is restored afterwards."""
+    from bonnerlab import interrupt
+
+    real, calls = interrupt.stop_requested, [0]
+
+    def stop_requested() -> bool:
+        calls[0] += 1
+        return calls[0] == n
+
+    interrupt.stop_requested = stop_requested
+    try:
+        yield
+    finally:
+        interrupt.stop_requested = real
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def torchrun_env() -> dict[str, str]:
+    """faulthandler is on in the workers: a worker killed by a signal (SIGABRT from C++, a fatal
+    Python error at exit) prints its Python stack, which the agent's summary does not show."""
+    return repo_env(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+
+
+def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run --standalone` (a free rendezvous port, so parallel test
+    runs never collide) with `nproc` CPU workers, for Popen; `torchrun` runs it and checks."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    """torchrun_cmd run to the end; fails the test with the workers' own output."""
+    out = subprocess.run(torchrun_cmd(*args, nproc=nproc), env=torchrun_env(), capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        # The agent's own traceback and failure table come last and say only "exitcode -6":
+        # keep what the workers printed before it.
+        workers = out.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+        summary = out.stderr[-800:]
+        raise AssertionError(f"torchrun exited {out.returncode}\n--- workers' stderr (tail) ---\n"
+                             f"{workers[-4000:]}\n--- agent (tail) ---\n{summary}")
+    return out
+
+
+# ----------------------------------------------------------------------------- photographs
+
+
+@functools.cache
+def _sample_arrays() -> tuple:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
+def sample_photos() -> list:
+    """scikit-learn's two real photographs (china, flower; 427 x 640 RGB) as PIL images."""
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in _sample_arrays()]
+
+
+def photo_crops(n: int, seed: int = 0) -> list:
+    """n crops of the two photographs (uint8 arrays) at many sizes and aspect ratios."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = _sample_arrays()
+    out = []
+    for _ in range(n):
+        img = images[rng.integers(len(images))]
+        h, w = rng.integers(40, 160), rng.integers(40, 160)
+        top, left = rng.integers(0, img.shape[0] - h), rng.integers(0, img.shape[1] - w)
+        out.append(img[top : top + h, left : left + w])
+    return out
+
+
+# ----------------------------------------------------------------------------- sweep folders
+
+TRACEBACK = """submitit ERROR (2026-11-27) - Submitted job triggered an exception
+Traceback (most recent call last):
+  File "/x/bonnerlab/cluster/node.py", line 140, in __call__
+    raise ValueError("bad input")
+ValueError: data.root /nope holds no images
+srun: error: node: task 0: Exited with exit code 1
+"""
+
+
+def error_log(logs: Path, job_id: str, text: str) -> None:
+    """A task's submitit error log (`<job_id>_0_log.err`) holding `text`."""
+    logs.mkdir(exist_ok=True)
+    (logs / f"{job_id}_0_log.err").write_text(text)
+
+
+def fake_sweep(root: Path, states: list[str], *, points: list[dict] | None = None,
+               curves: list[list[float]] | None = None, job_ids: dict[int, str] | None = None,
+               configs: bool = True) -> list[dict]:
+    """A sweep folder as the launcher and its tasks leave it, without running anything.
+
+    One task per entry of `states` (its STATE marker); `points` (default {"seed": i}) are the
+    manifest's overrides; `curves` give each task's metrics.jsonl (val_acc per epoch, val_loss =
+    1 - val_acc); `job_ids` default to 100 + i ("" = never submitted: states from the markers
+    alone). With `configs`, also sweep.yaml and each task's config.yaml and slurm.yaml, for tiny
+    train tasks on the local executor (what status, report and retries read).
+    """
+    from bonnerlab.config import SlurmConfig, TrainConfig, apply_overrides, to_dict
+    from bonnerlab.runs import write_state
+
+    points = points or [{"seed": i} for i in range(len(states))]
+    root.mkdir()
+    if configs:
+        from bonnerlab.cluster.submit import yaml_text
+
+        base = apply_overrides(TrainConfig(), {"epochs": 1, "max_steps_per_epoch": 2, "model.width": 8,
+                                               "device": "cpu", "progress": False})
+        (root / "sweep.yaml").write_text(yaml_text({"job": "train", "points": points, "base": to_dict(base),
+                                                    "slurm": to_dict(SlurmConfig(cluster="local"))}))
+    lines = []
+    for i, state in enumerate(states):
+        run = root / f"task-{i:03d}"
+        run.mkdir()
+        if configs:
+            cfg = apply_overrides(base, {**points[i], "run_dir": str(run)})
+            (run / "config.yaml").write_text(yaml_text(to_dict(cfg)))
+            (run / "slurm.yaml").write_text(yaml_text({**to_dict(SlurmConfig(cluster="local")), "submitted": {}}))
+        if curves is not None:
+            (run / "metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": e + 1, "val_acc": acc, "val_loss": 1 - acc}) + "\n"
+                for e, acc in enumerate(curves[i])))
+        write_state(run, state)
+        job_id = (job_ids or {}).get(i, f"{100 + i}")
+        lines.append(json.dumps({"task": i, "overrides": points[i], "run_dir": str(run), "job_id": job_id}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return points
+
+
+# ----------------------------------------------------------------------------- the local SLURM cluster
 
 
 @dataclass(frozen=True)
@@ -45,8 +258,15 @@ def _cluster_is_up(lab: Path) -> bool:
     return "is UP" in out.stdout
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster():
+def local_slurm_cluster() -> Iterator[LocalCluster]:
+    """The body of conftest's session fixture `slurm_cluster`.
+
+    Runs slurm/start-cluster.sh once per test session (idempotent: a running cluster is reused)
+    and exports SLURM_CONF. Where the cluster cannot start (not root, no packages, no apt-get)
+    the tests that use it are skipped with the reason, unless BONNERLAB_REQUIRE_SLURM=1 (CI sets
+    it): then that is a failure, so CI never passes without the cluster tests. A cluster this
+    started is stopped at the end of the session (BONNERLAB_KEEP_SLURM=1 keeps it up).
+    """
     lab = Path(os.environ.get("SLURMLAB", REPO / ".slurm-lab"))
     if os.name != "posix" or os.geteuid() != 0:
         _unavailable("tests must run as root to start slurmd and munged (make slurm-up needs root)")
@@ -73,3 +293,48 @@ def slurm_cluster():
     if not already_up and os.environ.get("BONNERLAB_KEEP_SLURM") != "1":
         subprocess.run(["bash", str(SLURM_DIR / "stop-cluster.sh")], capture_output=True,
                        env={**os.environ, "SLURMLAB": str(lab)}, timeout=300)
+
+
+SLURM_LOCK = Path("/tmp/slurm.lock")
+
+
+@contextlib.contextmanager
+def slurm_lock(path: Path = SLURM_LOCK, timeout: float = 1800) -> Iterator[None]:
+    """Hold the machine-wide SLURM lock (as `flock /tmp/slurm.lock CMD` does), waiting for it.
+
+    When an ancestor of this process already holds it (the tests were started under `flock`),
+    waiting would deadlock: the lock is then ours already.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if _held_by_ancestor(path):
+                    break
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{path} still held by another process after {timeout:.0f} s")
+                time.sleep(1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock if this process took it
+
+
+def _held_by_ancestor(path: Path) -> bool:
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
+            holders.add(int(fields[4]))
+    pid = os.getpid()
+    while pid > 1:
+        if pid in holders:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False

@@ -4,19 +4,20 @@ The tests clear every output and run each notebook top to bottom in a temp folde
 cannot rot; the committed copies carry their outputs (small PNG figures) so a reader browsing
 the repository sees them without running anything. `make notebooks` refreshes those copies:
 
-    python tests/test_notebooks.py        # executes notebooks/*.ipynb in place
+    python tests/docs/test_notebooks.py   # executes notebooks/*.ipynb in place
 """
 
 from __future__ import annotations
 
 import base64
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the kit, also when run as a script
+from helpers import REPO, repo_env  # noqa: E402
+
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 MAX_PNG_BYTES = 200_000  # per notebook: figures are for reading, not archiving
 
@@ -31,7 +32,7 @@ def execute(path: Path, cwd: Path):
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     # The kernel imports bonnerlab from this checkout, whatever the venv's editable install says.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = repo_env()
     client = NotebookClient(nb, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # passed on to the kernel manager's start_kernel

@@ -15,8 +15,6 @@ terminal). Python blocks run with the copy's `.venv/bin/python`.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -24,17 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO
-from slurm_fixtures import slurm_cluster  # noqa: F401
+from helpers import REPO, TESTS, repo_env, slurm_lock
 
 SKIPPED = ("gpu", "internet")  # `# needs:` kinds this machine is assumed not to have
 KINDS = (*SKIPPED, "slurm")
-SLURM_LOCK = Path("/tmp/slurm.lock")
 # Not copied into the temporary repository: environments, outputs and caches.
 IGNORE = shutil.ignore_patterns(".git", ".venv", ".slurm-lab", "runs", "data", "activations",
                                 "*.zarr", "__pycache__", ".pytest_cache", ".ruff_cache",
@@ -176,50 +171,21 @@ SKIPPED_BLOCKS = [b for b in readme_blocks() if b.marker and b.marker[0] in (*SK
 
 
 @pytest.mark.parametrize("block", SKIPPED_BLOCKS, ids=[f"block{b.index}" for b in SKIPPED_BLOCKS])
-def test_readme_block_skipped(block):
+def test_readme_block_not_run_here_still_parses(block):
+    """A block this machine does not run (a GPU, the internet, a reference) is still checked for
+    what needs neither: it parses, and the scripts and `make` targets it names exist. Then it is
+    reported as skipped with its marker, so `-ra` lists what did not run."""
+    if block.lang == "bash":
+        out = subprocess.run(["bash", "-n", "-c", block.code], capture_output=True, text=True)
+        assert out.returncode == 0, f"{block.name} does not parse: {out.stderr.strip()}"
+    else:
+        compile(block.code, block.name, "exec")
+    for script in re.findall(r"(?<![\w/.-])((?:jobs|bench|slurm|tests)/[\w/.-]+\.(?:py|sh))", block.code):
+        assert (REPO / script).is_file(), f"{block.name} names {script}, which does not exist"
+    targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M))
+    for target in re.findall(r"\bmake ([\w-]+)", block.code):
+        assert target in targets, f"{block.name} runs `make {target}`; the Makefile has no such target"
     pytest.skip(f"README block {block.index} (line {block.line}): {block.marker[1]}")
-
-
-@contextlib.contextmanager
-def slurm_lock(path: Path = SLURM_LOCK, timeout: float = 1800) -> Iterator[None]:
-    """Hold the machine-wide SLURM lock (as `flock /tmp/slurm.lock CMD` does), waiting for it.
-
-    When an ancestor of this process already holds it (the tests were started under `flock`),
-    waiting would deadlock: the lock is then ours already.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if _held_by_ancestor(path):
-                    break
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{path} still held by another process after {timeout:.0f} s")
-                time.sleep(1)
-        yield
-    finally:
-        os.close(fd)  # releases the lock if this process took it
-
-
-def _held_by_ancestor(path: Path) -> bool:
-    st = path.stat()
-    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = set()
-    for line in Path("/proc/locks").read_text().splitlines():
-        fields = line.split()
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == inode:
-            holders.add(int(fields[4]))
-    pid = os.getpid()
-    while pid > 1:
-        if pid in holders:
-            return True
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-    return False
 
 
 @pytest.fixture
@@ -273,9 +239,9 @@ def test_shell_blocks_share_one_environment_and_markers_parse(tmp_path):
 def test_slurm_lock_waits_for_others_but_not_for_an_ancestor(tmp_path):
     lock = tmp_path / "slurm.lock"
     lock.touch()
-    take = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from test_readme import slurm_lock\n"
+    take = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from helpers import slurm_lock\n"
             f"with slurm_lock(__import__('pathlib').Path({str(lock)!r}), timeout=2): print('held')\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     # started under `flock LOCK`: the lock is already ours, so no deadlock
     out = subprocess.run(["flock", str(lock), sys.executable, "-c", take], env=env,
                          capture_output=True, text=True, timeout=60)

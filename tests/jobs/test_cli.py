@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
-from conftest import REPO, torchrun
+from helpers import JOBS, job, repo_env, torchrun
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+ENV = repo_env(OMP_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py", "extract.py", "launch.py"])
 def test_help_shows_config_path_as_a_path(script):
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / script), "--help"],
+    out = subprocess.run([*job(script.removesuffix(".py")), "--help"],
                          env=ENV, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--config_path PATH" in out.stdout
@@ -24,7 +22,7 @@ def test_help_shows_config_path_as_a_path(script):
 
 @pytest.mark.slow
 def test_torchrun_prints_one_result_line(tmp_path):
-    out = torchrun(str(REPO / "jobs" / "train.py"), "--device", "cpu", "--progress", "false", "--epochs", "1",
+    out = torchrun(str(JOBS / "train.py"), "--device", "cpu", "--progress", "false", "--epochs", "1",
                    "--model.width", "8", "--max_steps_per_epoch", "2", "--run_dir", str(tmp_path / "run"))
     results = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, out.stdout
@@ -37,7 +35,7 @@ def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
     import signal
     import threading
 
-    proc = subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--device", "cpu", "--progress",
+    proc = subprocess.Popen([*job("train"), "--device", "cpu", "--progress",
                              "false", "--epochs", "50", "--model.width", "8", "--run_dir", str(tmp_path / "run")],
                             env={k: v for k, v in ENV.items() if k != "PYTHONFAULTHANDLER"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

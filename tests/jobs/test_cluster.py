@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import GOLDEN, assert_same_weights, job, run_weights, torchrun_cmd, torchrun_env
 
 from bonnerlab.cluster.node import ClusterJob
 from bonnerlab.cluster.slurm_cli import NO_CONTROLLER, parse_time_minutes
@@ -20,8 +21,7 @@ from bonnerlab.config import EvaluateConfig, SlurmConfig
 from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.runs import read_metrics, read_state
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
+LAUNCH = job("launch")
 
 
 def launch(*args, env=None, cwd=None):
@@ -82,7 +82,7 @@ def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_p
     assert (run / "code" / "jobs" / "train.py").is_file()
     assert (run / "git.txt").read_text().startswith(("commit ", "not a git checkout"))
     assert read_state(run) == "PENDING"
-    assert not list((run / "logs").glob("*.pkl")) if (run / "logs").exists() else True
+    assert not list(run.rglob("*.pkl")), "a dry run pickled a job to submit"
 
     # the run folder's two YAML files ask for the same job again
     again = launch("--dry-run", "--config_path", str(run / "slurm.yaml"), "train",
@@ -204,9 +204,6 @@ def test_partition_checks():
 
 # ----------------------------------------------------------------------------- golden sbatch scripts
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
-
-
 @pytest.mark.parametrize("name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)])
 def test_sbatch_script_matches_its_golden_file(name, array):
     """submitit's practice: the generated script is compared to a recorded one. A deliberate change
@@ -225,9 +222,7 @@ def test_sbatch_script_matches_its_golden_file(name, array):
 
 # ----------------------------------------------------------------------------- no SLURM, bad folders
 
-STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
-CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
-LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+STATUS, CANCEL, LOGS = job("status"), job("cancel"), job("logs")
 
 
 def _no_slurm_env(tmp_path, conf: str | None = None):
@@ -332,7 +327,8 @@ def test_dry_run_of_a_zip_sweep_prints_the_script_and_the_points(tmp_path):
     rows = [line.split() for line in out.stdout.splitlines() if line.strip().startswith(("task", "0 ", "1 ", "2 ", "3 "))]
     assert rows == [["task", "optim.lr", "epochs", "seed"], ["0", "0.10", "2", "0"], ["1", "0.10", "2", "1"],
                     ["2", "0.01", "4", "0"], ["3", "0.01", "4", "1"]]
-    assert not list((tmp_path / "s" / "logs").glob("*.pkl")) if (tmp_path / "s" / "logs").exists() else True
+    assert (tmp_path / "s" / "submit.sh").is_file()  # the dry run wrote its script ...
+    assert not list((tmp_path / "s").rglob("*.pkl")), "... and pickled no job to submit"
 
 
 def test_retry_with_nothing_retryable_says_so_and_exits_0(tmp_path):
@@ -374,23 +370,12 @@ def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_
     import signal
     import time
 
-    from conftest import assert_same_weights
-
-    from bonnerlab.checkpoint import load_checkpoint
-
     common = ["--device", "cpu", "--progress", "false", "--epochs", "12", "--model.width", "8",
               "--data.batch_size", "64", "--checkpoint_every_steps", "4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    train_py = str(REPO / "jobs" / "train.py")
+    env = torchrun_env()
 
     def torchrun(run: Path, *extra: str) -> list[str]:
-        import socket
-
-        with socket.socket() as s:  # a free port: fixed ones collide with other test runs on the machine
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                train_py, *common, "--run_dir", str(run), *extra]
+        return torchrun_cmd(*job("train")[1:], *common, "--run_dir", str(run), *extra)
 
     ref = subprocess.run(torchrun(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -410,8 +395,7 @@ def test_sigterm_under_torchrun_saves_and_resume_ends_equal_to_an_uninterrupted_
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_state(run) == "DONE"
 
-    assert_same_weights(load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest.pt")["model"],
-                        load_checkpoint(run / "checkpoints" / "latest.pt")["model"])
+    assert_same_weights(run_weights(tmp_path / "ref"), run_weights(run))
 
 
 def test_one_yaml_file_holds_launcher_and_slurm_keys_and_flags_win(tmp_path):

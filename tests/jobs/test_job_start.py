@@ -4,13 +4,12 @@ each cost 1-2 s of every job's start and the default job needs neither."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import repo_env
 
 
 def test_digits_read_without_sklearn_equal_sklearns_own():
@@ -37,6 +36,6 @@ def test_default_training_job_imports_neither_torchvision_nor_sklearn(tmp_path):
         "print(sorted(m for m in ('torchvision', 'sklearn', 'scipy') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env=repo_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

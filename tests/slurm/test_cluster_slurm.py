@@ -9,22 +9,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import assert_same_weights
-from slurm_fixtures import slurm_cluster  # noqa: F401
+from helpers import TINY_TRAIN, assert_same_weights, cli_flags, job, run_weights, tiny_train
 
-from bonnerlab.checkpoint import load_checkpoint
 from bonnerlab.cluster import slurm_cli
 from bonnerlab.cluster.status import read_manifest, sweep_status
 from bonnerlab.cluster.submit import submit
 from bonnerlab.cluster.sweeps import submit_sweep
-from bonnerlab.config import EvaluateConfig, SlurmConfig, TrainConfig, apply_overrides
+from bonnerlab.config import EvaluateConfig, SlurmConfig, apply_overrides
 from bonnerlab.errors import ClusterError
 from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
 
@@ -33,13 +29,8 @@ from bonnerlab.runs import RunPaths, read_metrics, read_state, write_state
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster"),
               pytest.mark.xdist_group("slurm")]
 
-REPO = Path(__file__).resolve().parent.parent
-LAUNCH = [sys.executable, str(REPO / "jobs" / "launch.py")]
-TINY = {"epochs": 2, "device": "cpu", "model.width": 8, "data.batch_size": 64, "optim.lr": 0.02}
-
-
-def tiny(**overrides) -> TrainConfig:
-    return apply_overrides(TrainConfig(), {**TINY, **overrides})
+LAUNCH = job("launch")
+tiny = tiny_train
 
 
 def sacct_state(job_id: str) -> str:
@@ -63,9 +54,7 @@ def squeue_gone(job_id: str, timeout: float = 120) -> None:
     raise AssertionError(f"job {job_id} still queued after {timeout}s")
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(RunPaths(run_dir).latest)["model"]
-
+weights = run_weights
 
 
 def log_of(run_dir: Path) -> str:
@@ -78,7 +67,7 @@ def log_of(run_dir: Path) -> str:
 def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoints(tmp_path):
     run = tmp_path / "run"
     out = subprocess.run([*LAUNCH, "--partition", "cpu", "--time_minutes", "5", "train",
-                          *sum(([f"--{k}", str(v)] for k, v in TINY.items()), []), "--run_dir", str(run)],
+                          *cli_flags(TINY_TRAIN), "--run_dir", str(run)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"submitted train job (\d+)", out.stdout).group(1)
@@ -160,7 +149,7 @@ def test_sweep_is_one_job_array_and_status_reads_it_back(tmp_path):
     assert "#SBATCH --array=0-2%3" in (sweep / f"submit-{array_id}.sh").read_text()
     for r in manifest:
         assert sacct_state(r["job_id"]) == "COMPLETED"
-    status = subprocess.run([sys.executable, str(REPO / "jobs" / "status.py"), str(sweep)],
+    status = subprocess.run([*job("status"), str(sweep)],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     table = sweep_status(sweep, write=False)
@@ -232,6 +221,13 @@ def redone_steps(log: str, steps_per_epoch: int) -> list[int]:
     return [(e1 - e2) * steps_per_epoch + (s1 - s2) for (e1, s1), (e2, s2) in zip(stops, resumes, strict=False)]
 
 
+def assert_few_steps_redone(log: str, steps_per_epoch: int) -> None:
+    """At least one restart saved and resumed, and none redid more than a checkpoint interval."""
+    redone = redone_steps(log, steps_per_epoch)
+    assert redone, f"no 'saved ... at epoch E step S' then 'resuming epoch E step S' in the log:\n{log[-2000:]}"
+    assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone), redone
+
+
 def _wait_until_training(run: Path, timeout: float = 120, queue_timeout: float = 600) -> None:
     """Until the run reports a finished first epoch: `timeout` seconds from the moment its job
     runs, after up to `queue_timeout` queued (on this small cluster a job may wait for another
@@ -272,7 +268,7 @@ def test_preempted_job_saves_requeues_and_ends_with_uninterrupted_weights(tmp_pa
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
     assert [m["epoch"] for m in read_metrics(run)] == list(range(1, LONG["epochs"] + 1))
     steps_per_epoch = result["step"] // LONG["epochs"]
-    assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
+    assert_few_steps_redone(log, steps_per_epoch)
 
 
 def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(tmp_path):
@@ -295,7 +291,7 @@ def test_timed_out_job_checkpoints_requeues_and_ends_with_uninterrupted_weights(
     assert "restart 1" in log
     assert_same_weights(weights(tmp_path / "ref"), weights(run))
     steps_per_epoch = result["step"] // epochs
-    assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone_steps(log, steps_per_epoch))
+    assert_few_steps_redone(log, steps_per_epoch)
     assert [m["epoch"] for m in read_metrics(run)] == list(range(1, epochs + 1))
 
 
@@ -358,6 +354,7 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
         "stimuli": "digits", "split": "all", "limit": 96, "layers": ["features.1", "fc"], "batch_size": 16,
         "device": "cpu", "progress": False, "output": str(tmp_path / "single.zarr")}))
     assert single["outcome"] != "reused"
+    assert sorted(stored_layers(store)) == ["fc", "features.1"]
     assert stored_layers(store) == stored_layers(tmp_path / "single.zarr")
     for layer in stored_layers(store):
         a = open_activations(store, layer)
@@ -370,9 +367,7 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
 
 # ----------------------------------------------------------------------------- operating runs and sweeps
 
-STATUS = [sys.executable, str(REPO / "jobs" / "status.py")]
-CANCEL = [sys.executable, str(REPO / "jobs" / "cancel.py")]
-LOGS = [sys.executable, str(REPO / "jobs" / "logs.py")]
+STATUS, CANCEL, LOGS = job("status"), job("cancel"), job("logs")
 
 
 def test_status_of_many_folders_asks_slurm_once_and_shows_the_error_line(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from conftest import REPO
+from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -31,7 +31,8 @@ def _pins() -> dict[str, Version]:
 def test_package_declares_minimum_versions_only():
     # An exact torch pin would make `pip install -e .` replace a lab's own CUDA build of torch.
     for req in _requirements():
-        assert all(spec.operator == ">=" for spec in req.specifier), f"{req}: declare a minimum (>=)"
+        # exactly one specifier, a minimum: no specifier at all (any version) is as wrong as a pin
+        assert [spec.operator for spec in req.specifier] == [">="], f"{req}: declare a minimum (>=)"
 
 
 def test_constraints_pin_every_requirement_within_its_minimum():

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 
 import pytest
-from test_sweeps import TRACEBACK, _error_log, _sweep_folder
+from helpers import TRACEBACK, error_log, fake_sweep
 
 from bonnerlab.cluster.status import sweep_status
 
@@ -44,11 +44,8 @@ def test_report_page_in_headless_chromium(tmp_path):
 
     browser = _chromium()
     sweep = tmp_path / "sweep"
-    _sweep_folder(sweep, ["DONE", "FAILED", "DONE"])
-    for i, curve in enumerate([[0.5, 0.7], [0.2], [0.6, 0.9, 0.95]]):
-        (sweep / f"task-00{i}" / "metrics.jsonl").write_text(
-            "".join(f'{{"epoch": {e + 1}, "val_acc": {a}, "val_loss": {1 - a}}}\n' for e, a in enumerate(curve)))
-    _error_log(sweep / "logs", "101", TRACEBACK)
+    fake_sweep(sweep, ["DONE", "FAILED", "DONE"], curves=[[0.5, 0.7], [0.2], [0.6, 0.9, 0.95]])
+    error_log(sweep / "logs", "101", TRACEBACK)
     sweep_status(sweep)
     page = sweep / "report.html"
     text = page.read_text()

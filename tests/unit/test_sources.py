@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import job, sample_photos
 from PIL import Image
 
 from bonnerlab import activations
@@ -25,10 +26,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from sklearn.datasets import load_sample_images
-
     root = tmp_path_factory.mktemp("photos")
-    china, flower = (Image.fromarray(a) for a in load_sample_images().images)
+    china, flower = sample_photos()
     china.save(root / "a_china.png")
     flower.save(root / "b_flower.png")
     china.crop((100, 0, 401, 427)).save(root / "c_portrait.png")  # 301 x 427
@@ -292,8 +291,7 @@ def test_offline_download_is_one_line_naming_the_fix(tmp_path):
     pytest.importorskip("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty cache
     run = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "extract.py"),
-         "--model.arch", "hf:facebook/dinov2-small", "--model.weights", "DEFAULT", "--layers", "output",
+        [*job("extract"), "--model.arch", "hf:facebook/dinov2-small", "--model.weights", "DEFAULT", "--layers", "output",
          "--output", str(tmp_path / "x.zarr")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )

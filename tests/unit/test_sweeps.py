@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
+from helpers import TRACEBACK, error_log, fake_sweep, job
 
 from bonnerlab.cluster.submit import chunks
 from bonnerlab.cluster.sweeps import (
@@ -113,24 +112,11 @@ def test_existing_sweep_folder_is_refused_without_resume(tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def _fake_sweep(root, accs):
-    """A sweep folder as the launcher and the jobs leave it (no job ids: states from markers)."""
-    root.mkdir()
-    lines = []
-    for i, (lr, acc_curve, state) in enumerate(accs):
-        run = root / f"task-{i:03d}"
-        run.mkdir()
-        with open(run / "metrics.jsonl", "w") as f:
-            for e, acc in enumerate(acc_curve):
-                f.write(json.dumps({"epoch": e + 1, "val_acc": acc, "val_loss": 1 - acc}) + "\n")
-        write_state(run, state)
-        lines.append(json.dumps({"task": i, "overrides": {"optim.lr": lr}, "run_dir": str(run), "job_id": ""}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-
-
 def test_status_table_marks_the_best_task_and_writes_csv_and_plot(tmp_path):
     sweep = tmp_path / "sweep"
-    _fake_sweep(sweep, [(0.1, [0.5, 0.6], "DONE"), (0.01, [0.7, 0.9, 0.85], "DONE"), (0.001, [0.2], "FAILED")])
+    # as the tasks leave it, without configs; no job ids: states from the markers alone
+    fake_sweep(sweep, ["DONE", "DONE", "FAILED"], points=[{"optim.lr": lr} for lr in (0.1, 0.01, 0.001)],
+               curves=[[0.5, 0.6], [0.7, 0.9, 0.85], [0.2]], job_ids=dict.fromkeys(range(3), ""), configs=False)
     table = sweep_status(sweep)
     assert table["task"].tolist() == [0, 1, 2]
     assert table["optim.lr"].tolist() == [0.1, 0.01, 0.001]
@@ -168,13 +154,10 @@ def test_status_of_a_single_run_folder(tmp_path):
 
 def test_dry_run_sweep_from_a_file(tmp_path):
     import subprocess
-    import sys
-    from pathlib import Path
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text("optim.lr: [0.1, 0.01]\noptim.optimizer: [sgd, adamw]\n")
-    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "launch.py"),
-                          "--dry-run", "--sweep_file", str(spec), "--sweep_dir", str(tmp_path / "s"), "train"],
+    out = subprocess.run([*job("launch"), "--dry-run", "--sweep_file", str(spec), "--sweep_dir", str(tmp_path / "s"), "train"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-3%4" in (tmp_path / "s" / "submit.sh").read_text()
@@ -207,27 +190,13 @@ def test_zip_errors():
         combine({"optim.lr": [0.1]}, {"optim.lr": [0.2]})
 
 
-def _error_log(logs, job_id, text):
-    logs.mkdir(exist_ok=True)
-    (logs / f"{job_id}_0_log.err").write_text(text)
-
-
-TRACEBACK = """submitit ERROR (2026-11-27) - Submitted job triggered an exception
-Traceback (most recent call last):
-  File "/x/bonnerlab/cluster/node.py", line 140, in __call__
-    raise ValueError("bad input")
-ValueError: data.root /nope holds no images
-srun: error: node: task 0: Exited with exit code 1
-"""
-
-
 def test_error_line_and_failure_kinds(tmp_path):
     from bonnerlab.cluster.status import error_line, failure_kind
 
-    _error_log(tmp_path, "7_2", TRACEBACK)
+    error_log(tmp_path, "7_2", TRACEBACK)
     record = {"job_id": "7_2", "logs": str(tmp_path)}
     assert error_line(record) == "ValueError: data.root /nope holds no images"
-    _error_log(tmp_path, "8", "slurmstepd: error: Detected 1 oom_kill event in StepId=8.0. Some of the step tasks "
+    error_log(tmp_path, "8", "slurmstepd: error: Detected 1 oom_kill event in StepId=8.0. Some of the step tasks "
                               "have been OOM Killed.\n")
     assert error_line({"job_id": "8", "logs": str(tmp_path)}).startswith("slurmstepd: error: Detected 1 oom_kill")
     assert error_line({"job_id": "9", "logs": str(tmp_path)}) == ""
@@ -243,34 +212,10 @@ def test_error_line_and_failure_kinds(tmp_path):
     assert failure_kind("DONE", "") == failure_kind("RUNNING", "") == failure_kind("PENDING", "") == ""
 
 
-def _sweep_folder(root, states, job_ids=None):
-    """A sweep folder of tiny train tasks run on the local executor, left in the given STATE markers."""
-    from bonnerlab.cluster.submit import yaml_text
-    from bonnerlab.config import apply_overrides, to_dict
-
-    base = apply_overrides(TrainConfig(), {"epochs": 1, "max_steps_per_epoch": 2, "model.width": 8,
-                                           "device": "cpu", "progress": False})
-    points = [{"seed": i} for i in range(len(states))]
-    root.mkdir()
-    (root / "sweep.yaml").write_text(yaml_text({"job": "train", "points": points, "base": to_dict(base),
-                                                "slurm": to_dict(SlurmConfig(cluster="local"))}))
-    lines = []
-    for i, state in enumerate(states):
-        run = root / f"task-{i:03d}"
-        run.mkdir()
-        (run / "config.yaml").write_text(yaml_text(to_dict(apply_overrides(base, {**points[i], "run_dir": str(run)}))))
-        (run / "slurm.yaml").write_text(yaml_text({**to_dict(SlurmConfig(cluster="local")), "submitted": {}}))
-        write_state(run, state)
-        job_id = (job_ids or {}).get(i, f"{100 + i}")
-        lines.append(json.dumps({"task": i, "overrides": points[i], "run_dir": str(run), "job_id": job_id}))
-    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
-    return points
-
-
 def test_status_shows_the_failed_tasks_error_line_and_kind(tmp_path):
     sweep = tmp_path / "sweep"
-    _sweep_folder(sweep, ["DONE", "FAILED", "INTERRUPTED"])
-    _error_log(sweep / "logs", "101", TRACEBACK)
+    fake_sweep(sweep, ["DONE", "FAILED", "INTERRUPTED"])
+    error_log(sweep / "logs", "101", TRACEBACK)
     table = sweep_status(sweep, write=False)
     assert table["state"].tolist() == ["DONE", "FAILED", "INTERRUPTED"]
     assert table["failure"].tolist() == ["", "error", "preempted"]
@@ -281,8 +226,8 @@ def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
     from bonnerlab.cluster.sweeps import plan_retry, retry_sweep
 
     sweep = tmp_path / "sweep"
-    _sweep_folder(sweep, ["DONE", "FAILED", "INTERRUPTED", "CANCELLED"])
-    _error_log(sweep / "logs", "101", TRACEBACK)
+    fake_sweep(sweep, ["DONE", "FAILED", "INTERRUPTED", "CANCELLED"])
+    error_log(sweep / "logs", "101", TRACEBACK)
     _, _, plan = plan_retry(sweep)
     assert [t.index for t in plan.tasks] == [2]
     assert plan.tasks[0].retries == 1
@@ -304,7 +249,7 @@ def test_status_of_every_folder_under_runs_root(tmp_path):
 
     root = tmp_path / "runs"
     root.mkdir()
-    _sweep_folder(root / "sweep-a", ["DONE", "FAILED", "RUNNING"])
+    fake_sweep(root / "sweep-a", ["DONE", "FAILED", "RUNNING"])
     run = root / "lab" / "run-b"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("epochs: 1\n")

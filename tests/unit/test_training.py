@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,9 +8,17 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_same_weights, torchrun
+from helpers import (
+    JOBS,
+    REPO,
+    assert_same_weights,
+    job,
+    repo_env,
+    run_weights,
+    stop_at_check,
+    torchrun,
+)
 
-from bonnerlab import interrupt
 from bonnerlab.checkpoint import load_checkpoint
 from bonnerlab.config import EvaluateConfig
 from bonnerlab.errors import CheckpointError, RunDirError
@@ -19,10 +26,7 @@ from bonnerlab.runs import RunPaths, read_metrics, read_state
 from bonnerlab.train.evaluate import evaluate
 from bonnerlab.train.loop import train
 
-
-def _weights(run_dir, which="latest"):
-    return load_checkpoint(RunPaths(run_dir).latest if which == "latest" else RunPaths(run_dir).best)["model"]
-
+_weights = run_weights
 
 
 def test_train_reaches_accuracy_and_writes_a_complete_run_folder(tiny_train_cfg):
@@ -51,21 +55,14 @@ def test_train_reaches_accuracy_and_writes_a_complete_run_folder(tiny_train_cfg)
     assert len(ev["per_class_acc"]) == 10
 
 
-def test_resume_after_stop_matches_uninterrupted_run(tiny_train_cfg, tmp_path, monkeypatch):
+def test_resume_after_stop_matches_uninterrupted_run(tiny_train_cfg, tmp_path):
     ref_cfg = tiny_train_cfg(run_dir=str(tmp_path / "ref"), **{"model.dropout": 0.3})
     train(ref_cfg)
 
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "split"), **{"model.dropout": 0.3})
-    calls = {"n": 0}
-
-    def stop_at_step_15():  # mid-way through epoch 2 (22 steps per epoch)
-        calls["n"] += 1
-        return calls["n"] == 15
-
-    monkeypatch.setattr(interrupt, "stop_requested", stop_at_step_15)
-    first = train(cfg)
+    with stop_at_check(15):  # mid-way through epoch 2 (22 steps per epoch)
+        first = train(cfg)
     assert first["interrupted"] and read_state(cfg.run_dir) == "INTERRUPTED"
-    monkeypatch.setattr(interrupt, "stop_requested", lambda: False)
     from dataclasses import replace
 
     second = train(replace(cfg, resume=True))
@@ -81,11 +78,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     """Kill the process at an arbitrary moment (no chance to save), resume from latest.pt."""
     common = ["--device", "cpu", "--progress", "false", "--epochs", "3", "--model.width", "8",
               "--data.batch_size", "32", "--checkpoint_every_steps", "4", "--max_steps_per_epoch", "16"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    job = [sys.executable, str(REPO / "jobs" / "train.py"), *common]
-    subprocess.run([*job, "--run_dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    env = repo_env()
+    job_cmd = [*job("train"), *common]
+    subprocess.run([*job_cmd, "--run_dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*job, "--run_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*job_cmd, "--run_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Kill it right after its first mid-epoch checkpoint, wherever it then is: still training.
     deadline = time.time() + 60
     while not (run / "checkpoints" / "latest.pt").exists() and time.time() < deadline:
@@ -94,7 +91,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert read_state(run) == "RUNNING"  # it never got to finish
-    subprocess.run([*job, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True)
+    subprocess.run([*job_cmd, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True)
     assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
@@ -104,9 +101,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     common = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--model.width", "8",
               "--model.batchnorm", "false", "--data.batch_size", "64", "--max_steps_per_epoch", "8",
               "--data.rotation", "20"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    train_py = str(REPO / "jobs" / "train.py")
-    subprocess.run([sys.executable, train_py, *common, "--run_dir", str(tmp_path / "one")],
+    env = repo_env(OMP_NUM_THREADS="1")
+    train_py = str(JOBS / "train.py")
+    subprocess.run([*job("train"), *common, "--run_dir", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
     out = torchrun(train_py, *common, "--run_dir", str(tmp_path / "two"))
     assert "2 process(es)" in out.stdout
@@ -150,7 +147,7 @@ def test_checkpoint_errors(tiny_train_cfg, tmp_path):
 
 
 def test_jobs_print_one_line_errors_and_exit_2(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     cases = [
         (["jobs/train.py", "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "none")], "does not exist"),
         (["jobs/train.py", "--optim.lr", "0"], "optim.lr must be > 0"),
@@ -166,11 +163,11 @@ def test_jobs_print_one_line_errors_and_exit_2(tmp_path):
 
 
 def test_evaluate_job_with_no_arguments_finds_newest_run(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     common = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--max_steps_per_epoch", "3"]
-    subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *common], cwd=tmp_path, env=env,
+    subprocess.run([*job("train"), *common], cwd=tmp_path, env=env,
                    check=True, capture_output=True)
-    out = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py")], cwd=tmp_path, env=env,
+    out = subprocess.run(job("evaluate"), cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     (run,) = list((tmp_path / "runs").iterdir())
