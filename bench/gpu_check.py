@@ -439,8 +439,8 @@ def section_throughput(tmp: Path, quick: bool) -> None:
     import torchvision
 
     from bonnerlab.train.build import build_optimizer
-    from bonnerlab.train.precision import Precision
     from bonnerlab.train.loop import DeviceSums, train_step
+    from bonnerlab.train.precision import Precision
 
     say("6. throughput (batch 256, AMP, channels-last, synthetic 224x224 on the GPU)")
     device = torch.device("cuda", 0)

@@ -18,7 +18,6 @@ from bonnerlab.activations.store import PRESENTATION, _quiet_zarr, _read_meta
 from bonnerlab.errors import StoreError
 
 
-
 def _meta_or_error(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise StoreError(f"activation store {path} not found")

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence

@@ -1,5 +1,12 @@
-"""The extraction job's config and the layer-name grammar (patterns, per-layer channels, pooling,
-projections) it is written in."""
+"""The extraction job's config and the WHOLE layer-name grammar it is written in.
+
+A layer is named by its module (`layer2`, `blocks.3.attn`), optionally followed by `:INDEX` or
+`:KEY` to pick one element of a tuple, list, dict or transformers `ModelOutput` output
+(`blocks.3.attn:0`, `encoder.layer.5:0`, `output:last_hidden_state`, where `output` is the
+model's own output). Patterns expand in model order: `*` matches within one dotted part
+(`blocks.*` -> blocks.0, blocks.1, ...; not blocks.0.attn), `**` across parts. Per-layer options
+(`channels`, `pooling`, `reduce`) are `VALUE` for every layer or `LAYER=VALUE`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ POOLINGS = ("none", "avg", "max", "flatten", "cls", "mean")
 PREPROCESS_MODES = ("model", "squash", "center_crop")
 DTYPES = ("auto", "float32", "float16")
 DATASET_STIMULI = ("digits", "mnist")
+OUTPUT = "output"  # the model's own output, unless the model has a top-level module of that name
 
 
 @dataclass
@@ -204,6 +212,16 @@ def layer_matches(pattern: str, name: str) -> bool:
     )
     name_module, name_sep, name_element = name.partition(":")
     return re.fullmatch(regex, name_module) is not None and (sep, element) == (name_sep, name_element)
+
+
+def split_layer(name: str) -> tuple[str, int | str | None]:
+    """"blocks.3.attn:0" -> ("blocks.3.attn", 0); "vision_model:last_hidden_state" -> (.., key)."""
+    module, sep, element = name.partition(":")
+    if not sep:
+        return module, None
+    if not element:
+        raise ConfigError(f"layer {name!r}: name an element after ':' (an index like 0 or a key)")
+    return module, int(element) if element.lstrip("-").isdigit() else element
 
 
 def is_pattern(layer: str) -> bool:

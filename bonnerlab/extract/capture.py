@@ -1,10 +1,7 @@
 """Capture: forward hooks on named modules, element selection, pooling, random projection.
 
-A layer is named by its module (`layer2`, `blocks.3.attn`), optionally followed by `:INDEX` or
-`:KEY` to pick one element of a tuple, list, dict or transformers `ModelOutput` output
-(`blocks.3.attn:0`, `encoder.layer.5:0`, `output:last_hidden_state`, where `output` is the
-model's own output). Patterns expand in model order: `*` matches within one dotted part
-(`blocks.*` -> blocks.0, blocks.1, ...; not blocks.0.attn), `**` across parts.
+Layer names (`blocks.3.attn:0`, patterns like `blocks.*`) are parsed by the grammar in
+`bonnerlab.config.extract`; here they are expanded against a model, in model order.
 
 The hook reduces the output at once (element, channel subset, pooling, projection) and copies it
 into a preallocated CPU buffer (`Capture._hand_off`, the one place a capture leaves the device),
@@ -24,10 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonnerlab.config import is_pattern, layer_matches
+from bonnerlab.config.extract import OUTPUT, is_pattern, layer_matches, split_layer
 from bonnerlab.errors import UserError
-
-OUTPUT = "output"  # the model's own output, unless the model has a top-level module of that name
 
 
 class StopForward(Exception):
@@ -35,16 +30,6 @@ class StopForward(Exception):
 
 
 # ----------------------------------------------------------------------------- names
-
-
-def split_layer(name: str) -> tuple[str, int | str | None]:
-    """"blocks.3.attn:0" -> ("blocks.3.attn", 0); "vision_model:last_hidden_state" -> (.., key)."""
-    module, sep, element = name.partition(":")
-    if not sep:
-        return module, None
-    if not element:
-        raise UserError(f"layer {name!r}: name an element after ':' (an index like 0 or a key)")
-    return module, int(element) if element.lstrip("-").isdigit() else element
 
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:

@@ -16,11 +16,7 @@ pooling, projection) and `activations` (the store, resume markers, shards).
 
 from __future__ import annotations
 
-import hashlib
-import platform
-import queue
 import shutil
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,7 +49,9 @@ from bonnerlab.extract.capture import (
     select,
     split_layer,
 )
+from bonnerlab.extract.provenance import provenance
 from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
+from bonnerlab.extract.writer import ChunkWriter
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
 from bonnerlab.seeds import projection_seed
@@ -177,120 +175,6 @@ def check_disk_space(output: Path, needed: int) -> None:
         )
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "numpy", "zarr", "xarray", "timm", "open_clip_torch",
-                "transformers", "bonnerlab"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _stimuli_sha256(stimuli: Stimuli) -> str:
-    h = hashlib.sha256("\n".join(stimuli.ids).encode())
-    for name, values in sorted(stimuli.coords.items()):
-        h.update(name.encode())
-        h.update("\n".join(map(str, values.tolist())).encode())
-    return h.hexdigest()
-
-
-def _provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, stimuli: Stimuli, plan: Plan,
-                device: torch.device, precision: Precision) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(identity, attrs): the identity is fingerprinted (a change never reuses a store); the
-    attrs add what explains the store without changing it."""
-    from bonnerlab.runs import git_commit
-
-    identity = {
-        "arch": source.arch,
-        "weights_sha256": source.weights_sha256,
-        "preprocessing": pre.to_dict(),
-        "stimuli_sha256": _stimuli_sha256(stimuli),
-        "n_stimuli": len(stimuli.ids),
-        "layers": {s.name: {k: s.attrs[k] for k in ("channels", "pooling", "reduce")} for s in plan.specs},
-        "dtype": cfg.dtype,
-        "amp": precision.enabled,
-        "amp_dtype": precision.dtype_name,
-        "tf32": cfg.tf32 and device.type == "cuda",
-        "device_type": device.type,
-        "batch_size": cfg.batch_size,
-        "compression": cfg.compression,
-        "skip_bad_images": cfg.skip_bad_images,
-    }
-    attrs = {
-        "arch": source.arch,
-        "source": source.source,
-        "weights": source.weights,
-        "weights_sha256": source.weights_sha256,
-        "weights_file_sha256": source.weights_file_sha256,
-        "preprocessing": pre.to_dict(),
-        "layers_requested": list(cfg.layers),  # before pattern expansion
-        "stimuli_root": stimuli.root,
-        "classes": stimuli.classes,
-        "dtype": cfg.dtype,
-        "amp": precision.enabled,
-        "versions": _versions(),
-        "git_commit": git_commit(),
-        "config": to_dict(cfg),
-    }
-    return identity, attrs
-
-
-class _Writer:
-    """Writes chunks on a thread while the next batch computes.
-
-    The capture buffers are `slots` fixed slots used round-robin; `acquire()` blocks until the
-    slot for the next batch has been written out (the writer releases slots in FIFO order), so at
-    most `slots` batches of activations exist at once, however many stimuli there are. Errors on
-    the thread surface at the next acquire/close (an acquire inside a hook raises out of the
-    forward pass)."""
-
-    def __init__(self, store: Any, slots: int):
-        self.store = store
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self.free = threading.Semaphore(slots)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    chunk, data, skipped, ready, bad = item
-                    if ready is not None:
-                        ready.synchronize()  # the device-to-host copies of this batch have landed
-                    for values in data.values():
-                        if bad:
-                            values[bad] = np.nan
-                    self.store.write_chunk(chunk, data, skipped)
-                except BaseException as e:  # reported to the main thread
-                    self.error = e
-            self.free.release()
-
-    def acquire(self) -> None:
-        self.free.acquire()
-        if self.error is not None:
-            raise self.error
-
-    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str],
-            ready: torch.cuda.Event | None = None, bad: list[int] | None = None) -> None:
-        """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread."""
-        self.queue.put((chunk, data, skipped, ready, bad or []))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _return_large_buffers_to_os(threshold: int = 16 << 20) -> None:
     """Serve allocations >= 16 MB with mmap, so they go back to the OS when freed (glibc only).
 
@@ -339,7 +223,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if cfg.plan:
         return {"plan": plan.table(), "store": str(output), "bytes_per_stimulus": plan.bytes_per_stimulus,
                 "total_bytes": plan.total_bytes, "layers": plan.layers}
-    identity, attrs = _provenance(cfg, source, pre, stimuli, plan, device, precision)
+    identity, attrs = provenance(cfg, source, pre, stimuli, plan.specs, device, precision)
     if not output.exists():
         check_disk_space(output, plan.total_bytes)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -386,7 +270,7 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
     # One slot: the capture of batch N+1 waits for the writer only at its first requested layer
     # (Capture.before_first_copy), so writing N still overlaps the layers before it.
     slots = 1
-    writer = _Writer(store, slots)
+    writer = ChunkWriter(store, slots)
     n_skipped = 0
     bar = tqdm(total=sum(len(r) for r in rows), unit="img", disable=not cfg.progress or not todo,
                desc=f"extract {label}")

@@ -1,0 +1,62 @@
+"""The writer thread: chunks go to the store while the next batch computes."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ChunkWriter:
+    """Writes chunks on a thread while the next batch computes.
+
+    The capture buffers are `slots` fixed slots used round-robin; `acquire()` blocks until the
+    slot for the next batch has been written out (the writer releases slots in FIFO order), so at
+    most `slots` batches of activations exist at once, however many stimuli there are. Errors on
+    the thread surface at the next acquire/close (an acquire inside a hook raises out of the
+    forward pass)."""
+
+    def __init__(self, store: Any, slots: int):
+        self.store = store
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.free = threading.Semaphore(slots)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    chunk, data, skipped, ready, bad = item
+                    if ready is not None:
+                        ready.synchronize()  # the device-to-host copies of this batch have landed
+                    for values in data.values():
+                        if bad:
+                            values[bad] = np.nan
+                    self.store.write_chunk(chunk, data, skipped)
+                except BaseException as e:  # reported to the main thread
+                    self.error = e
+            self.free.release()
+
+    def acquire(self) -> None:
+        self.free.acquire()
+        if self.error is not None:
+            raise self.error
+
+    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str],
+            ready: torch.cuda.Event | None = None, bad: list[int] | None = None) -> None:
+        """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread."""
+        self.queue.put((chunk, data, skipped, ready, bad or []))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
