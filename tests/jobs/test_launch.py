@@ -1,5 +1,7 @@
-"""SlurmConfig checks, the generated sbatch script (--dry-run), fail-fast errors, the job wrapper
-run in-process. None of these need SLURM; tests/test_cluster_slurm.py uses the real cluster."""
+"""jobs/launch.py, status.py, cancel.py and logs.py as programs: the generated sbatch script and run
+folder (--dry-run), fail-fast one-line errors, no controller, the debug and local clusters, retries.
+None of these need SLURM (the real cluster: tests/slurm/; the cluster room itself:
+tests/unit/test_cluster.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import GOLDEN, assert_same_weights, job, run_weights, torchrun_cmd, torchrun_env
+from helpers import assert_same_weights, job, run_weights, torchrun_cmd, torchrun_env
 
-from bonnerlab.cluster.node import ClusterJob
-from bonnerlab.cluster.slurm_cli import NO_CONTROLLER, parse_time_minutes
-from bonnerlab.cluster.submit import prepare_job_config
-from bonnerlab.config import EvaluateConfig, SlurmConfig
-from bonnerlab.errors import ClusterError, ConfigError
+from bonnerlab.cluster.slurm_cli import NO_CONTROLLER
 from bonnerlab.runs import read_metrics, read_state
 
 LAUNCH = job("launch")
@@ -26,36 +24,6 @@ LAUNCH = job("launch")
 
 def launch(*args, env=None, cwd=None):
     return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-
-
-def test_tasks_default_to_one_per_gpu():
-    assert SlurmConfig().ntasks_per_node == 1
-    assert SlurmConfig(gpus_per_node=4).ntasks_per_node == 4
-    assert SlurmConfig(gpus_per_node=2, nodes=3).ntasks == 6
-    assert SlurmConfig(tasks_per_node=2).ntasks_per_node == 2  # CPU DDP
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"gpus_per_node": 2, "tasks_per_node": 1}, r"tasks_per_node \(1\) must equal gpus_per_node \(2\)"),
-        ({"cluster": "kubernetes"}, "cluster must be one of slurm, local, debug"),
-        ({"time_minutes": 0}, "time_minutes must be >= 1"),
-        ({"nodes": 0}, "nodes must be >= 1"),
-        ({"cluster": "debug", "tasks_per_node": 2}, "cannot run several tasks"),
-    ],
-)
-def test_slurm_config_checks(kwargs, message):
-    with pytest.raises(ConfigError, match=message):
-        SlurmConfig(**kwargs)
-
-
-def test_slurm_time_formats():
-    assert parse_time_minutes("60") == 60
-    assert parse_time_minutes("1:00:00") == 60
-    assert parse_time_minutes("30:00") == 30
-    assert parse_time_minutes("2-00:00:00") == 2880
-    assert parse_time_minutes("infinite") == float("inf")
 
 
 def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_path):
@@ -158,66 +126,6 @@ def test_existing_run_folder_is_refused(tmp_path):
     out = launch("--cluster", "debug", "train", "--run_dir", str(run))
     assert out.returncode == 2
     assert "already exists; choose another --run_dir or pass --resume" in out.stderr
-
-
-def test_failing_job_raises_and_marks_failed(tmp_path):
-    """A job whose function raises must end FAILED (SLURM then reports FAILED, not COMPLETED)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    cfg = prepare_job_config("evaluate", EvaluateConfig(checkpoint=str(bad), device="cpu"), run)
-    with pytest.raises(Exception, match="corrupt or not a checkpoint"):
-        ClusterJob("evaluate", cfg, str(run))()
-    assert read_state(run) == "FAILED"
-
-
-def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
-    with pytest.raises(RuntimeError, match="requeued 3 times, more than max_requeues=2"):
-        ClusterJob("evaluate", EvaluateConfig(), str(tmp_path), max_requeues=2)()
-    assert read_state(tmp_path) == "FAILED"
-
-
-def test_partition_checks():
-    """The checks on an sinfo listing of the local cluster's shape (the live one: test_cluster_slurm.py)."""
-    from bonnerlab.cluster.slurm_cli import parse_sinfo
-    from bonnerlab.cluster.submit import check_partition
-
-    parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
-    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_minutes == 60
-    assert parts["gpu"].gpus_per_node == 2 and not parts["gpu"].default
-    assert parts["urgent"].gpus_per_node == 2 and parts["urgent"].nodes == 2
-    assert parse_sinfo("a100|infinite|gpu:a100:8(S:0-1)|4\n")["a100"].gpus_per_node == 8
-    assert check_partition(SlurmConfig(), parts).name == "cpu"
-    with pytest.raises(ClusterError, match="partition cpu has no GPUs per node .* partitions with enough: gpu, urgent"):
-        check_partition(SlurmConfig(gpus_per_node=1), parts)
-    with pytest.raises(ClusterError, match="partitions with enough: none"):
-        check_partition(SlurmConfig(partition="gpu", gpus_per_node=4), parts)
-    with pytest.raises(ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"):
-        check_partition(SlurmConfig(partition="big"), parts)
-    with pytest.raises(ClusterError, match="over partition gpu's limit of 120"):
-        check_partition(SlurmConfig(partition="gpu", time_minutes=121), parts)
-    with pytest.raises(ClusterError, match="2 nodes requested; partition cpu has 1"):
-        check_partition(SlurmConfig(nodes=2), parts)
-
-
-# ----------------------------------------------------------------------------- golden sbatch scripts
-
-@pytest.mark.parametrize("name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)])
-def test_sbatch_script_matches_its_golden_file(name, array):
-    """submitit's practice: the generated script is compared to a recorded one. A deliberate change
-    is recorded with BONNERLAB_UPDATE_GOLDEN=1 and reviewed in the diff."""
-    from bonnerlab.cluster.submit import job_setup_lines, sbatch_script
-
-    cfg = SlurmConfig(partition="gpu", gpus_per_node=2, mem_gb=7.5, time_minutes=20, account="lab", qos="high",
-                      setup=["module load cuda"], additional_parameters={"exclusive": True}, array_parallelism=4)
-    script = sbatch_script(cfg, Path("/lab/runs/x/logs"), "bonnerlab-train", job_setup_lines(cfg, Path("/lab/runs/x/code")),
-                           array=array, python="/lab/venv/bin/python")
-    golden = GOLDEN / name
-    if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
-        golden.write_text(script)
-    assert script == golden.read_text()
 
 
 # ----------------------------------------------------------------------------- no SLURM, bad folders
