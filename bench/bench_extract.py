@@ -83,7 +83,7 @@ def run_bare(args) -> dict:
     cfg = _cfg(args, "bare")
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
-    stimuli = load_stimuli(cfg, pre.square_size, pre.channels, None)
+    stimuli = load_stimuli(cfg, pre.square_size, pre.in_channels, None)
     rows = [range(i, min(i + cfg.batch_size, len(stimuli.ids))) for i in range(0, len(stimuli.ids), cfg.batch_size)]
     t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():

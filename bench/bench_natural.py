@@ -123,7 +123,7 @@ def make_photos(root: Path, n_train: int = N_TRAIN, n_val: int = N_VAL, seed: in
 
 
 def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainConfig:
-    data = DataConfig(dataset="imagefolder", root=str(root), image_size=SIZE, channels=3, augment="natural",
+    data = DataConfig(dataset="imagefolder", root=str(root), image_size=SIZE, in_channels=3, augment="natural",
                       batch_size=batch, eval_batch_size=batch, num_workers=workers)
     optim = OptimConfig(optimizer="sgd", schedule="constant", **SGD)
     return TrainConfig(data=data, model=ModelConfig(arch="resnet18"), optim=optim, device="cpu",

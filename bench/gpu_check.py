@@ -188,7 +188,7 @@ def section_syncs(tmp: Path, folder: Path) -> None:
     def resnet():
         out = count_syncs(train_cfg(tmp, "sync-resnet", max_steps_per_epoch=25, log_every_steps=10, **{
             "model.arch": "resnet18", "data.dataset": "imagefolder", "data.root": str(folder),
-            "data.channels": 3, "data.image_size": 96, "data.batch_size": 8, "data.erasing": 0.5,
+            "data.in_channels": 3, "data.image_size": 96, "data.batch_size": 8, "data.erasing": 0.5,
             "optim.grad_clip": 1.0, "data.val_fraction": 0.1}))
         assert out["syncs_per_step_max"] == 0, out
         return out
@@ -363,7 +363,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
 
     def run(device: str, name: str, **extra) -> tuple[dict, dict]:
         cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
-                            preprocess="squash", image_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
+                            preprocess="squash", in_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
                             pooling=["layer2=none", "avgpool=flatten"], batch_size=32, device=device,
                             output=str(tmp / f"{name}.zarr"), progress=False, **extra)
         summary = extract(cfg)
@@ -407,7 +407,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
                 + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extract.run import ExtractConfig, extract\n"
                 + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
-                + "image_size=64, preprocess='squash', image_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
+                + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
                 + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
                 + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -519,7 +519,7 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         n = 512 if quick else 1797  # every digit
         cfg = ExtractConfig(model=ModelConfig(arch="resnet50"), stimuli="digits", split="all", limit=n,
                             image_size=224, preprocess="squash",
-                            image_channels=3, layers=["layer3", "avgpool"], pooling=["layer3=avg", "avgpool=flatten"],
+                            in_channels=3, layers=["layer3", "avgpool"], pooling=["layer3=avg", "avgpool=flatten"],
                             batch_size=128, device="cuda", amp=True, output=str(tmp / "rate.zarr"), progress=False)
         samples: list[str] = []
         import threading

@@ -106,6 +106,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
+    renamed = getattr(cls, "renamed_keys", {})
+    data = {renamed.get(k, k) if renamed.get(k) not in data else k: v for k, v in data.items()}
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:

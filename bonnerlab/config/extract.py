@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from bonnerlab.config.core import check, check_checkpoint, check_choice
 from bonnerlab.config.train import ModelConfig
@@ -27,6 +28,9 @@ OUTPUT = "output"  # the model's own output, unless the model has a top-level mo
 @dataclass
 class ExtractConfig:
     """Extract layer activations of a model over a set of stimuli into a zarr store."""
+
+    # keys of configs saved before a rename (a store's config attribute, a YAML file) -> today's
+    renamed_keys: ClassVar[dict[str, str]] = {"image_channels": "in_channels"}
 
     # run folder or checkpoint file from `train`, or newest (the newest run under runs/);
     # empty = build model.arch with model.weights
@@ -62,7 +66,7 @@ class ExtractConfig:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     # input colour channels (1 or 3); 0 = the checkpoint's, 1 (mnist_cnn) or 3 (other models)
-    image_channels: int = 0
+    in_channels: int = 0
     # layers by module name, NAME:INDEX or NAME:KEY for an element of a tuple/dict output
     # (blocks.3.attn:0, vision_model:last_hidden_state), `output` for the model's own output, and
     # patterns where * stays within one dotted part (blocks.*); see --list_layers
@@ -123,7 +127,7 @@ class ExtractConfig:
         )
         check(len(self.mean) == len(self.std), f"mean and std must have the same length; got {self.mean} and {self.std}")
         check(all(s > 0 for s in self.std), f"std must be > 0; got {self.std}")
-        check(self.image_channels in (0, 1, 3), f"image_channels must be 0, 1 or 3; got {self.image_channels}")
+        check(self.in_channels in (0, 1, 3), f"in_channels must be 0, 1 or 3; got {self.in_channels}")
         check(self.list_layers or bool(self.layers), "layers must name at least one layer (see --list_layers)")
         check(len(set(self.layers)) == len(self.layers), f"layers has duplicates: {self.layers}")
         check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from bonnerlab.config.core import check, check_checkpoint, check_choice
 
@@ -14,6 +15,9 @@ SCHEDULES = ("onecycle", "cosine", "step", "constant")
 @dataclass
 class DataConfig:
     """Which images to train on and how to feed them."""
+
+    # keys of configs saved before a rename (a run's config.yaml, a checkpoint) -> today's name
+    renamed_keys: ClassVar[dict[str, str]] = {"channels": "in_channels"}
 
     # dataset: digits (scikit-learn's handwritten digits, offline default), mnist, imagefolder
     dataset: str = "digits"
@@ -30,7 +34,7 @@ class DataConfig:
     # images are resized to image_size x image_size
     image_size: int = 28
     # colour channels given to the model: 1 (grayscale) or 3 (RGB); digits and mnist are grayscale
-    channels: int = 1
+    in_channels: int = 1
     # global batch size, split evenly over all processes
     batch_size: int = 128
     # batch size for evaluation
@@ -68,7 +72,7 @@ class DataConfig:
         check_choice("data.mnist_files", self.mnist_files, ("train", "test"))
         check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
         check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
-        check(self.channels in (1, 3), f"data.channels must be 1 or 3; got {self.channels}")
+        check(self.in_channels in (1, 3), f"data.in_channels must be 1 or 3; got {self.in_channels}")
         check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
         check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
         check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")

@@ -53,9 +53,9 @@ EVAL_CROP_FRACTION = 0.875
 class FolderDataset(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers) to uint8 [C, S, S]."""
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, channels: int,
+    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, in_channels: int,
                  fit: str = "squash", crop_fraction: float = EVAL_CROP_FRACTION):
-        self.root, self.files, self.size, self.channels, self.fit = root, files, size, channels, fit
+        self.root, self.files, self.size, self.in_channels, self.fit = root, files, size, in_channels, fit
         self.crop_fraction = crop_fraction
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.ids = [str(f.relative_to(root)) for f in files]
@@ -65,7 +65,7 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def with_fit(self, fit: str, crop_fraction: float | None = None) -> FolderDataset:
         """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
-        return FolderDataset(self.root, self.files, self.labels.tolist(), self.size, self.channels, fit,
+        return FolderDataset(self.root, self.files, self.labels.tolist(), self.size, self.in_channels, fit,
                             self.crop_fraction if crop_fraction is None else crop_fraction)
 
     @property
@@ -74,11 +74,11 @@ class FolderDataset(torch.utils.data.Dataset):
         return round(self.size * CANVAS_RATIO) if self.fit == "canvas" else self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return (load_image(self.files[index], self.size, self.channels, self.fit, self.crop_fraction),
+        return (load_image(self.files[index], self.size, self.in_channels, self.fit, self.crop_fraction),
                 int(self.labels[index]))
 
 
-def load_image(path: Path, size: int, channels: int, fit: str = "squash",
+def load_image(path: Path, size: int, in_channels: int, fit: str = "squash",
                crop_fraction: float = EVAL_CROP_FRACTION) -> torch.Tensor:
     """Decode, convert to grayscale/RGB and bring one image to a fixed square shape (see FITS);
     the error names the file."""
@@ -95,8 +95,8 @@ def load_image(path: Path, size: int, channels: int, fit: str = "squash",
                 target = (max(short, int(w * short / h)), short) if w >= h else (short, max(short, int(h * short / w)))
             # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
             # large photo for a 112-pixel input decodes several times faster
-            img.draft("L" if channels == 1 else "RGB", target)
-            img = img.convert("L" if channels == 1 else "RGB")
+            img.draft("L" if in_channels == 1 else "RGB", target)
+            img = img.convert("L" if in_channels == 1 else "RGB")
             if img.size != target:
                 img = img.resize(target, Image.BILINEAR)
             if fit != "squash":
@@ -107,7 +107,7 @@ def load_image(path: Path, size: int, channels: int, fit: str = "squash",
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from e
     tensor = torch.from_numpy(array.copy())
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+    return tensor.unsqueeze(0) if in_channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
 
 Dataset = InMemoryDataset | FolderDataset  # one split's images and labels
@@ -119,7 +119,7 @@ class Splits:
     val: Dataset
     test: Dataset | None
     classes: list[str]
-    channels: int
+    in_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_fraction: float = EVAL_CROP_FRACTION
@@ -130,14 +130,14 @@ class Splits:
 
     def with_published(self, published: Normalization) -> Splits:
         """Fine-tuning pretrained weights: their own mean and std (when they have this many
-        channels) and evaluation crop share, in place of the defaults."""
+        in_channels) and evaluation crop share, in place of the defaults."""
 
         def crop(source: Dataset | None) -> Dataset | None:
             if isinstance(source, FolderDataset):
                 return source.with_fit(source.fit, published.crop_fraction)
             return source
 
-        same_channels = len(published.mean) == self.channels
+        same_channels = len(published.mean) == self.in_channels
         return replace(self, train=crop(self.train), val=crop(self.val), test=crop(self.test),
                        mean=published.mean if same_channels else self.mean,
                        std=published.std if same_channels else self.std,
@@ -169,8 +169,8 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    return images.expand(-1, channels, -1, -1).contiguous() if channels != images.shape[1] else images
+def _to_channels(images: torch.Tensor, in_channels: int) -> torch.Tensor:
+    return images.expand(-1, in_channels, -1, -1).contiguous() if in_channels != images.shape[1] else images
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +198,7 @@ def load_digits_source(cfg: DataConfig) -> InMemoryDataset:
     digits, target = _digits_arrays()
     # values 0..16 -> 0..255, upsampled to image_size like MNIST's 28x28
     images = torch.from_numpy((digits * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
-    images = _to_channels(_resize_uint8(images, cfg.image_size), cfg.channels)
+    images = _to_channels(_resize_uint8(images, cfg.image_size), cfg.in_channels)
     labels = torch.from_numpy(target.astype(np.int64))
     return InMemoryDataset(images, labels, [f"digits/{i:04d}" for i in range(len(labels))])
 
@@ -258,7 +258,7 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemoryDataset:
     images, labels = _read_idx(files[0]), _read_idx(files[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels")
-    images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.channels)
+    images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.in_channels)
     prefix = "train" if train_files else "test"
     return InMemoryDataset(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
 
@@ -301,7 +301,7 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
 
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderDataset:
             return FolderDataset(root, [root / names[i] for i in idx], [labels[i] for i in idx],
-                                cfg.image_size, cfg.channels, fit)
+                                cfg.image_size, cfg.in_channels, fit)
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
         if va is None:
@@ -313,8 +313,8 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
         if "test" in listing.splits:
             test_files, test_labels = listing.splits["test"]
             test = make(test_files, test_labels, np.arange(len(test_files)), eval_fit)
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.channels == 3 else ((0.5,), (0.25,))
-        splits = Splits(train, val, test, listing.classes, cfg.channels, mean, std)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_channels == 3 else ((0.5,), (0.25,))
+        splits = Splits(train, val, test, listing.classes, cfg.in_channels, mean, std)
         return splits.with_published(published) if published is not None else splits
 
     if cfg.dataset == "digits":
@@ -325,4 +325,4 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
     tr, va = _split_indices(len(full), cfg.val_fraction, cfg.split_seed)
     train, val = _subset(full, tr), _subset(full, va)
     mean, std = _stats(train.images)
-    return Splits(train, val, test, [str(i) for i in range(10)], cfg.channels, mean, std)
+    return Splits(train, val, test, [str(i) for i in range(10)], cfg.in_channels, mean, std)

@@ -63,10 +63,10 @@ def load_model(cfg: ExtractConfig) -> LoadedModel:
     if cfg.checkpoint:
         source = load_checkpoint_source(cfg.checkpoint, cfg.which)
     else:
-        source = load_source(cfg.model, cfg.seed, cfg.image_channels, cfg.num_classes)
-    if cfg.image_channels and cfg.image_channels != source.in_channels:
+        source = load_source(cfg.model, cfg.seed, cfg.in_channels, cfg.num_classes)
+    if cfg.in_channels and cfg.in_channels != source.in_channels:
         raise ConfigError(
-            f"image_channels {cfg.image_channels} does not match the model's {source.in_channels} input channels"
+            f"in_channels {cfg.in_channels} does not match the model's {source.in_channels} input channels"
         )
     return source
 
@@ -82,7 +82,7 @@ def load_preprocess(cfg: ExtractConfig, source: LoadedModel) -> PreprocessSpec:
 
 def example_input(spec: PreprocessSpec, device: torch.device | str = "cpu") -> torch.Tensor:
     assert spec.output_size is not None
-    return torch.zeros(1, spec.channels, *spec.output_size, device=device)
+    return torch.zeros(1, spec.in_channels, *spec.output_size, device=device)
 
 
 def list_layers(cfg: ExtractConfig) -> list[tuple[str, str, str, int]]:
@@ -217,7 +217,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
     model = source.model.to(device)
-    stimuli = load_stimuli(cfg, pre.square_size, pre.channels, source.data)
+    stimuli = load_stimuli(cfg, pre.square_size, pre.in_channels, source.data)
     plan = plan_layers(cfg, model, example_input(pre, device), len(stimuli.ids))
     output = Path(cfg.output or default_store_name(cfg))
     if cfg.plan:
@@ -274,7 +274,7 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
     n_skipped = 0
     bar = tqdm(total=sum(len(r) for r in rows), unit="img", disable=not cfg.progress or not todo,
                desc=f"extract {label}")
-    shape = (pre.channels, *pre.output_size)
+    shape = (pre.in_channels, *pre.output_size)
     try:
         with (
             Capture(plan.modules, plan.plans, getattr(torch, cfg.dtype), slots=slots,

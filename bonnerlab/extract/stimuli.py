@@ -87,8 +87,8 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
     return Stimuli(ids, labels, str(sheet.resolve()), [], files=files, coords=coords)
 
 
-def load_stimuli(cfg: ExtractConfig, image_size: int, channels: int, data: DataConfig | None) -> Stimuli:
-    """The configured stimuli; datasets at `image_size` with `channels` (in memory)."""
+def load_stimuli(cfg: ExtractConfig, image_size: int, in_channels: int, data: DataConfig | None) -> Stimuli:
+    """The configured stimuli; datasets at `image_size` with `in_channels` (in memory)."""
     from bonnerlab.data import datasets as bdata
 
     if cfg.stimuli not in DATASET_STIMULI:
@@ -107,7 +107,7 @@ def load_stimuli(cfg: ExtractConfig, image_size: int, channels: int, data: DataC
         **to_dict(base),
         "dataset": cfg.stimuli,
         "image_size": image_size,
-        "channels": channels,
+        "in_channels": in_channels,
         "root": cfg.data_root or (base.root if data else "data"),
         "download": False,
         "mnist_files": "train",

@@ -1,6 +1,6 @@
 """Preprocessing: each model's published evaluation transform, resolved into explicit steps.
 
-`resolve_preprocess(published, channels, mode, ...)` turns what a source publishes (torchvision
+`resolve_preprocess(published, in_channels, mode, ...)` turns what a source publishes (torchvision
 `weights.transforms()`, timm's `create_transform`, open_clip's `preprocess`, a Hugging Face image
 processor, or our own checkpoints' size/mean/std) into a `PreprocessSpec`: a list of steps with
 every parameter spelled out (sizes, interpolation, antialiasing, crop rounding, mean, std). The
@@ -33,7 +33,7 @@ PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box
 @dataclass(frozen=True)
 class PreprocessSpec:
     mode: str
-    channels: int
+    in_channels: int
     steps: tuple[dict[str, Any], ...]
     origin: str  # what the steps were read from, e.g. "timm create_transform"
     output_size: tuple[int, int] | None = None  # (height, width) of every image, when fixed
@@ -42,7 +42,7 @@ class PreprocessSpec:
         return {
             "mode": self.mode,
             "origin": self.origin,
-            "channels": self.channels,
+            "channels": self.in_channels,
             "output_size": list(self.output_size) if self.output_size else None,
             "steps": [dict(s) for s in self.steps],
         }
@@ -282,7 +282,7 @@ def _hf_steps(processor: Any) -> tuple[list[dict[str, Any]], str]:
     return steps, f"transformers {type(processor).__name__}"
 
 
-def describe(published: Any, channels: int) -> tuple[list[dict[str, Any]], str]:
+def describe(published: Any, in_channels: int) -> tuple[list[dict[str, Any]], str]:
     """The steps of a source's published transform (after decoding to RGB or grayscale)."""
     if isinstance(published, dict):  # mnist_cnn / our checkpoints: squash to size, normalize
         s = int(published["image_size"])
@@ -306,7 +306,7 @@ def _output_size(steps: list[dict[str, Any]]) -> tuple[int, int] | None:
 
 def resolve_preprocess(
     published: Any,
-    channels: int,
+    in_channels: int,
     mode: str = "model",
     image_size: int = 0,
     mean: list[float] | tuple[float, ...] = (),
@@ -315,20 +315,20 @@ def resolve_preprocess(
 ) -> PreprocessSpec:
     """The preprocessing of a model: its published transform (`mode="model"`), or `squash` /
     `center_crop` to its input size; `image_size`, `mean`, `std` override (0/empty = the model's)."""
-    steps, read_from = describe(published, channels)
+    steps, read_from = describe(published, in_channels)
     origin = f"{origin} ({read_from})" if origin else read_from
     size = _output_size(steps)
     own_norm = next(s for s in steps if s["op"] in ("normalize", "rescale_normalize"))
-    if channels == 1 and not mean and len(own_norm["mean"]) == 3:
+    if in_channels == 1 and not mean and len(own_norm["mean"]) == 3:
         raise ConfigError("this model's preprocessing is for RGB images; pass --mean and --std for one channel")
     mean = _floats(mean) or own_norm["mean"]
     std = _floats(std) or own_norm["std"]
-    if len(mean) not in (1, channels) or len(std) not in (1, channels):
-        raise ConfigError(f"mean and std need 1 or {channels} values; got {mean} and {std}")
-    if len(mean) != channels:
-        mean, std = mean * channels, std * channels
+    if len(mean) not in (1, in_channels) or len(std) not in (1, in_channels):
+        raise ConfigError(f"mean and std need 1 or {in_channels} values; got {mean} and {std}")
+    if len(mean) != in_channels:
+        mean, std = mean * in_channels, std * in_channels
     side = image_size or (size[0] if size else 0)
-    convert = {"op": "convert", "mode": "L" if channels == 1 else "RGB"}
+    convert = {"op": "convert", "mode": "L" if in_channels == 1 else "RGB"}
     if mode == "model":
         if image_size and size:
             # a new input size: scale every resize and crop by the same factor
@@ -349,4 +349,4 @@ def resolve_preprocess(
         steps += [{"op": "to_tensor"}, {"op": "normalize", "mean": mean, "std": std}]
         origin = f"bonnerlab {mode}"
     steps = [convert, *steps]
-    return PreprocessSpec(mode, channels, tuple(steps), origin, _output_size(steps))
+    return PreprocessSpec(mode, in_channels, tuple(steps), origin, _output_size(steps))

@@ -115,7 +115,7 @@ class Training:
             "classes": list(splits.classes),
             "preprocess": {
                 "mean": list(splits.mean), "std": list(splits.std),
-                "image_size": cfg.data.image_size, "channels": splits.channels,
+                "image_size": cfg.data.image_size, "channels": splits.in_channels,
                 "crop_fraction": splits.crop_fraction,
             },
         }
@@ -145,7 +145,7 @@ def published_normalization(cfg: TrainConfig, transform: Any, published_by: str)
     """Fine-tuning pretrained weights on an image folder: the mean, std and evaluation crop the
     weights were published with (`transform`, as `build_model_and_transform` returns it, read
     by bonnerlab.models.preprocess)."""
-    if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.channels != 3:
+    if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.in_channels != 3:
         return None
     from bonnerlab.models.preprocess import resolve_preprocess
 
@@ -167,7 +167,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
         raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
                           f"{cfg.data.batch_size // info.world_size} (data.batch_size / processes)")
     # One load gives the model and the transform its weights were published with.
-    model, transform, published_by = build_model_and_transform(cfg.model, splits.channels, splits.num_classes)
+    model, transform, published_by = build_model_and_transform(cfg.model, splits.in_channels, splits.num_classes)
     published = published_normalization(cfg, transform, published_by)
     if published is not None:
         splits = splits.with_published(published)

@@ -27,7 +27,7 @@ from bonnerlab.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from bonnerlab.config import TrainConfig, save_yaml, to_dict
+from bonnerlab.config import TrainConfig, from_dict, save_yaml, to_dict
 from bonnerlab.data.augment import Preprocess
 from bonnerlab.data.loaders import TrainBatches
 from bonnerlab.errors import RunDirError
@@ -199,8 +199,9 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         raise RunDirError(
             f"run folder {run_dir} already holds a run; pass --resume to continue it or choose a new --run_dir"
         )
-    # a key an older run's config lacks (added since) reads as its default
-    ours, theirs = _flat(to_dict(cfg)), {**_flat(to_dict(TrainConfig())), **_flat(saved)}
+    # read like any config file: a key an older run's config lacks (added since) is its default,
+    # a renamed key its new name
+    ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(from_dict(TrainConfig, saved)))
     changed = sorted(k for k in ours.keys() | theirs.keys()
                      if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k))
     if changed:

@@ -288,9 +288,9 @@ def test_plain_and_sharded_extract_name_the_same_store(tmp_path, monkeypatch):
 
 
 def test_grayscale_input_needs_its_own_normalization():
-    base = dict(model=ModelConfig(arch="resnet18"), layers=["x"], image_channels=1)
+    base = dict(model=ModelConfig(arch="resnet18"), layers=["x"], in_channels=1)
     with pytest.raises(ConfigError, match="preprocessing is for RGB images; pass --mean and --std"):
         load_preprocess(ExtractConfig(**base), load_model(ExtractConfig(**base)))
     cfg = ExtractConfig(**base, mean=[0.5], std=[0.25])
     spec = load_preprocess(cfg, load_model(cfg))
-    assert spec.steps[0] == {"op": "convert", "mode": "L"} and spec.mean == [0.5] and spec.channels == 1
+    assert spec.steps[0] == {"op": "convert", "mode": "L"} and spec.mean == [0.5] and spec.in_channels == 1

@@ -42,7 +42,7 @@ def _collection(root, splits=("train", "val"), per_class=12, classes=("china", "
 
 def test_train_val_test_folders_are_used_as_given(tmp_path):
     _collection(tmp_path, splits=("train", "val", "test"), per_class=4)
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), channels=3, image_size=32,
+    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=32,
                                val_fraction=0.5))  # ignored: there is a val/ folder
     assert s.classes == ["china", "flower"]
     assert len(s.train) == len(s.val) == len(s.test) == 8
@@ -85,7 +85,7 @@ def test_scan_is_one_walk_without_stat_per_file(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_run_keeps_its_file_list_and_evaluates_the_test_folder(tmp_path, tiny_train_cfg):
     root = _collection(tmp_path / "photos", splits=("train", "val", "test"), per_class=16)
-    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.channels": 3,
+    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3,
                  "data.image_size": 32, "data.batch_size": 8, "data.num_workers": 0,
                  "epochs": 2}
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "run"), **overrides)
@@ -106,7 +106,7 @@ def test_run_keeps_its_file_list_and_evaluates_the_test_folder(tmp_path, tiny_tr
 @pytest.mark.slow
 def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
     root = _collection(tmp_path / "photos", splits=("train",), per_class=16)
-    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.channels": 3,
+    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3,
                  "data.image_size": 24, "data.batch_size": 8, "data.num_workers": 0, "data.val_fraction": 0.25,
                  "data.color_jitter": 0.3, "data.erasing": 0.5, "epochs": 2}
     train(tiny_train_cfg(run_dir=str(tmp_path / "ref"), **overrides))
@@ -172,7 +172,7 @@ def test_natural_parameters_are_uniform_within_their_ranges():
 
 
 def test_natural_batches_do_not_depend_on_world_size():
-    cfg = DataConfig(dataset="imagefolder", channels=3, image_size=24, augment="natural", color_jitter=0.2,
+    cfg = DataConfig(dataset="imagefolder", in_channels=3, image_size=24, augment="natural", color_jitter=0.2,
                      erasing=0.5)
     pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cfg)
     x = (_canvases(8, side=27) * 255).round().to(torch.uint8)
@@ -200,7 +200,7 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monke
     root = _collection(tmp_path / "photos", splits=("train", "val"), per_class=2)
     cfg = apply_overrides(TrainConfig(), {
         "model.arch": "timm:vit_tiny_patch16_224", "model.weights": str(weights), "device": "cpu",
-        "data.dataset": "imagefolder", "data.root": str(root), "data.channels": 3, "data.image_size": 224,
+        "data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3, "data.image_size": 224,
         "data.num_workers": 0, "data.batch_size": 2, "run_dir": str(tmp_path / "run")})
     reads = []
     real_read = sources.read_state_dict

@@ -87,7 +87,7 @@ def _write_folder(root, n_per_class=6, size=20, classes=("cat", "dog")):
 
 def test_image_folder_loads_recursively_through_workers(tmp_path):
     _write_folder(tmp_path)
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), channels=3, image_size=16, val_fraction=0.25)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16, val_fraction=0.25)
     s = load_splits(cfg)
     assert s.classes == ["cat", "dog"] and len(s.train) + len(s.val) == 12
     batches = TrainBatches(s.train, 4, 0, 0, 1, torch.device("cpu"), num_workers=2)
@@ -119,7 +119,7 @@ def test_image_folder_errors_name_the_problem(tmp_path):
 def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
     _write_folder(tmp_path)
     (tmp_path / "dog" / "zz-broken.png").write_bytes(b"not a png")
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), channels=3, image_size=16,
+    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16,
                                val_fraction=0.0))
     batches = TrainBatches(s.train, 13, 0, 0, 1, torch.device("cpu"), num_workers=2)
     with pytest.raises(DataError) as e:

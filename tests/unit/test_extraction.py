@@ -324,7 +324,7 @@ def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(tm
     from bonnerlab.extract import run as extraction
 
     common = dict(model=ModelConfig(arch="resnet18"), stimuli="digits", split="all", limit=40, image_size=64,
-                  preprocess="center_crop", image_channels=3, layers=["layer2", "avgpool"], batch_size=16,
+                  preprocess="center_crop", in_channels=3, layers=["layer2", "avgpool"], batch_size=16,
                   device="cpu", progress=False)
     extract(ExtractConfig(**common, output=str(tmp_path / "cpu.zarr")))
     monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)

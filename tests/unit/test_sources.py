@@ -310,7 +310,7 @@ def test_digits_through_a_published_transform(tmp_path):
     from bonnerlab.config import DataConfig
     from bonnerlab.data.datasets import load_digits_source
 
-    images = load_digits_source(DataConfig(image_size=256, channels=3)).images[:4]
+    images = load_digits_source(DataConfig(image_size=256, in_channels=3)).images[:4]
     x = load_preprocess(c, load_model(c)).transform()(images)
     assert x.shape == (4, 3, 224, 224)
     torch.testing.assert_close(x, (images[:, :, 16:240, 16:240].float() / 255 - torch.tensor(
