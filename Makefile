@@ -44,7 +44,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 notebooks: install  ## execute notebooks/*.ipynb in place, so they are committed with their figures
-	$(PY) tests/test_notebooks.py
+	$(PY) tests/docs/test_notebooks.py
 
 bench: install  ## benchmarks: ratios against reference implementations, measured in one run
 	$(PY) bench/bench_train.py $(ARGS)
