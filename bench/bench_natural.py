@@ -15,7 +15,7 @@ Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of 
 (default: bonnerlab's auto, one core left to training):
 - bonnerlab: `bonnerlab.train.build.build` + `wrap` + `bonnerlab.train.loop.train_one_epoch` with `data.augment natural`
   (workers decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
-  `Preprocess.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
+  `BatchAugment.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
 - reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +
   `ToTensor` + `Normalize` per sample (full-size PIL decode), and the classic loop
   (zero_grad, forward, cross-entropy, backward, step) on a contiguous (NCHW) model.
@@ -24,7 +24,7 @@ The paths take turns, --steps training steps each per round (each a fresh pass o
 sample of the folder, persistent workers on every side, pipeline fill included; the order
 rotates every round), and each keeps its best round: the least disturbed by other processes.
 bonnerlab's step is split into phases by bench_train.PhaseTimer: `fetch` (waiting for the next
-batch from the workers) + `augment` (Preprocess.augment) is the share "spent loading +
+batch from the workers) + `augment` (BatchAugment.augment) is the share "spent loading +
 augmenting"; the reference's time waiting on its DataLoader is reported beside it. Then two
 attributions: each data path alone (ms per image: decode + transforms in one thread as in a
 worker; bonnerlab's batched augmentation in the training process), and the model step alone on
@@ -189,14 +189,14 @@ class ReferenceRun:
 def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
     """Milliseconds of one core per image of each data path alone, in this process (best of 2):
     the reference's decode + RandomResizedCrop + flip + ToTensor + Normalize; bonnerlab's draft
-    decode to the canvas (what its workers do) and its share of Preprocess.natural on a batch."""
+    decode to the canvas (what its workers do) and its share of BatchAugment.natural on a batch."""
     import torchvision
     from torchvision import transforms as T
 
     transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
-    source, preprocess = run.run.splits.train, run.run.preprocess
+    source, preprocess = run.run.splits.train, run.run.batch_augment
     index = np.random.default_rng(1).choice(len(source), n, replace=False).tolist()
 
     def best(fn) -> float:

@@ -18,7 +18,7 @@ bonnerlab's seeded split (data.val_fraction 0.2, split_seed 0); the reference us
    (in-memory uint8 batches, batched normalize + random affine on the device) vs the reference's
    DataLoader of per-sample PIL -> ToTensor -> Normalize.
 3. share of a training step spent fetching + augmenting the batch in bonnerlab's `train_one_epoch`,
-   timed with time.perf_counter around the batch iterator and Preprocess.augment, and around the
+   timed with time.perf_counter around the batch iterator and BatchAugment.augment, and around the
    model's forward (module hooks), backward and optimizer step (backward-pre / step hooks).
 
 Results: a table on stdout and bench/out/train.json. Timings are wall-clock; compare ratios from
@@ -56,7 +56,7 @@ import reference_mnist as ref  # noqa: E402
 
 from bonnerlab import distributed as dist  # noqa: E402
 from bonnerlab.config import DataConfig, TrainConfig, apply_overrides  # noqa: E402
-from bonnerlab.data.augment import Preprocess  # noqa: E402
+from bonnerlab.data.augment import BatchAugment  # noqa: E402
 from bonnerlab.data.datasets import load_splits  # noqa: E402
 from bonnerlab.data.loaders import TrainBatches  # noqa: E402
 from bonnerlab.runs import Logger  # noqa: E402
@@ -131,7 +131,7 @@ def run_ours(cfg: TrainConfig, target: float) -> dict:
 class PhaseTimer:
     """Wall-clock per phase of bonnerlab's train_one_epoch, without changing its code.
 
-    fetch: the TrainBatches iterator's next(); augment: Preprocess.augment; forward: the model's
+    fetch: the TrainBatches iterator's next(); augment: BatchAugment.augment; forward: the model's
     forward (module pre-/post-hooks); backward: from the first gradient reaching the model's
     output to the optimizer step; optimizer: optimizer.step (step pre-/post-hooks). The rest of the
     loop (loss, zero_grad, scheduler, bookkeeping) is `other`.
@@ -141,7 +141,7 @@ class PhaseTimer:
         self.t: dict[str, float] = defaultdict(float)
         self._mark: dict[str, float] = {}
 
-    def attach(self, batches: TrainBatches, preprocess: Preprocess, model: torch.nn.Module,
+    def attach(self, batches: TrainBatches, preprocess: BatchAugment, model: torch.nn.Module,
                optimizer: torch.optim.Optimizer) -> None:
         timer, clock = self, time.perf_counter
         produce = batches.batches
@@ -206,7 +206,7 @@ class ProductRun:
         wrap(run, info)
         self.cfg, self.run, self.model = cfg, run, run.model
         self.timer = PhaseTimer()
-        self.timer.attach(run.batches, run.preprocess, run.model, run.optimizer)
+        self.timer.attach(run.batches, run.batch_augment, run.model, run.optimizer)
         # a real Logger (TensorBoard scalars every log_every_steps), as train() has
         self._scratch = tempfile.TemporaryDirectory(prefix="bench-train-log-")
         self.logger = Logger(self._scratch.name)
@@ -223,7 +223,7 @@ class ProductRun:
         state = run.state
         state.step, state.seen = 0, 0
         start = time.perf_counter()
-        train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+        train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
                         run.precision, self.cfg, state, self.logger)
         total = time.perf_counter() - start
         state.epoch += 1

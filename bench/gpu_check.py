@@ -159,7 +159,7 @@ def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
                 mark[0] = n
 
             start = time.perf_counter()
-            train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+            train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
                             run.precision, cfg, run.state, Logger(None), on_step_end=on_step_end)
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bonnerlab.config import DataConfig
 from bonnerlab.data.datasets import augment_preset
 from bonnerlab.data.loaders import to_device
+from bonnerlab.pixels import to_unit_float
 from bonnerlab.seeds import step_generator
 
 
@@ -92,7 +93,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-class Preprocess:
+class BatchAugment:
     """uint8 batch -> normalized float batch, with per-sample random affine/erasing in training.
 
     torchvision.transforms.v2 draws ONE set of parameters per call, i.e. the same rotation for
@@ -119,7 +120,7 @@ class Preprocess:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean, std, _ = self._on(x.device)
-        return (x.float().div_(255) - mean) / std
+        return (to_unit_float(x) - mean) / std
 
     def augment(
         self, x: torch.Tensor, seed: int, epoch: int, step: int, rank: int, world_size: int
@@ -168,7 +169,7 @@ class Preprocess:
         params = natural_params(b * world_size, x.shape[-1], cfg, g)[rank * b : (rank + 1) * b]
         erase = torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b] if cfg.erasing > 0 else None
         params = to_device(params if erase is None else torch.cat([params, erase], 1), x.device)
-        out = resized_crop_batch(x.float().div_(255), params[:, :5], cfg.image_size)
+        out = resized_crop_batch(to_unit_float(x), params[:, :5], cfg.image_size)
         if cfg.color_jitter > 0:
             out = color_jitter_batch(out, params[:, 5:8])
         mean, std, _ = self._on(x.device)

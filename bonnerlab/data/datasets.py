@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bonnerlab.config import DataConfig
 from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.errors import DataError
+from bonnerlab.pixels import to_unit_float
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -156,7 +157,7 @@ def _subset(source: InMemoryDataset, idx: np.ndarray) -> InMemoryDataset:
 
 
 def _stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.float().div_(255)
+    x = to_unit_float(images)
     mean = x.mean(dim=(0, 2, 3))
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())

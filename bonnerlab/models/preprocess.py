@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from bonnerlab.errors import ConfigError
+from bonnerlab.pixels import to_unit_float
 
 # steps that take and give float tensors; every other step works on uint8 pixels
 FLOAT_OPS = ("to_tensor", "normalize", "rescale_normalize")
@@ -120,10 +121,7 @@ class Transform:
             elif op == "center_crop":
                 img = _center_crop(img, step["size"], step["offset"])
             elif op == "to_tensor":
-                # a uint8 tensor: divided by 255 held in a tensor on its device. CUDA divides by
-                # a plain number as a multiplication by its reciprocal, which rounds 126 of the
-                # 256 values differently from torchvision's to_tensor on the CPU
-                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else img.float().div(self._on("255", img.device, lambda: torch.tensor(255.0)))
+                img = tvF.to_tensor(img) if isinstance(img, Image.Image) else to_unit_float(img)
             elif op in ("normalize", "rescale_normalize"):
                 # what tvF.normalize computes (x - mean) / std, with the constants made once per
                 # device: a batch on a GPU then needs no host-to-device copy (a sync) per call

@@ -20,7 +20,7 @@ from torch import nn
 from bonnerlab import distributed as dist
 from bonnerlab.checkpoint import rng_state, set_rng_state
 from bonnerlab.config import OptimConfig, TrainConfig, to_dict
-from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.datasets import Normalization, Splits, load_splits
 from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.data.loaders import EvalBatches, TrainBatches, place_in_memory
@@ -93,7 +93,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     precision: Precision
-    preprocess: Preprocess
+    batch_augment: BatchAugment
     state: EpochState
 
     def close(self) -> None:
@@ -185,7 +185,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     return Training(
         cfg, splits, model, batches, val_batches, optimizer,
         build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
-        Precision.resolve(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), Preprocess(splits.mean, splits.std, cfg.data), EpochState(),
+        Precision.resolve(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), BatchAugment(splits.mean, splits.std, cfg.data), EpochState(),
     )
 
 
@@ -246,7 +246,7 @@ def check_deterministic(run: Training) -> None:
     model = copy.deepcopy(dist.unwrap(run.model))
     try:
         with torch.random.fork_rng(devices=[dist.info().device] if images.is_cuda else []):
-            x = run.preprocess.augment(images[:2], run.cfg.seed, 0, 0, 0, 1)
+            x = run.batch_augment.augment(images[:2], run.cfg.seed, 0, 0, 0, 1)
             with run.precision.autocast():
                 loss = F.cross_entropy(model(x), labels[:2])
             loss.backward()

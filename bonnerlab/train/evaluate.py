@@ -16,7 +16,7 @@ from torch import nn
 from bonnerlab import distributed as dist
 from bonnerlab.checkpoint import find_checkpoint
 from bonnerlab.config import EvaluateConfig, to_dict
-from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.datasets import EVAL_CROP_FRACTION, FolderDataset, Normalization, load_splits
 from bonnerlab.data.folders import FileList
 from bonnerlab.data.loaders import EvalBatches, place_in_memory
@@ -28,7 +28,7 @@ from bonnerlab.train.precision import Precision
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, batches: EvalBatches, preprocess: Preprocess, num_classes: int,
+    model: nn.Module, batches: EvalBatches, batch_augment: BatchAugment, num_classes: int,
     channels_last: bool = False, precision: Precision | None = None,
 ) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix over `batches`, across all ranks.
@@ -45,7 +45,7 @@ def evaluate_model(
     autocast = precision.autocast() if precision else contextlib.nullcontext()
     with autocast:
         for images, labels in batches:
-            x = preprocess.normalize(images)
+            x = batch_augment.normalize(images)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x).float()
@@ -97,7 +97,7 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
     precision = Precision.resolve(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu)
     try:
-        result = evaluate_model(model, batches, Preprocess(tuple(pre["mean"]), tuple(pre["std"])),
+        result = evaluate_model(model, batches, BatchAugment(tuple(pre["mean"]), tuple(pre["std"])),
                                 len(payload["classes"]), precision=precision)
     finally:
         batches.close()

@@ -28,7 +28,7 @@ from bonnerlab.checkpoint import (
     save_checkpoint,
 )
 from bonnerlab.config import TrainConfig, from_dict, save_yaml, to_dict
-from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.loaders import TrainBatches
 from bonnerlab.errors import RunDirError
 from bonnerlab.models.cnn import count_parameters
@@ -119,7 +119,7 @@ def train_step(
 def train_one_epoch(
     model: nn.Module,
     batches: TrainBatches,
-    preprocess: Preprocess,
+    batch_augment: BatchAugment,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     precision: Precision,
@@ -145,7 +145,7 @@ def train_one_epoch(
     sums = DeviceSums(info.device)
     for images, labels, step in batches.batches(state.epoch, state.step):
         torch.manual_seed(step_seed(cfg.seed, state.global_step, info.rank))  # dropout masks
-        x = preprocess.augment(images, cfg.seed, state.epoch, step, info.rank, info.world_size)
+        x = batch_augment.augment(images, cfg.seed, state.epoch, step, info.rank, info.world_size)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = train_step(model, x, labels, optimizer, precision, cfg, sums)
@@ -281,7 +281,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         while state.epoch < cfg.epochs:
             start = time.perf_counter()
             seen_before = state.seen
-            finished = train_one_epoch(run.model, run.batches, run.preprocess, run.optimizer, run.scheduler,
+            finished = train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
                                        run.precision, cfg, state, logger, save_checkpoint_now=save)
             if not finished:
                 save()
@@ -291,7 +291,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
                             f"step {state.step}")
                 return {"interrupted": True, "epoch": state.epoch, "step": state.step, "run_dir": str(run_dir)}
             train_seconds = time.perf_counter() - start
-            val = evaluate_model(run.model, run.val_batches, run.preprocess, run.splits.num_classes,
+            val = evaluate_model(run.model, run.val_batches, run.batch_augment, run.splits.num_classes,
                                  cfg.channels_last, run.precision)
             last = epoch_record(run, val, time.perf_counter() - start, train_seconds, seen_before)
             logger.epoch(last)

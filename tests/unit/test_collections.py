@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from bonnerlab.config import DataConfig, EvaluateConfig
 from bonnerlab.data.augment import (
-    Preprocess,
+    BatchAugment,
     color_jitter_batch,
     natural_params,
     resized_crop_batch,
@@ -174,7 +174,7 @@ def test_natural_parameters_are_uniform_within_their_ranges():
 def test_natural_batches_do_not_depend_on_world_size():
     cfg = DataConfig(dataset="imagefolder", in_channels=3, image_size=24, augment="natural", color_jitter=0.2,
                      erasing=0.5)
-    pre = Preprocess((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cfg)
+    pre = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cfg)
     x = (_canvases(8, side=27) * 255).round().to(torch.uint8)
     whole = pre.augment(x, seed=1, epoch=2, step=3, rank=0, world_size=1)
     halves = [pre.augment(x[r * 4 : (r + 1) * 4], seed=1, epoch=2, step=3, rank=r, world_size=2) for r in (0, 1)]

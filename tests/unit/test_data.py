@@ -7,7 +7,7 @@ from helpers import SHARED_MNIST
 from PIL import Image
 
 from bonnerlab.config import DataConfig
-from bonnerlab.data.augment import Preprocess
+from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.datasets import load_splits
 from bonnerlab.data.loaders import TrainBatches, eval_batches
 from bonnerlab.errors import DataError
@@ -59,7 +59,7 @@ def test_same_seed_same_batches_and_ranks_slice_the_global_batch():
 
 def test_augmentation_is_per_sample_seeded_and_world_size_independent():
     s = load_splits(DataConfig())
-    pre = Preprocess(s.mean, s.std, DataConfig(rotation=30, erasing=0.5))
+    pre = BatchAugment(s.mean, s.std, DataConfig(rotation=30, erasing=0.5))
     x = s.train.images[:8]
     a = pre.augment(x, seed=0, epoch=0, step=0, rank=0, world_size=1)
     b = pre.augment(x, seed=0, epoch=0, step=0, rank=0, world_size=1)
@@ -72,7 +72,7 @@ def test_augmentation_is_per_sample_seeded_and_world_size_independent():
     # rank 1 of 2 sees exactly what a single process does for the second half
     half = pre.augment(x[4:], seed=0, epoch=0, step=0, rank=1, world_size=2)
     assert torch.allclose(half, a[4:])
-    plain = Preprocess(s.mean, s.std, DataConfig(augment="none"))
+    plain = BatchAugment(s.mean, s.std, DataConfig(augment="none"))
     assert torch.equal(plain.augment(x, 0, 0, 0, 0, 1), plain.normalize(x))
 
 

@@ -449,7 +449,7 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     """A `train` run folder as the model ("newest" = the newest run under runs/), digits val split."""
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
-    from bonnerlab.data.augment import Preprocess
+    from bonnerlab.data.augment import BatchAugment
     from bonnerlab.data.datasets import load_splits
     from bonnerlab.models.sources import load_trained
     from bonnerlab.train.loop import train
@@ -465,7 +465,7 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     val = load_splits(train_cfg.data).val
     pre = payload["preprocess"]
     with torch.inference_mode():
-        logits = model(Preprocess(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40]))
+        logits = model(BatchAugment(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40]))
     fc = activations.open_activations("acts.zarr", "fc")
     np.testing.assert_allclose(fc.values, logits.numpy(), rtol=1e-5, atol=1e-5)
     assert fc["label"].values.tolist() == val.labels[:40].tolist()

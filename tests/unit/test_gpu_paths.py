@@ -222,7 +222,7 @@ UNEVEN_EVAL = textwrap.dedent("""
     import json, sys, torch
     from bonnerlab import distributed as dist
     from bonnerlab.config import DataConfig
-    from bonnerlab.data.augment import Preprocess
+    from bonnerlab.data.augment import BatchAugment
     from bonnerlab.data.datasets import load_splits
     from bonnerlab.data.loaders import EvalBatches
     from bonnerlab.models.cnn import MnistCNN
@@ -233,7 +233,7 @@ UNEVEN_EVAL = textwrap.dedent("""
     # 359 images, batches of 179: rank 0 holds 2 batches, rank 1 holds 1
     batches = EvalBatches(splits.val, 179, info.rank, info.world_size, info.device)
     from bonnerlab.train.evaluate import evaluate_model
-    result = evaluate_model(model, batches, Preprocess(splits.mean, splits.std), 10)
+    result = evaluate_model(model, batches, BatchAugment(splits.mean, splits.std), 10)
     # one file per rank: two ranks printing at once interleave their lines
     out = sys.argv[1] + f"/rank{info.rank}.json"
     open(out, "w").write(json.dumps({"rank": info.rank, "batches": len(batches), "count": result["count"],

@@ -24,7 +24,7 @@ LIBRARY = REPO / "bonnerlab"
 # rank, nothing else. Rooms of one rank stand side by side and know nothing of each other
 # (models no data, data no models, activations none of models/data). The data flows one way:
 # data + models -> train -> checkpoints -> extract -> store (activations) -> analysis.
-GROUND_FLOOR = {"errors", "runs", "interrupt", "distributed", "checkpoint", "seeds"}  # bonnerlab/<name>.py
+GROUND_FLOOR = {"errors", "runs", "interrupt", "distributed", "checkpoint", "seeds", "pixels"}  # bonnerlab/<name>.py
 RANKS = {
     "ground": 0,  # the GROUND_FLOOR modules (and bonnerlab/__init__.py)
     "config": 1,  # every job's dataclass; no torch at all (checked below)
