@@ -357,9 +357,9 @@ def section_resume(tmp: Path) -> None:
 
 def section_extraction(tmp: Path, quick: bool) -> dict:
     say("5. extraction CPU vs CUDA")
-    from bonnerlab.activations.store import open_activations
-    from bonnerlab.config import ModelConfig
-    from bonnerlab.extract.run import ExtractConfig, extract
+    from bonnerlab.activations import open_activations
+    from bonnerlab.config import ExtractConfig, ModelConfig
+    from bonnerlab.extract.run import extract
 
     def run(device: str, name: str, **extra) -> tuple[dict, dict]:
         cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
@@ -405,7 +405,7 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         if torch.cuda.device_count() < 2:
             return "skipped: one GPU"
         code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
-                + "from bonnerlab.config import ModelConfig\nfrom bonnerlab.extract.run import ExtractConfig, extract\n"
+                + "from bonnerlab.config import ExtractConfig, ModelConfig\nfrom bonnerlab.extract.run import extract\n"
                 + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
                 + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
                 + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
@@ -512,8 +512,8 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         check("6", f"{arch} training step", measure)
 
     def extraction_rate():
-        from bonnerlab.config import ModelConfig
-        from bonnerlab.extract.run import ExtractConfig, extract
+        from bonnerlab.config import ExtractConfig, ModelConfig
+        from bonnerlab.extract.run import extract
 
         torch.cuda.reset_peak_memory_stats()
         n = 512 if quick else 1797  # every digit

@@ -24,10 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bonnerlab import extraction  # noqa: E402
-from bonnerlab.activations.store import open_activations  # noqa: E402
-from bonnerlab.config import ModelConfig  # noqa: E402
-from bonnerlab.extract.run import ExtractConfig, extract  # noqa: E402
+from bonnerlab.activations import open_activations  # noqa: E402
+from bonnerlab.config import ExtractConfig, ModelConfig  # noqa: E402
+from bonnerlab.extract import run as extraction  # noqa: E402
+from bonnerlab.extract.run import extract  # noqa: E402
 
 
 def write_images(folder: Path, n: int, seed: int = 0) -> None:

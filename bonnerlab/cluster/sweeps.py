@@ -165,10 +165,6 @@ def expand(base: Any, points: list[dict[str, Any]]) -> list[Any]:
 # ----------------------------------------------------------------------------- submission
 
 
-def task_dir(sweep_dir: Path, index: int) -> Path:
-    return SweepPaths(sweep_dir).task(index)
-
-
 def submit_sweep(kind: str, base: Any, points: list[dict[str, Any]], slurm: SlurmConfig,
                  sweep_dir: str | Path, dry_run: bool = False, task: int = -1,
                  spec: dict[str, Any] | None = None) -> list[Task]:

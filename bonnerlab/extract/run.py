@@ -28,13 +28,7 @@ from torch import nn
 
 from bonnerlab import distributed as dist
 from bonnerlab.activations.store import LayerSpec, open_store, shard_chunks
-from bonnerlab.config import (  # noqa: F401  (ExtractConfig, parse_channels: their old home was here)
-    ExtractConfig,
-    default_store_name,
-    layer_options,
-    parse_channels,
-    to_dict,
-)
+from bonnerlab.config import ExtractConfig, default_store_name, layer_options
 from bonnerlab.data.loaders import resolve_workers
 from bonnerlab.errors import ConfigError, DataError, DiskSpaceError, UserError
 from bonnerlab.extract.capture import (

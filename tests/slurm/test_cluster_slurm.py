@@ -338,7 +338,8 @@ def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
 
 def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tmp_path):
     from bonnerlab.activations import open_activations, stored_layers
-    from bonnerlab.extract.run import ExtractConfig, extract
+    from bonnerlab.config import ExtractConfig
+    from bonnerlab.extract.run import extract
 
     args = ["--stimuli", "digits", "--split", "all", "--limit", "96", "--layers", "features.1", "fc",
             "--batch_size", "16", "--device", "cpu", "--progress", "false"]
