@@ -41,13 +41,21 @@ TINY = {"epochs": 1, "device": "cpu", "model.width": 8, "data.batch_size": 64, "
 def ensure_cluster() -> None:
     lab = Path(os.environ.get("SLURMLAB", REPO / ".slurm-lab"))
     os.environ.setdefault("SLURM_CONF", str(lab / "etc" / "slurm.conf"))
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True) if shutil.which("scontrol") else None
+    ping = (
+        subprocess.run(["scontrol", "ping"], capture_output=True, text=True)
+        if shutil.which("scontrol")
+        else None
+    )
     if ping is not None and "is UP" in ping.stdout:
         return
     print("starting the local cluster (slurm/start-cluster.sh) ...", flush=True)
-    out = subprocess.run(["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(REPO / "slurm" / "start-cluster.sh")], capture_output=True, text=True
+    )
     if out.returncode != 0:
-        sys.exit(f"cannot start the local SLURM cluster: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+        sys.exit(
+            f"cannot start the local SLURM cluster: {(out.stderr or out.stdout).strip().splitlines()[-1]}"
+        )
     os.environ["SLURM_CONF"] = str(lab / "etc" / "slurm.conf")
 
 
@@ -59,7 +67,9 @@ def wait_gone(job_ids: list[str], timeout: float = 300) -> None:
     ids = ",".join(sorted({i.split("_")[0] for i in job_ids}))
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if not subprocess.run(["squeue", "-h", "-j", ids], capture_output=True, text=True).stdout.strip():
+        if not subprocess.run(
+            ["squeue", "-h", "-j", ids], capture_output=True, text=True
+        ).stdout.strip():
             return
         time.sleep(0.5)
 
@@ -78,28 +88,66 @@ def bench_submission(work: Path, n: int = 16) -> dict[str, float]:
     scancel([x.job_id for x in tasks])
 
     t = time.perf_counter()
-    ids = [submit("train", apply_overrides(cfg, p), held, work / f"single-{i:02d}").job_id
-           for i, p in enumerate(points)]
+    ids = [
+        submit("train", apply_overrides(cfg, p), held, work / f"single-{i:02d}").job_id
+        for i, p in enumerate(points)
+    ]
     single_s = time.perf_counter() - t
     scancel(ids)
 
     # the same through the command line, as a user runs it (Python start-up included)
-    launch = [sys.executable, str(REPO / "jobs" / "launch.py"), "--additional_parameters", "hold=true"]
+    launch = [
+        sys.executable,
+        str(REPO / "jobs" / "launch.py"),
+        "--additional_parameters",
+        "hold=true",
+    ]
     lrs = ",".join(f"{p['optim.lr']:.4g}" for p in points)
     t = time.perf_counter()
-    out = subprocess.run([*launch, "--sweep", f"optim.lr={lrs}", "--sweep_dir", str(work / "cli-array"), "train",
-                          "--epochs", "1"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            *launch,
+            "--sweep",
+            f"optim.lr={lrs}",
+            "--sweep_dir",
+            str(work / "cli-array"),
+            "train",
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     cli_array_s = time.perf_counter() - t
     cli_ids = re.findall(r"job array\(s\) (\d+)", out.stdout)
     t = time.perf_counter()
     for i, p in enumerate(points):
-        out = subprocess.run([*launch, "train", "--epochs", "1", "--optim.lr", str(p["optim.lr"]),
-                              "--run_dir", str(work / f"cli-single-{i:02d}")], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                *launch,
+                "train",
+                "--epochs",
+                "1",
+                "--optim.lr",
+                str(p["optim.lr"]),
+                "--run_dir",
+                str(work / f"cli-single-{i:02d}"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cli_ids += re.findall(r"submitted train job (\d+)", out.stdout)
     cli_single_s = time.perf_counter() - t
     scancel(cli_ids)
     wait_gone([x.job_id for x in tasks] + ids + cli_ids)
-    return {"array_s": array_s, "single_s": single_s, "cli_array_s": cli_array_s, "cli_single_s": cli_single_s}
+    return {
+        "array_s": array_s,
+        "single_s": single_s,
+        "cli_array_s": cli_array_s,
+        "cli_single_s": cli_single_s,
+    }
 
 
 # ----------------------------------------------------------------------------- 2. overhead
@@ -114,8 +162,8 @@ def first_step_time(run_dir: Path) -> float:
         data = path.read_bytes()
         pos = 0
         while pos + 12 <= len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            (length,) = struct.unpack("<Q", data[pos : pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
             pos += 12 + length + 4
             if any(v.tag == "train/loss" for v in event.summary.value):
                 times.append(event.wall_time)
@@ -141,24 +189,60 @@ def bench_overhead(work: Path, repeats: int = 3) -> dict[str, float]:
         submit_to_step.append(step - t_submit)
         submit_to_start.append(started - t_submit)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    return {"submit_to_start_s": med(submit_to_start), "start_to_step_s": med(start_to_step),
-            "submit_to_step_s": med(submit_to_step)}
+    return {
+        "submit_to_start_s": med(submit_to_start),
+        "start_to_step_s": med(start_to_step),
+        "submit_to_step_s": med(submit_to_step),
+    }
 
 
 # ----------------------------------------------------------------------------- 3. preemption
 
 
 def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
-    cfg = apply_overrides(TrainConfig(), {**TINY, "epochs": 8, "model.width": 16,
-                                           "checkpoint_every_steps": interval, "log_every_steps": 10})
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            **TINY,
+            "epochs": 8,
+            "model.width": 16,
+            "checkpoint_every_steps": interval,
+            "log_every_steps": 10,
+        },
+    )
     run = work / "preempt"
-    sub = submit("train", cfg, SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}), run)
-    while "epoch 2/" not in "".join(p.read_text() for p in (run / "logs").glob("*_log.out")) if (run / "logs").exists() else True:
+    sub = submit(
+        "train",
+        cfg,
+        SlurmConfig(partition="cpu", time_minutes=10, additional_parameters={"exclusive": True}),
+        run,
+    )
+    while (
+        "epoch 2/" not in "".join(p.read_text() for p in (run / "logs").glob("*_log.out"))
+        if (run / "logs").exists()
+        else True
+    ):
         time.sleep(0.3)
-    node = subprocess.run(["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    node = subprocess.run(
+        ["squeue", "-h", "-j", sub.job_id, "-o", "%N"], capture_output=True, text=True
+    ).stdout.strip()
     t_preempt = time.time()
-    subprocess.run(["sbatch", "-p", "urgent", "--nodelist", node, "--exclusive", "-o", "/dev/null",
-                    "--wrap", "sleep 1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "sbatch",
+            "-p",
+            "urgent",
+            "--nodelist",
+            node,
+            "--exclusive",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     result = sub.job.result()
     total = time.time() - t_preempt
     log = "".join(p.read_text() for p in (run / "logs").glob("*_log.out"))
@@ -168,8 +252,12 @@ def bench_preemption(work: Path, interval: int = 8) -> dict[str, float]:
     if not (stop and resume):
         raise RuntimeError(f"no preemption seen in {run}/logs")
     redone = (int(stop[1]) - int(resume[1])) * steps_per_epoch + int(stop[2]) - int(resume[2])
-    return {"interval": interval, "redone": redone, "steps_per_epoch": steps_per_epoch,
-            "preempt_to_done_s": total}
+    return {
+        "interval": interval,
+        "redone": redone,
+        "steps_per_epoch": steps_per_epoch,
+        "preempt_to_done_s": total,
+    }
 
 
 # ----------------------------------------------------------------------------- 4. status and retry
@@ -221,21 +309,39 @@ def bench_status(work: Path, n: int = 1000) -> dict[str, float]:
     arrays = {x.job_id.split("_")[0] for x in plan.tasks}
     scancel([x.job_id for x in plan.tasks])
     wait_gone([x.job_id for x in plan.tasks])
-    return {"n": n, "submit_s": submit_s, "queued_s": queued_s, "queued_calls": queued_calls,
-            "queued_all_s": queued_all_s, "done_s": done_s, "done_calls": done_calls, "written_s": written_s,
-            "retried": len(plan.tasks), "retry_sbatch": len(arrays), "retry_s": retry_s}
+    return {
+        "n": n,
+        "submit_s": submit_s,
+        "queued_s": queued_s,
+        "queued_calls": queued_calls,
+        "queued_all_s": queued_all_s,
+        "done_s": done_s,
+        "done_calls": done_calls,
+        "written_s": written_s,
+        "retried": len(plan.tasks),
+        "retry_sbatch": len(arrays),
+        "retry_s": retry_s,
+    }
 
 
 def status_rows(st: dict[str, float]) -> list[tuple[str, str]]:
     n = st["n"]
     return [
         (f"{n}-task sweep submitted (held) as one array", f"{st['submit_s']:.1f} s"),
-        (f"status refresh, {n} tasks queued (best of 3)", f"{st['queued_s']:.2f} s, {st['queued_calls']} SLURM calls"),
+        (
+            f"status refresh, {n} tasks queued (best of 3)",
+            f"{st['queued_s']:.2f} s, {st['queued_calls']} SLURM calls",
+        ),
         ("status of every folder under runs/ (same sweep)", f"{st['queued_all_s']:.2f} s"),
-        (f"status refresh, {n} tasks finished (sacct)", f"{st['done_s']:.2f} s, {st['done_calls']} SLURM calls"),
+        (
+            f"status refresh, {n} tasks finished (sacct)",
+            f"{st['done_s']:.2f} s, {st['done_calls']} SLURM calls",
+        ),
         ("  + results.csv, results.png, report.html", f"{st['written_s']:.2f} s"),
-        (f"retry of {st['retried']} retryable tasks out of {n}", f"{st['retry_sbatch']} sbatch call(s), "
-                                                                  f"{st['retry_s']:.2f} s"),
+        (
+            f"retry of {st['retried']} retryable tasks out of {n}",
+            f"{st['retry_sbatch']} sbatch call(s), {st['retry_s']:.2f} s",
+        ),
     ]
 
 
@@ -267,12 +373,17 @@ def main() -> None:
         ("16-point sweep, jobs/launch.py --sweep (1 process)", f"{sub['cli_array_s']:.2f} s"),
         ("16-point sweep, 16 x jobs/launch.py", f"{sub['cli_single_s']:.2f} s"),
         ("  ratio 16 launches / one", f"{sub['cli_single_s'] / sub['cli_array_s']:.1f}x"),
-        ("submission -> batch script start (idle cluster, median of 3)", f"{over['submit_to_start_s']:.2f} s"),
+        (
+            "submission -> batch script start (idle cluster, median of 3)",
+            f"{over['submit_to_start_s']:.2f} s",
+        ),
         ("batch script start -> first training step", f"{over['start_to_step_s']:.2f} s"),
         ("submission -> first training step", f"{over['submit_to_step_s']:.2f} s"),
         ("preemption: steps trained twice after requeue", f"{pre['redone']} steps"),
-        ("  checkpoint interval (checkpoint_every_steps)", f"{pre['interval']} steps "
-                                                            f"({pre['steps_per_epoch']} steps/epoch)"),
+        (
+            "  checkpoint interval (checkpoint_every_steps)",
+            f"{pre['interval']} steps ({pre['steps_per_epoch']} steps/epoch)",
+        ),
         ("  preemption -> requeued job finished (8 epochs)", f"{pre['preempt_to_done_s']:.1f} s"),
         *status_rows(st),
     ]

@@ -67,10 +67,18 @@ def _cfg(args, mode: str):
 
     layers, pooling, big = MODELS[args.arch]
     return ExtractConfig(
-        model=ModelConfig(arch=args.arch), stimuli=str(args.images), limit=args.n, layers=layers,
-        pooling=pooling, reduce=[f"{big}=srp:4096"] if mode == "reduce" else [],
-        batch_size=args.batch, num_workers=args.workers, device="cpu",
-        output=str(Path(args.out) / "store.zarr"), overwrite=True, progress=False,
+        model=ModelConfig(arch=args.arch),
+        stimuli=str(args.images),
+        limit=args.n,
+        layers=layers,
+        pooling=pooling,
+        reduce=[f"{big}=srp:4096"] if mode == "reduce" else [],
+        batch_size=args.batch,
+        num_workers=args.workers,
+        device="cpu",
+        output=str(Path(args.out) / "store.zarr"),
+        overwrite=True,
+        progress=False,
     )
 
 
@@ -84,11 +92,15 @@ def run_bare(args) -> dict:
     source = load_model(cfg)
     pre = load_preprocess(cfg, source)
     stimuli = load_stimuli(cfg, pre.square_size, pre.in_channels, None)
-    rows = [range(i, min(i + cfg.batch_size, len(stimuli.ids))) for i in range(0, len(stimuli.ids), cfg.batch_size)]
+    rows = [
+        range(i, min(i + cfg.batch_size, len(stimuli.ids)))
+        for i in range(0, len(stimuli.ids), cfg.batch_size)
+    ]
     t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for images, _, _ in iter_batches(stimuli, rows, pre.transform(), (3, *pre.output_size),
-                                         cfg.num_workers, False):
+        for images, _, _ in iter_batches(
+            stimuli, rows, pre.transform(), (3, *pre.output_size), cfg.num_workers, False
+        ):
             source.model(images)
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0}
 
@@ -98,9 +110,14 @@ def run_extract(args) -> dict:
 
     result = extract(_cfg(args, args.mode))
     store = Path(result["store"])
-    nbytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and ".done" not in f.parts)
-    return {"seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
-            "store_bytes_per_stimulus": nbytes / result["n_stimuli"]}
+    nbytes = sum(
+        f.stat().st_size for f in store.rglob("*") if f.is_file() and ".done" not in f.parts
+    )
+    return {
+        "seconds": result["seconds"],
+        "cpu_seconds": result["cpu_seconds"],
+        "store_bytes_per_stimulus": nbytes / result["n_stimuli"],
+    }
 
 
 def child(args) -> None:
@@ -138,7 +155,9 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=None, help="photo folder (generated if missing)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--modes", default="bare,extract,reduce")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each mode keeps its best")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="interleaved rounds; each mode keeps its best"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--arch", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -150,32 +169,53 @@ def main() -> None:
 
     args.images = args.images or Path(tempfile.gettempdir()) / "bonnerlab-bench-photos"
     make_photos(args.images, args.n)
-    print(f"{args.n} JPEG photographs (non-square, 190-800 px) in {args.images}; batch {args.batch}, "
-          f"{args.workers} workers, CPU", flush=True)
+    print(
+        f"{args.n} JPEG photographs (non-square, 190-800 px) in {args.images}; batch {args.batch}, "
+        f"{args.workers} workers, CPU",
+        flush=True,
+    )
     for arch in args.models.split(","):
         rows: dict[str, dict] = {}
         with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
             for round_ in range(args.rounds):
                 for mode in args.modes.split(","):
-                    r = measure(args, arch, mode, Path(tmp) / f"{mode}-{round_}")  # a fresh store each round
-                    print(f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
-                          f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  peak RSS {r['peak_rss_mb']:7.0f} MB", flush=True)
+                    r = measure(
+                        args, arch, mode, Path(tmp) / f"{mode}-{round_}"
+                    )  # a fresh store each round
+                    print(
+                        f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
+                        f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  peak RSS {r['peak_rss_mb']:7.0f} MB",
+                        flush=True,
+                    )
                     best = rows.get(mode)
                     if best is None or r["images_per_s"] > best["images_per_s"]:
-                        rows[mode] = {**r, "peak_rss_mb": max(r["peak_rss_mb"], best["peak_rss_mb"]) if best else r["peak_rss_mb"]}
+                        rows[mode] = {
+                            **r,
+                            "peak_rss_mb": max(r["peak_rss_mb"], best["peak_rss_mb"])
+                            if best
+                            else r["peak_rss_mb"],
+                        }
                     elif best is not None:
                         best["peak_rss_mb"] = max(best["peak_rss_mb"], r["peak_rss_mb"])
         layers, pooling, big = MODELS[arch]
-        print(f"\n{arch}: {', '.join(layers)} (pooling {' '.join(pooling)}; reduce: {big}=srp:4096)")
-        print(f"{'mode':<10}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"
-              f"{'store B/stimulus':>18}")
+        print(
+            f"\n{arch}: {', '.join(layers)} (pooling {' '.join(pooling)}; reduce: {big}=srp:4096)"
+        )
+        print(
+            f"{'mode':<10}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"
+            f"{'store B/stimulus':>18}"
+        )
         bare = rows.get("bare")
         for mode, r in rows.items():
             speed = f"{r['images_per_s'] / bare['images_per_s']:.2f}x" if bare else "-"
             rss = f"{r['peak_rss_mb'] / bare['peak_rss_mb']:.2f}x" if bare else "-"
-            size = f"{r['store_bytes_per_stimulus']:,.0f}" if "store_bytes_per_stimulus" in r else "-"
-            print(f"{mode:<10}{r['images_per_s']:>10.2f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
-                  f"{r['peak_rss_mb']:>13.0f}{rss:>9}{size:>18}")
+            size = (
+                f"{r['store_bytes_per_stimulus']:,.0f}" if "store_bytes_per_stimulus" in r else "-"
+            )
+            print(
+                f"{mode:<10}{r['images_per_s']:>10.2f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
+                f"{r['peak_rss_mb']:>13.0f}{rss:>9}{size:>18}"
+            )
         print(flush=True)
 
 

@@ -59,8 +59,11 @@ print("[bench] python start", flush=True)
 
 def one_job(run: Path, hook: Path, importtime: bool = False) -> dict[str, float]:
     cfg = apply_overrides(TrainConfig(), {**TINY, "max_steps_per_epoch": 2})
-    setup = ['echo "$(date +%s.%N) [bench] batch script start"', f"export PYTHONPATH={hook}:$PYTHONPATH",
-             *(["export PYTHONPROFILEIMPORTTIME=1"] if importtime else [])]
+    setup = [
+        'echo "$(date +%s.%N) [bench] batch script start"',
+        f"export PYTHONPATH={hook}:$PYTHONPATH",
+        *(["export PYTHONPROFILEIMPORTTIME=1"] if importtime else []),
+    ]
     sub = submit("train", cfg, SlurmConfig(time_minutes=5, setup=setup), run)
     sub.job.result()
     log = "".join(p.read_text() for p in (run / "logs").glob("*_log.out"))
@@ -70,8 +73,13 @@ def one_job(run: Path, hook: Path, importtime: bool = False) -> dict[str, float]
 
     start, python = at(r"\[bench\] batch script start"), at(r"\[bench\] python start")
     wrapper, built, step = at(r"train job in"), at(r"\] starting"), first_step_time(run)
-    return {"python": python - start, "wrapper": wrapper - python, "built": built - wrapper,
-            "step": step - built, "total": step - start}
+    return {
+        "python": python - start,
+        "wrapper": wrapper - python,
+        "built": built - wrapper,
+        "step": step - built,
+        "total": step - start,
+    }
 
 
 def bare_torch_import() -> float:
@@ -109,15 +117,29 @@ def main() -> None:
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     floor = statistics.median(floors)
     print(f"median of {args.repeats} tiny train jobs on the local cluster (work folder {work})")
-    print(f"  batch script start -> python running (srun, interpreter start)         {med['python']:.2f} s")
-    print(f"  -> job wrapper running (submitit import, unpickle, wrapper imports)    {med['wrapper']:.2f} s")
-    print(f"  job wrapper -> train() built data, model, run folder                   {med['built']:.2f} s")
-    print(f"  -> first training step done                                            {med['step']:.2f} s")
-    print(f"  batch script start -> first training step                              {med['total']:.2f} s")
+    print(
+        f"  batch script start -> python running (srun, interpreter start)         {med['python']:.2f} s"
+    )
+    print(
+        f"  -> job wrapper running (submitit import, unpickle, wrapper imports)    {med['wrapper']:.2f} s"
+    )
+    print(
+        f"  job wrapper -> train() built data, model, run folder                   {med['built']:.2f} s"
+    )
+    print(
+        f"  -> first training step done                                            {med['step']:.2f} s"
+    )
+    print(
+        f"  batch script start -> first training step                              {med['total']:.2f} s"
+    )
     print("  each run: " + "  ".join(f"{r['total']:.2f}" for r in runs))
-    print(f"reference: `import torch, torch._dynamo` in a fresh interpreter, median    {floor:.2f} s")
-    print(f"  the job's own cost above it (submitit, unpickle, data, model, 1 step)  {med['total'] - floor:.2f} s"
-          f"  (job start / reference: {med['total'] / floor:.2f}x)")
+    print(
+        f"reference: `import torch, torch._dynamo` in a fresh interpreter, median    {floor:.2f} s"
+    )
+    print(
+        f"  the job's own cost above it (submitit, unpickle, data, model, 1 step)  {med['total'] - floor:.2f} s"
+        f"  (job start / reference: {med['total'] / floor:.2f}x)"
+    )
     one_job(work / "importtime", hook, importtime=True)
     print("slowest imports in the job (cumulative, under -X importtime):")
     for seconds, name in slowest_imports(work / "importtime"):

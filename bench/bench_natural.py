@@ -108,13 +108,21 @@ def make_photos(root: Path, n_train: int = N_TRAIN, n_val: int = N_VAL, seed: in
             crop = Image.fromarray(image[top : top + ch, left : left + cw])
             short = int(rng.integers(160, 513))  # many scales, below and above the source's
             scale = short / min(cw, ch)
-            crop = crop.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BILINEAR)
+            crop = crop.resize(
+                (max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BILINEAR
+            )
             crop.save(root / split / names[k] / f"{i:05d}.jpg", quality=90)
             sides.append(crop.size)
     arr = np.array(sides)
-    info = {"photos": names, "train": n_train, "val": n_val, "mean_size": arr.mean(0).round(1).tolist(),
-            "min_short_side": int(arr.min()), "max_long_side": int(arr.max()),
-            "bytes": sum(p.stat().st_size for p in root.rglob("*.jpg"))}
+    info = {
+        "photos": names,
+        "train": n_train,
+        "val": n_val,
+        "mean_size": arr.mean(0).round(1).tolist(),
+        "min_short_side": int(arr.min()),
+        "max_long_side": int(arr.max()),
+        "bytes": sum(p.stat().st_size for p in root.rglob("*.jpg")),
+    }
     marker.write_text(json.dumps(info))
     return info
 
@@ -123,11 +131,27 @@ def make_photos(root: Path, n_train: int = N_TRAIN, n_val: int = N_VAL, seed: in
 
 
 def bonnerlab_config(root: Path, batch: int, workers: int, steps: int) -> TrainConfig:
-    data = DataConfig(dataset="imagefolder", root=str(root), image_size=SIZE, in_channels=3, augment="natural",
-                      batch_size=batch, eval_batch_size=batch, num_workers=workers)
+    data = DataConfig(
+        dataset="imagefolder",
+        root=str(root),
+        image_size=SIZE,
+        in_channels=3,
+        augment="natural",
+        batch_size=batch,
+        eval_batch_size=batch,
+        num_workers=workers,
+    )
     optim = OptimConfig(optimizer="sgd", schedule="constant", **SGD)
-    return TrainConfig(data=data, model=ModelConfig(arch="resnet18"), optim=optim, device="cpu",
-                       progress=False, max_steps_per_epoch=steps, epochs=1000, log_every_steps=50)
+    return TrainConfig(
+        data=data,
+        model=ModelConfig(arch="resnet18"),
+        optim=optim,
+        device="cpu",
+        progress=False,
+        max_steps_per_epoch=steps,
+        epochs=1000,
+        log_every_steps=50,
+    )
 
 
 class BonnerlabRun(ProductRun):
@@ -149,14 +173,26 @@ class ReferenceRun:
         from torchvision import transforms as T
 
         torch.manual_seed(0)
-        transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
-                               T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        transform = T.Compose(
+            [
+                T.RandomResizedCrop(SIZE),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
         dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
         # each pass is `steps` batches of a fresh random sample: no batch is prefetched for a
         # pass that is never timed (it would run during the other path's round)
         sampler = torch.utils.data.RandomSampler(dataset, num_samples=steps * batch)
-        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                                  persistent_workers=workers > 0, drop_last=True)
+        self.loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=True,
+        )
         self.model = torchvision.models.resnet18(num_classes=num_classes)
         self.optimizer = torch.optim.SGD(self.model.parameters(), nesterov=True, **SGD)
 
@@ -178,7 +214,12 @@ class ReferenceRun:
             self.optimizer.step()
             seen += len(labels)
         total = time.perf_counter() - start
-        return {"samples": seen, "seconds": total, "samples_per_s": seen / total, "fetch_share": wait / total}
+        return {
+            "samples": seen,
+            "seconds": total,
+            "samples_per_s": seen / total,
+            "fetch_share": wait / total,
+        }
 
     def close(self) -> None:
         iterator = getattr(self.loader, "_iterator", None)
@@ -193,8 +234,14 @@ def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
     import torchvision
     from torchvision import transforms as T
 
-    transform = T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(SIZE),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     dataset = torchvision.datasets.ImageFolder(str(root / "train"), transform=transform)
     source, preprocess = run.run.splits.train, run.run.batch_augment
     index = np.random.default_rng(1).choice(len(source), n, replace=False).tolist()
@@ -213,8 +260,10 @@ def data_path_ms(root: Path, run: BonnerlabRun, n: int) -> dict:
     # a multi-threaded pool wait for descheduled threads (8 ms instead of 2 ms per image here)
     torch.set_num_threads(1)
     try:
-        out = {"reference": best(lambda: [dataset[i] for i in index]),
-               "bonnerlab_decode": best(lambda: [source[i] for i in index])}
+        out = {
+            "reference": best(lambda: [dataset[i] for i in index]),
+            "bonnerlab_decode": best(lambda: [source[i] for i in index]),
+        }
     finally:
         torch.set_num_threads(threads)
     # the batched augmentation runs in the training process, with its threads
@@ -231,12 +280,19 @@ def model_step_rates(batch: int, num_classes: int, rounds: int, steps: int = 2) 
     x = torch.randn(batch, 3, SIZE, SIZE)
     y = torch.randint(0, num_classes, (batch,))
     variants = {}
-    for name, fmt, bf16 in (("nchw", torch.contiguous_format, False), ("channels_last", torch.channels_last, False),
-                            ("channels_last_bf16", torch.channels_last, True)):
+    for name, fmt, bf16 in (
+        ("nchw", torch.contiguous_format, False),
+        ("channels_last", torch.channels_last, False),
+        ("channels_last_bf16", torch.channels_last, True),
+    ):
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=num_classes).to(memory_format=fmt)
-        variants[name] = (model, torch.optim.SGD(model.parameters(), nesterov=True, **SGD),
-                          x.contiguous(memory_format=fmt), bf16)
+        variants[name] = (
+            model,
+            torch.optim.SGD(model.parameters(), nesterov=True, **SGD),
+            x.contiguous(memory_format=fmt),
+            bf16,
+        )
     best = dict.fromkeys(variants, float("inf"))
     for r in range(rounds):
         for name, (model, opt, xf, bf16) in variants.items():
@@ -256,19 +312,41 @@ def model_step_rates(batch: int, num_classes: int, rounds: int, steps: int = 2) 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="", help="folder for the photographs, kept for reuse (default: a temporary one)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--data",
+        default="",
+        help="folder for the photographs, kept for reuse (default: a temporary one)",
+    )
     p.add_argument("--batch", type=int, default=32, help="batch size of both paths")
-    p.add_argument("--workers", type=int, default=-1,
-                   help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)",
+    )
     p.add_argument("--steps", type=int, default=4, help="training steps per path per round")
-    p.add_argument("--rounds", type=int, default=6, help="alternating rounds; each path keeps its best")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)")
-    p.add_argument("--cpu-bf16", action="store_true",
-                   help="also time bonnerlab with --amp_cpu (bfloat16 autocast where the CPU runs it natively)")
-    p.add_argument("--quick", action="store_true", help="2 rounds of 3 steps at batch 16, to check that it runs")
+    p.add_argument(
+        "--rounds", type=int, default=6, help="alternating rounds; each path keeps its best"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)",
+    )
+    p.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="also time bonnerlab with --amp_cpu (bfloat16 autocast where the CPU runs it natively)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 rounds of 3 steps at batch 16, to check that it runs",
+    )
     p.add_argument("--out", default=str(HERE / "out" / "natural.json"))
     args = p.parse_args(argv)
     if args.quick:
@@ -278,25 +356,35 @@ def main(argv: list[str] | None = None) -> dict:
 
     workers = resolve_workers(args.workers)
     bench_start = time.perf_counter()
-    log(f"bonnerlab natural-image bench: torch {torch.__version__}, {torch.get_num_threads()} training threads, "
+    log(
+        f"bonnerlab natural-image bench: torch {torch.__version__}, {torch.get_num_threads()} training threads, "
         f"{workers} loader worker(s), batch {args.batch}, {os.cpu_count()} CPUs ({platform.machine()}), "
-        f"load average {load:.1f}")
+        f"load average {load:.1f}"
+    )
     if busy:
-        log("  note: other processes are using the CPUs: absolute rates are deflated; compare the ratios")
+        log(
+            "  note: other processes are using the CPUs: absolute rates are deflated; compare the ratios"
+        )
 
     scratch = None if args.data else tempfile.TemporaryDirectory(prefix="bench-natural-photos-")
     root = Path(args.data or scratch.name)
     try:
         t0 = time.perf_counter()
         photos = make_photos(root)
-        log(f"photographs: {photos['train']} train + {photos['val']} val JPEGs cut from {photos['photos']}, "
+        log(
+            f"photographs: {photos['train']} train + {photos['val']} val JPEGs cut from {photos['photos']}, "
             f"mean {photos['mean_size'][0]:.0f}x{photos['mean_size'][1]:.0f} px, "
-            f"{photos['bytes'] / 2**20:.0f} MiB, in {root} ({time.perf_counter() - t0:.1f} s)")
+            f"{photos['bytes'] / 2**20:.0f} MiB, in {root} ({time.perf_counter() - t0:.1f} s)"
+        )
 
         cfg = bonnerlab_config(root, args.batch, workers, args.steps)
         ours = BonnerlabRun(cfg)
-        paths = {"bonnerlab": ours,
-                 "reference": ReferenceRun(root, args.batch, workers, args.steps, ours.run.splits.num_classes)}
+        paths = {
+            "bonnerlab": ours,
+            "reference": ReferenceRun(
+                root, args.batch, workers, args.steps, ours.run.splits.num_classes
+            ),
+        }
         if args.cpu_bf16:
             paths["bonnerlab --amp_cpu (CPU bf16 autocast)"] = BonnerlabRun(cfg, cpu_bf16=True)
         # warm-up: workers started, allocator and kernels warm on every path; not timed
@@ -306,14 +394,15 @@ def main(argv: list[str] | None = None) -> dict:
         names = list(paths)
         for r in range(args.rounds):
             # rotate which path goes first, so a drift in load hits them alike
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 rounds[name].append(paths[name].chunk())
             parts = []
             for name in names:
                 e = rounds[name][-1]
                 if "phases_s" in e:
                     detail = f"load+augment {100 * e['load_augment_share']:.1f}%: " + ", ".join(
-                        f"{k} {100 * v / e['seconds']:.1f}%" for k, v in e["phases_s"].items())
+                        f"{k} {100 * v / e['seconds']:.1f}%" for k, v in e["phases_s"].items()
+                    )
                 else:
                     detail = f"waiting on its loader {100 * e['fetch_share']:.1f}%"
                 parts.append(f"{name} {e['samples_per_s']:.1f} samples/s ({detail})")
@@ -332,34 +421,66 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = best_ours["samples_per_s"] / best_ref["samples_per_s"]
     # the same round's two rates share its load: their ratio, median over rounds, is steadier
     # than the ratio of bests when the machine's load swings
-    paired = statistics.median(o["samples_per_s"] / f["samples_per_s"]
-                               for o, f in zip(rounds["bonnerlab"], rounds["reference"], strict=True))
+    paired = statistics.median(
+        o["samples_per_s"] / f["samples_per_s"]
+        for o, f in zip(rounds["bonnerlab"], rounds["reference"], strict=True)
+    )
     share = best_ours["load_augment_share"]
     share_median = statistics.median(e["load_augment_share"] for e in rounds["bonnerlab"])
     ours_data = data_ms["bonnerlab_decode"] + data_ms["bonnerlab_augment"]
-    log(f"data path alone, ms per image: reference {data_ms['reference']:.2f}; bonnerlab {ours_data:.2f} "
-        f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} + batched augment {data_ms['bonnerlab_augment']:.2f})")
-    log("model step alone (forward + backward + SGD on one fixed batch; best of 3 rounds of 2 steps):")
+    log(
+        f"data path alone, ms per image: reference {data_ms['reference']:.2f}; bonnerlab {ours_data:.2f} "
+        f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} + batched augment {data_ms['bonnerlab_augment']:.2f})"
+    )
+    log(
+        "model step alone (forward + backward + SGD on one fixed batch; best of 3 rounds of 2 steps):"
+    )
     step = model_step_rates(args.batch, ours.run.splits.num_classes, 3)
     log("  " + ", ".join(f"{k} {v:.1f}" for k, v in step.items()) + " samples/s")
 
     rows = [
-        ("train samples/s, ResNet-18 112px (best round)", f"{best_ref['samples_per_s']:.1f}",
-         f"{best_ours['samples_per_s']:.1f}", f"{ratio:.2f}x (target >= 1.3x)"),
+        (
+            "train samples/s, ResNet-18 112px (best round)",
+            f"{best_ref['samples_per_s']:.1f}",
+            f"{best_ours['samples_per_s']:.1f}",
+            f"{ratio:.2f}x (target >= 1.3x)",
+        ),
         ("... ratio within each round (median)", "", "", f"{paired:.2f}x"),
-        ("step time loading + augmenting (best round)", f"{100 * best_ref['fetch_share']:.1f}% waiting",
-         f"{100 * share:.1f}% (median {100 * share_median:.1f}%)", "target < 10%"),
-        ("data path alone, ms per image", f"{data_ms['reference']:.2f}", f"{ours_data:.2f}",
-         f"{data_ms['reference'] / ours_data:.2f}x"),
-        ("model step alone, samples/s", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last']:.1f} (channels-last)",
-         f"{step['channels_last'] / step['nchw']:.2f}x"),
-        ("... with --amp_cpu (CPU bf16 autocast)", f"{step['nchw']:.1f} (NCHW)", f"{step['channels_last_bf16']:.1f}",
-         f"{step['channels_last_bf16'] / step['nchw']:.2f}x"),
+        (
+            "step time loading + augmenting (best round)",
+            f"{100 * best_ref['fetch_share']:.1f}% waiting",
+            f"{100 * share:.1f}% (median {100 * share_median:.1f}%)",
+            "target < 10%",
+        ),
+        (
+            "data path alone, ms per image",
+            f"{data_ms['reference']:.2f}",
+            f"{ours_data:.2f}",
+            f"{data_ms['reference'] / ours_data:.2f}x",
+        ),
+        (
+            "model step alone, samples/s",
+            f"{step['nchw']:.1f} (NCHW)",
+            f"{step['channels_last']:.1f} (channels-last)",
+            f"{step['channels_last'] / step['nchw']:.2f}x",
+        ),
+        (
+            "... with --amp_cpu (CPU bf16 autocast)",
+            f"{step['nchw']:.1f} (NCHW)",
+            f"{step['channels_last_bf16']:.1f}",
+            f"{step['channels_last_bf16'] / step['nchw']:.2f}x",
+        ),
     ]
     for name in names[2:]:
         rate = best[name]["samples_per_s"]
-        rows.append((f"train samples/s, {name}", f"{best_ref['samples_per_s']:.1f}", f"{rate:.1f}",
-                     f"{rate / best_ref['samples_per_s']:.2f}x"))
+        rows.append(
+            (
+                f"train samples/s, {name}",
+                f"{best_ref['samples_per_s']:.1f}",
+                f"{rate:.1f}",
+                f"{rate / best_ref['samples_per_s']:.2f}x",
+            )
+        )
     head = ("metric", "reference", "bonnerlab", "ratio")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
 
@@ -372,17 +493,31 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         log(line(r))
     seconds = time.perf_counter() - bench_start
-    log(f"{torch.get_num_threads()} torch threads, {workers} worker(s), batch {args.batch}, {args.rounds} rounds of "
-        f"{args.steps} steps per path; bench took {seconds:.0f} s")
+    log(
+        f"{torch.get_num_threads()} torch threads, {workers} worker(s), batch {args.batch}, {args.rounds} rounds of "
+        f"{args.steps} steps per path; bench took {seconds:.0f} s"
+    )
 
     result = {
-        "threads": torch.get_num_threads(), "workers": workers, "batch": args.batch, "steps": args.steps,
-        "rounds": args.rounds, "cpus": os.cpu_count(), "torch": torch.__version__,
-        "load_average_at_start": load, "photos": photos,
+        "threads": torch.get_num_threads(),
+        "workers": workers,
+        "batch": args.batch,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "load_average_at_start": load,
+        "photos": photos,
         "rounds_by_path": rounds,
-        "bonnerlab_samples_per_s": best_ours["samples_per_s"], "reference_samples_per_s": best_ref["samples_per_s"],
-        "ratio": ratio, "ratio_within_rounds_median": paired, "load_augment_share": share, "load_augment_share_median": share_median,
-        "data_path_ms_per_image": data_ms, "model_step_samples_per_s": step, "bench_seconds": seconds,
+        "bonnerlab_samples_per_s": best_ours["samples_per_s"],
+        "reference_samples_per_s": best_ref["samples_per_s"],
+        "ratio": ratio,
+        "ratio_within_rounds_median": paired,
+        "load_augment_share": share,
+        "load_augment_share_median": share_median,
+        "data_path_ms_per_image": data_ms,
+        "model_step_samples_per_s": step,
+        "bench_seconds": seconds,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,9 @@ def log(msg: str) -> None:
 
 
 def base_config(root: str) -> TrainConfig:
-    data = DataConfig(dataset="mnist", root=root, mnist_files="test", val_fraction=0.2, download=False)
+    data = DataConfig(
+        dataset="mnist", root=root, mnist_files="test", val_fraction=0.2, download=False
+    )
     return TrainConfig(data=data, device="cpu", progress=False)
 
 
@@ -111,7 +113,10 @@ def run_ours(cfg: TrainConfig, target: float) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             train(cfg)
         wall = time.perf_counter() - start
-        rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()
+        ]
     seconds, epoch = seconds_to_target(rows, target)
     return {
         "seed": cfg.seed,
@@ -141,8 +146,13 @@ class PhaseTimer:
         self.t: dict[str, float] = defaultdict(float)
         self._mark: dict[str, float] = {}
 
-    def attach(self, batches: TrainBatches, preprocess: BatchAugment, model: torch.nn.Module,
-               optimizer: torch.optim.Optimizer) -> None:
+    def attach(
+        self,
+        batches: TrainBatches,
+        preprocess: BatchAugment,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
         timer, clock = self, time.perf_counter
         produce = batches.batches
 
@@ -223,15 +233,28 @@ class ProductRun:
         state = run.state
         state.step, state.seen = 0, 0
         start = time.perf_counter()
-        train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
-                        run.precision, self.cfg, state, self.logger)
+        train_one_epoch(
+            run.model,
+            run.batches,
+            run.batch_augment,
+            run.optimizer,
+            run.scheduler,
+            run.precision,
+            self.cfg,
+            state,
+            self.logger,
+        )
         total = time.perf_counter() - start
         state.epoch += 1
         phases = dict(self.timer.t)
         phases["other"] = total - sum(phases.values())
-        return {"samples": state.seen, "seconds": total, "samples_per_s": state.seen / total,
-                "phases_s": phases,
-                "load_augment_share": (phases.get("fetch", 0) + phases.get("augment", 0)) / total}
+        return {
+            "samples": state.seen,
+            "seconds": total,
+            "samples_per_s": state.seen / total,
+            "phases_s": phases,
+            "load_augment_share": (phases.get("fetch", 0) + phases.get("augment", 0)) / total,
+        }
 
 
 class ReferenceLoaderRun:
@@ -272,20 +295,44 @@ def fmt(v: float | None, spec: str = ".1f", none: str = "not reached") -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=DEFAULT_ROOT, help="folder with MNIST/raw/t10k-* (default: %(default)s)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--root", default=DEFAULT_ROOT, help="folder with MNIST/raw/t10k-* (default: %(default)s)"
+    )
     p.add_argument("--target", type=float, default=0.985, help="held-out accuracy to reach")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of our recipe (default 0 1 2)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch.set_num_threads for everything (default: 1 on a busy machine, else torch's default)")
-    p.add_argument("--quick", action="store_true", help="one seed, reference up to 6 epochs, one short throughput round")
-    p.add_argument("--reference-max-epochs", type=int, default=0,
-                   help="stop the reference here if it has not reached --target (default: main.py's 14; 6 with --quick)")
-    p.add_argument("--reference-no-shuffle", action="store_true",
-                   help="train the reference in file order, as main.py does on a CPU")
-    p.add_argument("--recipe", default="{}", metavar="JSON",
-                   help='overrides of our recipe, dotted keys, e.g. \'{"model.width": 16, "epochs": 3}\'')
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="seeds of our recipe (default 0 1 2)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch.set_num_threads for everything (default: 1 on a busy machine, else torch's default)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="one seed, reference up to 6 epochs, one short throughput round",
+    )
+    p.add_argument(
+        "--reference-max-epochs",
+        type=int,
+        default=0,
+        help="stop the reference here if it has not reached --target (default: main.py's 14; 6 with --quick)",
+    )
+    p.add_argument(
+        "--reference-no-shuffle",
+        action="store_true",
+        help="train the reference in file order, as main.py does on a CPU",
+    )
+    p.add_argument(
+        "--recipe",
+        default="{}",
+        metavar="JSON",
+        help='overrides of our recipe, dotted keys, e.g. \'{"model.width": 16, "epochs": 3}\'',
+    )
     p.add_argument("--out", default=str(HERE / "out" / "train.json"))
     args = p.parse_args(argv)
     recipe = {**RECIPE, **json.loads(args.recipe)}
@@ -295,31 +342,40 @@ def main(argv: list[str] | None = None) -> dict:
     bench_start = time.perf_counter()
     dist.setup("cpu")
 
-    log(f"bonnerlab training bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load:.1f}; data {args.root}")
+    log(
+        f"bonnerlab training bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), load average {load:.1f}; data {args.root}"
+    )
     if busy:
-        log("  note: other processes are using the CPUs: absolute times will be inflated; "
-            + ("consider --threads 1" if torch.get_num_threads() > 1 else "running on 1 thread"))
+        log(
+            "  note: other processes are using the CPUs: absolute times will be inflated; "
+            + ("consider --threads 1" if torch.get_num_threads() > 1 else "running on 1 thread")
+        )
     cfg0 = base_config(args.root)
     splits = load_splits(cfg0.data)
     ref_train, ref_val = ref.reference_datasets(args.root)
-    assert torch.equal(ref_train.targets, splits.train.labels) and torch.equal(ref_val.targets, splits.val.labels), \
-        "reference split differs from bonnerlab's"
+    assert torch.equal(ref_train.targets, splits.train.labels) and torch.equal(
+        ref_val.targets, splits.val.labels
+    ), "reference split differs from bonnerlab's"
     log(f"split: {len(splits.train)} train / {len(splits.val)} held out (identical in both)")
 
     # 1. time to target ---------------------------------------------------------------------
     log(f"[1] reference (pytorch/examples mnist recipe) until val_acc >= {args.target}:")
     ref_epochs = args.reference_max_epochs or (6 if args.quick else 14)
-    reference = ref.run_reference(args.root, args.target, ref_epochs, shuffle=not args.reference_no_shuffle, log=log)
+    reference = ref.run_reference(
+        args.root, args.target, ref_epochs, shuffle=not args.reference_no_shuffle, log=log
+    )
     recipe_cfg = apply_overrides(cfg0, recipe)
     log(f"[1] bonnerlab train() with {json.dumps(recipe)}:")
     ours = []
     for seed in seeds:
         run = run_ours(apply_overrides(recipe_cfg, {"seed": seed}), args.target)
         ours.append(run)
-        log(f"  seed {seed}: val_acc {[round(a, 4) for a in run['val_acc']]}, epoch s "
+        log(
+            f"  seed {seed}: val_acc {[round(a, 4) for a in run['val_acc']]}, epoch s "
             f"{[round(s, 2) for s in run['epoch_time_s']]} -> {fmt(run['seconds_to_target'], '.2f')} s "
-            f"(train() call {run['train_call_wall_s']:.1f} s incl. setup and checkpoints)")
+            f"(train() call {run['train_call_wall_s']:.1f} s incl. setup and checkpoints)"
+        )
     reached = [r["seconds_to_target"] for r in ours if r["seconds_to_target"] is not None]
     ours_s = statistics.median(reached) if len(reached) == len(ours) else None
     ours_worst = max(reached) if len(reached) == len(ours) else None
@@ -327,9 +383,20 @@ def main(argv: list[str] | None = None) -> dict:
     speedup = ref_s / ours_s if ref_s and ours_s else None
 
     # 2. throughput at the reference's model and batch ----------------------------------------
-    log("[2] reference network, batch 64, Adadelta lr 1.0: bonnerlab train_one_epoch vs reference DataLoader")
-    thr_cfg = apply_overrides(cfg0, {"data.batch_size": 64, "optim.optimizer": "adadelta", "optim.lr": 1.0,
-                                     "optim.weight_decay": 0.0, "optim.schedule": "step", "epochs": 14})
+    log(
+        "[2] reference network, batch 64, Adadelta lr 1.0: bonnerlab train_one_epoch vs reference DataLoader"
+    )
+    thr_cfg = apply_overrides(
+        cfg0,
+        {
+            "data.batch_size": 64,
+            "optim.optimizer": "adadelta",
+            "optim.lr": 1.0,
+            "optim.weight_decay": 0.0,
+            "optim.schedule": "step",
+            "epochs": 14,
+        },
+    )
     # Alternate the two paths (an epoch, or `chunk_steps` batches, each; model and optimizer state
     # evolving on each side) so that load from other processes hits both alike.
     thr_cfg = apply_overrides(thr_cfg, {"max_steps_per_epoch": chunk_steps})
@@ -340,14 +407,18 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(rounds):
         ours_ref_net.append(ours_run.epoch())
         ref_loader.append(ref_run.chunk())
-        log(f"  round {r + 1}: bonnerlab path {ours_ref_net[-1]['samples_per_s']:.0f} samples/s, "
-            f"reference path {ref_loader[-1]['samples_per_s']:.0f} samples/s")
+        log(
+            f"  round {r + 1}: bonnerlab path {ours_ref_net[-1]['samples_per_s']:.0f} samples/s, "
+            f"reference path {ref_loader[-1]['samples_per_s']:.0f} samples/s"
+        )
     # Best of the rounds, the least disturbed measurement of each path; the reference also gets
     # its training epochs from [1] (same loop, same loader), which can only favour it.
     ours_run.close()
     ours_rate = max(e["samples_per_s"] for e in ours_ref_net)
-    ref_rate = max([e["samples_per_s"] for e in ref_loader]
-                   + [e["train_samples_per_s"] for e in reference["epochs"]])
+    ref_rate = max(
+        [e["samples_per_s"] for e in ref_loader]
+        + [e["train_samples_per_s"] for e in reference["epochs"]]
+    )
 
     # 3. phase shares in our path -----------------------------------------------------------
     log("[3] phase times in bonnerlab train_one_epoch, recipe model:")
@@ -356,8 +427,10 @@ def main(argv: list[str] | None = None) -> dict:
     recipe_run.close()
     for name, epochs in (("recipe", recipe_epochs), ("reference net, batch 64", ours_ref_net)):
         for e in epochs:
-            log(f"  {name}: {e['samples']} samples at {e['samples_per_s']:.0f}/s; " + ", ".join(
-                f"{k} {100 * v / e['seconds']:.1f}%" for k, v in e["phases_s"].items()))
+            log(
+                f"  {name}: {e['samples']} samples at {e['samples_per_s']:.0f}/s; "
+                + ", ".join(f"{k} {100 * v / e['seconds']:.1f}%" for k, v in e["phases_s"].items())
+            )
     recipe_share = statistics.median(e["load_augment_share"] for e in recipe_epochs)
     refnet_share = statistics.median(e["load_augment_share"] for e in ours_ref_net)
 
@@ -371,11 +444,14 @@ def main(argv: list[str] | None = None) -> dict:
         ref_cell = f"> {ref_total:.1f} s (best {ref_best:.2%} in {len(reference['epochs'])} ep)"
     if ours_s is not None:
         ep = sorted({r["epochs_to_target"] for r in ours})
-        ours_cell = (f"{ours_s:.2f} s ({'/'.join(map(str, ep))} ep; median of {n_seeds}, "
-                     f"worst {ours_worst:.2f})")
+        ours_cell = (
+            f"{ours_s:.2f} s ({'/'.join(map(str, ep))} ep; median of {n_seeds}, "
+            f"worst {ours_worst:.2f})"
+        )
     else:
         ours_cell = f"{len(reached)}/{len(seeds)} seeds reached it" + (
-            f" (median {statistics.median(reached):.2f} s)" if reached else "")
+            f" (median {statistics.median(reached):.2f} s)" if reached else ""
+        )
     if speedup:
         ratio_cell = f"{speedup:.1f}x (target >= 10x)"
     elif ref_s is None and ours_s:
@@ -390,24 +466,55 @@ def main(argv: list[str] | None = None) -> dict:
         ours_at = [seconds_to_target(r["rows"], ref_best)[0] for r in ours]
         if all(v is not None for v in ours_at):
             ours_med = statistics.median(ours_at)
-            equal = {"accuracy": ref_best, "reference_s": ref_at, "ours_median_s": ours_med,
-                     "speedup": ref_at / ours_med}
-            rows.append((f"1b. seconds to the reference's best, {ref_best:.2%}", f"{ref_at:.1f} s ({ref_ep} ep)",
-                         f"{ours_med:.2f} s (median of {n_seeds})", f"{ref_at / ours_med:.1f}x"))
+            equal = {
+                "accuracy": ref_best,
+                "reference_s": ref_at,
+                "ours_median_s": ours_med,
+                "speedup": ref_at / ours_med,
+            }
+            rows.append(
+                (
+                    f"1b. seconds to the reference's best, {ref_best:.2%}",
+                    f"{ref_at:.1f} s ({ref_ep} ep)",
+                    f"{ours_med:.2f} s (median of {n_seeds})",
+                    f"{ref_at / ours_med:.1f}x",
+                )
+            )
         # The issue saw the reference reach the target after 4 epochs elsewhere: the ratio to that.
         k = ISSUE_REFERENCE_EPOCHS
         if ours_s is not None and len(reference["epochs"]) >= k:
             ref_k = sum(e["epoch_time_s"] for e in reference["epochs"][:k])
-            equal = {**(equal or {}), "reference_first_4_epochs_s": ref_k, "speedup_vs_4_epochs": ref_k / ours_s}
-            rows.append((f"1c. ... vs the reference's first {k} epochs", f"{ref_k:.1f} s ({k} ep)",
-                         f"{ours_s:.2f} s (as in 1.)", f"{ref_k / ours_s:.1f}x"))
+            equal = {
+                **(equal or {}),
+                "reference_first_4_epochs_s": ref_k,
+                "speedup_vs_4_epochs": ref_k / ours_s,
+            }
+            rows.append(
+                (
+                    f"1c. ... vs the reference's first {k} epochs",
+                    f"{ref_k:.1f} s ({k} ep)",
+                    f"{ours_s:.2f} s (as in 1.)",
+                    f"{ref_k / ours_s:.1f}x",
+                )
+            )
     rows += [
-        ("2. train samples/s, ref net, batch 64 (best)", f"{ref_rate:.0f}", f"{ours_rate:.0f}",
-         f"{ours_rate / ref_rate:.2f}x"),
-        ("3. step time in loading+augment", "-", f"{100 * recipe_share:.1f}% (ref net {100 * refnet_share:.1f}%)",
-         "target < 10%"),
+        (
+            "2. train samples/s, ref net, batch 64 (best)",
+            f"{ref_rate:.0f}",
+            f"{ours_rate:.0f}",
+            f"{ours_rate / ref_rate:.2f}x",
+        ),
+        (
+            "3. step time in loading+augment",
+            "-",
+            f"{100 * recipe_share:.1f}% (ref net {100 * refnet_share:.1f}%)",
+            "target < 10%",
+        ),
     ]
-    widths = [max(len(r[i]) for r in [("metric", "reference", "bonnerlab", "ratio"), *rows]) for i in range(4)]
+    widths = [
+        max(len(r[i]) for r in [("metric", "reference", "bonnerlab", "ratio"), *rows])
+        for i in range(4)
+    ]
 
     def line(cells) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
@@ -417,8 +524,10 @@ def main(argv: list[str] | None = None) -> dict:
     log(line(["-" * w for w in widths]))
     for r in rows:
         log(line(r))
-    log(f"recipe: {json.dumps(recipe)}; {torch.get_num_threads()} torch threads; "
-        f"bench took {time.perf_counter() - bench_start:.0f} s")
+    log(
+        f"recipe: {json.dumps(recipe)}; {torch.get_num_threads()} torch threads; "
+        f"bench took {time.perf_counter() - bench_start:.0f} s"
+    )
 
     result = {
         "target": args.target,
@@ -430,13 +539,25 @@ def main(argv: list[str] | None = None) -> dict:
         "recipe": recipe,
         "reference": reference,
         "ours": ours,
-        "time_to_target": {"reference_s": ref_s, "ours_median_s": ours_s, "ours_worst_s": ours_worst,
-                           "speedup": speedup, "at_reference_best": equal},
-        "throughput_ref_net_batch64": {"reference_samples_per_s": ref_rate, "ours_samples_per_s": ours_rate,
-                                       "ratio": ours_rate / ref_rate, "ours_epochs": ours_ref_net,
-                                       "reference_loader_epochs": ref_loader},
-        "load_augment_share": {"recipe": recipe_share, "reference_net": refnet_share,
-                               "recipe_epochs": recipe_epochs},
+        "time_to_target": {
+            "reference_s": ref_s,
+            "ours_median_s": ours_s,
+            "ours_worst_s": ours_worst,
+            "speedup": speedup,
+            "at_reference_best": equal,
+        },
+        "throughput_ref_net_batch64": {
+            "reference_samples_per_s": ref_rate,
+            "ours_samples_per_s": ours_rate,
+            "ratio": ours_rate / ref_rate,
+            "ours_epochs": ours_ref_net,
+            "reference_loader_epochs": ref_loader,
+        },
+        "load_augment_share": {
+            "recipe": recipe_share,
+            "reference_net": refnet_share,
+            "recipe_epochs": recipe_epochs,
+        },
         "bench_seconds": time.perf_counter() - bench_start,
     }
     out = Path(args.out)

@@ -61,11 +61,23 @@ def check(section: str, name: str, fn) -> object:
         status = "ok"
     except Exception as e:  # report every check, then fail at the end
         traceback.print_exc()
-        detail, status = None, f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        detail, status = (
+            None,
+            f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+        )
     seconds = time.perf_counter() - start
-    RESULTS.append({"section": section, "check": name, "status": status, "seconds": round(seconds, 1),
-                    "detail": detail})
-    say(f"  [{status if status == 'ok' else 'FAIL'}] {name} ({seconds:.1f}s): {detail if detail is not None else status}")
+    RESULTS.append(
+        {
+            "section": section,
+            "check": name,
+            "status": status,
+            "seconds": round(seconds, 1),
+            "detail": detail,
+        }
+    )
+    say(
+        f"  [{status if status == 'ok' else 'FAIL'}] {name} ({seconds:.1f}s): {detail if detail is not None else status}"
+    )
     return detail
 
 
@@ -88,7 +100,10 @@ def make_image_folder(root: Path, n_per_class: int = 160, size: int = 96) -> Pat
 
 def child_env() -> dict[str, str]:
     """This checkout first on the path, keeping whatever PYTHONPATH already holds."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def weights_of(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -159,8 +174,18 @@ def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
                 mark[0] = n
 
             start = time.perf_counter()
-            train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
-                            run.precision, cfg, run.state, Logger(None), on_step_end=on_step_end)
+            train_one_epoch(
+                run.model,
+                run.batches,
+                run.batch_augment,
+                run.optimizer,
+                run.scheduler,
+                run.precision,
+                cfg,
+                run.state,
+                Logger(None),
+                on_step_end=on_step_end,
+            )
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         finally:
@@ -170,32 +195,66 @@ def count_syncs(cfg: TrainConfig, warmup: int = 5) -> dict:
     logging = {s for s in range(len(per_step)) if (s + 1) % cfg.log_every_steps == 0}
     measured = [n for s, n in enumerate(per_step) if s >= warmup and s not in logging]
     at_logging = [per_step[s] for s in sorted(logging) if s >= warmup]
-    return {"steps_measured": len(measured), "syncs_per_step_max": max(measured, default=0),
-            "syncs_total_outside_logging": sum(measured), "syncs_at_logging_steps": at_logging,
-            "first_sync_messages": sorted(set(syncs))[:4],
-            "samples_per_s": round(run.state.seen / seconds, 1)}
+    return {
+        "steps_measured": len(measured),
+        "syncs_per_step_max": max(measured, default=0),
+        "syncs_total_outside_logging": sum(measured),
+        "syncs_at_logging_steps": at_logging,
+        "first_sync_messages": sorted(set(syncs))[:4],
+        "samples_per_s": round(run.state.seen / seconds, 1),
+    }
 
 
 def section_syncs(tmp: Path, folder: Path) -> None:
     say("2. host syncs per training step (target 0 outside logging steps)")
 
     def digits():
-        out = count_syncs(train_cfg(tmp, "sync-digits", max_steps_per_epoch=25, log_every_steps=10,
-                                    **{"data.erasing": 0.5, "optim.grad_clip": 1.0}))
+        out = count_syncs(
+            train_cfg(
+                tmp,
+                "sync-digits",
+                max_steps_per_epoch=25,
+                log_every_steps=10,
+                **{"data.erasing": 0.5, "optim.grad_clip": 1.0},
+            )
+        )
         assert out["syncs_per_step_max"] == 0, out
         return out
 
     def resnet():
-        out = count_syncs(train_cfg(tmp, "sync-resnet", max_steps_per_epoch=25, log_every_steps=10, **{
-            "model.arch": "resnet18", "data.dataset": "imagefolder", "data.root": str(folder),
-            "data.in_channels": 3, "data.image_size": 96, "data.batch_size": 8, "data.erasing": 0.5,
-            "optim.grad_clip": 1.0, "data.val_fraction": 0.1}))
+        out = count_syncs(
+            train_cfg(
+                tmp,
+                "sync-resnet",
+                max_steps_per_epoch=25,
+                log_every_steps=10,
+                **{
+                    "model.arch": "resnet18",
+                    "data.dataset": "imagefolder",
+                    "data.root": str(folder),
+                    "data.in_channels": 3,
+                    "data.image_size": 96,
+                    "data.batch_size": 8,
+                    "data.erasing": 0.5,
+                    "optim.grad_clip": 1.0,
+                    "data.val_fraction": 0.1,
+                },
+            )
+        )
         assert out["syncs_per_step_max"] == 0, out
         return out
 
     def digits_float16():
-        out = count_syncs(train_cfg(tmp, "sync-fp16", max_steps_per_epoch=25, log_every_steps=10, amp_dtype="float16",
-                                    **{"optim.grad_clip": 1.0}))
+        out = count_syncs(
+            train_cfg(
+                tmp,
+                "sync-fp16",
+                max_steps_per_epoch=25,
+                log_every_steps=10,
+                amp_dtype="float16",
+                **{"optim.grad_clip": 1.0},
+            )
+        )
         assert out["syncs_per_step_max"] == 0, out
         return out
 
@@ -211,23 +270,59 @@ def section_ddp(tmp: Path) -> None:
     say("3. DDP")
     n_gpus = torch.cuda.device_count()
     nproc = min(2, n_gpus)
-    common = ["--device", "cuda", "--progress", "false", "--epochs", "2", "--max_steps_per_epoch", "12",
-              "--model.batchnorm", "false", "--data.eval_batch_size", "179"]  # 359 val images: uneven
+    common = [
+        "--device",
+        "cuda",
+        "--progress",
+        "false",
+        "--epochs",
+        "2",
+        "--max_steps_per_epoch",
+        "12",
+        "--model.batchnorm",
+        "false",
+        "--data.eval_batch_size",
+        "179",
+    ]  # 359 val images: uneven
 
     def torchrun():
         env = child_env()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-               str(REPO / "jobs" / "train.py"), *common, "--run_dir", str(tmp / "ddp-torchrun")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(REPO / "jobs" / "train.py"),
+            *common,
+            "--run_dir",
+            str(tmp / "ddp-torchrun"),
+        ]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-1500:]
-        metrics = [json.loads(line) for line in (tmp / "ddp-torchrun" / "metrics.jsonl").read_text().splitlines()]
+        metrics = [
+            json.loads(line)
+            for line in (tmp / "ddp-torchrun" / "metrics.jsonl").read_text().splitlines()
+        ]
         detail = {"processes": nproc, "val_acc": [m["val_acc"] for m in metrics]}
         if nproc == 2:
-            single = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *common,
-                                     "--run_dir", str(tmp / "ddp-one")], env=env, capture_output=True, text=True)
+            single = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "jobs" / "train.py"),
+                    *common,
+                    "--run_dir",
+                    str(tmp / "ddp-one"),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             assert single.returncode == 0, single.stderr[-1500:]
-            detail["max_weight_diff_vs_one_process"] = max_diff(weights_of(tmp / "ddp-one"),
-                                                                weights_of(tmp / "ddp-torchrun"))
+            detail["max_weight_diff_vs_one_process"] = max_diff(
+                weights_of(tmp / "ddp-one"), weights_of(tmp / "ddp-torchrun")
+            )
             assert detail["max_weight_diff_vs_one_process"] < 1e-2, detail
         return detail
 
@@ -239,14 +334,23 @@ def section_ddp(tmp: Path) -> None:
         try:
             from bonnerlab.train.loop import train
 
-            result = train(train_cfg(tmp, "ddp-nccl", max_steps_per_epoch=12))  # DDP-wrapped, NCCL sums
+            result = train(
+                train_cfg(tmp, "ddp-nccl", max_steps_per_epoch=12)
+            )  # DDP-wrapped, NCCL sums
             assert result["val_acc"] > 0.5, result
-            return {"val_acc": result["val_acc"], "train_samples_per_s": result["train_samples_per_s"]}
+            return {
+                "val_acc": result["val_acc"],
+                "train_samples_per_s": result["train_samples_per_s"],
+            }
         finally:
             tdist.destroy_process_group()
 
     check("3", f"torchrun --nproc_per_node {nproc} jobs/train.py, uneven eval shards", torchrun)
-    check("3", "NCCL process group in-process: epoch totals and eval all-reduced on the GPU", nccl_in_process)
+    check(
+        "3",
+        "NCCL process group in-process: epoch totals and eval all-reduced on the GPU",
+        nccl_in_process,
+    )
 
 
 # ----------------------------------------------------------------------------- 4. resume
@@ -295,8 +399,11 @@ def section_resume(tmp: Path) -> None:
         diff = max_diff(weights_of(tmp / "ref"), weights_of(tmp / "split"))
         # CUDA kernels are not bit-deterministic by default: close, not equal (see section --deterministic)
         assert diff < 5e-2, diff
-        return {"stopped_at": [first["epoch"], first["step"]], "val_acc": [ref["val_acc"], second["val_acc"]],
-                "max_weight_diff_vs_uninterrupted": diff}
+        return {
+            "stopped_at": [first["epoch"], first["step"]],
+            "val_acc": [ref["val_acc"], second["val_acc"]],
+            "max_weight_diff_vs_uninterrupted": diff,
+        }
 
     def cpu_checkpoint_on_gpu():
         cfg = train_cfg(tmp, "cpu-to-gpu", device="cpu", **overrides)
@@ -329,12 +436,35 @@ def section_resume(tmp: Path) -> None:
     def deterministic():
         # fresh processes: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when its handle is created
         env = child_env()
-        args = ["--device", "cuda", "--progress", "false", "--epochs", "2", "--max_steps_per_epoch", "20",
-                "--model.dropout", "0.2", "--deterministic", "true"]
+        args = [
+            "--device",
+            "cuda",
+            "--progress",
+            "false",
+            "--epochs",
+            "2",
+            "--max_steps_per_epoch",
+            "20",
+            "--model.dropout",
+            "0.2",
+            "--deterministic",
+            "true",
+        ]
         outs = []
         for name in ("det-a", "det-b"):
-            out = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args, "--run_dir",
-                                  str(tmp / name)], env=env, capture_output=True, text=True, timeout=300)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    str(REPO / "jobs" / "train.py"),
+                    *args,
+                    "--run_dir",
+                    str(tmp / name),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             if out.returncode == 2:  # the one-line refusal naming the op
                 lines = out.stderr.strip().splitlines()
                 assert len(lines) == 1 and "--deterministic" in lines[0], out.stderr[-1500:]
@@ -348,7 +478,11 @@ def section_resume(tmp: Path) -> None:
     check("4", "SIGUSR2 mid-epoch, --resume", sigusr2_resume)
     check("4", "CPU checkpoint resumed on the GPU", cpu_checkpoint_on_gpu)
     check("4", "float16 + GradScaler resumed from a bfloat16 checkpoint", float16_from_bfloat16)
-    check("4", "--deterministic: two runs bit-identical, or one-line refusal naming the op", deterministic)
+    check(
+        "4",
+        "--deterministic: two runs bit-identical, or one-line refusal naming the op",
+        deterministic,
+    )
     dist.configure_backends(torch.device("cuda"))
 
 
@@ -362,10 +496,22 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
     from bonnerlab.extract.run import extract
 
     def run(device: str, name: str, **extra) -> tuple[dict, dict]:
-        cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), stimuli="digits", limit=64, image_size=64,
-                            preprocess="squash", in_channels=3, layers=["layer2", "avgpool"], channels=["layer2=0-31"],
-                            pooling=["layer2=none", "avgpool=flatten"], batch_size=32, device=device,
-                            output=str(tmp / f"{name}.zarr"), progress=False, **extra)
+        cfg = ExtractConfig(
+            model=ModelConfig(arch="resnet18"),
+            stimuli="digits",
+            limit=64,
+            image_size=64,
+            preprocess="squash",
+            in_channels=3,
+            layers=["layer2", "avgpool"],
+            channels=["layer2=0-31"],
+            pooling=["layer2=none", "avgpool=flatten"],
+            batch_size=32,
+            device=device,
+            output=str(tmp / f"{name}.zarr"),
+            progress=False,
+            **extra,
+        )
         summary = extract(cfg)
         arrays = {layer: open_activations(cfg.output, layer).values for layer in cfg.layers}
         return summary, arrays
@@ -374,8 +520,11 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         out = {}
         for layer in a:
             scale = float(np.abs(a[layer]).max())
-            out[layer] = {"max_abs_diff": float(np.abs(a[layer] - b[layer]).max()), "max_abs": scale,
-                          "finite": bool(np.isfinite(b[layer]).all())}
+            out[layer] = {
+                "max_abs_diff": float(np.abs(a[layer] - b[layer]).max()),
+                "max_abs": scale,
+                "finite": bool(np.isfinite(b[layer]).all()),
+            }
         return out
 
     results: dict = {}
@@ -385,7 +534,10 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         summary, gpu = run("cuda", "cuda")
         diffs = compare(cpu, gpu)
         results["cpu"] = cpu
-        assert all(d["max_abs_diff"] < 1e-4 * max(1.0, d["max_abs"]) and d["finite"] for d in diffs.values()), diffs
+        assert all(
+            d["max_abs_diff"] < 1e-4 * max(1.0, d["max_abs"]) and d["finite"]
+            for d in diffs.values()
+        ), diffs
         return diffs
 
     def amp():
@@ -397,24 +549,37 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
         identity = info.get("identity", info)
         diffs["recorded"] = {k: identity.get(k) for k in ("dtype", "amp", "amp_dtype", "tf32")}
         diffs["stored_dtype"] = str(gpu["layer2"].dtype)
-        assert all(d["finite"] and d["max_abs_diff"] < 5e-2 * max(1.0, d["max_abs"])
-                   for k, d in diffs.items() if k in ("layer2", "avgpool")), diffs
+        assert all(
+            d["finite"] and d["max_abs_diff"] < 5e-2 * max(1.0, d["max_abs"])
+            for k, d in diffs.items()
+            if k in ("layer2", "avgpool")
+        ), diffs
         return diffs
 
     def second_gpu():
         if torch.cuda.device_count() < 2:
             return "skipped: one GPU"
-        code = (f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
-                + "from bonnerlab.config import ExtractConfig, ModelConfig\nfrom bonnerlab.extract.run import extract\n"
-                + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
-                + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
-                + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
-                + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             env=child_env())
+        code = (
+            f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
+            + "from bonnerlab.config import ExtractConfig, ModelConfig\nfrom bonnerlab.extract.run import extract\n"
+            + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
+            + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
+            + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
+            + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=child_env(),
+        )
         assert out.returncode == 0, out.stderr[-1500:]
-        smi = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv"],
-                             capture_output=True, text=True)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv"],
+            capture_output=True,
+            text=True,
+        )
         allocated_on_0 = int(out.stdout.split()[-2])
         assert allocated_on_0 == 0, out.stdout
         return {"allocated_on_gpu0": allocated_on_0, "nvidia_smi": smi.stdout.strip()[-300:]}
@@ -430,9 +595,14 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
 
 
 def gpu_utilisation() -> str:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                         capture_output=True, text=True)
-    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "n/a"
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+    )
+    return (
+        out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "n/a"
+    )
 
 
 def section_throughput(tmp: Path, quick: bool) -> None:
@@ -458,11 +628,15 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         return 256 * steps / (time.perf_counter() - start)
 
     def batch():
-        x = torch.randn(256, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(256, 3, 224, 224, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
         return x, torch.randint(0, 1000, (256,), device=device)
 
     def bonnerlab_runner(arch: str, amp_dtype: str = "auto"):
-        model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
+        model = getattr(torchvision.models, arch)(num_classes=1000).to(
+            device, memory_format=torch.channels_last
+        )
         cfg = apply_overrides(TrainConfig(), {"optim.optimizer": "sgd", "optim.lr": 0.1})
         optimizer = build_optimizer(model, cfg.optim)
         precision, sums = Precision.resolve(device, amp_dtype=amp_dtype), DeviceSums(device)
@@ -472,7 +646,9 @@ def section_throughput(tmp: Path, quick: bool) -> None:
     def reference_runner(arch: str, dtype: torch.dtype):
         # torchvision's references/classification/train.py loop: SGD, autocast (float16 there,
         # with GradScaler), the loss read back every step by its metric logger
-        model = getattr(torchvision.models, arch)(num_classes=1000).to(device, memory_format=torch.channels_last)
+        model = getattr(torchvision.models, arch)(num_classes=1000).to(
+            device, memory_format=torch.channels_last
+        )
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         criterion = torch.nn.CrossEntropyLoss()
@@ -490,24 +666,31 @@ def section_throughput(tmp: Path, quick: bool) -> None:
         return one
 
     for arch in ("resnet18", "resnet50"):
+
         def measure(arch=arch):
             torch.cuda.reset_peak_memory_stats()
-            runners = {"bonnerlab": bonnerlab_runner(arch),
-                       "bonnerlab_fp16": bonnerlab_runner(arch, "float16"),
-                       "reference_fp16": reference_runner(arch, torch.float16),
-                       "reference_bf16": reference_runner(arch, torch.bfloat16)}
+            runners = {
+                "bonnerlab": bonnerlab_runner(arch),
+                "bonnerlab_fp16": bonnerlab_runner(arch, "float16"),
+                "reference_fp16": reference_runner(arch, torch.float16),
+                "reference_bf16": reference_runner(arch, torch.bfloat16),
+            }
             rates: dict[str, list[float]] = {k: [] for k in runners}
             for _ in range(2):  # interleaved rounds, best of each: clocks and neighbours shift
                 for name, runner in runners.items():
                     rates[name].append(timed(runner))
             best = {k: max(v) for k, v in rates.items()}
-            return {**{f"{k}_samples_per_s": round(v) for k, v in best.items()},
-                    "ratio_vs_reference_fp16": round(best["bonnerlab"] / best["reference_fp16"], 3),
-                    "ratio_vs_reference_bf16": round(best["bonnerlab"] / best["reference_bf16"], 3),
-                    "ratio_fp16_vs_reference_fp16": round(best["bonnerlab_fp16"] / best["reference_fp16"], 3),
-                    "amp_dtype": str(Precision.resolve(device).dtype),
-                    "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                    "utilisation_pct_after": gpu_utilisation()}
+            return {
+                **{f"{k}_samples_per_s": round(v) for k, v in best.items()},
+                "ratio_vs_reference_fp16": round(best["bonnerlab"] / best["reference_fp16"], 3),
+                "ratio_vs_reference_bf16": round(best["bonnerlab"] / best["reference_bf16"], 3),
+                "ratio_fp16_vs_reference_fp16": round(
+                    best["bonnerlab_fp16"] / best["reference_fp16"], 3
+                ),
+                "amp_dtype": str(Precision.resolve(device).dtype),
+                "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "utilisation_pct_after": gpu_utilisation(),
+            }
 
         check("6", f"{arch} training step", measure)
 
@@ -517,10 +700,22 @@ def section_throughput(tmp: Path, quick: bool) -> None:
 
         torch.cuda.reset_peak_memory_stats()
         n = 512 if quick else 1797  # every digit
-        cfg = ExtractConfig(model=ModelConfig(arch="resnet50"), stimuli="digits", split="all", limit=n,
-                            image_size=224, preprocess="squash",
-                            in_channels=3, layers=["layer3", "avgpool"], pooling=["layer3=avg", "avgpool=flatten"],
-                            batch_size=128, device="cuda", amp=True, output=str(tmp / "rate.zarr"), progress=False)
+        cfg = ExtractConfig(
+            model=ModelConfig(arch="resnet50"),
+            stimuli="digits",
+            split="all",
+            limit=n,
+            image_size=224,
+            preprocess="squash",
+            in_channels=3,
+            layers=["layer3", "avgpool"],
+            pooling=["layer3=avg", "avgpool=flatten"],
+            batch_size=128,
+            device="cuda",
+            amp=True,
+            output=str(tmp / "rate.zarr"),
+            progress=False,
+        )
         samples: list[str] = []
         import threading
 
@@ -539,9 +734,12 @@ def section_throughput(tmp: Path, quick: bool) -> None:
             stop.set()
             poller.join()
         util = [int(s) for s in samples if s.isdigit()]
-        return {"images_per_s": round(summary["images_per_s"]), "images": summary["images"],
-                "gpu_utilisation_pct_mean": round(sum(util) / len(util)) if util else "n/a",
-                "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        return {
+            "images_per_s": round(summary["images_per_s"]),
+            "images": summary["images"],
+            "gpu_utilisation_pct_mean": round(sum(util) / len(util)) if util else "n/a",
+            "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        }
 
     check("6", "extraction resnet50 (AMP), 2 layers", extraction_rate)
 
@@ -551,14 +749,19 @@ def section_throughput(tmp: Path, quick: bool) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "bench" / "out"), help="folder for gpu-check.txt/.json")
+    parser.add_argument(
+        "--out", default=str(REPO / "bench" / "out"), help="folder for gpu-check.txt/.json"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
     parser.add_argument("--sections", default="123456", help="which sections to run, e.g. 145")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         allocated = dist.gpus_allocated()
-        print(f"gpu-check: CUDA is not available (torch {torch.__version__}, CUDA build {torch.version.cuda}"
-              f"{', ' + allocated if allocated else ''})", file=sys.stderr)
+        print(
+            f"gpu-check: CUDA is not available (torch {torch.__version__}, CUDA build {torch.version.cuda}"
+            f"{', ' + allocated if allocated else ''})",
+            file=sys.stderr,
+        )
         return 1
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     started = time.perf_counter()
@@ -578,8 +781,10 @@ def main() -> int:
     if "6" in sections:
         section_throughput(tmp, args.quick)
     failed = [r for r in RESULTS if r["status"] != "ok"]
-    say(f"\ngpu-check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
-        f"in {time.perf_counter() - started:.0f}s")
+    say(
+        f"\ngpu-check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
+        f"in {time.perf_counter() - started:.0f}s"
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu-check.txt").write_text("\n".join(LINES) + "\n")

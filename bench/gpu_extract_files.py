@@ -55,17 +55,30 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gpu-extract-files-"))
     t = time.perf_counter()
     write_images(work / "stimuli", args.n)
-    print(f"{args.n} JPEGs written in {time.perf_counter() - t:.1f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(
+        f"{args.n} JPEGs written in {time.perf_counter() - t:.1f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    )
     real = extraction.finish_on_device
     rates: dict[str, list[float]] = {"uint8 to the device": [], "float32 from the workers": []}
     stores = {}
     for r in range(args.rounds):
         for path in rates:
-            extraction.finish_on_device = real if path.startswith("uint8") else (lambda device: False)
+            extraction.finish_on_device = (
+                real if path.startswith("uint8") else (lambda device: False)
+            )
             out = work / f"{path.split()[0]}-{r}.zarr"
-            cfg = ExtractConfig(model=ModelConfig(arch=args.arch), stimuli=str(work / "stimuli"), layers=["layer3", "avgpool"],
-                                pooling=["layer3=avg", "avgpool=flatten"], batch_size=128, device="cuda", amp=True,
-                                num_workers=args.workers, output=str(out), progress=False)
+            cfg = ExtractConfig(
+                model=ModelConfig(arch=args.arch),
+                stimuli=str(work / "stimuli"),
+                layers=["layer3", "avgpool"],
+                pooling=["layer3=avg", "avgpool=flatten"],
+                batch_size=128,
+                device="cuda",
+                amp=True,
+                num_workers=args.workers,
+                output=str(out),
+                progress=False,
+            )
             summary = extract(cfg)
             rates[path].append(summary["images_per_s"])
             stores[path] = out
@@ -73,9 +86,11 @@ def main() -> int:
     extraction.finish_on_device = real
     best = {k: max(v) for k, v in rates.items()}
     a, b = (open_activations(stores[k], "avgpool").values for k in rates)
-    print(f"best: uint8 {best['uint8 to the device']:.0f} vs float32 {best['float32 from the workers']:.0f} images/s: "
-          f"{best['uint8 to the device'] / best['float32 from the workers']:.2f}x; "
-          f"max |difference| of avgpool {float(np.abs(a - b).max()):.2e} (values up to {float(np.abs(b).max()):.2f})")
+    print(
+        f"best: uint8 {best['uint8 to the device']:.0f} vs float32 {best['float32 from the workers']:.0f} images/s: "
+        f"{best['uint8 to the device'] / best['float32 from the workers']:.2f}x; "
+        f"max |difference| of avgpool {float(np.abs(a - b).max()):.2e} (values up to {float(np.abs(b).max()):.2f})"
+    )
     return 0
 
 

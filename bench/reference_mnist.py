@@ -116,7 +116,9 @@ def reference_datasets(
     images, labels = load_mnist_test_files(root)
     tr, va = (torch.from_numpy(i) for i in split_indices(len(labels), val_fraction, split_seed))
     transform = reference_transform()
-    return MNISTImages(images[tr], labels[tr], transform), MNISTImages(images[va], labels[va], transform)
+    return MNISTImages(images[tr], labels[tr], transform), MNISTImages(
+        images[va], labels[va], transform
+    )
 
 
 # ----------------------------------------------------------------------------- train / test
@@ -152,8 +154,15 @@ def test(model: nn.Module, loader) -> tuple[float, float]:
 
 
 def run_reference(
-    root: str | Path, target: float = 0.985, max_epochs: int = 14, val_fraction: float = 0.2,
-    split_seed: int = 0, seed: int = 1, shuffle: bool = True, stop_at_target: bool = True, log=print,
+    root: str | Path,
+    target: float = 0.985,
+    max_epochs: int = 14,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    seed: int = 1,
+    shuffle: bool = True,
+    stop_at_target: bool = True,
+    log=print,
 ) -> dict:
     """Train main.py's recipe until held-out accuracy >= target (or max_epochs); per-epoch records.
 
@@ -177,9 +186,19 @@ def run_reference(
         scheduler.step()
         epoch_s = time.perf_counter() - start
         elapsed += epoch_s
-        epochs.append({"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss, "epoch_time_s": epoch_s,
-                       "train_time_s": train_s, "train_samples_per_s": seen / train_s})
-        log(f"  reference epoch {epoch}: val_acc {val_acc:.4f} ({epoch_s:.1f}s, {seen / train_s:.0f} samples/s)")
+        epochs.append(
+            {
+                "epoch": epoch,
+                "val_acc": val_acc,
+                "val_loss": val_loss,
+                "epoch_time_s": epoch_s,
+                "train_time_s": train_s,
+                "train_samples_per_s": seen / train_s,
+            }
+        )
+        log(
+            f"  reference epoch {epoch}: val_acc {val_acc:.4f} ({epoch_s:.1f}s, {seen / train_s:.0f} samples/s)"
+        )
         if val_acc >= target and reached is None:
             reached = elapsed
             if stop_at_target:
@@ -189,7 +208,9 @@ def run_reference(
         "seconds_to_target": reached,
         "epochs_to_target": next((e["epoch"] for e in epochs if e["val_acc"] >= target), None),
         "best_val_acc": max(e["val_acc"] for e in epochs),
-        "train_samples_per_s": len(epochs) * len(train_set) / sum(e["train_time_s"] for e in epochs),
+        "train_samples_per_s": len(epochs)
+        * len(train_set)
+        / sum(e["train_time_s"] for e in epochs),
         "train_size": len(train_set),
         "val_size": len(val_set),
     }

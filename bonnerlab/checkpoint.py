@@ -18,7 +18,9 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         # MT19937 keys followed by the position in them
-        "numpy": torch.from_numpy(np.append(np.random.get_state()[1], np.random.get_state()[2]).astype(np.int64)),
+        "numpy": torch.from_numpy(
+            np.append(np.random.get_state()[1], np.random.get_state()[2]).astype(np.int64)
+        ),
         "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -30,7 +32,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"].numpy()
-    np.random.set_state(("MT19937", numpy_state[:-1].astype(np.uint32), int(numpy_state[-1]), 0, 0.0))
+    np.random.set_state(
+        ("MT19937", numpy_state[:-1].astype(np.uint32), int(numpy_state[-1]), 0, 0.0)
+    )
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
@@ -55,19 +59,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a checkpoint: {str(e).splitlines()[0]}"
+        ) from e
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a bonnerlab checkpoint (no model/config)")
     return payload
 
 
-def find_checkpoint(run_or_file: str | Path = "", which: str = "best", runs_root: str | Path = "runs") -> Path:
+def find_checkpoint(
+    run_or_file: str | Path = "", which: str = "best", runs_root: str | Path = "runs"
+) -> Path:
     """A checkpoint file from a file path, a run folder, or the newest run under `runs_root`
     (`newest`, unless a folder of that name is here; or empty)."""
     if not str(run_or_file) or (str(run_or_file) == NEWEST and not Path(NEWEST).exists()):
         run = latest_run(runs_root)
         if run is None:
-            raise CheckpointError(f"no runs under {runs_root}/; train one first or pass --checkpoint")
+            raise CheckpointError(
+                f"no runs under {runs_root}/; train one first or pass --checkpoint"
+            )
         run_or_file = run
     path = Path(run_or_file)
     if path.is_dir():

@@ -82,9 +82,16 @@ def resolve_env() -> tuple[int, int, int]:
     must not wait for peers that will never come.
     """
     if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    ntasks = _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") if os.environ.get("MASTER_ADDR") \
+        return (
+            int(os.environ["RANK"]),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ["WORLD_SIZE"]),
+        )
+    ntasks = (
+        _env_int("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")
+        if os.environ.get("MASTER_ADDR")
         else _env_int("SLURM_STEP_NUM_TASKS")
+    )
     if ntasks and ntasks > 1:
         if not os.environ.get("MASTER_ADDR"):
             nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
@@ -167,7 +174,9 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank)
     device = torch.device(requested)
     if device.index is not None and device.index >= visible:
-        raise UserError(f"--device {requested}: only {visible} GPU(s) visible (cuda:0..cuda:{visible - 1})")
+        raise UserError(
+            f"--device {requested}: only {visible} GPU(s) visible (cuda:0..cuda:{visible - 1})"
+        )
     return device
 
 
@@ -185,9 +194,11 @@ def describe_device(device: torch.device) -> str:
     if device.type != "cuda":
         return f"torch {torch.__version__} on cpu ({torch.get_num_threads()} threads)"
     props = torch.cuda.get_device_properties(device)
-    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}), driver {_driver_version()}, "
-            f"{device}: {props.name} sm_{props.major}{props.minor}, "
-            f"{props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible")
+    return (
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), driver {_driver_version()}, "
+        f"{device}: {props.name} sm_{props.major}{props.minor}, "
+        f"{props.total_memory / 2**30:.0f} GiB, {torch.cuda.device_count()} visible"
+    )
 
 
 def default_num_workers() -> int:
@@ -204,8 +215,9 @@ def default_num_workers() -> int:
     return max(0, min(8, cpus - 1))
 
 
-def configure_backends(device: torch.device, deterministic: bool = False, benchmark: bool = True,
-                       tf32: bool = True) -> None:
+def configure_backends(
+    device: torch.device, deterministic: bool = False, benchmark: bool = True, tf32: bool = True
+) -> None:
     """Throughput settings for CUDA, or bit-reproducibility when asked.
 
     TF32 matmuls and cuDNN autotuning (fixed shapes in training) are fast and change results in
@@ -354,9 +366,15 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                m = (
+                    self.momentum
+                    if self.momentum is not None
+                    else 1.0 / float(self.num_batches_tracked)
+                )
                 self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-                self.running_var.mul_(1 - m).add_(var * n / (n - 1), alpha=m)  # unbiased, as BatchNorm
+                self.running_var.mul_(1 - m).add_(
+                    var * n / (n - 1), alpha=m
+                )  # unbiased, as BatchNorm
         shape = [1, channels] + [1] * (x.dim() - 2)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
@@ -365,9 +383,15 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 def convert_to_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     """Every BatchNorm layer of `module` as a `GlobalBatchNorm` with the same state."""
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, GlobalBatchNorm | torch.nn.SyncBatchNorm):
-        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                    module.track_running_stats)
+        module, GlobalBatchNorm | torch.nn.SyncBatchNorm
+    ):
+        converted = GlobalBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         # The same Parameter objects, not copies: the optimizer already holds them.
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
@@ -392,8 +416,11 @@ def wrap_model(model: torch.nn.Module, sync_batchnorm: bool = False) -> torch.nn
     from torch.nn.parallel import DistributedDataParallel
 
     if sync_batchnorm:
-        model = (torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if _info.device.type == "cuda"
-                 else convert_to_global_batchnorm(model))
+        model = (
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if _info.device.type == "cuda"
+            else convert_to_global_batchnorm(model)
+        )
     device_ids = [_info.device.index] if _info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 

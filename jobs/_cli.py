@@ -35,7 +35,9 @@ class FlagParser(simple_parsing.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def parse(parser: argparse.ArgumentParser, argv: Sequence[str], known: bool = False) -> argparse.Namespace:
+def parse(
+    parser: argparse.ArgumentParser, argv: Sequence[str], known: bool = False
+) -> argparse.Namespace:
     """`parser.parse_args(argv)` (or parse_known_args, dropping the rest), with a config's own
     check failing as one ConfigError line, as parse_config does."""
     try:
@@ -64,10 +66,14 @@ def run_folder(path: str | Path, flag: str = "") -> Path:
 def check_task(records: dict[int, Any], task: int, path: Path) -> None:
     """`--task K` must name a task of the folder's manifest."""
     if task not in records:
-        raise UserError(f"--task {task} is out of range: {path} has tasks {min(records)}-{max(records)}")
+        raise UserError(
+            f"--task {task} is out of range: {path} has tasks {min(records)}-{max(records)}"
+        )
 
 
-def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None, save_on_signals: bool = False) -> None:
+def run_job(
+    main: Callable[[list[str]], Any], argv: list[str] | None = None, save_on_signals: bool = False
+) -> None:
     """`save_on_signals`: SIGTERM/SIGUSR2 (preemption, scancel, torchrun passing on its own SIGTERM)
     ask the job to save at its next step boundary instead of killing it (bonnerlab.interrupt)."""
     from bonnerlab import interrupt
@@ -97,4 +103,7 @@ def print_result(result: Any) -> None:
     if resolve_env()[0] == 0:
         print(json.dumps(result), flush=True)
         if isinstance(result, dict) and result.get("interrupted"):
-            print(f"stopped by a signal; saved. Continue with: --run_dir {result['run_dir']} --resume", flush=True)
+            print(
+                f"stopped by a signal; saved. Continue with: --run_dir {result['run_dir']} --resume",
+                flush=True,
+            )

@@ -1,9 +1,9 @@
 """Cancel a run's or sweep's queued and running jobs (one scancel); marks them CANCELLED, deletes nothing.
 
-    python jobs/cancel.py runs/<sweep>                # every queued or running task
-    python jobs/cancel.py runs/<sweep> --task 3 --task 7
-    python jobs/cancel.py runs/<run>
-    python jobs/launch.py --sweep_dir runs/<sweep> --resume --retry_failed   # resubmit them later
+python jobs/cancel.py runs/<sweep>                # every queued or running task
+python jobs/cancel.py runs/<sweep> --task 3 --task 7
+python jobs/cancel.py runs/<run>
+python jobs/launch.py --sweep_dir runs/<sweep> --resume --retry_failed   # resubmit them later
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def main(argv: list[str]) -> list[int]:
         check_task(by_task, k, path)
     chosen = [by_task[k] for k in args.task] if args.task else records
     ids = [r["job_id"] for r in chosen if r.get("job_id")]
-    active = set(slurm_cli.active_ids(ids)) if ids else set()  # one squeue (also: no controller -> one line)
+    active = (
+        set(slurm_cli.active_ids(ids)) if ids else set()
+    )  # one squeue (also: no controller -> one line)
     targets = [r for r in chosen if r.get("job_id") in active]
     if not targets:
         print(f"nothing to cancel: no task of {path} is queued or running")
@@ -43,8 +45,10 @@ def main(argv: list[str]) -> list[int]:
     for r in targets:
         write_state(r["run_dir"], "CANCELLED")
     tasks = [int(r["task"]) for r in targets]
-    print(f"cancelled {len(targets)} job(s) of {path}: tasks {', '.join(map(str, tasks))} "
-          f"(job ids {', '.join(r['job_id'] for r in targets)})")
+    print(
+        f"cancelled {len(targets)} job(s) of {path}: tasks {', '.join(map(str, tasks))} "
+        f"(job ids {', '.join(r['job_id'] for r in targets)})"
+    )
     return tasks
 
 

@@ -1,9 +1,9 @@
 """Evaluate a trained checkpoint: accuracy, loss, per-class accuracy, confusion matrix.
 
-    python jobs/evaluate.py                                # newest run under runs/, its best.pt
-    python jobs/evaluate.py --checkpoint runs/<run> --split val
-    python jobs/evaluate.py --checkpoint runs/<run>/checkpoints/latest.pt --device cuda
-    python jobs/launch.py --partition gpu evaluate --checkpoint runs/<run>   # SLURM
+python jobs/evaluate.py                                # newest run under runs/, its best.pt
+python jobs/evaluate.py --checkpoint runs/<run> --split val
+python jobs/evaluate.py --checkpoint runs/<run>/checkpoints/latest.pt --device cuda
+python jobs/launch.py --partition gpu evaluate --checkpoint runs/<run>   # SLURM
 """
 
 from __future__ import annotations

@@ -72,22 +72,49 @@ def launch_parser(defaults: Launch | None) -> FlagParser:
     namespace holds only what the command line gave, and no config is built or checked yet.
     """
     probe = defaults is None
-    parser = FlagParser(prog="jobs/launch.py", description=__doc__, add_help=not probe,
-                        usage=f"jobs/launch.py [launcher and SlurmConfig flags] {{{','.join(JOBS)}}} [job flags]")
-    parser.add_argument("--config_path", metavar="PATH", default=None,
-                        help="YAML file of SlurmConfig and LaunchConfig keys (a run's slurm.yaml works as is)")
-    parser.add_arguments(SlurmConfig, dest="slurm", default=argparse.SUPPRESS if probe else defaults.slurm)
-    parser.add_arguments(LaunchConfig, dest="launch", default=argparse.SUPPRESS if probe else defaults.opts)
+    parser = FlagParser(
+        prog="jobs/launch.py",
+        description=__doc__,
+        add_help=not probe,
+        usage=f"jobs/launch.py [launcher and SlurmConfig flags] {{{','.join(JOBS)}}} [job flags]",
+    )
+    parser.add_argument(
+        "--config_path",
+        metavar="PATH",
+        default=None,
+        help="YAML file of SlurmConfig and LaunchConfig keys (a run's slurm.yaml works as is)",
+    )
+    parser.add_arguments(
+        SlurmConfig, dest="slurm", default=argparse.SUPPRESS if probe else defaults.slurm
+    )
+    parser.add_arguments(
+        LaunchConfig, dest="launch", default=argparse.SUPPRESS if probe else defaults.opts
+    )
     # argparse's subparsers, not a simple-parsing `subparsers` field: a field's subcommand flags
     # are prefixed with the field's name (`train --job.optim.lr`), the launcher's with theirs
-    subcommands = parser.add_subparsers(title="jobs", dest="kind", parser_class=FlagParser,
-                                        metavar=f"{{{','.join(JOBS)}}}", required=False)
+    subcommands = parser.add_subparsers(
+        title="jobs",
+        dest="kind",
+        parser_class=FlagParser,
+        metavar=f"{{{','.join(JOBS)}}}",
+        required=False,
+    )
     for kind, spec in JOBS.items():
         cls = spec.load_config_class()
-        job = subcommands.add_parser(kind, help=(cls.__doc__ or "").splitlines()[0], description=cls.__doc__,
-                                     add_help=not probe, prog=f"jobs/launch.py [flags] {kind}")
-        job.add_argument("--config_path", dest="job_config_path", metavar="PATH", default=None,
-                         help="YAML file of this job's config values (command-line flags win)")
+        job = subcommands.add_parser(
+            kind,
+            help=(cls.__doc__ or "").splitlines()[0],
+            description=cls.__doc__,
+            add_help=not probe,
+            prog=f"jobs/launch.py [flags] {kind}",
+        )
+        job.add_argument(
+            "--config_path",
+            dest="job_config_path",
+            metavar="PATH",
+            default=None,
+            help="YAML file of this job's config values (command-line flags win)",
+        )
         default = argparse.SUPPRESS if probe else defaults.job if defaults.kind == kind else None
         job.add_arguments(cls, dest="job", default=default)
     return parser
@@ -100,9 +127,14 @@ def launcher_file(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     data.pop("submitted", None)
     unknown = sorted(set(data) - SLURM_KEYS - LAUNCH_KEYS)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]} in {path}; valid keys: SlurmConfig's "
-                          f"{', '.join(sorted(SLURM_KEYS))} and LaunchConfig's {', '.join(sorted(LAUNCH_KEYS))}")
-    return ({k: v for k, v in data.items() if k in SLURM_KEYS}, {k: v for k, v in data.items() if k in LAUNCH_KEYS})
+        raise ConfigError(
+            f"unknown config key {unknown[0]} in {path}; valid keys: SlurmConfig's "
+            f"{', '.join(sorted(SLURM_KEYS))} and LaunchConfig's {', '.join(sorted(LAUNCH_KEYS))}"
+        )
+    return (
+        {k: v for k, v in data.items() if k in SLURM_KEYS},
+        {k: v for k, v in data.items() if k in LAUNCH_KEYS},
+    )
 
 
 def parse_launch(argv: list[str]) -> Launch:
@@ -122,10 +154,17 @@ def parse_launch(argv: list[str]) -> Launch:
     final = parse(launch_parser(defaults), argv)
     opts: LaunchConfig = final.launch
     # the sbatch extras: the file's mapping, then the KEY=VALUE flags
-    extras = {**slurm_file.get("additional_parameters", {}), **_key_values(opts.additional_parameters)}
+    extras = {
+        **slurm_file.get("additional_parameters", {}),
+        **_key_values(opts.additional_parameters),
+    }
     slurm = dataclasses.replace(final.slurm, additional_parameters=extras)
-    given = bool(getattr(first, "slurm", None)) or bool(slurm_file) or bool(opts.additional_parameters)
-    return Launch(slurm=slurm, opts=opts, kind=kind, job=getattr(final, "job", None), slurm_given=given)
+    given = (
+        bool(getattr(first, "slurm", None)) or bool(slurm_file) or bool(opts.additional_parameters)
+    )
+    return Launch(
+        slurm=slurm, opts=opts, kind=kind, job=getattr(final, "job", None), slurm_given=given
+    )
 
 
 def _key_values(items: list[str]) -> dict[str, Any]:
@@ -149,15 +188,21 @@ def main(argv: list[str]) -> Any:
     if opts.resume and (opts.sweep_dir or not kind):
         return launch_retry(kind, slurm if launch.slurm_given else None, opts)
     if opts.resume:
-        raise ConfigError("--resume is for sweep folders (with --sweep_dir); a train run resumes with train --resume")
+        raise ConfigError(
+            "--resume is for sweep folders (with --sweep_dir); a train run resumes with train --resume"
+        )
     if not kind:
-        raise ConfigError(f"no job given: jobs/launch.py [flags] {{{','.join(JOBS)}}} [job flags] (--help)")
+        raise ConfigError(
+            f"no job given: jobs/launch.py [flags] {{{','.join(JOBS)}}} [job flags] (--help)"
+        )
     if opts.shards:
         return launch_shards(kind, cfg, slurm, opts)
     if opts.sweep or opts.zip or opts.sweep_file:
         return launch_sweep(kind, cfg, slurm, opts)
     if opts.task >= 0:
-        raise ConfigError("--task picks a task of a sweep: give the sweep's --sweep/--zip/--sweep_file too")
+        raise ConfigError(
+            "--task picks a task of a sweep: give the sweep's --sweep/--zip/--sweep_file too"
+        )
     return launch_one(kind, cfg, slurm, opts)
 
 
@@ -191,7 +236,9 @@ def sweep_points(opts: LaunchConfig) -> tuple[list[dict[str, Any]], dict[str, An
         file_grid, file_zip = load_sweep_file(opts.sweep_file)
         for key in [*file_grid, *file_zip]:
             if key in grid_spec or key in zip_spec:
-                raise ConfigError(f"{key} is swept both on the command line and in {opts.sweep_file}")
+                raise ConfigError(
+                    f"{key} is swept both on the command line and in {opts.sweep_file}"
+                )
         grid_spec, zip_spec = {**grid_spec, **file_grid}, {**zip_spec, **file_zip}
     return combine(grid_spec, zip_spec), {"grid": grid_spec, "zip": zip_spec}
 
@@ -201,10 +248,15 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
     from bonnerlab.cluster.sweeps import submit_sweep
 
     points, spec = sweep_points(opts)
-    sweep_dir = Path(opts.sweep_dir or Path(getattr(cfg, "runs_root", "runs")) /
-                     f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{kind}")
+    sweep_dir = Path(
+        opts.sweep_dir
+        or Path(getattr(cfg, "runs_root", "runs"))
+        / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+    )
     t0 = time.perf_counter()
-    tasks = submit_sweep(kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, spec=spec)
+    tasks = submit_sweep(
+        kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, spec=spec
+    )
     if opts.dry_run:
         script = sweep_dir.resolve() / "submit.sh"
         print(script.read_text())
@@ -213,8 +265,10 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
         return tasks
     arrays = sorted({t.job_id.split("_")[0] for t in tasks})
     what = f"task {opts.task}" if opts.task >= 0 else f"{len(tasks)} tasks"
-    print(f"submitted {what} as {len(arrays)} job array(s) {', '.join(arrays)} ({slurm.cluster}) "
-          f"in {time.perf_counter() - t0:.2f}s")
+    print(
+        f"submitted {what} as {len(arrays)} job array(s) {', '.join(arrays)} ({slurm.cluster}) "
+        f"in {time.perf_counter() - t0:.2f}s"
+    )
     print(f"  sweep folder: {sweep_dir.resolve()}")
     print(f"  status:       python jobs/status.py {sweep_dir}")
     # one task on this machine is a trial: wait for it, as `jobs/train.py` would
@@ -227,7 +281,9 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
 def points_table(points: list[dict[str, Any]], indices: list[int]) -> str:
     import pandas as pd
 
-    return pd.DataFrame.from_records([{"task": i, **points[i]} for i in indices]).to_string(index=False)
+    return pd.DataFrame.from_records([{"task": i, **points[i]} for i in indices]).to_string(
+        index=False
+    )
 
 
 def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> Any:
@@ -237,12 +293,27 @@ def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> An
     if not opts.sweep_dir:
         raise ConfigError("--resume needs --sweep_dir DIR (the sweep or run folder to resubmit)")
     sweep_dir = Path(opts.sweep_dir)
-    if sweep_dir.exists() and kind and folder_kind(sweep_dir) == "sweep" and read_sweep_yaml(sweep_dir).get("job") != kind:
-        raise ConfigError(f"{sweep_dir} is a {read_sweep_yaml(sweep_dir).get('job')} sweep, not {kind}")
+    if (
+        sweep_dir.exists()
+        and kind
+        and folder_kind(sweep_dir) == "sweep"
+        and read_sweep_yaml(sweep_dir).get("job") != kind
+    ):
+        raise ConfigError(
+            f"{sweep_dir} is a {read_sweep_yaml(sweep_dir).get('job')} sweep, not {kind}"
+        )
     points = sweep_points(opts)[0] if (opts.sweep or opts.zip or opts.sweep_file) else None
     t0 = time.perf_counter()
-    plan = retry_sweep(sweep_dir, slurm, opts.retry_failed, opts.max_retries, opts.retry_mem_factor, points,
-                       opts.task, opts.dry_run)
+    plan = retry_sweep(
+        sweep_dir,
+        slurm,
+        opts.retry_failed,
+        opts.max_retries,
+        opts.retry_mem_factor,
+        points,
+        opts.task,
+        opts.dry_run,
+    )
     for note in plan.notes:
         print(f"  {note}")
     if not plan.tasks:
@@ -253,8 +324,10 @@ def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> An
         print(f"dry run: would resubmit tasks {[t.index for t in plan.tasks]}; nothing submitted")
         return plan.tasks
     arrays = sorted({t.job_id.split("_")[0] for t in plan.tasks})
-    print(f"submitted {len(plan.tasks)} tasks as {len(arrays)} job array(s) {', '.join(arrays)} "
-          f"in {time.perf_counter() - t0:.2f}s: tasks {', '.join(str(t.index) for t in plan.tasks)}")
+    print(
+        f"submitted {len(plan.tasks)} tasks as {len(arrays)} job array(s) {', '.join(arrays)} "
+        f"in {time.perf_counter() - t0:.2f}s: tasks {', '.join(str(t.index) for t in plan.tasks)}"
+    )
     for change in plan.changes:
         print(f"  {change}")
     if opts.wait:
@@ -275,7 +348,9 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
     # every task must agree on the store before any of them starts: the name a plain extract uses
     output = cfg.output or default_store_name(cfg)
     output = str(Path(output).resolve())
-    points = [{"shard_index": i, "num_shards": opts.shards, "output": output} for i in range(opts.shards)]
+    points = [
+        {"shard_index": i, "num_shards": opts.shards, "output": output} for i in range(opts.shards)
+    ]
     sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{time.strftime('%Y%m%d-%H%M%S')}")
     t0 = time.perf_counter()
     tasks = submit_sweep(kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task)
@@ -283,7 +358,9 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
         print((sweep_dir.resolve() / "submit.sh").read_text())
         print(f"dry run: {opts.shards} shards of {output}; nothing submitted")
         return tasks
-    print(f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, writing {output}")
+    print(
+        f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, writing {output}"
+    )
     print(f"  folder: {sweep_dir.resolve()}  (the last shard to finish finalizes the store)")
     print(f"  status: python jobs/status.py {sweep_dir}")
     if opts.wait:

@@ -1,8 +1,8 @@
 """The tail of a task's output or error log, found from its run or sweep folder alone.
 
-    python jobs/logs.py runs/<run>                    # rank 0's stdout, last 40 lines
-    python jobs/logs.py runs/<sweep> --task 3 --err   # task 3's stderr (its traceback)
-    python jobs/logs.py runs/<sweep> --task 3 --rank 1 --follow   # like tail -f
+python jobs/logs.py runs/<run>                    # rank 0's stdout, last 40 lines
+python jobs/logs.py runs/<sweep> --task 3 --err   # task 3's stderr (its traceback)
+python jobs/logs.py runs/<sweep> --task 3 --rank 1 --follow   # like tail -f
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ def main(argv: list[str]) -> str:
     if log is None:
         raise UserError(f"task {task} of {path} was never submitted: it has no log")
     if not log.exists():
-        raise UserError(f"{log} does not exist yet (the task has not started, or has no rank {args.rank})")
-    lines = log.read_text(errors="replace").splitlines()[-args.lines:] if args.lines else []
+        raise UserError(
+            f"{log} does not exist yet (the task has not started, or has no rank {args.rank})"
+        )
+    lines = log.read_text(errors="replace").splitlines()[-args.lines :] if args.lines else []
     text = "\n".join(lines)
     print(f"==> {log} <==")
     print(text)

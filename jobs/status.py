@@ -44,7 +44,12 @@ def show(args: StatusConfig):
             return table, False
         shown = table if table["error"].astype(bool).any() else table.drop(columns="error")
         print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        active = any(s.split()[0] in active_states for states in table["states"] for s in states.split(" · ") if s)
+        active = any(
+            s.split()[0] in active_states
+            for states in table["states"]
+            for s in states.split(" · ")
+            if s
+        )
         return table, active
     path = run_folder(args.path)
     table = sweep_status(path, metric=args.metric, mode=args.mode)

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(TESTS.parent), str(TESTS)]  # bonnerlab from this checkout; `import helpers` from any tier
+sys.path[:0] = [
+    str(TESTS.parent),
+    str(TESTS),
+]  # bonnerlab from this checkout; `import helpers` from any tier
 
 from helpers import local_slurm_cluster, tiny_train  # noqa: E402
 

@@ -59,7 +59,13 @@ def job_module(name: str):
 # ----------------------------------------------------------------------------- tiny training runs
 
 # mnist_cnn on the embedded digits, a few seconds a run on a laptop CPU
-TINY_TRAIN = {"epochs": 2, "device": "cpu", "model.width": 8, "data.batch_size": 64, "optim.lr": 0.02}
+TINY_TRAIN = {
+    "epochs": 2,
+    "device": "cpu",
+    "model.width": 8,
+    "data.batch_size": 64,
+    "optim.lr": 0.02,
+}
 
 
 def tiny_train(**overrides: Any):
@@ -126,20 +132,35 @@ def torchrun_env() -> dict[str, str]:
 def torchrun_cmd(*args: str, nproc: int = 2) -> list[str]:
     """`python -m torch.distributed.run --standalone` (a free rendezvous port, so parallel test
     runs never collide) with `nproc` CPU workers, for Popen; `torchrun` runs it and checks."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        *args,
+    ]
 
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """torchrun_cmd run to the end; fails the test with the workers' own output."""
-    out = subprocess.run(torchrun_cmd(*args, nproc=nproc), env=torchrun_env(), capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(
+        torchrun_cmd(*args, nproc=nproc),
+        env=torchrun_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if out.returncode != 0:
         # The agent's own traceback and failure table come last and say only "exitcode -6":
         # keep what the workers printed before it.
-        workers = out.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+        workers = out.stderr.split('Traceback (most recent call last):\n  File "<frozen runpy>"')[0]
         summary = out.stderr[-800:]
-        raise AssertionError(f"torchrun exited {out.returncode}\n--- workers' stderr (tail) ---\n"
-                             f"{workers[-4000:]}\n--- agent (tail) ---\n{summary}")
+        raise AssertionError(
+            f"torchrun exited {out.returncode}\n--- workers' stderr (tail) ---\n"
+            f"{workers[-4000:]}\n--- agent (tail) ---\n{summary}"
+        )
     return out
 
 
@@ -192,9 +213,15 @@ def error_log(logs: Path, job_id: str, text: str) -> None:
     (logs / f"{job_id}_0_log.err").write_text(text)
 
 
-def fake_sweep(root: Path, states: list[str], *, points: list[dict] | None = None,
-               curves: list[list[float]] | None = None, job_ids: dict[int, str] | None = None,
-               configs: bool = True) -> list[dict]:
+def fake_sweep(
+    root: Path,
+    states: list[str],
+    *,
+    points: list[dict] | None = None,
+    curves: list[list[float]] | None = None,
+    job_ids: dict[int, str] | None = None,
+    configs: bool = True,
+) -> list[dict]:
     """A sweep folder as the launcher and its tasks leave it, without running anything.
 
     One task per entry of `states` (its STATE marker); `points` (default {"seed": i}) are the
@@ -211,10 +238,26 @@ def fake_sweep(root: Path, states: list[str], *, points: list[dict] | None = Non
     if configs:
         from bonnerlab.cluster.submit import yaml_text
 
-        base = apply_overrides(TrainConfig(), {"epochs": 1, "max_steps_per_epoch": 2, "model.width": 8,
-                                               "device": "cpu", "progress": False})
-        (root / "sweep.yaml").write_text(yaml_text({"job": "train", "points": points, "base": to_dict(base),
-                                                    "slurm": to_dict(SlurmConfig(cluster="local"))}))
+        base = apply_overrides(
+            TrainConfig(),
+            {
+                "epochs": 1,
+                "max_steps_per_epoch": 2,
+                "model.width": 8,
+                "device": "cpu",
+                "progress": False,
+            },
+        )
+        (root / "sweep.yaml").write_text(
+            yaml_text(
+                {
+                    "job": "train",
+                    "points": points,
+                    "base": to_dict(base),
+                    "slurm": to_dict(SlurmConfig(cluster="local")),
+                }
+            )
+        )
     lines = []
     for i, state in enumerate(states):
         run = root / f"task-{i:03d}"
@@ -222,14 +265,21 @@ def fake_sweep(root: Path, states: list[str], *, points: list[dict] | None = Non
         if configs:
             cfg = apply_overrides(base, {**points[i], "run_dir": str(run)})
             (run / "config.yaml").write_text(yaml_text(to_dict(cfg)))
-            (run / "slurm.yaml").write_text(yaml_text({**to_dict(SlurmConfig(cluster="local")), "submitted": {}}))
+            (run / "slurm.yaml").write_text(
+                yaml_text({**to_dict(SlurmConfig(cluster="local")), "submitted": {}})
+            )
         if curves is not None:
-            (run / "metrics.jsonl").write_text("".join(
-                json.dumps({"epoch": e + 1, "val_acc": acc, "val_loss": 1 - acc}) + "\n"
-                for e, acc in enumerate(curves[i])))
+            (run / "metrics.jsonl").write_text(
+                "".join(
+                    json.dumps({"epoch": e + 1, "val_acc": acc, "val_loss": 1 - acc}) + "\n"
+                    for e, acc in enumerate(curves[i])
+                )
+            )
         write_state(run, state)
         job_id = (job_ids or {}).get(i, f"{100 + i}")
-        lines.append(json.dumps({"task": i, "overrides": points[i], "run_dir": str(run), "job_id": job_id}))
+        lines.append(
+            json.dumps({"task": i, "overrides": points[i], "run_dir": str(run), "job_id": job_id})
+        )
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return points
 
@@ -253,8 +303,13 @@ def _cluster_is_up(lab: Path) -> bool:
     conf = lab / "etc" / "slurm.conf"
     if not conf.exists() or shutil.which("scontrol") is None:
         return False
-    out = subprocess.run(["scontrol", "ping"], env={**os.environ, "SLURM_CONF": str(conf)},
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        ["scontrol", "ping"],
+        env={**os.environ, "SLURM_CONF": str(conf)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return "is UP" in out.stdout
 
 
@@ -275,8 +330,13 @@ def local_slurm_cluster() -> Iterator[LocalCluster]:
     already_up = _cluster_is_up(lab)
     if not already_up:
         try:
-            out = subprocess.run(["bash", str(SLURM_DIR / "start-cluster.sh")], capture_output=True,
-                                 text=True, timeout=900, env={**os.environ, "SLURMLAB": str(lab)})
+            out = subprocess.run(
+                ["bash", str(SLURM_DIR / "start-cluster.sh")],
+                capture_output=True,
+                text=True,
+                timeout=900,
+                env={**os.environ, "SLURMLAB": str(lab)},
+            )
         except subprocess.TimeoutExpired:
             _unavailable("slurm/start-cluster.sh did not finish in 15 minutes")
         if out.returncode != 0:
@@ -291,8 +351,12 @@ def local_slurm_cluster() -> Iterator[LocalCluster]:
     else:
         os.environ["SLURM_CONF"] = saved
     if not already_up and os.environ.get("BONNERLAB_KEEP_SLURM") != "1":
-        subprocess.run(["bash", str(SLURM_DIR / "stop-cluster.sh")], capture_output=True,
-                       env={**os.environ, "SLURMLAB": str(lab)}, timeout=300)
+        subprocess.run(
+            ["bash", str(SLURM_DIR / "stop-cluster.sh")],
+            capture_output=True,
+            env={**os.environ, "SLURMLAB": str(lab)},
+            timeout=300,
+        )
 
 
 SLURM_LOCK = Path("/tmp/slurm.lock")

@@ -13,6 +13,12 @@ from bonnerlab.activations.reader import (
 from bonnerlab.activations.store import finalize
 
 __all__ = [
-    "export_netcdf", "finalize", "flatten", "open_activations", "select_stimuli", "store_info",
-    "stored_layers", "to_numpy",
+    "export_netcdf",
+    "finalize",
+    "flatten",
+    "open_activations",
+    "select_stimuli",
+    "store_info",
+    "stored_layers",
+    "to_numpy",
 ]

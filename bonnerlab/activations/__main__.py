@@ -30,13 +30,17 @@ COMMANDS = {
 def parse(argv: list[str]) -> tuple[str, StoreCommand]:
     import simple_parsing
 
-    parser = simple_parsing.ArgumentParser(prog="python -m bonnerlab.activations", description=__doc__,
-                                           add_config_path_arg=False)
+    parser = simple_parsing.ArgumentParser(
+        prog="python -m bonnerlab.activations", description=__doc__, add_config_path_arg=False
+    )
     # argparse's subparsers: every command takes the same StoreCommand
-    commands = parser.add_subparsers(title="commands", dest="command", required=True,
-                                     parser_class=simple_parsing.ArgumentParser)
+    commands = parser.add_subparsers(
+        title="commands", dest="command", required=True, parser_class=simple_parsing.ArgumentParser
+    )
     for name, help_text in COMMANDS.items():
-        commands.add_parser(name, help=help_text, description=help_text).add_arguments(StoreCommand, dest="cfg")
+        commands.add_parser(name, help=help_text, description=help_text).add_arguments(
+            StoreCommand, dest="cfg"
+        )
     args = parser.parse_args(argv)  # bad usage: argparse's usage line, exit 2
     return args.command, args.cfg
 
@@ -50,7 +54,11 @@ def main(argv: list[str]) -> int:
             print("\n".join(stored_layers(cfg.store)))
         else:
             info = store_info(cfg.store)
-            print(json.dumps({k: v for k, v in info.items() if k != "skipped_stimuli"}, indent=1, default=str))
+            print(
+                json.dumps(
+                    {k: v for k, v in info.items() if k != "skipped_stimuli"}, indent=1, default=str
+                )
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,8 +136,13 @@ def export_netcdf(path: str | Path, out: str | Path, layers: Sequence[str] | Non
         # netCDF has no nested attributes: keep scalars and lists, JSON-encode the rest.
         # netCDF has no booleans either: store them as 0/1.
         attrs = {
-            k: (int(v) if isinstance(v, bool) else v if isinstance(v, str | int | float)
-                else json.dumps(v, default=str))
+            k: (
+                int(v)
+                if isinstance(v, bool)
+                else v
+                if isinstance(v, str | int | float)
+                else json.dumps(v, default=str)
+            )
             for k, v in da.attrs.items()
             if k != "coordinates"
         }
@@ -149,7 +154,9 @@ def export_netcdf(path: str | Path, out: str | Path, layers: Sequence[str] | Non
         variables[layer] = da
     ds = xr.Dataset(variables)
     ds = ds.assign_coords(stimulus=ds["stimulus"].astype(str))
-    ds = ds.assign_coords({name: c.astype(np.int8) for name, c in ds.coords.items() if c.dtype == bool})
+    ds = ds.assign_coords(
+        {name: c.astype(np.int8) for name, c in ds.coords.items() if c.dtype == bool}
+    )
     ds.attrs = {}
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     if netcdf4:

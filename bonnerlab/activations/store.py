@@ -241,7 +241,18 @@ def open_store(
         else:
             outcome = "created"
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        _create(tmp, fp, identity, layers, stimuli, labels, chunk_size, attrs or {}, compression, coords or {})
+        _create(
+            tmp,
+            fp,
+            identity,
+            layers,
+            stimuli,
+            labels,
+            chunk_size,
+            attrs or {},
+            compression,
+            coords or {},
+        )
         try:
             os.rename(tmp, path)
         except OSError:

@@ -92,7 +92,9 @@ class ClusterJob:
     the same job, which resumes from the run folder's `latest.pt`.
     """
 
-    def __init__(self, kind: str, cfg: Any, run_dir: str, max_requeues: int = 3, gpus_per_node: int = 0):
+    def __init__(
+        self, kind: str, cfg: Any, run_dir: str, max_requeues: int = 3, gpus_per_node: int = 0
+    ):
         self.kind = kind
         self.cfg = cfg
         self.run_dir = str(run_dir)
@@ -109,7 +111,9 @@ class ClusterJob:
         if restarts > self.max_requeues:
             if rank == 0:
                 _write_state(run_dir, "FAILED")
-            raise RuntimeError(f"requeued {restarts} times, more than max_requeues={self.max_requeues}")
+            raise RuntimeError(
+                f"requeued {restarts} times, more than max_requeues={self.max_requeues}"
+            )
 
         interrupt.reset()
         previous = interrupt.install_handlers()
@@ -122,8 +126,11 @@ class ClusterJob:
             import bonnerlab
 
             _write_state(run_dir, "RUNNING")
-            print(f"[bonnerlab] {self.kind} job in {run_dir}: restart {restarts}, code from "
-                  f"{Path(bonnerlab.__file__).parent}", flush=True)
+            print(
+                f"[bonnerlab] {self.kind} job in {run_dir}: restart {restarts}, code from "
+                f"{Path(bonnerlab.__file__).parent}",
+                flush=True,
+            )
         try:
             try:
                 result = JOBS[self.kind].load_function()(self._resumable_config())
@@ -132,7 +139,9 @@ class ClusterJob:
                     _write_state(run_dir, "FAILED")
                 raise
             if isinstance(result, dict) and result.get("interrupted"):
-                self._stop_after_save(run_dir, rank, interrupt.received(), previous.get(signal.SIGUSR2))
+                self._stop_after_save(
+                    run_dir, rank, interrupt.received(), previous.get(signal.SIGUSR2)
+                )
             if rank == 0:
                 _write_state(run_dir, "DONE")
             return result
@@ -154,7 +163,9 @@ class ClusterJob:
 
         return apply_overrides(self.cfg, {spec.resume_field: True})
 
-    def _stop_after_save(self, run_dir: Path, rank: int, received: list[int], submitit_handler: Any) -> None:
+    def _stop_after_save(
+        self, run_dir: Path, rank: int, received: list[int], submitit_handler: Any
+    ) -> None:
         """latest.pt is saved: hand over to whoever asked us to stop. Never returns."""
         if received and received[-1] == signal.SIGUSR2 and callable(submitit_handler):
             # time limit near: submitit calls self.checkpoint(), `scontrol requeue`s this job and
@@ -168,7 +179,10 @@ class ClusterJob:
                 raise
         # SIGTERM: SLURM is preempting (it requeues the job itself) or cancelling it. Returning
         # would report a result that is not final, so wait for the SIGKILL that follows.
-        print(f"[bonnerlab] saved after signal {received}; waiting for SLURM to stop this task", flush=True)
+        print(
+            f"[bonnerlab] saved after signal {received}; waiting for SLURM to stop this task",
+            flush=True,
+        )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             time.sleep(1)
@@ -178,5 +192,6 @@ class ClusterJob:
         """submitit's hook on SIGUSR2: resubmit the same job; it resumes from latest.pt."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(type(self)(self.kind, self.cfg, self.run_dir, self.max_requeues,
-                                            self.gpus_per_node))
+        return DelayedSubmission(
+            type(self)(self.kind, self.cfg, self.run_dir, self.max_requeues, self.gpus_per_node)
+        )

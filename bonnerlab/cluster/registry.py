@@ -46,10 +46,22 @@ def _import(path: str) -> Any:
 
 # Adding a job to the launcher is one entry here.
 JOBS: dict[str, JobSpec] = {
-    "train": JobSpec("bonnerlab.config:TrainConfig", "bonnerlab.train.loop:train", "run_dir", "resume",
-                     unattended={"progress": False}),
-    "evaluate": JobSpec("bonnerlab.config:EvaluateConfig", "bonnerlab.train.evaluate:evaluate", "output_dir",
-                        input_fields=("checkpoint",)),
-    "extract": JobSpec("bonnerlab.config:ExtractConfig", "bonnerlab.extract.run:extract",
-                       input_fields=("checkpoint",)),
+    "train": JobSpec(
+        "bonnerlab.config:TrainConfig",
+        "bonnerlab.train.loop:train",
+        "run_dir",
+        "resume",
+        unattended={"progress": False},
+    ),
+    "evaluate": JobSpec(
+        "bonnerlab.config:EvaluateConfig",
+        "bonnerlab.train.evaluate:evaluate",
+        "output_dir",
+        input_fields=("checkpoint",),
+    ),
+    "extract": JobSpec(
+        "bonnerlab.config:ExtractConfig",
+        "bonnerlab.extract.run:extract",
+        input_fields=("checkpoint",),
+    ),
 }

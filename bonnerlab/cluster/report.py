@@ -70,7 +70,9 @@ def _curves(table: Any, metric: str) -> str | None:
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for task, records in series:
-            points = [(rec["epoch"], rec[key]) for rec in records if isinstance(rec.get(key), int | float)]
+            points = [
+                (rec["epoch"], rec[key]) for rec in records if isinstance(rec.get(key), int | float)
+            ]
             if points:
                 ax.plot(*zip(*points, strict=True), marker=".", label=f"task {task}")
         ax.set_xlabel("epoch")
@@ -102,8 +104,11 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
         rows.append(f'<tr class="{cls}">' + "".join(_cell(record[c]) for c in shown) + "</tr>")
     gpu_total = float(table["gpu_hours"].sum()) if "gpu_hours" in table else 0.0
     cpu_total = float(table["cpu_hours"].sum()) if "cpu_hours" in table else 0.0
-    hours = (f"GPU-hours: {gpu_total:.3f} in total" if gpu_total
-             else f"no GPUs allocated; CPU-hours: {cpu_total:.3f} in total")
+    hours = (
+        f"GPU-hours: {gpu_total:.3f} in total"
+        if gpu_total
+        else f"no GPUs allocated; CPU-hours: {cpu_total:.3f} in total"
+    )
     failed = [r for r in table.to_dict("records") if r.get("error")]
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -111,17 +116,23 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
         f"<h1>{html.escape(title)}</h1>",
         f"<p>{len(table)} task(s); {html.escape(hours)} (sacct elapsed time &times; allocated GPUs or CPUs)</p>",
         "<h2>Results</h2><table class='sortable' id='results'><thead><tr>"
-        + "".join(f"<th>{html.escape(str(c))}</th>" for c in shown) + "</tr></thead><tbody>",
-        *rows, "</tbody></table>",
+        + "".join(f"<th>{html.escape(str(c))}</th>" for c in shown)
+        + "</tr></thead><tbody>",
+        *rows,
+        "</tbody></table>",
     ]
     if failed:
         parts.append("<h2>Failed tasks</h2><ul id='errors'>")
-        parts += [f"<li>task {r['task']} ({html.escape(r['failure'])}): <code>{html.escape(r['error'])}</code></li>"
-                  for r in failed]
+        parts += [
+            f"<li>task {r['task']} ({html.escape(r['failure'])}): <code>{html.escape(r['error'])}</code></li>"
+            for r in failed
+        ]
         parts.append("</ul>")
     if plot_png is not None and plot_png.exists():
         uri = "data:image/png;base64," + base64.b64encode(plot_png.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(metric)} against each swept value</h2><img id='plot' src='{uri}'>")
+        parts.append(
+            f"<h2>{html.escape(metric)} against each swept value</h2><img id='plot' src='{uri}'>"
+        )
     curves = _curves(table, metric)
     if curves:
         parts.append(f"<h2>Validation curves</h2><img id='curves' src='{curves}'>")
@@ -131,8 +142,12 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
 
 def write_report(path: Path, table: Any, metric: str) -> Path:
     out = Path(path) / "report.html"
-    atomic_write_text(out, render(f"bonnerlab: {Path(path).resolve().name}", table, metric,
-                                  Path(path) / "results.png"))
+    atomic_write_text(
+        out,
+        render(
+            f"bonnerlab: {Path(path).resolve().name}", table, metric, Path(path) / "results.png"
+        ),
+    )
     return out
 
 

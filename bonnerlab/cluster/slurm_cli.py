@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 from bonnerlab.errors import ClusterError
 
-NO_CONTROLLER = ("no SLURM controller reachable ({why}); start the local one "
-                 "(make slurm-up && source .slurm-lab/env.sh), run on a login node, or --cluster local")
+NO_CONTROLLER = (
+    "no SLURM controller reachable ({why}); start the local one "
+    "(make slurm-up && source .slurm-lab/env.sh), run on a login node, or --cluster local"
+)
 
 # What SLURM's clients print when they cannot find or reach slurmctld (22.05 and later).
 _NO_CONTROLLER_TEXT = re.compile(
@@ -33,8 +35,22 @@ _NO_CONTROLLER_TEXT = re.compile(
 )
 
 # Job states in which a job is still queued or running (squeue's long names).
-ACTIVE = frozenset({"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
-                    "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING", "STOPPED"})
+ACTIVE = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "CONFIGURING",
+        "COMPLETING",
+        "SUSPENDED",
+        "RESIZING",
+        "STAGE_OUT",
+        "SIGNALING",
+        "STOPPED",
+    }
+)
 
 CALLS: Counter[str] = Counter()
 
@@ -47,7 +63,9 @@ def run(cmd: list[str], timeout: float = 30) -> str:
     except FileNotFoundError as e:
         raise ClusterError(NO_CONTROLLER.format(why=f"no {cmd[0]} on PATH")) from e
     except subprocess.TimeoutExpired as e:
-        raise ClusterError(NO_CONTROLLER.format(why=f"{cmd[0]} got no answer in {timeout:.0f}s")) from e
+        raise ClusterError(
+            NO_CONTROLLER.format(why=f"{cmd[0]} got no answer in {timeout:.0f}s")
+        ) from e
     if out.returncode != 0:
         text = (out.stderr or out.stdout).strip()
         first = text.splitlines()[0] if text else f"exit status {out.returncode}"
@@ -161,7 +179,7 @@ class JobInfo:
 
 
 def array_of(job_id: str) -> str:
-    """"12_3" -> "12"; a plain job id is its own array."""
+    """ "12_3" -> "12"; a plain job id is its own array."""
     return job_id.split("_")[0]
 
 
@@ -183,8 +201,15 @@ def parse_sacct(text: str) -> dict[str, JobInfo]:
         jid, state, elapsed, tres, code = parts[:5]
         if "[" in jid:  # a pending array's summary line ("12_[3-9]"): squeue covers these
             continue
-        found[jid] = JobInfo(jid, state.split()[0] if state.strip() else "", int(elapsed or 0),
-                             int(_tres(tres, "gres/gpu")), int(_tres(tres, "cpu")), int(_tres(tres, "mem")), code)
+        found[jid] = JobInfo(
+            jid,
+            state.split()[0] if state.strip() else "",
+            int(elapsed or 0),
+            int(_tres(tres, "gres/gpu")),
+            int(_tres(tres, "cpu")),
+            int(_tres(tres, "mem")),
+            code,
+        )
     return found
 
 
@@ -194,8 +219,11 @@ def parse_squeue(text: str) -> dict[str, JobInfo]:
     for line in text.splitlines():
         parts = line.split("|")
         if len(parts) >= 2:
-            found[parts[0].strip()] = JobInfo(parts[0].strip(), parts[1].strip(),
-                                              reason=parts[2].strip() if len(parts) > 2 else "")
+            found[parts[0].strip()] = JobInfo(
+                parts[0].strip(),
+                parts[1].strip(),
+                reason=parts[2].strip() if len(parts) > 2 else "",
+            )
     return found
 
 
@@ -213,8 +241,20 @@ def query(job_ids: list[str]) -> dict[str, JobInfo]:
     found = {j: live[j] for j in ids if j in live}
     missing = sorted({array_of(j) for j in ids if j not in found})
     if missing:
-        done = parse_sacct(run(["sacct", "-n", "-X", "-P", "-o", "JobID,State,ElapsedRaw,AllocTRES,ExitCode",
-                                "-j", ",".join(missing)]))
+        done = parse_sacct(
+            run(
+                [
+                    "sacct",
+                    "-n",
+                    "-X",
+                    "-P",
+                    "-o",
+                    "JobID,State,ElapsedRaw,AllocTRES,ExitCode",
+                    "-j",
+                    ",".join(missing),
+                ]
+            )
+        )
         for j in ids:
             if j not in found and j in done:
                 found[j] = done[j]
@@ -225,7 +265,9 @@ def active_ids(job_ids: list[str]) -> list[str]:
     """The ids among `job_ids` still queued or running: one squeue."""
     live = parse_squeue(run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%r"]))
     wanted = set(job_ids)
-    return sorted(j for j, info in live.items() if (j in wanted or array_of(j) in wanted) and info.active)
+    return sorted(
+        j for j, info in live.items() if (j in wanted or array_of(j) in wanted) and info.active
+    )
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -51,13 +51,15 @@ def points_of(saved: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def folder_kind(path: Path) -> str:
-    """"sweep", "run", or a one-line ClusterError for anything else."""
+    """ "sweep", "run", or a one-line ClusterError for anything else."""
     paths = SweepPaths(path)
     if paths.manifest.exists() or paths.sweep_yaml.exists():
         return "sweep"
     if paths.config_yaml.exists():
         return "run"
-    raise ClusterError(f"{path} is neither a sweep folder (sweep.yaml, manifest.jsonl) nor a run folder (config.yaml)")
+    raise ClusterError(
+        f"{path} is neither a sweep folder (sweep.yaml, manifest.jsonl) nor a run folder (config.yaml)"
+    )
 
 
 def task_records(path: Path) -> list[dict[str, Any]]:
@@ -69,14 +71,25 @@ def task_records(path: Path) -> list[dict[str, Any]]:
         points = points_of(saved)
         records = []
         for i in sorted(set(range(len(points))) | set(latest)):
-            r = latest.get(i) or {"task": i, "overrides": points[i], "run_dir": str(SweepPaths(path).task(i)),
-                                  "job_id": ""}
+            r = latest.get(i) or {
+                "task": i,
+                "overrides": points[i],
+                "run_dir": str(SweepPaths(path).task(i)),
+                "job_id": "",
+            }
             records.append({**r, "logs": str(SweepPaths(path).logs)})
         return records
     submitted = (load_yaml_if_exists(RunPaths(path).slurm_yaml) or {}).get("submitted", {})
-    return [{"task": submitted.get("task", 0), "overrides": submitted.get("overrides", {}), "run_dir": str(path),
-             "job_id": str(submitted.get("job_id", "")), "retries": submitted.get("retries", 0),
-             "logs": str(RunPaths(path).logs)}]
+    return [
+        {
+            "task": submitted.get("task", 0),
+            "overrides": submitted.get("overrides", {}),
+            "run_dir": str(path),
+            "job_id": str(submitted.get("job_id", "")),
+            "retries": submitted.get("retries", 0),
+            "logs": str(RunPaths(path).logs),
+        }
+    ]
 
 
 def log_path(record: dict[str, Any], rank: int = 0, err: bool = False) -> Path | None:
@@ -103,11 +116,13 @@ def error_line(record: dict[str, Any]) -> str:
     for line in reversed(lines):  # SLURM's own reasons first: they explain a kill
         if re.search(r"oom[_-]kill|Exceeded (job|step) memory limit|memory limit", line, re.I):
             return line.strip()
-    start = max((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")),
-                default=None)
+    start = max(
+        (i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")),
+        default=None,
+    )
     if start is None:
         return ""
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line and not line[0].isspace():
             return line.strip()
     return ""
@@ -159,8 +174,13 @@ def _hours(info: slurm_cli.JobInfo | None) -> tuple[float, float]:
     return info.elapsed_s * info.gpus / 3600, info.elapsed_s * info.cpus / 3600
 
 
-def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_cli.JobInfo],
-              metric: str, mode: str) -> list[dict[str, Any]]:
+def task_rows(
+    path: Path,
+    records: list[dict[str, Any]],
+    infos: dict[str, slurm_cli.JobInfo],
+    metric: str,
+    mode: str,
+) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         run_dir = Path(r["run_dir"])
@@ -172,12 +192,23 @@ def task_rows(path: Path, records: list[dict[str, Any]], infos: dict[str, slurm_
         values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
         best = (max(values) if mode == "max" else min(values)) if values else math.nan
         gpu_h, cpu_h = _hours(info)
-        rows.append({"task": int(r["task"]), **dict(r.get("overrides", {})),
-                     "state": "PENDING" if state == "PENDING_UNSUBMITTED" else state,
-                     "failure": failure_kind(state, error), "job_id": r.get("job_id", ""),
-                     "retries": int(r.get("retries", 0) or 0), "epochs": len(metrics),
-                     f"best_{metric}": best, f"last_{metric}": values[-1] if values else math.nan,
-                     "gpu_hours": gpu_h, "cpu_hours": cpu_h, "error": error, "run_dir": str(run_dir)})
+        rows.append(
+            {
+                "task": int(r["task"]),
+                **dict(r.get("overrides", {})),
+                "state": "PENDING" if state == "PENDING_UNSUBMITTED" else state,
+                "failure": failure_kind(state, error),
+                "job_id": r.get("job_id", ""),
+                "retries": int(r.get("retries", 0) or 0),
+                "epochs": len(metrics),
+                f"best_{metric}": best,
+                f"last_{metric}": values[-1] if values else math.nan,
+                "gpu_hours": gpu_h,
+                "cpu_hours": cpu_h,
+                "error": error,
+                "run_dir": str(run_dir),
+            }
+        )
     return rows
 
 
@@ -200,8 +231,13 @@ def _needs_slurm(path: Path, records: list[dict[str, Any]]) -> bool:
     return slurm_yaml.get("cluster", "slurm") == "slurm"
 
 
-def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", write: bool = True,
-                 infos: dict[str, slurm_cli.JobInfo] | None = None) -> Any:
+def sweep_status(
+    path: str | Path,
+    metric: str = "val_acc",
+    mode: str = "max",
+    write: bool = True,
+    infos: dict[str, slurm_cli.JobInfo] | None = None,
+) -> Any:
     """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and last
     `metric`, GPU/CPU hours, and `best` marking the best task.
 
@@ -213,7 +249,9 @@ def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", w
     path = Path(path)
     records = task_records(path)
     if infos is None:
-        infos = _query_or_warn([r["job_id"] for r in records]) if _needs_slurm(path, records) else {}
+        infos = (
+            _query_or_warn([r["job_id"] for r in records]) if _needs_slurm(path, records) else {}
+        )
     table = pd.DataFrame.from_records(task_rows(path, records, infos, metric, mode))
     col = f"best_{metric}"
     table["best"] = ""
@@ -233,9 +271,20 @@ def sweep_status(path: str | Path, metric: str = "val_acc", mode: str = "max", w
 
 
 def state_counts(states: list[str]) -> str:
-    """"RUNNING 3 · DONE 12 · FAILED 1" in a fixed order."""
-    order = ["PENDING", "RUNNING", "REQUEUED", "DONE", "FAILED", "OUT_OF_MEMORY", "TIMEOUT", "PREEMPTED",
-             "NODE_FAIL", "INTERRUPTED", "CANCELLED"]
+    """ "RUNNING 3 · DONE 12 · FAILED 1" in a fixed order."""
+    order = [
+        "PENDING",
+        "RUNNING",
+        "REQUEUED",
+        "DONE",
+        "FAILED",
+        "OUT_OF_MEMORY",
+        "TIMEOUT",
+        "PREEMPTED",
+        "NODE_FAIL",
+        "INTERRUPTED",
+        "CANCELLED",
+    ]
     counts: dict[str, int] = {}
     for s in states:
         counts[s] = counts.get(s, 0) + 1
@@ -252,7 +301,11 @@ def find_folders(runs_root: Path) -> list[Path]:
             found.append(here)
             dirs.clear()
         else:
-            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("code", "logs", "checkpoints")]
+            dirs[:] = [
+                d
+                for d in dirs
+                if not d.startswith(".") and d not in ("code", "logs", "checkpoints")
+            ]
     return found
 
 
@@ -276,19 +329,37 @@ def status_all(runs_root: str | Path, metric: str = "val_acc", mode: str = "max"
     for f in folders:
         tasks = task_rows(f, records[f], infos, metric, mode)
         kind = "sweep" if folder_kind(f) == "sweep" else "run"
-        saved = load_yaml_if_exists(SweepPaths(f).sweep_yaml if kind == "sweep" else RunPaths(f).slurm_yaml) or {}
+        saved = (
+            load_yaml_if_exists(
+                SweepPaths(f).sweep_yaml if kind == "sweep" else RunPaths(f).slurm_yaml
+            )
+            or {}
+        )
         job = saved.get("job") or saved.get("submitted", {}).get("job") or "train"
         values = [t[f"best_{metric}"] for t in tasks if not math.isnan(t[f"best_{metric}"])]
         best = (max(values) if mode == "max" else min(values)) if values else math.nan
-        born = min(p.stat().st_mtime for p in (f / n for n in ("sweep.yaml", "config.yaml", "manifest.jsonl"))
-                   if p.exists())
+        born = min(
+            p.stat().st_mtime
+            for p in (f / n for n in ("sweep.yaml", "config.yaml", "manifest.jsonl"))
+            if p.exists()
+        )
         errors = [t["error"] for t in tasks if t["error"]]
-        rows.append({"folder": str(f.relative_to(runs_root)) if f != Path(runs_root) else f.name,
-                     "job": f"{job} {kind}" if kind == "sweep" else job, "tasks": len(tasks),
-                     "states": state_counts([t["state"] for t in tasks]), f"best_{metric}": best,
-                     "age": _age(now - born), "_born": born, "error": errors[-1] if errors else ""})
-    table = pd.DataFrame.from_records(rows, columns=["folder", "job", "tasks", "states", f"best_{metric}", "age",
-                                                     "_born", "error"])
+        rows.append(
+            {
+                "folder": str(f.relative_to(runs_root)) if f != Path(runs_root) else f.name,
+                "job": f"{job} {kind}" if kind == "sweep" else job,
+                "tasks": len(tasks),
+                "states": state_counts([t["state"] for t in tasks]),
+                f"best_{metric}": best,
+                "age": _age(now - born),
+                "_born": born,
+                "error": errors[-1] if errors else "",
+            }
+        )
+    table = pd.DataFrame.from_records(
+        rows,
+        columns=["folder", "job", "tasks", "states", f"best_{metric}", "age", "_born", "error"],
+    )
     return table.sort_values("_born", ascending=False).drop(columns="_born").reset_index(drop=True)
 
 

@@ -71,7 +71,10 @@ def check_partition(cfg: SlurmConfig, parts: dict[str, slurm_cli.Partition]) -> 
         f"time_minutes {cfg.time_minutes} is over partition {part.name}'s limit of "
         f"{part.max_time_minutes:.0f} minutes",
     )
-    _check(cfg.nodes <= part.nodes, f"{cfg.nodes} nodes requested; partition {part.name} has {part.nodes}")
+    _check(
+        cfg.nodes <= part.nodes,
+        f"{cfg.nodes} nodes requested; partition {part.name} has {part.nodes}",
+    )
     return part
 
 
@@ -113,7 +116,11 @@ def sbatch_parameters(cfg: SlurmConfig, job_name: str, setup: list[str]) -> dict
     if cfg.gpus_per_node:
         params["gpus_per_node"] = cfg.gpus_per_node
     if cfg.mem_gb:
-        params["mem"] = f"{int(cfg.mem_gb)}GB" if cfg.mem_gb == int(cfg.mem_gb) else f"{int(cfg.mem_gb * 1024)}MB"
+        params["mem"] = (
+            f"{int(cfg.mem_gb)}GB"
+            if cfg.mem_gb == int(cfg.mem_gb)
+            else f"{int(cfg.mem_gb * 1024)}MB"
+        )
     for name in ("account", "qos", "constraint", "mail_user", "mail_type"):
         if getattr(cfg, name):
             params[name] = getattr(cfg, name)
@@ -133,16 +140,30 @@ def job_setup_lines(cfg: SlurmConfig, code_dir: Path) -> list[str]:
 
 
 def submitit_command(folder: Path, python: str | None = None) -> str:
-    return " ".join([shlex.quote(python or sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return " ".join(
+        [
+            shlex.quote(python or sys.executable),
+            "-u -m submitit.core._submit",
+            shlex.quote(str(folder)),
+        ]
+    )
 
 
-def sbatch_script(cfg: SlurmConfig, folder: Path, job_name: str, setup: list[str], array: int | None = None,
-                  python: str | None = None) -> str:
+def sbatch_script(
+    cfg: SlurmConfig,
+    folder: Path,
+    job_name: str,
+    setup: list[str],
+    array: int | None = None,
+    python: str | None = None,
+) -> str:
     """The script submitit hands to sbatch, without submitting (for --dry-run and the golden test)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = sbatch_parameters(cfg, job_name, setup)
-    return _make_sbatch_string(command=submitit_command(folder, python), folder=folder, map_count=array, **params)
+    return _make_sbatch_string(
+        command=submitit_command(folder, python), folder=folder, map_count=array, **params
+    )
 
 
 def make_executor(cfg: SlurmConfig, folder: Path, job_name: str, setup: list[str]) -> Any:
@@ -156,8 +177,12 @@ def make_executor(cfg: SlurmConfig, folder: Path, job_name: str, setup: list[str
         return executor
     if cfg.cluster == "local":
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=cfg.max_requeues)
-        executor.update_parameters(timeout_min=cfg.time_minutes, tasks_per_node=cfg.ntasks_per_node,
-                                   gpus_per_node=cfg.gpus_per_node, cpus_per_task=cfg.cpus_per_task)
+        executor.update_parameters(
+            timeout_min=cfg.time_minutes,
+            tasks_per_node=cfg.ntasks_per_node,
+            gpus_per_node=cfg.gpus_per_node,
+            cpus_per_task=cfg.cpus_per_task,
+        )
         return executor
     return submitit.DebugExecutor(folder=folder)
 
@@ -236,8 +261,14 @@ def yaml_text(data: Any) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
-def write_run_description(run_dir: Path, kind: str, cfg: Any, slurm: SlurmConfig, extra: dict[str, Any],
-                          git_from: Path | None = None) -> None:
+def write_run_description(
+    run_dir: Path,
+    kind: str,
+    cfg: Any,
+    slurm: SlurmConfig,
+    extra: dict[str, Any],
+    git_from: Path | None = None,
+) -> None:
     """config.yaml, slurm.yaml, git.txt/git.diff and STATE=PENDING, written at submission.
 
     Plain writes: nothing reads these before the job is queued, and a sweep writes them for every
@@ -253,7 +284,10 @@ def write_run_description(run_dir: Path, kind: str, cfg: Any, slurm: SlurmConfig
     if git_from is None or git_from == run_dir:
         write_git_info(run_dir)
     else:
-        for src, dest in ((RunPaths(git_from).git_txt, paths.git_txt), (RunPaths(git_from).git_diff, paths.git_diff)):
+        for src, dest in (
+            (RunPaths(git_from).git_txt, paths.git_txt),
+            (RunPaths(git_from).git_diff, paths.git_diff),
+        ):
             if src.exists():
                 shutil.copyfile(src, dest)
     paths.state.write_text("PENDING\n")
@@ -271,7 +305,9 @@ def refuse_existing_run_dir(kind: str, cfg: Any, run_dir: Path) -> None:
     user_resume = bool(spec.resume_field and getattr(cfg, spec.resume_field))
     if run_dir.exists() and any(run_dir.iterdir()) and not user_resume:
         resume_hint = " or pass --resume to continue it" if spec.resume_field else ""
-        raise ClusterError(f"run folder {run_dir} already exists; choose another --run_dir{resume_hint}")
+        raise ClusterError(
+            f"run folder {run_dir} already exists; choose another --run_dir{resume_hint}"
+        )
 
 
 # ----------------------------------------------------------------------------- the one submit path
@@ -285,7 +321,9 @@ class Task:
     overrides: dict[str, Any]
     run_dir: Path
     cfg: Any = None  # the job's config before prepare_job_config
-    slurm: SlurmConfig | None = None  # this task's own request (a retry with more memory); None = the submission's
+    slurm: SlurmConfig | None = (
+        None  # this task's own request (a retry with more memory); None = the submission's
+    )
     retries: int = 0  # resubmissions so far (kept in the manifest)
     job_id: str = ""
     job: Any = None  # the submitit Job, when submitted from this process
@@ -341,27 +379,53 @@ def submit_tasks(sub: Submission) -> list[Task]:
     job_cfgs = []
     for t in sub.tasks:
         job_cfg = prepare_job_config(sub.kind, t.cfg, t.run_dir)
-        write_run_description(t.run_dir, sub.kind, job_cfg, t.slurm or sub.slurm, {
-            "run_dir": str(t.run_dir), **sub.extra, **({"task": t.index, "overrides": t.overrides} if sub.array else {}),
-            "partition_used": partition or sub.slurm.partition, "retries": t.retries}, git_from=folder)
+        write_run_description(
+            t.run_dir,
+            sub.kind,
+            job_cfg,
+            t.slurm or sub.slurm,
+            {
+                "run_dir": str(t.run_dir),
+                **sub.extra,
+                **({"task": t.index, "overrides": t.overrides} if sub.array else {}),
+                "partition_used": partition or sub.slurm.partition,
+                "retries": t.retries,
+            },
+            git_from=folder,
+        )
         job_cfgs.append(job_cfg)
 
     if sub.dry_run:
-        script = sbatch_script(sub.slurm, paths.logs, sub.job_name, setup,
-                               array=min(len(sub.tasks), _max_array_size_or_default()) if sub.array else None)
+        script = sbatch_script(
+            sub.slurm,
+            paths.logs,
+            sub.job_name,
+            setup,
+            array=min(len(sub.tasks), _max_array_size_or_default()) if sub.array else None,
+        )
         paths.submit_sh.write_text(script)
         return sub.tasks
 
     by_request: dict[str, list[tuple[Task, Any]]] = {}
     for t, job_cfg in zip(sub.tasks, job_cfgs, strict=True):
         by_request.setdefault(_request_key(t.slurm or sub.slurm), []).append((t, job_cfg))
-    per_array = (slurm_cli.max_array_size() if sub.slurm.cluster == "slurm" else len(sub.tasks)) if sub.array else 1
+    per_array = (
+        (slurm_cli.max_array_size() if sub.slurm.cluster == "slurm" else len(sub.tasks))
+        if sub.array
+        else 1
+    )
     for key, group in by_request.items():
         request = requests[key]
-        executor = make_executor(request, paths.logs, sub.job_name, job_setup_lines(request, code_dir))
+        executor = make_executor(
+            request, paths.logs, sub.job_name, job_setup_lines(request, code_dir)
+        )
         for chunk in chunks(group, per_array):
-            jobs_fn = [ClusterJob(sub.kind, cfg, str(t.run_dir), request.max_requeues, request.gpus_per_node)
-                       for t, cfg in chunk]
+            jobs_fn = [
+                ClusterJob(
+                    sub.kind, cfg, str(t.run_dir), request.max_requeues, request.gpus_per_node
+                )
+                for t, cfg in chunk
+            ]
             with _patched_env(_code_env(request.cluster, code_dir)):
                 if sub.array:
                     with executor.batch():
@@ -389,13 +453,24 @@ def _record(sub: Submission, paths: SweepPaths, tasks: list[Task], jobs: list[An
 def append_manifest(paths: SweepPaths, tasks: list[Task], now: str, default: SlurmConfig) -> None:
     with open(paths.manifest, "a") as f:
         for t in tasks:
-            f.write(json.dumps({"task": t.index, "overrides": t.overrides, "run_dir": str(t.run_dir),
-                                "job_id": t.job_id, "submitted_at": now, "retries": t.retries,
-                                "mem_gb": (t.slurm or default).mem_gb}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "task": t.index,
+                        "overrides": t.overrides,
+                        "run_dir": str(t.run_dir),
+                        "job_id": t.job_id,
+                        "submitted_at": now,
+                        "retries": t.retries,
+                        "mem_gb": (t.slurm or default).mem_gb,
+                    }
+                )
+                + "\n"
+            )
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _max_array_size_or_default() -> int:
@@ -422,8 +497,13 @@ class Submitted:
         return f"tail -f {out}" if out else ""
 
 
-def submit(kind: str, cfg: Any, slurm: SlurmConfig, run_dir: str | Path | None = None,
-           dry_run: bool = False) -> Submitted:
+def submit(
+    kind: str,
+    cfg: Any,
+    slurm: SlurmConfig,
+    run_dir: str | Path | None = None,
+    dry_run: bool = False,
+) -> Submitted:
     """Queue one job in its own run folder (returns at once)."""
     spec = spec_of(kind)
     if run_dir is None and spec.run_dir_field and getattr(cfg, spec.run_dir_field):
@@ -431,6 +511,8 @@ def submit(kind: str, cfg: Any, slurm: SlurmConfig, run_dir: str | Path | None =
     run_dir = Path(run_dir or default_run_dir(kind, cfg)).resolve()
     check_job_inputs(kind, cfg)
     refuse_existing_run_dir(kind, cfg, run_dir)
-    (task,) = submit_tasks(Submission(kind, run_dir, slurm, [Task(0, {}, run_dir, cfg)], dry_run=dry_run))
+    (task,) = submit_tasks(
+        Submission(kind, run_dir, slurm, [Task(0, {}, run_dir, cfg)], dry_run=dry_run)
+    )
     script = RunPaths(run_dir).submit_sh
     return Submitted(task.job, run_dir, task.job_id, script if script.exists() else None)

@@ -45,8 +45,18 @@ from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
 
 # status is bonnerlab/cluster/status.py's; these names stay importable from here for analysis scripts
-__all__ = ["chunks", "combine", "grid", "expand", "submit_sweep", "retry_sweep", "sweep_status", "status_all",
-           "read_manifest", "format_table"]
+__all__ = [
+    "chunks",
+    "combine",
+    "grid",
+    "expand",
+    "submit_sweep",
+    "retry_sweep",
+    "sweep_status",
+    "status_all",
+    "read_manifest",
+    "format_table",
+]
 
 # ----------------------------------------------------------------------------- sweep spec
 
@@ -65,7 +75,7 @@ def _parse_value(text: str) -> Any:
 
 
 def parse_sweep_arg(arg: str, flag: str = "--sweep") -> tuple[str, list[Any]]:
-    """"optim.lr=0.1,0.03,0.01" -> ("optim.lr", [0.1, 0.03, 0.01])."""
+    """ "optim.lr=0.1,0.03,0.01" -> ("optim.lr", [0.1, 0.03, 0.01])."""
     key, sep, values = arg.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -96,15 +106,19 @@ def parse_zip_args(args: list[str]) -> dict[str, list[Any]]:
 def check_zip(spec: dict[str, list[Any]], where: str) -> None:
     lengths = {k: len(v) for k, v in spec.items()}
     if len(set(lengths.values())) > 1:
-        raise ConfigError(f"{where}: zipped value lists must have equal lengths; got "
-                          + ", ".join(f"{k} {n}" for k, n in lengths.items()))
+        raise ConfigError(
+            f"{where}: zipped value lists must have equal lengths; got "
+            + ", ".join(f"{k} {n}" for k, n in lengths.items())
+        )
 
 
 def _spec_section(data: Any, path: Path, section: str) -> dict[str, list[Any]]:
     if data is None:
         return {}
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"sweep file {path}: {section} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'")
+        raise ConfigError(
+            f"sweep file {path}: {section} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'"
+        )
     spec = {}
     for key, values in data.items():
         values = values if isinstance(values, list) else [values]
@@ -124,9 +138,14 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, l
     except yaml.YAMLError as e:
         raise ConfigError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(data, dict) or not data:
-        raise ConfigError(f"sweep file {path} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'")
+        raise ConfigError(
+            f"sweep file {path} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'"
+        )
     if set(data) <= {"grid", "zip"}:
-        grid_spec, zip_spec = _spec_section(data.get("grid"), path, "grid"), _spec_section(data.get("zip"), path, "zip")
+        grid_spec, zip_spec = (
+            _spec_section(data.get("grid"), path, "grid"),
+            _spec_section(data.get("zip"), path, "zip"),
+        )
         check_zip(zip_spec, f"sweep file {path}")
         return grid_spec, zip_spec
     return _spec_section(data, path, "the file"), {}
@@ -135,17 +154,23 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, l
 def grid(spec: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination, the last key varying fastest."""
     keys = list(spec)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec[k] for k in keys))]
+    return [
+        dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(spec[k] for k in keys))
+    ]
 
 
-def combine(grid_spec: dict[str, list[Any]], zip_spec: dict[str, list[Any]] | None = None) -> list[dict[str, Any]]:
+def combine(
+    grid_spec: dict[str, list[Any]], zip_spec: dict[str, list[Any]] | None = None
+) -> list[dict[str, Any]]:
     """The zip's points (paired values) times the grid's, the grid varying fastest."""
     zip_spec = zip_spec or {}
     both = sorted(set(grid_spec) & set(zip_spec))
     if both:
         raise ConfigError(f"{both[0]} is both zipped and swept; give it in one of --zip or --sweep")
     check_zip(zip_spec, "--zip")
-    zipped = [dict(zip(zip_spec, values, strict=True)) for values in zip(*zip_spec.values(), strict=True)] or [{}]
+    zipped = [
+        dict(zip(zip_spec, values, strict=True)) for values in zip(*zip_spec.values(), strict=True)
+    ] or [{}]
     return [{**z, **g} for z in zipped for g in grid(grid_spec)]
 
 
@@ -165,9 +190,16 @@ def expand(base: Any, points: list[dict[str, Any]]) -> list[Any]:
 # ----------------------------------------------------------------------------- submission
 
 
-def submit_sweep(kind: str, base: Any, points: list[dict[str, Any]], slurm: SlurmConfig,
-                 sweep_dir: str | Path, dry_run: bool = False, task: int = -1,
-                 spec: dict[str, Any] | None = None) -> list[Task]:
+def submit_sweep(
+    kind: str,
+    base: Any,
+    points: list[dict[str, Any]],
+    slurm: SlurmConfig,
+    sweep_dir: str | Path,
+    dry_run: bool = False,
+    task: int = -1,
+    spec: dict[str, Any] | None = None,
+) -> list[Task]:
     """Queue one array task per point (one sbatch per MaxArraySize tasks); returns what was queued.
 
     `task` >= 0 queues only that point (e.g. with cluster local, to try it before the rest); the
@@ -179,23 +211,47 @@ def submit_sweep(kind: str, base: Any, points: list[dict[str, Any]], slurm: Slur
     paths = SweepPaths(sweep_dir)
     configs = expand(base, points)
     if task >= len(points) or task < -1:
-        raise ClusterError(f"--task {task} is out of range: the sweep has tasks 0-{len(points) - 1}")
+        raise ClusterError(
+            f"--task {task} is out of range: the sweep has tasks 0-{len(points) - 1}"
+        )
     exists = sweep_dir.exists() and any(sweep_dir.iterdir())
     if exists and task < 0:
-        raise ClusterError(f"sweep folder {sweep_dir} already exists; pass --resume to resubmit its "
-                           "unfinished tasks, or choose another --sweep_dir")
+        raise ClusterError(
+            f"sweep folder {sweep_dir} already exists; pass --resume to resubmit its "
+            "unfinished tasks, or choose another --sweep_dir"
+        )
     if exists:
         saved = read_sweep_yaml(sweep_dir)
         if points_of(saved) != points:
-            raise ClusterError(f"sweep folder {sweep_dir} was made with other points; use its own --sweep flags")
+            raise ClusterError(
+                f"sweep folder {sweep_dir} was made with other points; use its own --sweep flags"
+            )
     todo = [task] if task >= 0 else list(range(len(points)))
     if not exists:
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        paths.sweep_yaml.write_text(yaml_text({"job": kind, "spec": spec or {}, "points": points,
-                                               "base": to_dict(base), "slurm": to_dict(slurm)}))
+        paths.sweep_yaml.write_text(
+            yaml_text(
+                {
+                    "job": kind,
+                    "spec": spec or {},
+                    "points": points,
+                    "base": to_dict(base),
+                    "slurm": to_dict(slurm),
+                }
+            )
+        )
     tasks = [Task(i, points[i], paths.task(i), configs[i]) for i in todo]
-    return submit_tasks(Submission(kind, sweep_dir, slurm, tasks, array=True, dry_run=dry_run,
-                                   extra={"sweep_dir": str(sweep_dir)}))
+    return submit_tasks(
+        Submission(
+            kind,
+            sweep_dir,
+            slurm,
+            tasks,
+            array=True,
+            dry_run=dry_run,
+            extra={"sweep_dir": str(sweep_dir)},
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- retries
@@ -208,27 +264,42 @@ class RetryPlan:
     changes: list[str]  # what a resubmitted task asks for differently (more memory)
 
 
-def _what_was_submitted(path: Path, points: list[dict[str, Any]] | None) -> tuple[str, SlurmConfig, Any, list]:
+def _what_was_submitted(
+    path: Path, points: list[dict[str, Any]] | None
+) -> tuple[str, SlurmConfig, Any, list]:
     """(job kind, SLURM request, base config, points) a sweep or run folder was submitted with."""
     if folder_kind(path) == "run":
         data = load_yaml_if_exists(RunPaths(path).slurm_yaml)
         if not data or not data.get("submitted", {}).get("job"):
-            raise ClusterError(f"--resume: {path} was not submitted by jobs/launch.py (no slurm.yaml)")
+            raise ClusterError(
+                f"--resume: {path} was not submitted by jobs/launch.py (no slurm.yaml)"
+            )
         kind = data.pop("submitted")["job"]
-        cfg = from_dict(spec_of(kind).load_config_class(), yaml.safe_load(RunPaths(path).config_yaml.read_text()))
+        cfg = from_dict(
+            spec_of(kind).load_config_class(),
+            yaml.safe_load(RunPaths(path).config_yaml.read_text()),
+        )
         return kind, from_dict(SlurmConfig, data), cfg, [{}]
     saved = read_sweep_yaml(path)
     if points is not None and points != points_of(saved):
-        raise ClusterError(f"--resume: {path} was made with other points ({points_of(saved)}); "
-                           "resume it with the same --sweep/--zip flags, or with none")
+        raise ClusterError(
+            f"--resume: {path} was made with other points ({points_of(saved)}); "
+            "resume it with the same --sweep/--zip flags, or with none"
+        )
     kind = saved["job"]
     cfg = from_dict(spec_of(kind).load_config_class(), saved["base"])
     return kind, from_dict(SlurmConfig, saved["slurm"]), cfg, points_of(saved)
 
 
-def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
-               max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
-               task: int = -1) -> tuple[str, SlurmConfig, RetryPlan]:
+def plan_retry(
+    sweep_dir: str | Path,
+    slurm: SlurmConfig | None = None,
+    retry_failed: bool = False,
+    max_retries: int = 3,
+    mem_factor: float = 2.0,
+    points: list[dict[str, Any]] | None = None,
+    task: int = -1,
+) -> tuple[str, SlurmConfig, RetryPlan]:
     """Which tasks of a sweep (or a run folder, one task) to resubmit and with what request:
     (job kind, base request, plan)."""
     sweep_dir = Path(sweep_dir).resolve()
@@ -248,11 +319,15 @@ def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_fa
         if not why:
             continue
         if why not in wanted:
-            plan.notes.append(f"task {row['task']}: {why} ({row['error'] or row['state']}); "
-                              "not retried without --retry_failed")
+            plan.notes.append(
+                f"task {row['task']}: {why} ({row['error'] or row['state']}); "
+                "not retried without --retry_failed"
+            )
             continue
         if row["retries"] >= max_retries:
-            plan.notes.append(f"task {row['task']}: {why}, already retried {row['retries']} times (--max_retries)")
+            plan.notes.append(
+                f"task {row['task']}: {why}, already retried {row['retries']} times (--max_retries)"
+            )
             continue
         run_dir = Path(row["run_dir"])
         request = base_request
@@ -260,34 +335,62 @@ def plan_retry(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_fa
             request = _more_memory(run_dir, base_request, row, mem_factor)
             plan.changes.append(f"task {row['task']}: out of memory, now mem_gb {request.mem_gb:g}")
         cfg = apply_overrides(base_cfg, all_points[row["task"]])
-        plan.tasks.append(Task(row["task"], all_points[row["task"]], run_dir, cfg, request,
-                               row["retries"] + (1 if row["job_id"] else 0)))
+        plan.tasks.append(
+            Task(
+                row["task"],
+                all_points[row["task"]],
+                run_dir,
+                cfg,
+                request,
+                row["retries"] + (1 if row["job_id"] else 0),
+            )
+        )
     return kind, base_request, plan
 
 
-def _more_memory(run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: float) -> SlurmConfig:
+def _more_memory(
+    run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: float
+) -> SlurmConfig:
     """The request the task ran out of memory with, times `factor`."""
     had = (load_yaml_if_exists(RunPaths(run_dir).slurm_yaml) or {}).get("mem_gb", 0) or base.mem_gb
     if not had:
         info = slurm_cli.query([row["job_id"]]).get(row["job_id"]) if row["job_id"] else None
         had = (info.mem_mb / 1024) if info and info.mem_mb else 0
     if not had:
-        raise ClusterError(f"task {row['task']} ran out of memory with the partition's default memory; "
-                           "pass --mem_gb to say how much to ask for")
+        raise ClusterError(
+            f"task {row['task']} ran out of memory with the partition's default memory; "
+            "pass --mem_gb to say how much to ask for"
+        )
     return SlurmConfig(**{**to_dict(base), "mem_gb": round(had * factor, 3)})
 
 
-def retry_sweep(sweep_dir: str | Path, slurm: SlurmConfig | None = None, retry_failed: bool = False,
-                max_retries: int = 3, mem_factor: float = 2.0, points: list[dict[str, Any]] | None = None,
-                task: int = -1, dry_run: bool = False) -> RetryPlan:
+def retry_sweep(
+    sweep_dir: str | Path,
+    slurm: SlurmConfig | None = None,
+    retry_failed: bool = False,
+    max_retries: int = 3,
+    mem_factor: float = 2.0,
+    points: list[dict[str, Any]] | None = None,
+    task: int = -1,
+    dry_run: bool = False,
+) -> RetryPlan:
     """Resubmit only the retryable tasks, as one array per request (out-of-memory ones with more
     memory); a run folder's one job is resubmitted the same way, as a plain job."""
-    kind, base, plan = plan_retry(sweep_dir, slurm, retry_failed, max_retries, mem_factor, points, task)
+    kind, base, plan = plan_retry(
+        sweep_dir, slurm, retry_failed, max_retries, mem_factor, points, task
+    )
     if plan.tasks:
         sweep_dir = Path(sweep_dir).resolve()
         sweep = folder_kind(sweep_dir) == "sweep"
-        submit_tasks(Submission(kind, sweep_dir, base, plan.tasks, array=sweep, dry_run=dry_run,
-                                extra={"sweep_dir": str(sweep_dir)} if sweep else {}))
+        submit_tasks(
+            Submission(
+                kind,
+                sweep_dir,
+                base,
+                plan.tasks,
+                array=sweep,
+                dry_run=dry_run,
+                extra={"sweep_dir": str(sweep_dir)} if sweep else {},
+            )
+        )
     return plan
-
-

@@ -24,8 +24,13 @@ class Repeat(argparse.Action):
     line replaces the one a `--config_path` file gave (argparse's own "append" would extend it).
     """
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         items = getattr(namespace, self.dest, None)
         if items is None or items is self.default:
             items = []
@@ -151,11 +156,16 @@ class LaunchConfig:
     # extract: split the stimuli over N array tasks that write one store
     shards: int = 0
     # extra sbatch option KEY=VALUE, e.g. exclusive=true or reservation=lab (repeatable)
-    additional_parameters: list[str] = field(default_factory=list, metadata=repeatable(metavar="KEY=VALUE"))
+    additional_parameters: list[str] = field(
+        default_factory=list, metadata=repeatable(metavar="KEY=VALUE")
+    )
 
     def __post_init__(self) -> None:
         check(self.max_retries >= 0, f"max_retries must be >= 0; got {self.max_retries}")
-        check(self.retry_mem_factor >= 1, f"retry_mem_factor must be >= 1; got {self.retry_mem_factor}")
+        check(
+            self.retry_mem_factor >= 1,
+            f"retry_mem_factor must be >= 1; got {self.retry_mem_factor}",
+        )
         check(self.task >= -1, f"task must be >= 0 (or -1 = all); got {self.task}")
         check(self.shards >= 0, f"shards must be >= 1; got {self.shards}")
         check(not self.retry_failed or self.resume, "--retry_failed goes with --resume")

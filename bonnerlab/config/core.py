@@ -69,7 +69,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a {annotation}")
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping of {annotation.__name__} fields, got {value!r}"
+            )
         return from_dict(annotation, value, prefix=f"{key}.")
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):

@@ -118,17 +118,28 @@ class ExtractConfig:
         check_choice("which", self.which, ("best", "latest"))
         check_checkpoint(self.checkpoint)
         check(self.num_classes >= 0, f"num_classes must be >= 0; got {self.num_classes}")
-        check(bool(self.stimuli), "stimuli must be an image folder, a .csv/.tsv sheet or one of digits, mnist")
+        check(
+            bool(self.stimuli),
+            "stimuli must be an image folder, a .csv/.tsv sheet or one of digits, mnist",
+        )
         check(self.limit >= 0, f"limit must be >= 0; got {self.limit}")
         check_choice("preprocess", self.preprocess, PREPROCESS_MODES)
         check(
             self.image_size == 0 or self.image_size >= 8,
             f"image_size must be 0 or >= 8; got {self.image_size}",
         )
-        check(len(self.mean) == len(self.std), f"mean and std must have the same length; got {self.mean} and {self.std}")
+        check(
+            len(self.mean) == len(self.std),
+            f"mean and std must have the same length; got {self.mean} and {self.std}",
+        )
         check(all(s > 0 for s in self.std), f"std must be > 0; got {self.std}")
-        check(self.in_channels in (0, 1, 3), f"in_channels must be 0, 1 or 3; got {self.in_channels}")
-        check(self.list_layers or bool(self.layers), "layers must name at least one layer (see --list_layers)")
+        check(
+            self.in_channels in (0, 1, 3), f"in_channels must be 0, 1 or 3; got {self.in_channels}"
+        )
+        check(
+            self.list_layers or bool(self.layers),
+            "layers must name at least one layer (see --list_layers)",
+        )
         check(len(set(self.layers)) == len(self.layers), f"layers has duplicates: {self.layers}")
         check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
         check_choice("dtype", self.dtype, DTYPES)
@@ -136,7 +147,10 @@ class ExtractConfig:
             self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be auto, cpu or cuda[:N]; got {self.device!r}",
         )
-        check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
+        check(
+            self.num_workers >= -1,
+            f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}",
+        )
         check_choice("compression", self.compression, ("zstd", "lz4", "none"))
         check(self.num_shards >= 1, f"num_shards must be >= 1; got {self.num_shards}")
         check(
@@ -164,7 +178,9 @@ def parse_channels(spec: str) -> list[int] | None:
             else:
                 out.append(int(part))
         except ValueError:
-            raise ConfigError(f"bad channel spec {spec!r}: use indices and ranges like 0-7,12") from None
+            raise ConfigError(
+                f"bad channel spec {spec!r}: use indices and ranges like 0-7,12"
+            ) from None
     if any(c < 0 for c in out):
         raise ConfigError(f"bad channel spec {spec!r}: channels are >= 0")
     if len(set(out)) != len(out):
@@ -183,7 +199,9 @@ def parse_reduce(spec: str) -> int | None:
     return int(k)
 
 
-def _per_layer(entries: list[str], layers: list[str], configured: list[str], what: str, default: str) -> dict[str, str]:
+def _per_layer(
+    entries: list[str], layers: list[str], configured: list[str], what: str, default: str
+) -> dict[str, str]:
     """Entries "VALUE" (every layer) then "NAME=VALUE"; NAME is a configured layer (a pattern
     applies to each layer it expanded to) or one expanded name."""
     out = dict.fromkeys(layers, default)
@@ -197,9 +215,13 @@ def _per_layer(entries: list[str], layers: list[str], configured: list[str], wha
             [n for n in layers if layer_matches(name, n)] if name in configured else []
         )
         if not targets:
-            if layers == configured and any(is_pattern(c) and layer_matches(c, name) for c in configured):
+            if layers == configured and any(
+                is_pattern(c) and layer_matches(c, name) for c in configured
+            ):
                 continue  # a layer a pattern will expand to; checked again after the expansion
-            raise ConfigError(f"{what} entry {entry!r} names {name!r}, which is not in layers {configured}")
+            raise ConfigError(
+                f"{what} entry {entry!r} names {name!r}, which is not in layers {configured}"
+            )
         for n in targets:
             out[n] = value
     return out
@@ -211,15 +233,24 @@ def layer_matches(pattern: str, name: str) -> bool:
 
     module, sep, element = pattern.partition(":")
     regex = "".join(
-        ".*" if part == "**" else "[^.]*" if part == "*" else "[^.]" if part == "?" else re.escape(part)
+        ".*"
+        if part == "**"
+        else "[^.]*"
+        if part == "*"
+        else "[^.]"
+        if part == "?"
+        else re.escape(part)
         for part in re.split(r"(\*\*|\*|\?)", module)
     )
     name_module, name_sep, name_element = name.partition(":")
-    return re.fullmatch(regex, name_module) is not None and (sep, element) == (name_sep, name_element)
+    return re.fullmatch(regex, name_module) is not None and (sep, element) == (
+        name_sep,
+        name_element,
+    )
 
 
 def split_layer(name: str) -> tuple[str, int | str | None]:
-    """"blocks.3.attn:0" -> ("blocks.3.attn", 0); "vision_model:last_hidden_state" -> (.., key)."""
+    """ "blocks.3.attn:0" -> ("blocks.3.attn", 0); "vision_model:last_hidden_state" -> (.., key)."""
     module, sep, element = name.partition(":")
     if not sep:
         return module, None
@@ -247,7 +278,8 @@ def layer_options(cfg: ExtractConfig, layers: list[str]) -> dict[str, LayerOptio
     for layer, mode in pooling.items():
         check_choice(f"pooling for {layer}", mode, POOLINGS)
     return {
-        n: LayerOptions(parse_channels(channels[n]), pooling[n], parse_reduce(reduce[n])) for n in layers
+        n: LayerOptions(parse_channels(channels[n]), pooling[n], parse_reduce(reduce[n]))
+        for n in layers
     }
 
 
@@ -259,7 +291,11 @@ def default_store_name(cfg: ExtractConfig) -> str:
     if cfg.checkpoint:
         path = Path(cfg.checkpoint)
         # runs/<run>/checkpoints/best.pt -> <run>; runs/<run> -> <run>
-        model = path.parent.parent.name if path.suffix == ".pt" and path.parent.name == "checkpoints" else path.name
+        model = (
+            path.parent.parent.name
+            if path.suffix == ".pt" and path.parent.name == "checkpoints"
+            else path.name
+        )
     else:
         source, sep, name = cfg.model.arch.partition(":")
         if sep and source == "hf" and name.startswith(("/", ".", "~")):

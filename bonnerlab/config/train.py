@@ -12,6 +12,7 @@ AUGMENTATIONS = ("auto", "digits", "natural", "none")
 OPTIMIZERS = ("sgd", "adamw", "adadelta")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
 
+
 @dataclass
 class DataConfig:
     """Which images to train on and how to feed them."""
@@ -70,20 +71,40 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
         check_choice("data.mnist_files", self.mnist_files, ("train", "test"))
-        check(0.0 <= self.val_fraction < 1.0, f"data.val_fraction must be in [0, 1); got {self.val_fraction}")
+        check(
+            0.0 <= self.val_fraction < 1.0,
+            f"data.val_fraction must be in [0, 1); got {self.val_fraction}",
+        )
         check(self.image_size >= 8, f"data.image_size must be >= 8; got {self.image_size}")
-        check(self.in_channels in (1, 3), f"data.in_channels must be 1 or 3; got {self.in_channels}")
+        check(
+            self.in_channels in (1, 3), f"data.in_channels must be 1 or 3; got {self.in_channels}"
+        )
         check(self.batch_size > 0, f"data.batch_size must be > 0; got {self.batch_size}")
-        check(self.eval_batch_size > 0, f"data.eval_batch_size must be > 0; got {self.eval_batch_size}")
-        check(self.num_workers >= -1, f"data.num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
-        check(self.device_cache_gb >= 0, f"data.device_cache_gb must be >= 0; got {self.device_cache_gb}")
+        check(
+            self.eval_batch_size > 0,
+            f"data.eval_batch_size must be > 0; got {self.eval_batch_size}",
+        )
+        check(
+            self.num_workers >= -1,
+            f"data.num_workers must be >= 0 (or -1 = auto); got {self.num_workers}",
+        )
+        check(
+            self.device_cache_gb >= 0,
+            f"data.device_cache_gb must be >= 0; got {self.device_cache_gb}",
+        )
         check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
         check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
         check_choice("data.augment", self.augment, AUGMENTATIONS)
-        check(0.0 < self.crop_scale <= 1.0, f"data.crop_scale must be in (0, 1]; got {self.crop_scale}")
+        check(
+            0.0 < self.crop_scale <= 1.0,
+            f"data.crop_scale must be in (0, 1]; got {self.crop_scale}",
+        )
         check(self.crop_ratio >= 1.0, f"data.crop_ratio must be >= 1; got {self.crop_ratio}")
         check(0.0 <= self.flip <= 1.0, f"data.flip must be in [0, 1]; got {self.flip}")
-        check(0.0 <= self.color_jitter < 1.0, f"data.color_jitter must be in [0, 1); got {self.color_jitter}")
+        check(
+            0.0 <= self.color_jitter < 1.0,
+            f"data.color_jitter must be in [0, 1); got {self.color_jitter}",
+        )
 
 
 @dataclass
@@ -153,7 +174,10 @@ class OptimConfig:
         check(0.0 < self.gamma <= 1.0, f"optim.gamma must be in (0, 1]; got {self.gamma}")
         check(0.0 <= self.label_smoothing < 1.0, "optim.label_smoothing must be in [0, 1)")
         check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0; got {self.grad_clip}")
-        check(self.accumulate_steps >= 1, f"optim.accumulate_steps must be >= 1; got {self.accumulate_steps}")
+        check(
+            self.accumulate_steps >= 1,
+            f"optim.accumulate_steps must be >= 1; got {self.accumulate_steps}",
+        )
 
 
 @dataclass
@@ -241,4 +265,7 @@ class EvaluateConfig:
         check_checkpoint(self.checkpoint)
         check_choice("split", self.split, ("val", "test", "train"))
         check(self.batch_size > 0, f"batch_size must be > 0; got {self.batch_size}")
-        check(self.num_workers >= -1, f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}")
+        check(
+            self.num_workers >= -1,
+            f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}",
+        )

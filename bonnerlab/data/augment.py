@@ -32,7 +32,11 @@ def natural_params(n: int, canvas: int, cfg: DataConfig, g: torch.Generator) -> 
     for a crop that fits, else the whole canvas; position uniform over where it fits.
     """
     tries = 10
-    area = canvas * canvas * (cfg.crop_scale + torch.rand(n, tries, generator=g) * (1 - cfg.crop_scale))
+    area = (
+        canvas
+        * canvas
+        * (cfg.crop_scale + torch.rand(n, tries, generator=g) * (1 - cfg.crop_scale))
+    )
     log_r = math.log(cfg.crop_ratio)
     ratio = torch.exp((torch.rand(n, tries, generator=g) * 2 - 1) * log_r)
     w = torch.round(torch.sqrt(area * ratio))
@@ -79,7 +83,10 @@ def color_jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     brightness, contrast, saturation = (factors[:, k].view(b, 1, 1, 1) for k in range(3))
     x = (x * brightness).clamp_(0, 1)
     gray = _grayscale(x)
-    x = ((x - gray.mean(dim=(1, 2, 3), keepdim=True)) * contrast + gray.mean(dim=(1, 2, 3), keepdim=True)).clamp_(0, 1)
+    x = (
+        (x - gray.mean(dim=(1, 2, 3), keepdim=True)) * contrast
+        + gray.mean(dim=(1, 2, 3), keepdim=True)
+    ).clamp_(0, 1)
     if x.shape[1] == 3:
         gray = _grayscale(x)
         x = ((x - gray) * saturation + gray).clamp_(0, 1)
@@ -104,18 +111,24 @@ class BatchAugment:
     constants are cached per device and masks are built there: no host sync.
     """
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], cfg: DataConfig | None = None):
+    def __init__(
+        self, mean: tuple[float, ...], std: tuple[float, ...], cfg: DataConfig | None = None
+    ):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.cfg = cfg
         self._constants: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
 
-    def _on(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    def _on(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, ...]:
         """(mean, std, background) on `device`: copied once, then reused every step."""
         key = (device, dtype)
         if key not in self._constants:
             background = (0 - self.mean) / self.std  # a black pixel, normalized
-            self._constants[key] = tuple(to_device(t, device).to(dtype) for t in (self.mean, self.std, background))
+            self._constants[key] = tuple(
+                to_device(t, device).to(dtype) for t in (self.mean, self.std, background)
+            )
         return self._constants[key]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +163,9 @@ class BatchAugment:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # Pixels moved in from outside the image get the background value (0 before normalizing).
         background = self._on(x.device, x.dtype)[2]
-        x = F.grid_sample(x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = F.grid_sample(
+            x - background, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
         x = x + background
         if cfg.erasing > 0:
             x = self._erase(x, u[:, 4:6], u[:, 6:10])
@@ -167,7 +182,11 @@ class BatchAugment:
         b = x.shape[0]
         g = step_generator(seed, epoch, step)
         params = natural_params(b * world_size, x.shape[-1], cfg, g)[rank * b : (rank + 1) * b]
-        erase = torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b] if cfg.erasing > 0 else None
+        erase = (
+            torch.rand(b * world_size, 6, generator=g)[rank * b : (rank + 1) * b]
+            if cfg.erasing > 0
+            else None
+        )
         params = to_device(params if erase is None else torch.cat([params, erase], 1), x.device)
         out = resized_crop_batch(to_unit_float(x), params[:, :5], cfg.image_size)
         if cfg.color_jitter > 0:
@@ -190,8 +209,10 @@ class BatchAugment:
         ys = torch.arange(h, device=x.device).view(1, h, 1)
         xs = torch.arange(w, device=x.device).view(1, 1, w)
         mask = (
-            (ys >= top.view(-1, 1, 1)) & (ys < (top + eh).view(-1, 1, 1))
-            & (xs >= left.view(-1, 1, 1)) & (xs < (left + ew).view(-1, 1, 1))
+            (ys >= top.view(-1, 1, 1))
+            & (ys < (top + eh).view(-1, 1, 1))
+            & (xs >= left.view(-1, 1, 1))
+            & (xs < (left + ew).view(-1, 1, 1))
             & apply.view(-1, 1, 1)
         )
         return x.masked_fill(mask.unsqueeze(1), 0.0)

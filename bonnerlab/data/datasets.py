@@ -54,9 +54,23 @@ EVAL_CROP_FRACTION = 0.875
 class FolderDataset(torch.utils.data.Dataset):
     """Image files decoded on demand (in DataLoader workers) to uint8 [C, S, S]."""
 
-    def __init__(self, root: Path, files: list[Path], labels: list[int], size: int, in_channels: int,
-                 fit: str = "squash", crop_fraction: float = EVAL_CROP_FRACTION):
-        self.root, self.files, self.size, self.in_channels, self.fit = root, files, size, in_channels, fit
+    def __init__(
+        self,
+        root: Path,
+        files: list[Path],
+        labels: list[int],
+        size: int,
+        in_channels: int,
+        fit: str = "squash",
+        crop_fraction: float = EVAL_CROP_FRACTION,
+    ):
+        self.root, self.files, self.size, self.in_channels, self.fit = (
+            root,
+            files,
+            size,
+            in_channels,
+            fit,
+        )
         self.crop_fraction = crop_fraction
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.ids = [str(f.relative_to(root)) for f in files]
@@ -66,8 +80,15 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def with_fit(self, fit: str, crop_fraction: float | None = None) -> FolderDataset:
         """The same files, decoded another way (e.g. training canvas vs evaluation crop)."""
-        return FolderDataset(self.root, self.files, self.labels.tolist(), self.size, self.in_channels, fit,
-                            self.crop_fraction if crop_fraction is None else crop_fraction)
+        return FolderDataset(
+            self.root,
+            self.files,
+            self.labels.tolist(),
+            self.size,
+            self.in_channels,
+            fit,
+            self.crop_fraction if crop_fraction is None else crop_fraction,
+        )
 
     @property
     def side(self) -> int:
@@ -75,12 +96,21 @@ class FolderDataset(torch.utils.data.Dataset):
         return round(self.size * CANVAS_RATIO) if self.fit == "canvas" else self.size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return (load_image(self.files[index], self.size, self.in_channels, self.fit, self.crop_fraction),
-                int(self.labels[index]))
+        return (
+            load_image(
+                self.files[index], self.size, self.in_channels, self.fit, self.crop_fraction
+            ),
+            int(self.labels[index]),
+        )
 
 
-def load_image(path: Path, size: int, in_channels: int, fit: str = "squash",
-               crop_fraction: float = EVAL_CROP_FRACTION) -> torch.Tensor:
+def load_image(
+    path: Path,
+    size: int,
+    in_channels: int,
+    fit: str = "squash",
+    crop_fraction: float = EVAL_CROP_FRACTION,
+) -> torch.Tensor:
     """Decode, convert to grayscale/RGB and bring one image to a fixed square shape (see FITS);
     the error names the file."""
     from PIL import Image, UnidentifiedImageError
@@ -90,10 +120,16 @@ def load_image(path: Path, size: int, in_channels: int, fit: str = "squash",
             if fit == "squash":
                 target = (size, size)
             else:
-                short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
+                short = (
+                    round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
+                )
                 w, h = img.size
                 # torchvision's rounding: the long side truncated, the crop offset rounded
-                target = (max(short, int(w * short / h)), short) if w >= h else (short, max(short, int(h * short / w)))
+                target = (
+                    (max(short, int(w * short / h)), short)
+                    if w >= h
+                    else (short, max(short, int(h * short / w)))
+                )
             # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
             # large photo for a 112-pixel input decodes several times faster
             img.draft("L" if in_channels == 1 else "RGB", target)
@@ -102,7 +138,10 @@ def load_image(path: Path, size: int, in_channels: int, fit: str = "squash",
                 img = img.resize(target, Image.BILINEAR)
             if fit != "squash":
                 side = round(size * CANVAS_RATIO) if fit == "canvas" else size
-                left, top = int(round((target[0] - side) / 2.0)), int(round((target[1] - side) / 2.0))
+                left, top = (
+                    int(round((target[0] - side) / 2.0)),
+                    int(round((target[1] - side) / 2.0)),
+                )
                 img = img.crop((left, top, left + side, top + side))
             array = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as e:
@@ -139,10 +178,15 @@ class Splits:
             return source
 
         same_channels = len(published.mean) == self.in_channels
-        return replace(self, train=crop(self.train), val=crop(self.val), test=crop(self.test),
-                       mean=published.mean if same_channels else self.mean,
-                       std=published.std if same_channels else self.std,
-                       crop_fraction=published.crop_fraction)
+        return replace(
+            self,
+            train=crop(self.train),
+            val=crop(self.val),
+            test=crop(self.test),
+            mean=published.mean if same_channels else self.mean,
+            std=published.std if same_channels else self.std,
+            crop_fraction=published.crop_fraction,
+        )
 
 
 def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,7 +215,11 @@ def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _to_channels(images: torch.Tensor, in_channels: int) -> torch.Tensor:
-    return images.expand(-1, in_channels, -1, -1).contiguous() if in_channels != images.shape[1] else images
+    return (
+        images.expand(-1, in_channels, -1, -1).contiguous()
+        if in_channels != images.shape[1]
+        else images
+    )
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +265,9 @@ def _read_idx(path: Path) -> torch.Tensor:
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+        raise DataError(
+            f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}"
+        )
     return torch.from_numpy(body.reshape(dims).copy())
 
 
@@ -258,10 +308,14 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemoryDataset:
         )
     images, labels = _read_idx(files[0]), _read_idx(files[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels")
+        raise DataError(
+            f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels"
+        )
     images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.in_channels)
     prefix = "train" if train_files else "test"
-    return InMemoryDataset(images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))])
+    return InMemoryDataset(
+        images, labels.long(), [f"mnist-{prefix}/{i:05d}" for i in range(len(labels))]
+    )
 
 
 def augment_preset(cfg: DataConfig) -> str:
@@ -281,7 +335,9 @@ class Normalization:
     crop_fraction: float = EVAL_CROP_FRACTION
 
 
-def load_splits(cfg: DataConfig, files: FileList | None = None, published: Normalization | None = None) -> Splits:
+def load_splits(
+    cfg: DataConfig, files: FileList | None = None, published: Normalization | None = None
+) -> Splits:
     """Train/val(/test) splits of the configured dataset; checks the data before any training.
 
     For image folders, `files` is a scan made earlier (the run folder's `files.json`); the
@@ -301,8 +357,14 @@ def load_splits(cfg: DataConfig, files: FileList | None = None, published: Norma
         eval_fit = "center_crop" if natural else "squash"
 
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderDataset:
-            return FolderDataset(root, [root / names[i] for i in idx], [labels[i] for i in idx],
-                                cfg.image_size, cfg.in_channels, fit)
+            return FolderDataset(
+                root,
+                [root / names[i] for i in idx],
+                [labels[i] for i in idx],
+                cfg.image_size,
+                cfg.in_channels,
+                fit,
+            )
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")
         if va is None:

@@ -12,7 +12,18 @@ from pathlib import Path
 
 from bonnerlab.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+)
 
 
 def walk_images(folder: Path) -> list[str]:
@@ -70,10 +81,14 @@ def scan_collection(root: Path) -> FileList:
     base = root / "train" if split_layout else root
     classes = class_folders(base)
     if split_layout is False and (root / "train").is_dir():
-        raise DataError(f"{root / 'train'} has no class folders: expected {root}/train/<class>/<image>")
+        raise DataError(
+            f"{root / 'train'} has no class folders: expected {root}/train/<class>/<image>"
+        )
     if len(classes) < 2:
-        raise DataError(f"image folder {base} has {len(classes)} class folder(s); need at least 2 "
-                        f"({base}/<class>/<image>)")
+        raise DataError(
+            f"image folder {base} has {len(classes)} class folder(s); need at least 2 "
+            f"({base}/<class>/<image>)"
+        )
     splits: dict[str, tuple[list[str], list[int]]] = {}
     for split in ("train", "val", "test") if split_layout else ("train",):
         folder = root / split if split_layout else root
@@ -82,8 +97,10 @@ def scan_collection(root: Path) -> FileList:
         names = class_folders(folder)
         unknown = sorted(set(names) - set(classes))
         if unknown:
-            raise DataError(f"{folder} has class folder(s) {', '.join(unknown[:5])} that {base} does not; "
-                            "every class must have training images")
+            raise DataError(
+                f"{folder} has class folder(s) {', '.join(unknown[:5])} that {base} does not; "
+                "every class must have training images"
+            )
         files: list[str] = []
         labels: list[int] = []
         prefix = f"{split}/" if split_layout else ""
@@ -108,7 +125,9 @@ def scan_stimulus_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
         raise DataError(f"stimulus folder {root} does not exist")
     rel = walk_images(root)
     if not rel:
-        raise DataError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS[:4])}, ...)")
+        raise DataError(
+            f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTENSIONS[:4])}, ...)"
+        )
     parts = [r.split("/") for r in rel]
     classes = sorted({p[0] for p in parts if len(p) > 1})
     index = {c: i for i, c in enumerate(classes)}

@@ -44,10 +44,14 @@ def place_in_memory(source: Dataset, device: torch.device, cap_bytes: float) -> 
         return source
     if source.images.numel() * source.images.element_size() > cap_bytes:
         return source
-    return InMemoryDataset(to_device(source.images, device), to_device(source.labels, device), source.ids)
+    return InMemoryDataset(
+        to_device(source.images, device), to_device(source.labels, device), source.ids
+    )
 
 
-def _gather(source: InMemoryDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(
+    source: InMemoryDataset, idx: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch `idx` of an in-memory source, on `device` (gathered there when the data lives there)."""
     images, labels = source.images, source.labels
     if images.device == device:
@@ -81,8 +85,11 @@ class _FolderLoader:
         self.sampler = _ReplaceableBatches()
         self.device = device
         self.loader = torch.utils.data.DataLoader(
-            source, batch_sampler=self.sampler, num_workers=num_workers,
-            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+            source,
+            batch_sampler=self.sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
         )
 
     def close(self) -> None:
@@ -141,8 +148,11 @@ class TrainBatches:
         self.num_workers = resolve_workers(num_workers)
         steps = len(source) // global_batch  # drop the ragged last batch: equal work per rank
         self.steps_per_epoch = min(steps, max_steps) if max_steps else steps
-        self._folder = (_FolderLoader(source, self.num_workers, device)
-                        if isinstance(source, FolderDataset) else None)
+        self._folder = (
+            _FolderLoader(source, self.num_workers, device)
+            if isinstance(source, FolderDataset)
+            else None
+        )
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -154,11 +164,15 @@ class TrainBatches:
     def _rank_indices(self, epoch: int, start_step: int) -> torch.Tensor:
         """[steps left, local batch]: this rank's slice of each remaining global batch."""
         perm = epoch_permutation(len(self.source), self.seed, epoch)
-        steps = perm[: self.steps_per_epoch * self.global_batch].view(self.steps_per_epoch, self.global_batch)
+        steps = perm[: self.steps_per_epoch * self.global_batch].view(
+            self.steps_per_epoch, self.global_batch
+        )
         lo = self.rank * self.local_batch
         return steps[start_step:, lo : lo + self.local_batch]
 
-    def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def batches(
+        self, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         indices = self._rank_indices(epoch, start_step)
         if self._folder is not None:
             for step, (x, y) in enumerate(self._folder.batches(indices.tolist()), start=start_step):
@@ -187,12 +201,22 @@ class EvalBatches:
     """Every example of `source` exactly once across ranks (strided shards), in order within a
     rank; built once and iterated at every evaluation (persistent workers for folders)."""
 
-    def __init__(self, source: Dataset, batch_size: int, rank: int, world_size: int,
-                 device: torch.device, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        source: Dataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        num_workers: int = 0,
+    ) -> None:
         self.source, self.device = source, device
         self.chunks = list(torch.arange(rank, len(source), world_size).split(batch_size))
-        self._folder = (_FolderLoader(source, resolve_workers(num_workers), device)
-                        if isinstance(source, FolderDataset) else None)
+        self._folder = (
+            _FolderLoader(source, resolve_workers(num_workers), device)
+            if isinstance(source, FolderDataset)
+            else None
+        )
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -210,7 +234,12 @@ class EvalBatches:
 
 
 def eval_batches(
-    source: Dataset, batch_size: int, rank: int, world_size: int, device: torch.device, num_workers: int = 0
+    source: Dataset,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    num_workers: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass of `EvalBatches` (for a single evaluation); its workers stop after it."""
     batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers)

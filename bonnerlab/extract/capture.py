@@ -48,7 +48,11 @@ def expand_layers(model: nn.Module, layers: list[str]) -> list[str]:
     for layer in layers:
         module, sep, element = layer.partition(":")
         if is_pattern(layer):
-            matches = [f"{n}{sep}{element}" for n in modules if n != OUTPUT and layer_matches(layer, f"{n}{sep}{element}")]
+            matches = [
+                f"{n}{sep}{element}"
+                for n in modules
+                if n != OUTPUT and layer_matches(layer, f"{n}{sep}{element}")
+            ]
             if not matches:
                 raise UserError(f"layer pattern {layer!r} matches no module (see --list_layers)")
             out += [m for m in matches if m not in out]
@@ -94,12 +98,18 @@ def select(out: Any, element: int | str | None, name: str) -> Any:
                 return values[element]
         elif element in out:
             return out[element]
-        raise UserError(f"layer {name}: the output has no element {element!r}; keys: {', '.join(map(str, out))}")
+        raise UserError(
+            f"layer {name}: the output has no element {element!r}; keys: {', '.join(map(str, out))}"
+        )
     if isinstance(out, list | tuple):
         if isinstance(element, int) and -len(out) <= element < len(out):
             return out[element]
-        raise UserError(f"layer {name}: the output is a sequence of {len(out)}; use an index 0..{len(out) - 1}")
-    raise UserError(f"layer {name}: the output is a {type(out).__name__}, which has no element {element!r}")
+        raise UserError(
+            f"layer {name}: the output is a sequence of {len(out)}; use an index 0..{len(out) - 1}"
+        )
+    raise UserError(
+        f"layer {name}: the output is a {type(out).__name__}, which has no element {element!r}"
+    )
 
 
 def describe(struct: Any) -> str:
@@ -112,7 +122,9 @@ def describe(struct: Any) -> str:
     return str(struct)
 
 
-def probe(model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor) -> dict[str, tuple[Any, int]]:
+def probe(
+    model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor
+) -> dict[str, tuple[Any, int]]:
     """module name -> (structure of its last call's output, calls per forward) for one batch."""
     seen: dict[str, Any] = {}
     calls: dict[str, int] = {}
@@ -157,14 +169,21 @@ class SparseProjection:
         d, k = self.in_features, self.k
         counts = rng.binomial(d, self.density, size=k)
         crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        cols = np.concatenate([np.sort(rng.choice(d, n, replace=False)) for n in counts]) if k else np.zeros(0)
+        cols = (
+            np.concatenate([np.sort(rng.choice(d, n, replace=False)) for n in counts])
+            if k
+            else np.zeros(0)
+        )
         scale = np.sqrt(1.0 / self.density) / np.sqrt(k)
         values = np.where(rng.random(crow[-1]) < 0.5, -scale, scale).astype(np.float32)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             self.matrix = torch.sparse_csr_tensor(
-                torch.from_numpy(crow), torch.from_numpy(cols.astype(np.int64)), torch.from_numpy(values),
-                size=(k, d), check_invariants=True,
+                torch.from_numpy(crow),
+                torch.from_numpy(cols.astype(np.int64)),
+                torch.from_numpy(values),
+                size=(k, d),
+                check_invariants=True,
             ).to(device)
         return self
 
@@ -177,8 +196,13 @@ class SparseProjection:
         return torch.sparse.mm(self.matrix, flat.float().t()).t()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "srp", "k": self.k, "seed": self.seed, "in_features": self.in_features,
-                "density": self.density}
+        return {
+            "method": "srp",
+            "k": self.k,
+            "seed": self.seed,
+            "in_features": self.in_features,
+            "density": self.density,
+        }
 
 
 @dataclass
@@ -228,9 +252,13 @@ def check_plan(name: str, shape: tuple[int, ...], channels: list[int] | None, po
                 f"channel {max(channels)} is out of range for layer {name}, which has {shape[dim]} channels (0-{shape[dim] - 1})"
             )
     if pooling in ("avg", "max") and len(shape) < 3:
-        raise UserError(f"pooling {pooling} needs spatial dims or tokens but layer {name} outputs {list(shape)}")
+        raise UserError(
+            f"pooling {pooling} needs spatial dims or tokens but layer {name} outputs {list(shape)}"
+        )
     if pooling in ("cls", "mean") and not tokens:
-        raise UserError(f"pooling {pooling} needs token outputs (batch, tokens, dim) but layer {name} outputs {list(shape)}")
+        raise UserError(
+            f"pooling {pooling} needs token outputs (batch, tokens, dim) but layer {name} outputs {list(shape)}"
+        )
 
 
 def feature_dims(ndim: int, pooling: str, projected: bool = False) -> tuple[str, ...]:
@@ -313,7 +341,9 @@ class Capture:
                     continue
                 t = select(out, plan.element, name)
                 if not isinstance(t, torch.Tensor):
-                    raise UserError(f"layer {name} outputs a {type(t).__name__}, not a tensor; pick an element (NAME:0 or NAME:KEY) or a submodule")
+                    raise UserError(
+                        f"layer {name} outputs a {type(t).__name__}, not a tensor; pick an element (NAME:0 or NAME:KEY) or a submodule"
+                    )
                 self._hand_off(name, plan.reduce(t))
             if self.stop_early and len(self.outputs) == len(self.plans):
                 raise StopForward
@@ -326,14 +356,18 @@ class Capture:
         for name, module in self.modules.items():
             entry = by_module.setdefault(id(module), (module, split_layer(name)[0], []))
             entry[2].append(name)
-        self.handles = [m.register_forward_hook(self._hook(mn, names)) for m, mn, names in by_module.values()]
+        self.handles = [
+            m.register_forward_hook(self._hook(mn, names)) for m, mn, names in by_module.values()
+        ]
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self.handles:
             h.remove()
 
-    def run(self, model: nn.Module, x: torch.Tensor, slot: int = 0, wait: bool = True) -> dict[str, torch.Tensor]:
+    def run(
+        self, model: nn.Module, x: torch.Tensor, slot: int = 0, wait: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Forward `x`; returns name -> CPU tensor (a view of buffer `slot`).
 
         On CUDA the copies are queued on the stream and `self.ready` is an event recorded after
@@ -361,4 +395,8 @@ def list_layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str,
     """(name, module type, output shape(s) for one input, calls per forward) for every module."""
     modules = named_modules(model)
     seen = probe(model, modules, x)
-    return [(n, type(m).__name__, describe(seen[n][0]), seen[n][1]) for n, m in modules.items() if n in seen]
+    return [
+        (n, type(m).__name__, describe(seen[n][0]), seen[n][1])
+        for n, m in modules.items()
+        if n in seen
+    ]

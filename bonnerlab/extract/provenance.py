@@ -22,8 +22,17 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("torch", "torchvision", "numpy", "zarr", "xarray", "timm", "open_clip_torch",
-                "transformers", "bonnerlab"):
+    for pkg in (
+        "torch",
+        "torchvision",
+        "numpy",
+        "zarr",
+        "xarray",
+        "timm",
+        "open_clip_torch",
+        "transformers",
+        "bonnerlab",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -39,8 +48,15 @@ def stimuli_sha256(stimuli: Stimuli) -> str:
     return h.hexdigest()
 
 
-def provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, stimuli: Stimuli,
-               specs: list[LayerSpec], device: torch.device, precision: Precision) -> tuple[dict[str, Any], dict[str, Any]]:
+def provenance(
+    cfg: ExtractConfig,
+    source: LoadedModel,
+    pre: PreprocessSpec,
+    stimuli: Stimuli,
+    specs: list[LayerSpec],
+    device: torch.device,
+    precision: Precision,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """(identity, attrs): the identity is fingerprinted (a change never reuses a store); the
     attrs add what explains the store without changing it."""
     identity = {
@@ -49,7 +65,9 @@ def provenance(cfg: ExtractConfig, source: LoadedModel, pre: PreprocessSpec, sti
         "preprocessing": pre.to_dict(),
         "stimuli_sha256": stimuli_sha256(stimuli),
         "n_stimuli": len(stimuli.ids),
-        "layers": {s.name: {k: s.attrs[k] for k in ("channels", "pooling", "reduce")} for s in specs},
+        "layers": {
+            s.name: {k: s.attrs[k] for k in ("channels", "pooling", "reduce")} for s in specs
+        },
         "dtype": cfg.dtype,
         "amp": precision.enabled,
         "amp_dtype": precision.dtype_name,

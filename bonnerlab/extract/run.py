@@ -66,11 +66,20 @@ def load_model(cfg: ExtractConfig) -> LoadedModel:
 
 
 def load_preprocess(cfg: ExtractConfig, source: LoadedModel) -> PreprocessSpec:
-    spec = resolve_preprocess(source.published_transform, source.in_channels, cfg.preprocess,
-                              cfg.image_size, cfg.mean, cfg.std, source.published_by)
+    spec = resolve_preprocess(
+        source.published_transform,
+        source.in_channels,
+        cfg.preprocess,
+        cfg.image_size,
+        cfg.mean,
+        cfg.std,
+        source.published_by,
+    )
     if spec.output_size is None:
-        raise ConfigError("this model's preprocessing keeps each image's aspect ratio (no crop); "
-                          "pass --preprocess center_crop or squash")
+        raise ConfigError(
+            "this model's preprocessing keeps each image's aspect ratio (no crop); "
+            "pass --preprocess center_crop or squash"
+        )
     return spec
 
 
@@ -102,10 +111,14 @@ class Plan:
 
     def table(self) -> str:
         width = max(len(n) for n in self.layers)
-        rows = [f"{s.name:<{width}}  {list(s.shape)!s:<20} {self.bytes_per_stimulus[s.name]:>12,d} B/stimulus"
-                for s in self.specs]
-        rows.append(f"{'total':<{width}}  {self.n_stimuli:,d} stimuli x {sum(self.bytes_per_stimulus.values()):,d} B "
-                    f"= {self.total_bytes / 1e9:.3f} GB (before compression)")
+        rows = [
+            f"{s.name:<{width}}  {list(s.shape)!s:<20} {self.bytes_per_stimulus[s.name]:>12,d} B/stimulus"
+            for s in self.specs
+        ]
+        rows.append(
+            f"{'total':<{width}}  {self.n_stimuli:,d} stimuli x {sum(self.bytes_per_stimulus.values()):,d} B "
+            f"= {self.total_bytes / 1e9:.3f} GB (before compression)"
+        )
         return "\n".join(rows)
 
 
@@ -128,30 +141,39 @@ def plan_layers(cfg: ExtractConfig, model: nn.Module, x0: torch.Tensor, n_stimul
         struct, calls = seen[module_name]
         shape = select(struct, element, name)
         if not isinstance(shape, tuple):
-            raise UserError(f"layer {name} outputs a {type(shape).__name__}, not a tensor; pick an element "
-                            f"(NAME:0 or NAME:KEY, see --list_layers) or a submodule")
+            raise UserError(
+                f"layer {name} outputs a {type(shape).__name__}, not a tensor; pick an element "
+                f"(NAME:0 or NAME:KEY, see --list_layers) or a submodule"
+            )
         opt = options[name]
         check_plan(name, shape, opt.channels, opt.pooling)
         plan = LayerPlan(name, opt.channels, opt.pooling, calls, element)
         reduced = tuple(plan.reduce(torch.zeros(shape, device=x0.device)).shape[1:])
         if opt.reduce is not None:
             d = int(np.prod(reduced))
-            plan.projection = SparseProjection(d, opt.reduce, projection_seed(cfg.seed, name)).build(x0.device)
+            plan.projection = SparseProjection(
+                d, opt.reduce, projection_seed(cfg.seed, name)
+            ).build(x0.device)
             reduced = (opt.reduce,)
         plans[name] = plan
         sizes[name] = int(np.prod(reduced)) * itemsize
-        specs.append(LayerSpec(
-            name, feature_dims(len(shape), opt.pooling, opt.reduce is not None), reduced, cfg.dtype,
-            {
-                "layer": name,
-                "module": type(modules[name]).__name__,
-                "output_shape": list(shape[1:]),
-                "channels": opt.channels if opt.channels is not None else "all",
-                "pooling": opt.pooling,
-                "reduce": plan.projection.to_dict() if plan.projection else "none",
-                "calls_per_forward": calls,
-            },
-        ))
+        specs.append(
+            LayerSpec(
+                name,
+                feature_dims(len(shape), opt.pooling, opt.reduce is not None),
+                reduced,
+                cfg.dtype,
+                {
+                    "layer": name,
+                    "module": type(modules[name]).__name__,
+                    "output_shape": list(shape[1:]),
+                    "channels": opt.channels if opt.channels is not None else "all",
+                    "pooling": opt.pooling,
+                    "reduce": plan.projection.to_dict() if plan.projection else "none",
+                    "calls_per_forward": calls,
+                },
+            )
+        )
     return Plan(layers, modules, plans, specs, sizes, n_stimuli)
 
 
@@ -215,33 +237,54 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     plan = plan_layers(cfg, model, example_input(pre, device), len(stimuli.ids))
     output = Path(cfg.output or default_store_name(cfg))
     if cfg.plan:
-        return {"plan": plan.table(), "store": str(output), "bytes_per_stimulus": plan.bytes_per_stimulus,
-                "total_bytes": plan.total_bytes, "layers": plan.layers}
+        return {
+            "plan": plan.table(),
+            "store": str(output),
+            "bytes_per_stimulus": plan.bytes_per_stimulus,
+            "total_bytes": plan.total_bytes,
+            "layers": plan.layers,
+        }
     identity, attrs = provenance(cfg, source, pre, stimuli, plan.specs, device, precision)
     if not output.exists():
         check_disk_space(output, plan.total_bytes)
     output.parent.mkdir(parents=True, exist_ok=True)
     store, outcome = open_store(
-        output, identity=identity, layers=plan.specs, stimuli=stimuli.ids, labels=stimuli.labels,
-        chunk_size=cfg.batch_size, attrs=attrs, overwrite=cfg.overwrite, compression=cfg.compression,
+        output,
+        identity=identity,
+        layers=plan.specs,
+        stimuli=stimuli.ids,
+        labels=stimuli.labels,
+        chunk_size=cfg.batch_size,
+        attrs=attrs,
+        overwrite=cfg.overwrite,
+        compression=cfg.compression,
         coords=stimuli.coords,
     )
     todo = store.missing_chunks(shard_chunks(store.n_chunks, cfg.shard_index, cfg.num_shards))
     store.clear_partial_writes(todo)  # a kill mid-write leaves zarr's temp files behind
     rows = [range(store.chunk_slice(c).start, store.chunk_slice(c).stop) for c in todo]
     t0, cpu0 = time.perf_counter(), time.process_time()
-    n_skipped = run_batches(cfg, model, plan, pre, stimuli, store, todo, rows, device, precision, output.name)
+    n_skipped = run_batches(
+        cfg, model, plan, pre, stimuli, store, todo, rows, device, precision, output.name
+    )
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
     if not missing:
         store.finalize()  # the last shard to finish (or a rerun) consolidates the store
     n_images = sum(len(r) for r in rows)
     return {
-        "store": str(output), "outcome": outcome, "layers": plan.layers, "n_stimuli": len(stimuli.ids),
-        "images": n_images, "chunks_written": len(todo), "skipped": n_skipped, "seconds": seconds,
+        "store": str(output),
+        "outcome": outcome,
+        "layers": plan.layers,
+        "n_stimuli": len(stimuli.ids),
+        "images": n_images,
+        "chunks_written": len(todo),
+        "skipped": n_skipped,
+        "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # this process, all threads (the writer's too); not the workers
         "images_per_s": n_images / seconds if n_images and seconds > 0 else 0.0,
-        "total_seconds": time.perf_counter() - t_start, "complete": not missing,
+        "total_seconds": time.perf_counter() - t_start,
+        "complete": not missing,
         "chunks_missing": len(missing),
     }
 
@@ -255,9 +298,19 @@ def finish_on_device(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: PreprocessSpec, stimuli: Stimuli,
-                store: Any, todo: list[int], rows: list[range], device: torch.device,
-                precision: Precision, label: str) -> int:
+def run_batches(
+    cfg: ExtractConfig,
+    model: nn.Module,
+    plan: Plan,
+    pre: PreprocessSpec,
+    stimuli: Stimuli,
+    store: Any,
+    todo: list[int],
+    rows: list[range],
+    device: torch.device,
+    precision: Precision,
+    label: str,
+) -> int:
     """Forward each unfinished chunk and hand its captures to the writer; returns skipped images."""
     from tqdm import tqdm
 
@@ -266,20 +319,39 @@ def run_batches(cfg: ExtractConfig, model: nn.Module, plan: Plan, pre: Preproces
     slots = 1
     writer = ChunkWriter(store, slots)
     n_skipped = 0
-    bar = tqdm(total=sum(len(r) for r in rows), unit="img", disable=not cfg.progress or not todo,
-               desc=f"extract {label}")
+    bar = tqdm(
+        total=sum(len(r) for r in rows),
+        unit="img",
+        disable=not cfg.progress or not todo,
+        desc=f"extract {label}",
+    )
     shape = (pre.in_channels, *pre.output_size)
     try:
         with (
-            Capture(plan.modules, plan.plans, getattr(torch, cfg.dtype), slots=slots,
-                    pin_memory=device.type == "cuda", before_first_copy=writer.acquire) as capture,
+            Capture(
+                plan.modules,
+                plan.plans,
+                getattr(torch, cfg.dtype),
+                slots=slots,
+                pin_memory=device.type == "cuda",
+                before_first_copy=writer.acquire,
+            ) as capture,
             torch.inference_mode(),
         ):
             split = pre.split_at_float() if finish_on_device(device) else None
             in_workers, on_device = split if split is not None else (None, None)
-            batches = iter_batches(stimuli, rows, pre.transform(), shape, resolve_workers(cfg.num_workers),
-                                   device.type == "cuda", in_workers)
-            for step, (chunk, r, (images, bad, errors)) in enumerate(zip(todo, rows, batches, strict=True)):
+            batches = iter_batches(
+                stimuli,
+                rows,
+                pre.transform(),
+                shape,
+                resolve_workers(cfg.num_workers),
+                device.type == "cuda",
+                in_workers,
+            )
+            for step, (chunk, r, (images, bad, errors)) in enumerate(
+                zip(todo, rows, batches, strict=True)
+            ):
                 if bad and not cfg.skip_bad_images:
                     raise DataError(f"{errors[0]} (pass --skip_bad_images to store NaN and go on)")
                 x = images.to(device, non_blocking=True)

@@ -47,12 +47,17 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
         raise DataError(f"stimulus sheet {sheet} does not exist")
     try:
         # strings stay strings (ids like 007 keep their zeros); numbers and booleans are inferred
-        table = pd.read_csv(sheet, sep="\t" if sheet.suffix.lower() == ".tsv" else ",",
-                            dtype={"path": str, "stimulus_id": str})
+        table = pd.read_csv(
+            sheet,
+            sep="\t" if sheet.suffix.lower() == ".tsv" else ",",
+            dtype={"path": str, "stimulus_id": str},
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read stimulus sheet {sheet}: {str(e).splitlines()[0]}") from e
     if "path" not in table.columns:
-        raise DataError(f"stimulus sheet {sheet} has no `path` column (columns: {', '.join(map(str, table.columns))})")
+        raise DataError(
+            f"stimulus sheet {sheet} has no `path` column (columns: {', '.join(map(str, table.columns))})"
+        )
     if limit:
         table = table.iloc[:limit]
     if table["path"].isna().any():
@@ -62,11 +67,17 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
     for line, path in enumerate(files, start=2):
         if not path.is_file():
             raise DataError(f"stimulus sheet {sheet} line {line}: image {path} not found")
-    ids = list(table["stimulus_id"].astype(str)) if "stimulus_id" in table.columns else list(table["path"])
+    ids = (
+        list(table["stimulus_id"].astype(str))
+        if "stimulus_id" in table.columns
+        else list(table["path"])
+    )
     seen: dict[str, int] = {}
     for line, sid in enumerate(ids, start=2):
         if sid in seen:
-            raise DataError(f"stimulus sheet {sheet}: duplicate stimulus id {sid!r} (lines {seen[sid]} and {line})")
+            raise DataError(
+                f"stimulus sheet {sheet}: duplicate stimulus id {sid!r} (lines {seen[sid]} and {line})"
+            )
         seen[sid] = line
     labels = [-1] * len(ids)
     if "label" in table.columns:
@@ -78,7 +89,9 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
         if column in ("path", "stimulus_id", "label"):
             continue
         if column in RESERVED:
-            raise DataError(f"stimulus sheet {sheet}: column name {column!r} is reserved; rename it")
+            raise DataError(
+                f"stimulus sheet {sheet}: column name {column!r} is reserved; rename it"
+            )
         values = table[column]
         if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
             coords[str(column)] = values.to_numpy()
@@ -87,7 +100,9 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
     return Stimuli(ids, labels, str(sheet.resolve()), [], files=files, coords=coords)
 
 
-def load_stimuli(cfg: ExtractConfig, image_size: int, in_channels: int, data: DataConfig | None) -> Stimuli:
+def load_stimuli(
+    cfg: ExtractConfig, image_size: int, in_channels: int, data: DataConfig | None
+) -> Stimuli:
     """The configured stimuli; datasets at `image_size` with `in_channels` (in memory)."""
     from bonnerlab.data import datasets as bdata
 
@@ -103,18 +118,22 @@ def load_stimuli(cfg: ExtractConfig, image_size: int, in_channels: int, data: Da
 
     # Datasets: the same split the training run used (its seed and fraction) when known.
     base = data or DataConfig()
-    data_cfg = DataConfig(**{
-        **to_dict(base),
-        "dataset": cfg.stimuli,
-        "image_size": image_size,
-        "in_channels": in_channels,
-        "root": cfg.data_root or (base.root if data else "data"),
-        "download": False,
-        "mnist_files": "train",
-    })
+    data_cfg = DataConfig(
+        **{
+            **to_dict(base),
+            "dataset": cfg.stimuli,
+            "image_size": image_size,
+            "in_channels": in_channels,
+            "root": cfg.data_root or (base.root if data else "data"),
+            "download": False,
+            "mnist_files": "train",
+        }
+    )
     splits = {"digits": ("all", "train", "val"), "mnist": ("test", "train", "val")}[cfg.stimuli]
     if cfg.split not in splits:
-        raise ConfigError(f"split for {cfg.stimuli} must be one of {', '.join(splits)}; got {cfg.split!r}")
+        raise ConfigError(
+            f"split for {cfg.stimuli} must be one of {', '.join(splits)}; got {cfg.split!r}"
+        )
     if cfg.split in ("train", "val"):
         both = bdata.load_splits(data_cfg)
         source = both.train if cfg.split == "train" else both.val
@@ -124,8 +143,11 @@ def load_stimuli(cfg: ExtractConfig, image_size: int, in_channels: int, data: Da
         source = bdata.load_mnist_source(data_cfg, train_files=False)
     n = min(len(source), cfg.limit) if cfg.limit else len(source)
     return Stimuli(
-        list(source.ids[:n]), source.labels[:n].tolist(), f"{cfg.stimuli}:{cfg.split}",
-        [str(i) for i in range(10)], images=source.images[:n],
+        list(source.ids[:n]),
+        source.labels[:n].tolist(),
+        f"{cfg.stimuli}:{cfg.split}",
+        [str(i) for i in range(10)],
+        images=source.images[:n],
     )
 
 
@@ -134,8 +156,13 @@ class FileImages(torch.utils.data.Dataset):
     so the main process can name the file in a one-line error (worker exceptions arrive as long
     tracebacks)."""
 
-    def __init__(self, files: list[Path], transform: Transform, shape: tuple[int, int, int],
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        files: list[Path],
+        transform: Transform,
+        shape: tuple[int, int, int],
+        dtype: torch.dtype = torch.float32,
+    ):
         # dtype: what `transform` returns (uint8 when the device scales and normalizes); an
         # unreadable image's placeholder matches it, so the batch still stacks
         self.files, self.transform, self.shape, self.dtype = files, transform, shape, dtype
@@ -162,8 +189,13 @@ class FileImages(torch.utils.data.Dataset):
 
 
 def iter_batches(
-    stimuli: Stimuli, chunks: list[range], transform: Transform, shape: tuple[int, int, int],
-    num_workers: int, pin: bool, worker_transform: Transform | None = None,
+    stimuli: Stimuli,
+    chunks: list[range],
+    transform: Transform,
+    shape: tuple[int, int, int],
+    num_workers: int,
+    pin: bool,
+    worker_transform: Transform | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """(batch, positions that could not be read, their errors) per chunk: preprocessed floats,
     or with `worker_transform` (the uint8 part of `transform`, see PreprocessSpec.split_at_float)
@@ -184,4 +216,3 @@ def iter_batches(
     for images, errors in loader:
         bad = [i for i, err in enumerate(errors) if err]
         yield images, bad, [errors[i] for i in bad]
-

@@ -50,8 +50,14 @@ class ChunkWriter:
         if self.error is not None:
             raise self.error
 
-    def put(self, chunk: int, data: dict[str, np.ndarray], skipped: list[str],
-            ready: torch.cuda.Event | None = None, bad: list[int] | None = None) -> None:
+    def put(
+        self,
+        chunk: int,
+        data: dict[str, np.ndarray],
+        skipped: list[str],
+        ready: torch.cuda.Event | None = None,
+        bad: list[int] | None = None,
+    ) -> None:
         """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread."""
         self.queue.put((chunk, data, skipped, ready, bad or []))
 

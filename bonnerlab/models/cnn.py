@@ -21,8 +21,12 @@ class MnistCNN(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
-        dropout: float = 0.0, batchnorm: bool = True,
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        width: int = 32,
+        dropout: float = 0.0,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()  # registers the submodules assigned below as parameters' owners
 
@@ -74,12 +78,21 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> None:
     For grayscale the RGB filters are summed: a gray image x fed as (x, x, x) gives the same
     response, so pretrained features carry over (the trick timm uses).
     """
-    name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    name, conv = next(
+        ((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None)
+    )
     if conv is None or conv.in_channels == in_channels:
         return
     new = nn.Conv2d(
-        in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        conv.padding_mode,
     )
     with torch.no_grad():
         summed = conv.weight.sum(dim=1, keepdim=True)

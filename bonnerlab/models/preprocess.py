@@ -63,8 +63,10 @@ class PreprocessSpec:
         head = list(self.steps[:first])
         if not any(s["op"] == "pil_to_tensor" for s in head):
             head.append({"op": "pil_to_tensor"})
-        return (Transform(replace(self, steps=tuple(head))),
-                Transform(replace(self, steps=tuple(self.steps[first:]))))
+        return (
+            Transform(replace(self, steps=tuple(head))),
+            Transform(replace(self, steps=tuple(self.steps[first:]))),
+        )
 
     @property
     def square_size(self) -> int:
@@ -106,7 +108,9 @@ class Transform:
                     img = img.convert(step["mode"])
             elif op == "pil_to_tensor":
                 if isinstance(img, Image.Image):
-                    img = tvF.pil_to_tensor(img).contiguous()  # as transformers: the memory layout picks the resize kernel
+                    img = tvF.pil_to_tensor(
+                        img
+                    ).contiguous()  # as transformers: the memory layout picks the resize kernel
             elif op == "resize":
                 size = step["size"]
                 if isinstance(img, torch.Tensor) and _size_of(img) == _target(img, size):
@@ -115,8 +119,11 @@ class Transform:
                 # from v1's): transformers uses v2, so a "uint8 tensor" step does too
                 resize = tvF2.resize if step["input"] == "uint8 tensor" else tvF.resize
                 img = resize(
-                    img, size, InterpolationMode(step["interpolation"]),
-                    max_size=step.get("max_size"), antialias=step["antialias"],
+                    img,
+                    size,
+                    InterpolationMode(step["interpolation"]),
+                    max_size=step.get("max_size"),
+                    antialias=step["antialias"],
                 )
             elif op == "center_crop":
                 img = _center_crop(img, step["size"], step["offset"])
@@ -146,8 +153,10 @@ class Transform:
             t = torch.tensor(values, dtype=torch.float32)
             return (t * inv).view(-1, 1, 1)  # x 1.0 is exact: plain normalize is unchanged
 
-        return (self._on(f"mean{i}", device, lambda: make(step["mean"])),
-                self._on(f"std{i}", device, lambda: make(step["std"])))
+        return (
+            self._on(f"mean{i}", device, lambda: make(step["mean"])),
+            self._on(f"std{i}", device, lambda: make(step["std"])),
+        )
 
 
 def _size_of(img: Any) -> tuple[int, int]:
@@ -178,11 +187,22 @@ def _center_crop(img: Any, size: list[int], offset: str) -> Any:
 # ----------------------------------------------------------------------------- reading transforms
 
 
-def _resize_step(size: Any, interpolation: str, antialias: bool = True, max_size: int | None = None,
-                 tensor: bool = False) -> dict[str, Any]:
+def _resize_step(
+    size: Any,
+    interpolation: str,
+    antialias: bool = True,
+    max_size: int | None = None,
+    tensor: bool = False,
+) -> dict[str, Any]:
     size = [int(size)] if isinstance(size, int) else [int(v) for v in size]
-    return {"op": "resize", "size": size, "interpolation": interpolation, "antialias": bool(antialias),
-            "max_size": max_size, "input": "uint8 tensor" if tensor else "PIL"}
+    return {
+        "op": "resize",
+        "size": size,
+        "interpolation": interpolation,
+        "antialias": bool(antialias),
+        "max_size": max_size,
+        "input": "uint8 tensor" if tensor else "PIL",
+    }
 
 
 def _crop_step(size: Any, offset: str = "round") -> dict[str, Any]:
@@ -212,7 +232,9 @@ def _torchvision_steps(transform: Any) -> tuple[list[dict[str, Any]], str]:
             {"op": "normalize", "mean": _floats(transform.mean), "std": _floats(transform.std)},
         ], "torchvision weights.transforms()"
     if not isinstance(transform, T.Compose):
-        raise ConfigError(f"cannot read the preprocessing {type(transform).__name__}; pass --preprocess squash or center_crop")
+        raise ConfigError(
+            f"cannot read the preprocessing {type(transform).__name__}; pass --preprocess squash or center_crop"
+        )
     steps: list[dict[str, Any]] = []
     for t in transform.transforms:
         name = getattr(t, "__name__", type(t).__name__)
@@ -246,7 +268,9 @@ def _hf_steps(processor: Any) -> tuple[list[dict[str, Any]], str]:
     """Steps of a transformers image processor (torchvision backend: uint8 tensors; PIL backend)."""
     tensor = "Pil" not in type(processor).__name__
     resample = _get(processor, "resample")
-    interpolation = PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    interpolation = (
+        PIL_RESAMPLE.get(int(resample), "bilinear") if resample is not None else "bilinear"
+    )
     if getattr(resample, "value", None) in ("bilinear", "bicubic", "nearest"):
         interpolation = resample.value
     steps: list[dict[str, Any]] = [{"op": "pil_to_tensor"}] if tensor else []
@@ -254,10 +278,17 @@ def _hf_steps(processor: Any) -> tuple[list[dict[str, Any]], str]:
         size = _get(processor, "size")
         edge, height, width = _get(size, "shortest_edge"), _get(size, "height"), _get(size, "width")
         crop_pct = _get(processor, "crop_pct")
-        if edge and crop_pct is not None and hasattr(processor, "crop_pct") and "ConvNext" in type(processor).__name__:
+        if (
+            edge
+            and crop_pct is not None
+            and hasattr(processor, "crop_pct")
+            and "ConvNext" in type(processor).__name__
+        ):
             if edge < 384:  # ConvNeXT: shorter side to edge / crop_pct, then the central square
-                steps += [_resize_step(int(edge / crop_pct), interpolation, tensor=tensor),
-                          _crop_step(edge, "floor")]
+                steps += [
+                    _resize_step(int(edge / crop_pct), interpolation, tensor=tensor),
+                    _crop_step(edge, "floor"),
+                ]
             else:
                 steps.append(_resize_step([edge, edge], interpolation, tensor=tensor))
         elif edge and not _get(size, "longest_edge"):
@@ -265,7 +296,9 @@ def _hf_steps(processor: Any) -> tuple[list[dict[str, Any]], str]:
         elif height and width:
             steps.append(_resize_step([height, width], interpolation, tensor=tensor))
         else:
-            raise ConfigError(f"cannot read the resize size {dict(size) if isinstance(size, dict) else size} of {type(processor).__name__}; pass --preprocess squash or center_crop")
+            raise ConfigError(
+                f"cannot read the resize size {dict(size) if isinstance(size, dict) else size} of {type(processor).__name__}; pass --preprocess squash or center_crop"
+            )
     if _get(processor, "do_center_crop"):
         crop = _get(processor, "crop_size")
         steps.append(_crop_step([_get(crop, "height"), _get(crop, "width")], "floor"))
@@ -284,8 +317,15 @@ def describe(published: Any, in_channels: int) -> tuple[list[dict[str, Any]], st
     """The steps of a source's published transform (after decoding to RGB or grayscale)."""
     if isinstance(published, dict):  # mnist_cnn / our checkpoints: squash to size, normalize
         s = int(published["image_size"])
-        steps = [_resize_step([s, s], "bilinear"), {"op": "to_tensor"},
-                 {"op": "normalize", "mean": _floats(published["mean"]), "std": _floats(published["std"])}]
+        steps = [
+            _resize_step([s, s], "bilinear"),
+            {"op": "to_tensor"},
+            {
+                "op": "normalize",
+                "mean": _floats(published["mean"]),
+                "std": _floats(published["std"]),
+            },
+        ]
         return steps, "size, mean and std"
     if hasattr(published, "image_mean") and hasattr(published, "do_resize"):
         return _hf_steps(published)
@@ -318,7 +358,9 @@ def resolve_preprocess(
     size = _output_size(steps)
     own_norm = next(s for s in steps if s["op"] in ("normalize", "rescale_normalize"))
     if in_channels == 1 and not mean and len(own_norm["mean"]) == 3:
-        raise ConfigError("this model's preprocessing is for RGB images; pass --mean and --std for one channel")
+        raise ConfigError(
+            "this model's preprocessing is for RGB images; pass --mean and --std for one channel"
+        )
     mean = _floats(mean) or own_norm["mean"]
     std = _floats(std) or own_norm["std"]
     if len(mean) not in (1, in_channels) or len(std) not in (1, in_channels):
@@ -339,7 +381,9 @@ def resolve_preprocess(
                 s["mean"], s["std"] = mean, std
     else:
         if not side:
-            raise ConfigError(f"--preprocess {mode} needs --image_size: this model's own input size varies per image")
+            raise ConfigError(
+                f"--preprocess {mode} needs --image_size: this model's own input size varies per image"
+            )
         resize = [side, side] if mode == "squash" else [side]
         steps = [_resize_step(resize, "bilinear")]
         if mode == "center_crop":

@@ -38,7 +38,11 @@ from bonnerlab.models.weights import (
     state_sha256,
 )
 
-PACKAGES = {"timm": ("timm", "timm"), "open_clip": ("open_clip", "clip"), "hf": ("transformers", "hf")}
+PACKAGES = {
+    "timm": ("timm", "timm"),
+    "open_clip": ("open_clip", "clip"),
+    "hf": ("transformers", "hf"),
+}
 
 
 def split_arch(arch: str) -> tuple[str, str]:
@@ -104,7 +108,9 @@ def _load_mnist_cnn(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
     model = MnistCNN(in_channels, num_classes or 10, cfg.width, cfg.dropout, cfg.batchnorm)
     if weights != "none":
         load_matching(model, read_state_dict(weights), weights, cfg.arch)
-    mean, std = ((0.5,), (0.25,)) if in_channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (
+        ((0.5,), (0.25,)) if in_channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
     return model, {"image_size": 28, "mean": mean, "std": std}, "mnist_cnn default"
 
 
@@ -138,7 +144,11 @@ def _load_torchvision(cfg: ModelConfig, name: str, num_classes: int | None, in_c
     # the weights' own transforms(); for random or local weights, the architecture's DEFAULT's
     # (what torchvision publishes for it: the metadata only, nothing is downloaded)
     if weights != "none" and not is_weights_file(weights):
-        return model, torchvision_weights(name, weights).transforms(), "torchvision the weights' transforms()"
+        return (
+            model,
+            torchvision_weights(name, weights).transforms(),
+            "torchvision the weights' transforms()",
+        )
     transform = tvm.get_model_weights(name).DEFAULT.transforms()
     return model, transform, f"torchvision {name} DEFAULT weights' transforms()"
 
@@ -182,7 +192,9 @@ def _load_timm(cfg: ModelConfig, name: str, num_classes: int | None, in_channels
         tags = timm.list_pretrained(f"{base}.*")
         if weights.upper() != "DEFAULT" and full not in tags:
             published = ", ".join(t.split(".", 1)[1] for t in tags[:8]) or "none"
-            raise WeightsError(f"unknown timm pretrained tag {weights!r} for {base}; published: {published}")
+            raise WeightsError(
+                f"unknown timm pretrained tag {weights!r} for {base}; published: {published}"
+            )
         with downloading(f"get timm weights {full}", "the library's cache: HF_HOME"):
             model = timm.create_model(full, pretrained=True, **kwargs)
     # timm's eval transform from the model's pretrained_cfg (kept when the head is replaced)
@@ -208,7 +220,9 @@ def _load_open_clip(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
         if weights != "none":
             state = read_state_dict(weights)
             if any(k.startswith("visual.") for k in state):
-                state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+                state = {
+                    k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")
+                }
             load_matching(model.visual, state, weights, f"open_clip:{name}")
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -216,19 +230,30 @@ def _load_open_clip(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
             raise WeightsError(
                 f"unknown open_clip pretrained tag {weights!r} for {name}; published: {', '.join(tags) or 'none'}"
             )
-        with downloading(f"get open_clip weights {name}/{weights}", "the library's cache: HF_HOME or ~/.cache/clip"):
+        with downloading(
+            f"get open_clip weights {name}/{weights}",
+            "the library's cache: HF_HOME or ~/.cache/clip",
+        ):
             model = open_clip.create_model(name, pretrained=weights)
     visual = model.visual
     transform = image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
-    return visual, transform, "open_clip preprocess (image_transform_v2 of the model's preprocess_cfg)"
+    return (
+        visual,
+        transform,
+        "open_clip preprocess (image_transform_v2 of the model's preprocess_cfg)",
+    )
 
 
 def _load_hf(cfg: ModelConfig, name: str, num_classes: int | None, in_channels: int):
     weights = cfg.weights
     transformers = require("hf")
     where = weights if weights != "none" and Path(weights).is_dir() else name
-    with downloading(f"load hf:{name} from {where}", "HF_HOME", detail=True,
-                     local="a save_pretrained folder with --model.weights /path/to/folder"):
+    with downloading(
+        f"load hf:{name} from {where}",
+        "HF_HOME",
+        detail=True,
+        local="a save_pretrained folder with --model.weights /path/to/folder",
+    ):
         config = transformers.AutoConfig.from_pretrained(where)
         if weights == "none":
             model = transformers.AutoModel.from_config(config)
@@ -278,7 +303,9 @@ def _hf_features(model: nn.Module) -> int:
 # Adding a model library is one entry here (and its extra in pyproject.toml).
 SOURCES: dict[str, ModelSource] = {
     "mnist_cnn": ModelSource(_load_mnist_cnn, 10, 1, head=lambda model: "fc"),
-    "torchvision": ModelSource(_load_torchvision, 1000, 3, head=lambda model: classifier_head(model)[0]),
+    "torchvision": ModelSource(
+        _load_torchvision, 1000, 3, head=lambda model: classifier_head(model)[0]
+    ),
     "timm": ModelSource(_load_timm, None, 3, head=_timm_head),
     "open_clip": ModelSource(_load_open_clip, None, 3, features=lambda tower: tower.output_dim),
     "hf": ModelSource(_load_hf, None, 3, features=_hf_features),
@@ -317,7 +344,9 @@ def _check_rgb(source: ModelSource, arch: str, in_channels: int, what: str) -> N
         raise ConfigError(f"{what} {in_channels}: {arch} takes RGB (3 channels)")
 
 
-def load_source(cfg: ModelConfig, seed: int = 0, in_channels: int = 0, num_classes: int = 0) -> LoadedModel:
+def load_source(
+    cfg: ModelConfig, seed: int = 0, in_channels: int = 0, num_classes: int = 0
+) -> LoadedModel:
     """The model of `cfg` for extraction (its own head), in eval mode on CPU."""
     kind, name = split_arch(cfg.arch)
     source = SOURCES[kind]
@@ -326,8 +355,12 @@ def load_source(cfg: ModelConfig, seed: int = 0, in_channels: int = 0, num_class
     torch.manual_seed(seed)  # weights "none": the same random network in every task
     weights = cfg.weights
     file_sha = file_sha256(Path(weights)) if weights != "none" and Path(weights).is_file() else None
-    model, published, origin = source.load(cfg, name, num_classes or source.default_classes, in_channels)
-    return LoadedModel(model, cfg.arch, kind, weights, file_sha, in_channels, published, origin).finish()
+    model, published, origin = source.load(
+        cfg, name, num_classes or source.default_classes, in_channels
+    )
+    return LoadedModel(
+        model, cfg.arch, kind, weights, file_sha, in_channels, published, origin
+    ).finish()
 
 
 # ----------------------------------------------------------------------------- training: new heads
@@ -356,7 +389,9 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Modu
     return build_model_and_transform(cfg, in_channels, num_classes)[0]
 
 
-def build_model_and_transform(cfg: ModelConfig, in_channels: int, num_classes: int) -> tuple[nn.Module, Any, str]:
+def build_model_and_transform(
+    cfg: ModelConfig, in_channels: int, num_classes: int
+) -> tuple[nn.Module, Any, str]:
     """`build_model`, with the transform its weights were published with and where that comes
     from (as `LoadedModel.published_transform` / `published_by`), from the same single load."""
     kind, name = split_arch(cfg.arch)
@@ -377,7 +412,9 @@ def build_model_and_transform(cfg: ModelConfig, in_channels: int, num_classes: i
 # ----------------------------------------------------------------------------- checkpoints of train
 
 
-def load_trained(checkpoint_path: Path, device: torch.device) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+def load_trained(
+    checkpoint_path: Path, device: torch.device
+) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as and load its weights."""
     from bonnerlab.checkpoint import load_checkpoint
 
@@ -385,18 +422,25 @@ def load_trained(checkpoint_path: Path, device: torch.device) -> tuple[nn.Module
     try:
         train_cfg = from_dict(TrainConfig, payload["config"])
     except ConfigError as e:
-        raise CheckpointError(f"checkpoint {checkpoint_path} holds an unreadable config: {e}") from e
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} holds an unreadable config: {e}"
+        ) from e
     pre = payload["preprocess"]
     model = build_model(
         # the head is rebuilt from the checkpoint itself; never download weights again
-        type(train_cfg.model)(**{**to_dict(train_cfg.model), "weights": "none", "freeze_backbone": False}),
-        pre["channels"], len(payload["classes"]),
+        type(train_cfg.model)(
+            **{**to_dict(train_cfg.model), "weights": "none", "freeze_backbone": False}
+        ),
+        pre["channels"],
+        len(payload["classes"]),
     )
     try:
         model.load_state_dict(payload["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {checkpoint_path} does not fit {train_cfg.model.arch}: "
-                              f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"checkpoint {checkpoint_path} does not fit {train_cfg.model.arch}: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
     return model.to(device).eval(), train_cfg, payload
 
 
@@ -407,8 +451,19 @@ def load_checkpoint_source(checkpoint: str, which: str) -> LoadedModel:
     path = find_checkpoint(checkpoint, which)
     model, train_cfg, payload = load_trained(path, torch.device("cpu"))
     pre = payload["preprocess"]
-    published = {"image_size": int(pre["image_size"]), "mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
+    published = {
+        "image_size": int(pre["image_size"]),
+        "mean": tuple(pre["mean"]),
+        "std": tuple(pre["std"]),
+    }
     return LoadedModel(
-        model, train_cfg.model.arch, "checkpoint", str(path), file_sha256(path), int(pre["channels"]),
-        published, "the training run's evaluation preprocessing", train_cfg.data,
+        model,
+        train_cfg.model.arch,
+        "checkpoint",
+        str(path),
+        file_sha256(path),
+        int(pre["channels"]),
+        published,
+        "the training run's evaluation preprocessing",
+        train_cfg.data,
     ).finish()

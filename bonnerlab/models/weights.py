@@ -69,22 +69,33 @@ def fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     return set(own) == set(state) and all(own[k].shape == state[k].shape for k in own)
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], weights: str, arch: str) -> None:
+def load_matching(
+    model: nn.Module, state: dict[str, torch.Tensor], weights: str, arch: str
+) -> None:
     """Load `state` into `model`, or a one-line error saying what does not fit."""
     if not fits(model, state):
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
         shape = [k for k in own if k in state and own[k].shape != state[k].shape]
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {extra[:2]}" if extra
-                  else f"shape differs at {shape[:2]}")
+        detail = (
+            f"missing {missing[:2]}"
+            if missing
+            else f"unexpected {extra[:2]}"
+            if extra
+            else f"shape differs at {shape[:2]}"
+        )
         raise WeightsError(f"weights {weights} do not fit model.arch {arch}: {detail}")
     model.load_state_dict(state)
 
 
 @contextlib.contextmanager
-def downloading(what: str, cache: str, local: str = "a local file with --model.weights /path/to/weights",
-                detail: bool = False) -> Iterator[None]:
+def downloading(
+    what: str,
+    cache: str,
+    local: str = "a local file with --model.weights /path/to/weights",
+    detail: bool = False,
+) -> Iterator[None]:
     """Turn a failed download (URLError, HTTPError, socket errors, a hub library's own: offline)
     into one line naming the two fixes; `detail` adds the library's first line of error."""
     try:
@@ -93,7 +104,9 @@ def downloading(what: str, cache: str, local: str = "a local file with --model.w
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
-        reason = f"{type(e).__name__}: {first}" if detail and first else f"{type(e).__name__}: offline?"
+        reason = (
+            f"{type(e).__name__}: {first}" if detail and first else f"{type(e).__name__}: offline?"
+        )
         raise WeightsError(
             f"cannot {what} ({reason}); download it on a login node with internet (it lands in "
             f"{cache}) or pass {local}"

@@ -35,7 +35,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     # Fused kernels, on CUDA and on the CPU: one pass over the parameters per step instead of
     # one per term (ResNet-18 on a CPU: SGD 17 -> 6 ms, AdamW 35 -> 9 ms per step); on CUDA
     # float16's GradScaler also hands them its found-inf flag on the device instead of reading
@@ -43,7 +46,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     device_types = {p.device.type for p in params}
     fused = {"fused": True} if len(device_types) == 1 and device_types <= {"cuda", "cpu"} else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0, **fused
+        )
     if cfg.optimizer == "adadelta":
         return torch.optim.Adadelta(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
@@ -58,13 +63,18 @@ def build_scheduler(
         # at least one warm-up step: OneCycleLR divides by the warm-up's length (a 4-step smoke
         # run at warmup_fraction 0.25 would divide by zero)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=max(cfg.warmup_fraction, 1.01 / total),
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total,
+            pct_start=max(cfg.warmup_fraction, 1.01 / total),
             cycle_momentum=cfg.optimizer == "sgd",
         )
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma)
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=cfg.step_epochs * steps_per_epoch, gamma=cfg.gamma
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -114,8 +124,10 @@ class Training:
             "arch": cfg.model.arch,
             "classes": list(splits.classes),
             "preprocess": {
-                "mean": list(splits.mean), "std": list(splits.std),
-                "image_size": cfg.data.image_size, "channels": splits.in_channels,
+                "mean": list(splits.mean),
+                "std": list(splits.std),
+                "image_size": cfg.data.image_size,
+                "channels": splits.in_channels,
                 "crop_fraction": splits.crop_fraction,
             },
         }
@@ -141,11 +153,17 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     return found
 
 
-def published_normalization(cfg: TrainConfig, transform: Any, published_by: str) -> Normalization | None:
+def published_normalization(
+    cfg: TrainConfig, transform: Any, published_by: str
+) -> Normalization | None:
     """Fine-tuning pretrained weights on an image folder: the mean, std and evaluation crop the
     weights were published with (`transform`, as `build_model_and_transform` returns it, read
     by bonnerlab.models.preprocess)."""
-    if cfg.data.dataset != "imagefolder" or cfg.model.weights == "none" or cfg.data.in_channels != 3:
+    if (
+        cfg.data.dataset != "imagefolder"
+        or cfg.model.weights == "none"
+        or cfg.data.in_channels != 3
+    ):
         return None
     from bonnerlab.models.preprocess import resolve_preprocess
 
@@ -164,10 +182,14 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     splits = load_splits(cfg.data, files)
     micro = cfg.optim.accumulate_steps
     if (cfg.data.batch_size // info.world_size) % micro:
-        raise ConfigError(f"optim.accumulate_steps {micro} must divide the per-process batch "
-                          f"{cfg.data.batch_size // info.world_size} (data.batch_size / processes)")
+        raise ConfigError(
+            f"optim.accumulate_steps {micro} must divide the per-process batch "
+            f"{cfg.data.batch_size // info.world_size} (data.batch_size / processes)"
+        )
     # One load gives the model and the transform its weights were published with.
-    model, transform, published_by = build_model_and_transform(cfg.model, splits.in_channels, splits.num_classes)
+    model, transform, published_by = build_model_and_transform(
+        cfg.model, splits.in_channels, splits.num_classes
+    )
     published = published_normalization(cfg, transform, published_by)
     if published is not None:
         splits = splits.with_published(published)
@@ -177,15 +199,36 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
     model = model.to(info.device)
     if cfg.channels_last:  # NHWC: faster convs on tensor cores, and 3-9x faster pooling/BN on CPU
         model = model.to(memory_format=torch.channels_last)
-    batches = TrainBatches(train_split, cfg.data.batch_size, cfg.seed, info.rank, info.world_size,
-                           info.device, cfg.data.num_workers, cfg.max_steps_per_epoch)
-    val_batches = EvalBatches(val_split, cfg.data.eval_batch_size, info.rank, info.world_size,
-                              info.device, cfg.data.num_workers)
+    batches = TrainBatches(
+        train_split,
+        cfg.data.batch_size,
+        cfg.seed,
+        info.rank,
+        info.world_size,
+        info.device,
+        cfg.data.num_workers,
+        cfg.max_steps_per_epoch,
+    )
+    val_batches = EvalBatches(
+        val_split,
+        cfg.data.eval_batch_size,
+        info.rank,
+        info.world_size,
+        info.device,
+        cfg.data.num_workers,
+    )
     optimizer = build_optimizer(model, cfg.optim)
     return Training(
-        cfg, splits, model, batches, val_batches, optimizer,
+        cfg,
+        splits,
+        model,
+        batches,
+        val_batches,
+        optimizer,
         build_scheduler(optimizer, cfg.optim, len(batches), cfg.epochs),
-        Precision.resolve(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu), BatchAugment(splits.mean, splits.std, cfg.data), EpochState(),
+        Precision.resolve(info.device, cfg.amp, cfg.amp_dtype, cfg.amp_cpu),
+        BatchAugment(splits.mean, splits.std, cfg.data),
+        EpochState(),
     )
 
 
@@ -194,8 +237,9 @@ def restore(run: Training, checkpoint: dict[str, Any], path: Path) -> None:
     try:
         run.model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit model.arch {run.cfg.model.arch}: "
-                              f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"{path} does not fit model.arch {run.cfg.model.arch}: {str(e).splitlines()[0]}"
+        ) from e
     # The saved param groups carry the implementation flags of the device that saved them; use
     # this device's, before loading: torch places the `step` counters by them (on the GPU for
     # fused kernels), so a CPU checkpoint resumes with fused AdamW on a GPU and back.
@@ -228,9 +272,13 @@ def compile_model(model: nn.Module, device: torch.device, fallback: bool) -> nn.
     except Exception as e:  # inductor raises many kinds (BackendCompilerFailed, CalledProcessError)
         reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
         if not fallback:
-            raise UserError(f"--compile: torch.compile does not work here ({reason}); drop --compile, "
-                            "or pass --compile_fallback to train uncompiled") from e
-        warnings.warn(f"torch.compile does not work here ({reason}); training uncompiled", stacklevel=2)
+            raise UserError(
+                f"--compile: torch.compile does not work here ({reason}); drop --compile, "
+                "or pass --compile_fallback to train uncompiled"
+            ) from e
+        warnings.warn(
+            f"torch.compile does not work here ({reason}); training uncompiled", stacklevel=2
+        )
         return model
     return torch.compile(model)
 
@@ -256,4 +304,3 @@ def check_deterministic(run: Training) -> None:
         # "put_ does not have a deterministic implementation, but you set ...": keep the op's part
         op = str(e).strip().splitlines()[0].split(", but you set")[0]
         raise UserError(f"--deterministic: {op}; drop --deterministic or change the model") from e
-

@@ -28,8 +28,12 @@ from bonnerlab.train.precision import Precision
 
 @torch.no_grad()
 def evaluate_model(
-    model: nn.Module, batches: EvalBatches, batch_augment: BatchAugment, num_classes: int,
-    channels_last: bool = False, precision: Precision | None = None,
+    model: nn.Module,
+    batches: EvalBatches,
+    batch_augment: BatchAugment,
+    num_classes: int,
+    channels_last: bool = False,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
     """Loss, accuracy, per-class accuracy and confusion matrix over `batches`, across all ranks.
 
@@ -56,7 +60,9 @@ def evaluate_model(
     confusion = dist.all_reduce_sum(confusion)
     loss_sum = dist.all_reduce_sum(loss_sum)
     model.train(was_training)
-    matrix = confusion.view(num_classes, num_classes).cpu().numpy().astype(np.int64)  # rows: true class
+    matrix = (
+        confusion.view(num_classes, num_classes).cpu().numpy().astype(np.int64)
+    )  # rows: true class
     total = max(int(matrix.sum()), 1)
     per_class = matrix.diagonal() / np.maximum(matrix.sum(1), 1)
     return {
@@ -83,22 +89,42 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     listing = RunPaths(run_dir).files_json  # the exact files the run was trained and validated on
     pre = payload["preprocess"]
-    published = Normalization(tuple(pre["mean"]), tuple(pre["std"]), pre.get("crop_fraction", EVAL_CROP_FRACTION))
-    splits = load_splits(data_cfg, FileList.load(listing) if listing.is_file() and not cfg.data_root else None,
-                         published)
+    published = Normalization(
+        tuple(pre["mean"]), tuple(pre["std"]), pre.get("crop_fraction", EVAL_CROP_FRACTION)
+    )
+    splits = load_splits(
+        data_cfg,
+        FileList.load(listing) if listing.is_file() and not cfg.data_root else None,
+        published,
+    )
     source = {"train": splits.train, "val": splits.val, "test": splits.test}[cfg.split]
     if source is None:
-        raise UserError("no test split: it exists for mnist trained from its train files and for "
-                        "image folders with a test/ folder beside train/; use --split val")
+        raise UserError(
+            "no test split: it exists for mnist trained from its train files and for "
+            "image folders with a test/ folder beside train/; use --split val"
+        )
     if isinstance(source, FolderDataset) and source.fit == "canvas":
         source = source.with_fit("center_crop")  # training canvases -> the evaluation transform
-    batches = EvalBatches(place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
-                          cfg.batch_size, info.rank, info.world_size, info.device, cfg.num_workers)
+    batches = EvalBatches(
+        place_in_memory(source, info.device, data_cfg.device_cache_gb * 2**30),
+        cfg.batch_size,
+        info.rank,
+        info.world_size,
+        info.device,
+        cfg.num_workers,
+    )
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
-    precision = Precision.resolve(info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu)
+    precision = Precision.resolve(
+        info.device, train_cfg.amp, train_cfg.amp_dtype, train_cfg.amp_cpu
+    )
     try:
-        result = evaluate_model(model, batches, BatchAugment(tuple(pre["mean"]), tuple(pre["std"])),
-                                len(payload["classes"]), precision=precision)
+        result = evaluate_model(
+            model,
+            batches,
+            BatchAugment(tuple(pre["mean"]), tuple(pre["std"])),
+            len(payload["classes"]),
+            precision=precision,
+        )
     finally:
         batches.close()
     out = Path(cfg.output_dir) if cfg.output_dir else RunPaths(run_dir).eval_dir(cfg.split)
@@ -108,11 +134,16 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         header = "true\\pred," + ",".join(payload["classes"])
-        rows = [f"{c}," + ",".join(str(v) for v in row) for c, row in zip(payload["classes"], confusion, strict=True)]
+        rows = [
+            f"{c}," + ",".join(str(v) for v in row)
+            for c, row in zip(payload["classes"], confusion, strict=True)
+        ]
         atomic_write_text(out / "confusion_matrix.csv", "\n".join([header, *rows]) + "\n")
         _plot_confusion(confusion, payload["classes"], out / "confusion_matrix.png")
-        dist.print0(f"[bonnerlab] {cfg.split}: acc {result['acc']:.4f} loss {result['loss']:.4f} "
-                    f"on {result['count']} images; results in {out}")
+        dist.print0(
+            f"[bonnerlab] {cfg.split}: acc {result['acc']:.4f} loss {result['loss']:.4f} "
+            f"on {result['count']} images; results in {out}"
+        )
     summary["confusion"] = confusion.tolist()
     summary["output_dir"] = str(out)
     return summary
@@ -137,4 +168,3 @@ def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_ylabel("true")
     fig.tight_layout()
     save_figure(fig, path)
-

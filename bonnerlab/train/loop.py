@@ -56,9 +56,21 @@ from bonnerlab.train.precision import Precision
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
-    "resume", "progress", "device", "run_dir", "runs_root", "log_every_steps",
-    "checkpoint_every_steps", "data.root", "data.num_workers", "data.download", "data.eval_batch_size",
-    "data.device_cache_gb", "compile", "compile_fallback", "amp_dtype",
+    "resume",
+    "progress",
+    "device",
+    "run_dir",
+    "runs_root",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "data.root",
+    "data.num_workers",
+    "data.download",
+    "data.eval_batch_size",
+    "data.device_cache_gb",
+    "compile",
+    "compile_fallback",
+    "amp_dtype",
 }
 
 
@@ -89,8 +101,13 @@ class DeviceSums:
 
 
 def train_step(
-    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-    precision: Precision, cfg: TrainConfig, sums: DeviceSums,
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    precision: Precision,
+    cfg: TrainConfig,
+    sums: DeviceSums,
 ) -> torch.Tensor:
     """One optimizer step over this rank's batch, in `optim.accumulate_steps` micro-batches.
 
@@ -101,7 +118,9 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     for i, (xm, ym) in enumerate(zip(x.chunk(micro), labels.chunk(micro), strict=True)):
         last = i == micro - 1
-        skip_sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        skip_sync = (
+            model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+        )
         with skip_sync:
             with precision.autocast():
                 logits = model(xm)
@@ -140,8 +159,14 @@ def train_one_epoch(
     show = cfg.progress and info.is_main and sys.stderr.isatty()
     from tqdm import tqdm
 
-    bar = tqdm(total=len(batches), initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-               disable=not show, leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=len(batches),
+        initial=state.step,
+        desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+        disable=not show,
+        leave=False,
+        dynamic_ncols=True,
+    )
     sums = DeviceSums(info.device)
     for images, labels, step in batches.batches(state.epoch, state.step):
         torch.manual_seed(step_seed(cfg.seed, state.global_step, info.rank))  # dropout masks
@@ -155,10 +180,17 @@ def train_one_epoch(
         logging_step = state.global_step % cfg.log_every_steps == 0
         if logging_step:
             loss_value = loss.item()
-            logger.scalars({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]}, state.global_step)
+            logger.scalars(
+                {"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0]},
+                state.global_step,
+            )
             bar.set_postfix(loss=f"{loss_value:.3f}")
-        if (save_checkpoint_now is not None and cfg.checkpoint_every_steps
-                and state.global_step % cfg.checkpoint_every_steps == 0 and state.step < len(batches)):
+        if (
+            save_checkpoint_now is not None
+            and cfg.checkpoint_every_steps
+            and state.global_step % cfg.checkpoint_every_steps == 0
+            and state.step < len(batches)
+        ):
             sums.flush_into(state)
             save_checkpoint_now()
         if on_step_end is not None:
@@ -174,7 +206,9 @@ def train_one_epoch(
 
 
 def _resolve_run_dir(cfg: TrainConfig) -> Path:
-    name = cfg.run_dir or str(Path(cfg.runs_root) / default_run_name(cfg.model.arch, cfg.data.dataset))
+    name = cfg.run_dir or str(
+        Path(cfg.runs_root) / default_run_name(cfg.model.arch, cfg.data.dataset)
+    )
     return Path(dist.broadcast_object(name))
 
 
@@ -202,8 +236,11 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     # read like any config file: a key an older run's config lacks (added since) is its default,
     # a renamed key its new name
     ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(from_dict(TrainConfig, saved)))
-    changed = sorted(k for k in ours.keys() | theirs.keys()
-                     if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k))
+    changed = sorted(
+        k
+        for k in ours.keys() | theirs.keys()
+        if k not in RESUMABLE_CHANGES and ours.get(k) != theirs.get(k)
+    )
     if changed:
         raise RunDirError(
             f"cannot resume {run_dir} with a different config ({', '.join(changed[:4])}); "
@@ -221,11 +258,14 @@ def start_run_folder(run: Training, run_dir: Path, resumed: bool) -> None:
         truncate_metrics(run_dir, run.state.epoch)
 
 
-def epoch_record(run: Training, val: dict[str, Any], seconds: float, train_seconds: float,
-                 seen_before: int) -> dict[str, Any]:
+def epoch_record(
+    run: Training, val: dict[str, Any], seconds: float, train_seconds: float, seen_before: int
+) -> dict[str, Any]:
     """The epoch's line of metrics.jsonl, averaged over every rank."""
     state, info = run.state, dist.info()
-    totals = torch.tensor([state.loss_sum, float(state.correct), float(state.seen)], dtype=torch.float64)
+    totals = torch.tensor(
+        [state.loss_sum, float(state.correct), float(state.seen)], dtype=torch.float64
+    )
     loss_sum, correct, seen = dist.all_reduce_sum(totals).tolist()
     return {
         "epoch": state.epoch + 1,
@@ -236,7 +276,9 @@ def epoch_record(run: Training, val: dict[str, Any], seconds: float, train_secon
         "val_acc": val["acc"],
         "lr": run.scheduler.get_last_lr()[0],
         "epoch_time_s": round(seconds, 3),
-        "train_samples_per_s": round((state.seen - seen_before) * info.world_size / max(train_seconds, 1e-9), 1),
+        "train_samples_per_s": round(
+            (state.seen - seen_before) * info.world_size / max(train_seconds, 1e-9), 1
+        ),
     }
 
 
@@ -268,9 +310,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     total, trainable = count_parameters(dist.unwrap(run.model))
     where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
-    dist.print0(f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
-                f"({len(run.splits.train)} train / {len(run.splits.val)} val), {trainable:,}/{total:,} trainable "
-                f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}")
+    dist.print0(
+        f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
+        f"({len(run.splits.train)} train / {len(run.splits.val)} val), {trainable:,}/{total:,} trainable "
+        f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
+    )
 
     def save(kind: str = "latest") -> None:
         if info.is_main:
@@ -281,21 +325,47 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         while state.epoch < cfg.epochs:
             start = time.perf_counter()
             seen_before = state.seen
-            finished = train_one_epoch(run.model, run.batches, run.batch_augment, run.optimizer, run.scheduler,
-                                       run.precision, cfg, state, logger, save_checkpoint_now=save)
+            finished = train_one_epoch(
+                run.model,
+                run.batches,
+                run.batch_augment,
+                run.optimizer,
+                run.scheduler,
+                run.precision,
+                cfg,
+                state,
+                logger,
+                save_checkpoint_now=save,
+            )
             if not finished:
                 save()
                 if info.is_main:
                     write_state(run_dir, "INTERRUPTED")
-                dist.print0(f"[bonnerlab] stop requested: saved {paths.latest} at epoch {state.epoch + 1} "
-                            f"step {state.step}")
-                return {"interrupted": True, "epoch": state.epoch, "step": state.step, "run_dir": str(run_dir)}
+                dist.print0(
+                    f"[bonnerlab] stop requested: saved {paths.latest} at epoch {state.epoch + 1} "
+                    f"step {state.step}"
+                )
+                return {
+                    "interrupted": True,
+                    "epoch": state.epoch,
+                    "step": state.step,
+                    "run_dir": str(run_dir),
+                }
             train_seconds = time.perf_counter() - start
-            val = evaluate_model(run.model, run.val_batches, run.batch_augment, run.splits.num_classes,
-                                 cfg.channels_last, run.precision)
+            val = evaluate_model(
+                run.model,
+                run.val_batches,
+                run.batch_augment,
+                run.splits.num_classes,
+                cfg.channels_last,
+                run.precision,
+            )
             last = epoch_record(run, val, time.perf_counter() - start, train_seconds, seen_before)
             logger.epoch(last)
-            logger.scalars({f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")}, last["epoch"])
+            logger.scalars(
+                {f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")},
+                last["epoch"],
+            )
             improved = val["acc"] > state.best_val_acc
             state.best_val_acc = max(state.best_val_acc, val["acc"])
             state.epoch, state.step = state.epoch + 1, 0
@@ -303,9 +373,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             save()
             if improved:
                 save("best")
-            dist.print0(f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} train_loss {last['train_loss']:.4f} "
-                        f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
-                        f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)")
+            dist.print0(
+                f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} train_loss {last['train_loss']:.4f} "
+                f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
+                f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)"
+            )
     except BaseException:
         if info.is_main:
             write_state(run_dir, "FAILED")

@@ -19,7 +19,9 @@ def gpu_has_native_bf16() -> bool:
 def cpu_has_native_bf16() -> bool:
     """oneDNN runs bfloat16 natively (AVX512-BF16 or AMX); emulated, it is slower than float32."""
     try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.backends.mkldnn.is_available() and bool(
+            torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
     except (AttributeError, RuntimeError):  # a private op: absent in some builds
         return False
 
@@ -35,8 +37,9 @@ class Precision:
     scaler: torch.amp.GradScaler
 
     @classmethod
-    def resolve(cls, device: torch.device, amp: bool = True, amp_dtype: str = "auto",
-                amp_cpu: bool = False) -> Precision:
+    def resolve(
+        cls, device: torch.device, amp: bool = True, amp_dtype: str = "auto", amp_cpu: bool = False
+    ) -> Precision:
         """CUDA with `amp`: bfloat16 where the GPU has it natively (Ampere+), float16 otherwise
         (`is_bf16_supported()` alone also counts emulation: True on a T4/V100, where bf16 is
         slow), or the `amp_dtype` asked for. A CPU: float32, or bfloat16 autocast with
@@ -49,8 +52,16 @@ class Precision:
                 dtype = getattr(torch, amp_dtype)
             enabled = True
         else:
-            enabled, dtype = device.type == "cpu" and amp_cpu and cpu_has_native_bf16(), torch.bfloat16
-        return cls(device, enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16))
+            enabled, dtype = (
+                device.type == "cpu" and amp_cpu and cpu_has_native_bf16(),
+                torch.bfloat16,
+            )
+        return cls(
+            device,
+            enabled,
+            dtype,
+            torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16),
+        )
 
     def load_scaler_state(self, state: dict[str, Any]) -> None:
         """A bf16 or CPU checkpoint holds an empty scaler state: resuming it with float16 keeps

@@ -33,8 +33,9 @@ def execute(path: Path, cwd: Path):
             cell.outputs, cell.execution_count = [], None
     # The kernel imports bonnerlab from this checkout, whatever the venv's editable install says.
     env = repo_env()
-    client = NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd)}})
+    client = NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+    )
     client.execute(env=env)  # passed on to the kernel manager's start_kernel
     for cell in nb.cells:  # timings and kernel ids only churn the diffs
         cell.metadata.pop("execution", None)
@@ -46,13 +47,19 @@ def outputs(nb) -> list[dict]:
 
 
 def png_bytes(nb) -> int:
-    return sum(len(base64.b64decode(o["data"]["image/png"]))
-               for o in outputs(nb) if "image/png" in o.get("data", {}))
+    return sum(
+        len(base64.b64decode(o["data"]["image/png"]))
+        for o in outputs(nb)
+        if "image/png" in o.get("data", {})
+    )
 
 
 def test_notebooks_are_found():
     # outside the parametrized tests: with an empty list those would silently not run at all
-    assert [p.name for p in NOTEBOOKS] == ["01_extract_layer_and_channel.ipynb", "02_analyze_activations.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_extract_layer_and_channel.ipynb",
+        "02_analyze_activations.ipynb",
+    ]
 
 
 @pytest.mark.slow
@@ -72,7 +79,9 @@ def test_committed_notebook_carries_its_outputs(path: Path):
     nb = nbformat.read(path, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     counts = [cell.execution_count for cell in code]
-    assert counts == list(range(1, len(code) + 1)), f"{path.name}: run `make notebooks` (top to bottom)"
+    assert counts == list(range(1, len(code) + 1)), (
+        f"{path.name}: run `make notebooks` (top to bottom)"
+    )
     assert not [o for o in outputs(nb) if o.get("output_type") == "error"]
     assert 0 < png_bytes(nb) <= MAX_PNG_BYTES, f"{path.name}: {png_bytes(nb)} bytes of PNG"
 

@@ -31,9 +31,21 @@ from helpers import REPO, TESTS, repo_env, slurm_lock
 SKIPPED = ("gpu", "internet")  # `# needs:` kinds this machine is assumed not to have
 KINDS = (*SKIPPED, "slurm")
 # Not copied into the temporary repository: environments, outputs and caches.
-IGNORE = shutil.ignore_patterns(".git", ".venv", ".slurm-lab", "runs", "data", "activations",
-                                "*.zarr", "__pycache__", ".pytest_cache", ".ruff_cache",
-                                "*.egg-info", "notebook-runs", "out")
+IGNORE = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    ".slurm-lab",
+    "runs",
+    "data",
+    "activations",
+    "*.zarr",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    "notebook-runs",
+    "out",
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,10 @@ class Block:
         if not m:
             return None
         if m.group(1) not in KINDS:
-            raise ValueError(f"README line {self.line}: unknown marker {first!r}; "
-                             f"use # needs: {'|'.join(KINDS)} or # not run: REASON")
+            raise ValueError(
+                f"README line {self.line}: unknown marker {first!r}; "
+                f"use # needs: {'|'.join(KINDS)} or # not run: REASON"
+            )
         return m.group(1), first
 
     @property
@@ -96,13 +110,18 @@ def make_workspace(dest: Path, venv: Path = Path(sys.prefix)) -> dict[str, str]:
         if (venv / name).exists():
             (stand_in / name).symlink_to((venv / name).resolve())
     for entry in (venv / "bin").iterdir():
-        (stand_in / "bin" / entry.name).symlink_to(entry.resolve() if entry.name.startswith("python")
-                                                   else entry)
+        (stand_in / "bin" / entry.name).symlink_to(
+            entry.resolve() if entry.name.startswith("python") else entry
+        )
     (stand_in / ".installed").touch()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "SLURM_"))}
     # The venv's editable install may point at another checkout: the copy comes first.
-    env.update(PYTHONPATH=str(dest), PATH=f"{stand_in / 'bin'}:{env.get('PATH', '')}",
-               OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    env.update(
+        PYTHONPATH=str(dest),
+        PATH=f"{stand_in / 'bin'}:{env.get('PATH', '')}",
+        OMP_NUM_THREADS="1",
+        MPLBACKEND="Agg",
+    )
     return env
 
 
@@ -120,12 +139,15 @@ def run_block(block: Block, cwd: Path, env: dict[str, str], timeout: float = 600
     try:
         out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        tail = ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))
+        tail = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(
+            errors="replace"
+        )
         pytest.fail(f"{block.name} did not finish in {timeout:.0f} s; output tail:\n{tail[-2000:]}")
     if out.returncode != 0:
         tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-25:])
-        pytest.fail(f"{block.name} failed (exit {out.returncode}); output tail:\n{tail}",
-                    pytrace=False)
+        pytest.fail(
+            f"{block.name} failed (exit {out.returncode}); output tail:\n{tail}", pytrace=False
+        )
     if block.lang == "bash":
         pairs = (item.partition("=") for item in env_file.read_text().split("\0") if "=" in item)
         env = {k: v for k, _, v in pairs if k not in ("SHLVL", "_", "PWD", "OLDPWD")}
@@ -180,11 +202,15 @@ def test_readme_block_not_run_here_still_parses(block):
         assert out.returncode == 0, f"{block.name} does not parse: {out.stderr.strip()}"
     else:
         compile(block.code, block.name, "exec")
-    for script in re.findall(r"(?<![\w/.-])((?:jobs|bench|slurm|tests)/[\w/.-]+\.(?:py|sh))", block.code):
+    for script in re.findall(
+        r"(?<![\w/.-])((?:jobs|bench|slurm|tests)/[\w/.-]+\.(?:py|sh))", block.code
+    ):
         assert (REPO / script).is_file(), f"{block.name} names {script}, which does not exist"
     targets = set(re.findall(r"^([\w-]+):", (REPO / "Makefile").read_text(), flags=re.M))
     for target in re.findall(r"\bmake ([\w-]+)", block.code):
-        assert target in targets, f"{block.name} runs `make {target}`; the Makefile has no such target"
+        assert target in targets, (
+            f"{block.name} runs `make {target}`; the Makefile has no such target"
+        )
     pytest.skip(f"README block {block.index} (line {block.line}): {block.marker[1]}")
 
 
@@ -225,8 +251,10 @@ def test_failing_block_names_its_first_line_and_output_tail(tmp_path):
 
 
 def test_shell_blocks_share_one_environment_and_markers_parse(tmp_path):
-    markdown = ("```bash\nexport GREETING=hello\n```\n\n```bash\ntest \"$GREETING\" = hello\n```\n"
-                "```python\n# needs: gpu\nimport torch\n```\n```text\nnot a block\n```\n")
+    markdown = (
+        '```bash\nexport GREETING=hello\n```\n\n```bash\ntest "$GREETING" = hello\n```\n'
+        "```python\n# needs: gpu\nimport torch\n```\n```text\nnot a block\n```\n"
+    )
     first, second, third = parse_blocks(markdown)
     env = run_block(first, tmp_path, dict(os.environ))
     assert env["GREETING"] == "hello"
@@ -239,19 +267,32 @@ def test_shell_blocks_share_one_environment_and_markers_parse(tmp_path):
 def test_slurm_lock_waits_for_others_but_not_for_an_ancestor(tmp_path):
     lock = tmp_path / "slurm.lock"
     lock.touch()
-    take = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); from helpers import slurm_lock\n"
-            f"with slurm_lock(__import__('pathlib').Path({str(lock)!r}), timeout=2): print('held')\n")
+    take = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); from helpers import slurm_lock\n"
+        f"with slurm_lock(__import__('pathlib').Path({str(lock)!r}), timeout=2): print('held')\n"
+    )
     env = repo_env()
     # started under `flock LOCK`: the lock is already ours, so no deadlock
-    out = subprocess.run(["flock", str(lock), sys.executable, "-c", take], env=env,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["flock", str(lock), sys.executable, "-c", take],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == "held", out.stderr[-1000:]
     # held by a process that is not an ancestor (a sibling): wait, then give up
-    holder = subprocess.Popen(["flock", str(lock), "-c", "echo locked; sleep 60"], stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+    holder = subprocess.Popen(
+        ["flock", str(lock), "-c", "echo locked; sleep 60"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        out = subprocess.run([sys.executable, "-c", take], env=env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [sys.executable, "-c", take], env=env, capture_output=True, text=True, timeout=60
+        )
     finally:
         os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep, which holds the lock too
         holder.wait()

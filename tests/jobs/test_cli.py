@@ -13,8 +13,9 @@ ENV = repo_env(OMP_NUM_THREADS="1")
 
 @pytest.mark.parametrize("script", ["train.py", "evaluate.py", "extract.py", "launch.py"])
 def test_help_shows_config_path_as_a_path(script):
-    out = subprocess.run([*job(script.removesuffix(".py")), "--help"],
-                         env=ENV, capture_output=True, text=True)
+    out = subprocess.run(
+        [*job(script.removesuffix(".py")), "--help"], env=ENV, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "--config_path PATH" in out.stdout
     assert "--config_path None" not in out.stdout
@@ -22,8 +23,21 @@ def test_help_shows_config_path_as_a_path(script):
 
 @pytest.mark.slow
 def test_torchrun_prints_one_result_line(tmp_path):
-    out = torchrun(str(JOBS / "train.py"), "--device", "cpu", "--progress", "false", "--epochs", "1",
-                   "--model.width", "8", "--max_steps_per_epoch", "2", "--run_dir", str(tmp_path / "run"))
+    out = torchrun(
+        str(JOBS / "train.py"),
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--epochs",
+        "1",
+        "--model.width",
+        "8",
+        "--max_steps_per_epoch",
+        "2",
+        "--run_dir",
+        str(tmp_path / "run"),
+    )
     results = [line for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1, out.stdout
     assert json.loads(results[0])["epoch"] == 1
@@ -35,10 +49,25 @@ def test_a_job_killed_by_a_fatal_signal_prints_its_python_stack(tmp_path):
     import signal
     import threading
 
-    proc = subprocess.Popen([*job("train"), "--device", "cpu", "--progress",
-                             "false", "--epochs", "50", "--model.width", "8", "--run_dir", str(tmp_path / "run")],
-                            env={k: v for k, v in ENV.items() if k != "PYTHONFAULTHANDLER"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            *job("train"),
+            "--device",
+            "cpu",
+            "--progress",
+            "false",
+            "--epochs",
+            "50",
+            "--model.width",
+            "8",
+            "--run_dir",
+            str(tmp_path / "run"),
+        ],
+        env={k: v for k, v in ENV.items() if k != "PYTHONFAULTHANDLER"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killer = threading.Timer(120, proc.kill)  # a job that never reaches epoch 1 fails the test
     killer.start()
     try:

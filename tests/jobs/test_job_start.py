@@ -35,7 +35,8 @@ def test_default_training_job_imports_neither_torchvision_nor_sklearn(tmp_path):
         "assert train(cfg)['epoch'] == 1\n"
         "print(sorted(m for m in ('torchvision', 'sklearn', 'scipy') if m in sys.modules))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=repo_env())
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=repo_env()
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -161,7 +161,9 @@ def test_concurrent_creation_gives_one_store(tmp_path):
     assert sorted(results) == ["created", "reused", "reused"]  # exactly one store was made
     assert not list(tmp_path.glob(".s.zarr.tmp-*"))
     activations.finalize(path)
-    np.testing.assert_array_equal(activations.open_activations(path, "conv1").values, _full()["conv1"])
+    np.testing.assert_array_equal(
+        activations.open_activations(path, "conv1").values, _full()["conv1"]
+    )
 
 
 def test_skipped_stimuli_are_recorded_and_dropped(tmp_path):
@@ -172,7 +174,9 @@ def test_skipped_stimuli_are_recorded_and_dropped(tmp_path):
     assert activations.store_info(path)["skipped_stimuli"] == ["cls1/img5.png"]
     da = activations.open_activations(path, "conv1")
     assert da.sizes["presentation"] == N - 1 and "cls1/img5.png" not in list(da["stimulus"].values)
-    assert activations.open_activations(path, "conv1", drop_skipped=False).sizes["presentation"] == N
+    assert (
+        activations.open_activations(path, "conv1", drop_skipped=False).sizes["presentation"] == N
+    )
 
 
 def test_unknown_layer_lists_closest(tmp_path):

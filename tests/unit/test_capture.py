@@ -32,9 +32,18 @@ from bonnerlab.seeds import projection_seed
 
 
 def digits(out: Path, **kw) -> ExtractConfig:
-    base = dict(model=ModelConfig(arch="mnist_cnn"), stimuli="digits", split="all", limit=32,
-                layers=["features.1", "fc"], batch_size=8, num_workers=0, device="cpu",
-                output=str(out), progress=False)
+    base = dict(
+        model=ModelConfig(arch="mnist_cnn"),
+        stimuli="digits",
+        split="all",
+        limit=32,
+        layers=["features.1", "fc"],
+        batch_size=8,
+        num_workers=0,
+        device="cpu",
+        output=str(out),
+        progress=False,
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -50,9 +59,16 @@ def test_srp_matches_dense_projection_and_is_seeded(tmp_path):
     x = activations.open_activations(full, "features.1").values.reshape(32, -1)  # (32, 16*7*7)
     y = activations.open_activations(red, "features.1")
     assert y.dims == ("presentation", "neuroid") and y.shape == (32, 64)
-    assert y.attrs["reduce"] == {"method": "srp", "k": 64, "seed": projection_seed(0, "features.1"),
-                                 "in_features": x.shape[1], "density": 1 / np.sqrt(x.shape[1])}
-    p = SparseProjection(x.shape[1], 64, projection_seed(0, "features.1")).build(torch.device("cpu"))
+    assert y.attrs["reduce"] == {
+        "method": "srp",
+        "k": 64,
+        "seed": projection_seed(0, "features.1"),
+        "in_features": x.shape[1],
+        "density": 1 / np.sqrt(x.shape[1]),
+    }
+    p = SparseProjection(x.shape[1], 64, projection_seed(0, "features.1")).build(
+        torch.device("cpu")
+    )
     dense = p.matrix.to_dense().numpy()
     np.testing.assert_allclose(y.values, x @ dense.T, rtol=1e-4, atol=1e-4)
     # Very sparse: about 1/sqrt(d) of the entries, each +-sqrt(sqrt(d) / k)
@@ -60,8 +76,13 @@ def test_srp_matches_dense_projection_and_is_seeded(tmp_path):
     assert abs(nonzero.size / dense.size - 1 / np.sqrt(x.shape[1])) < 0.01
     np.testing.assert_allclose(np.abs(nonzero), np.sqrt(np.sqrt(x.shape[1]) / 64), rtol=1e-6)
     # fc is untouched; another seed gives another projection
-    np.testing.assert_array_equal(activations.open_activations(red, "fc").values, activations.open_activations(full, "fc").values)
-    other = SparseProjection(x.shape[1], 64, projection_seed(1, "features.1")).build(torch.device("cpu"))
+    np.testing.assert_array_equal(
+        activations.open_activations(red, "fc").values,
+        activations.open_activations(full, "fc").values,
+    )
+    other = SparseProjection(x.shape[1], 64, projection_seed(1, "features.1")).build(
+        torch.device("cpu")
+    )
     assert not torch.equal(other.matrix.to_dense(), p.matrix.to_dense())
 
 
@@ -73,7 +94,10 @@ def test_srp_two_shards_equal_one_job(tmp_path):
     for layer in ("features.1", "fc"):
         a = activations.open_activations(tmp_path / "one.zarr", layer).values
         assert a.shape == (32, 32)
-        assert a.tobytes() == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        assert (
+            a.tobytes()
+            == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        )
 
 
 # ----------------------------------------------------------------------------- plan and disk
@@ -83,13 +107,21 @@ def test_plan_figures_equal_the_store_and_write_nothing(tmp_path):
     import zarr
 
     out = tmp_path / "p.zarr"
-    kw = dict(layers=["features.*", "fc"], pooling=["features.0=avg"], reduce=["features.2=srp:10"],
-              dtype="float16")
+    kw = dict(
+        layers=["features.*", "fc"],
+        pooling=["features.0=avg"],
+        reduce=["features.2=srp:10"],
+        dtype="float16",
+    )
     plan = extract(digits(out, plan=True, **kw))
     assert not out.exists()
     assert plan["layers"] == ["features.0", "features.1", "features.2", "fc"]
-    assert plan["bytes_per_stimulus"] == {"features.0": 16 * 2, "features.1": 32 * 7 * 7 * 2,
-                                          "features.2": 10 * 2, "fc": 10 * 2}
+    assert plan["bytes_per_stimulus"] == {
+        "features.0": 16 * 2,
+        "features.1": 32 * 7 * 7 * 2,
+        "features.2": 10 * 2,
+        "fc": 10 * 2,
+    }
     extract(digits(out, **kw))
     group = zarr.open_group(str(out), mode="r")
     for layer, per in plan["bytes_per_stimulus"].items():
@@ -100,7 +132,10 @@ def test_plan_figures_equal_the_store_and_write_nothing(tmp_path):
 
 
 def test_too_little_disk_space_is_one_line(tmp_path):
-    with pytest.raises(DiskSpaceError, match=r"needs up to 1000000000.00 GB but .* GB free; choose another --output"):
+    with pytest.raises(
+        DiskSpaceError,
+        match=r"needs up to 1000000000.00 GB but .* GB free; choose another --output",
+    ):
         check_disk_space(tmp_path / "new" / "x.zarr", 10**18)
     check_disk_space(tmp_path / "new" / "x.zarr", 1)
     assert not (tmp_path / "new").exists()
@@ -121,8 +156,14 @@ def test_patterns_stay_within_one_dotted_part():
 def test_list_layers_shows_elements(capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
     folder = tmp_path / "vit"
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=64, image_size=32, patch_size=8)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
     transformers.ViTModel(config).save_pretrained(folder)
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     job_module("extract").main(["--model.arch", f"hf:{folder}", "--list_layers"])
@@ -140,10 +181,18 @@ def photos() -> list[Image.Image]:
     return [china, flower.crop((50, 0, 351, 427)), flower.resize((97, 61), Image.BICUBIC)]
 
 
-ARCHS = ["resnet18", "vit_b_16", "timm:resnet18", "timm:vit_tiny_patch16_224", "open_clip:ViT-S-32",
-         "open_clip:RN50"]
+ARCHS = [
+    "resnet18",
+    "vit_b_16",
+    "timm:resnet18",
+    "timm:vit_tiny_patch16_224",
+    "open_clip:ViT-S-32",
+    "open_clip:RN50",
+]
 HF_KINDS = ["vit", "dinov2", "convnext", "clip"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the device half of the split on a GPU")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the device half of the split on a GPU"
+)
 
 
 def source_and_spec(arch):
@@ -186,12 +235,24 @@ def hf_source_and_spec(kind, folder):
     transformers = pytest.importorskip("transformers")
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
     config, processor = {
-        "vit": (transformers.ViTConfig(**small, intermediate_size=64), transformers.ViTImageProcessor()),
-        "dinov2": (transformers.Dinov2Config(**small), transformers.BitImageProcessor(
-            size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
-        "convnext": (transformers.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1]),
-                     transformers.ConvNextImageProcessor(size={"shortest_edge": 224})),
-        "clip": (transformers.CLIPVisionConfig(**small, intermediate_size=64), transformers.CLIPImageProcessor()),
+        "vit": (
+            transformers.ViTConfig(**small, intermediate_size=64),
+            transformers.ViTImageProcessor(),
+        ),
+        "dinov2": (
+            transformers.Dinov2Config(**small),
+            transformers.BitImageProcessor(
+                size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}
+            ),
+        ),
+        "convnext": (
+            transformers.ConvNextConfig(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1]),
+            transformers.ConvNextImageProcessor(size={"shortest_edge": 224}),
+        ),
+        "clip": (
+            transformers.CLIPVisionConfig(**small, intermediate_size=64),
+            transformers.CLIPImageProcessor(),
+        ),
     }[kind]
     transformers.AutoModel.from_config(config).save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -219,11 +280,20 @@ def test_hf_split_on_cuda_equals_the_cpu_transform(kind, photos, tmp_path):
 def test_squash_center_crop_and_overrides(photos):
     from torchvision.transforms import functional as F
 
-    cfg = ExtractConfig(model=ModelConfig(arch="resnet18"), layers=["x"], stimuli="digits",
-                        preprocess="center_crop", image_size=96, mean=[0.5], std=[0.25])
+    cfg = ExtractConfig(
+        model=ModelConfig(arch="resnet18"),
+        layers=["x"],
+        stimuli="digits",
+        preprocess="center_crop",
+        image_size=96,
+        mean=[0.5],
+        std=[0.25],
+    )
     spec = load_preprocess(cfg, load_model(cfg))
     image = photos[0]
-    expected = F.normalize(F.to_tensor(F.center_crop(F.resize(image, 96), 96)), [0.5] * 3, [0.25] * 3)
+    expected = F.normalize(
+        F.to_tensor(F.center_crop(F.resize(image, 96), 96)), [0.5] * 3, [0.25] * 3
+    )
     torch.testing.assert_close(spec.transform()(image), expected, rtol=0, atol=0)
     squash = load_preprocess(
         ExtractConfig(model=ModelConfig(arch="resnet18"), layers=["x"], preprocess="squash"),
@@ -242,7 +312,9 @@ def test_sheet_order_ids_and_typed_coordinates(tmp_path):
     rng = np.random.default_rng(0)
     (tmp_path / "img").mkdir()
     for name in ("b.png", "a.png", "c.png"):
-        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "img" / name)
+        Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
+            tmp_path / "img" / name
+        )
     sheet = tmp_path / "stimuli.csv"
     sheet.write_text(
         "path,stimulus_id,category,size,contrast,animate,label\n"
@@ -251,9 +323,20 @@ def test_sheet_order_ids_and_typed_coordinates(tmp_path):
         "img/c.png,s1,cat,2,1.0,True,0\n"
     )
     out = tmp_path / "s.zarr"
-    extract(ExtractConfig(model=ModelConfig(arch="mnist_cnn"), stimuli=str(sheet), layers=["fc"],
-                          preprocess="squash", image_size=28, batch_size=2, num_workers=0,
-                          device="cpu", output=str(out), progress=False))
+    extract(
+        ExtractConfig(
+            model=ModelConfig(arch="mnist_cnn"),
+            stimuli=str(sheet),
+            layers=["fc"],
+            preprocess="squash",
+            image_size=28,
+            batch_size=2,
+            num_workers=0,
+            device="cpu",
+            output=str(out),
+            progress=False,
+        )
+    )
     da = activations.open_activations(out, "fc")
     assert list(da["stimulus"].values) == ["s2", "s10", "s1"]  # the sheet's order
     assert da["label"].values.tolist() == [1, 0, 0]
@@ -270,20 +353,51 @@ def test_sheet_order_ids_and_typed_coordinates(tmp_path):
 
 @pytest.mark.slow
 def test_plain_and_sharded_extract_name_the_same_store(tmp_path, monkeypatch):
-    args = ["--model.arch", "mnist_cnn", "--stimuli", "digits", "--split", "all", "--limit", "16",
-            "--layers", "fc", "--device", "cpu", "--progress", "false"]
+    args = [
+        "--model.arch",
+        "mnist_cnn",
+        "--stimuli",
+        "digits",
+        "--split",
+        "all",
+        "--limit",
+        "16",
+        "--layers",
+        "fc",
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+    ]
     launched = subprocess.run(
-        [*job("launch"), "--dry-run", "--shards", "2",
-         "--sweep_dir", str(tmp_path / "s"), "extract", *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            *job("launch"),
+            "--dry-run",
+            "--shards",
+            "2",
+            "--sweep_dir",
+            str(tmp_path / "s"),
+            "extract",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert launched.returncode == 0, launched.stderr
     line = next(ln for ln in launched.stdout.splitlines() if ln.startswith("dry run: 2 shards of "))
     sharded = line.removeprefix("dry run: 2 shards of ").split(";")[0]
     monkeypatch.chdir(tmp_path)
     result = job_module("extract").main(args)
-    assert str(Path(result["store"]).resolve()) == sharded == str(tmp_path / "activations" / "mnist_cnn-digits.zarr")
-    cfg = ExtractConfig(model=ModelConfig(arch="hf:/data/models/dinov2-small/"), stimuli="/x/sheet.csv")
+    assert (
+        str(Path(result["store"]).resolve())
+        == sharded
+        == str(tmp_path / "activations" / "mnist_cnn-digits.zarr")
+    )
+    cfg = ExtractConfig(
+        model=ModelConfig(arch="hf:/data/models/dinov2-small/"), stimuli="/x/sheet.csv"
+    )
     assert default_store_name(cfg) == "activations/hf-dinov2-small-sheet.zarr"
 
 
@@ -293,4 +407,8 @@ def test_grayscale_input_needs_its_own_normalization():
         load_preprocess(ExtractConfig(**base), load_model(ExtractConfig(**base)))
     cfg = ExtractConfig(**base, mean=[0.5], std=[0.25])
     spec = load_preprocess(cfg, load_model(cfg))
-    assert spec.steps[0] == {"op": "convert", "mode": "L"} and spec.mean == [0.5] and spec.in_channels == 1
+    assert (
+        spec.steps[0] == {"op": "convert", "mode": "L"}
+        and spec.mean == [0.5]
+        and spec.in_channels == 1
+    )

@@ -28,7 +28,10 @@ def test_tasks_default_to_one_per_gpu():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"gpus_per_node": 2, "tasks_per_node": 1}, r"tasks_per_node \(1\) must equal gpus_per_node \(2\)"),
+        (
+            {"gpus_per_node": 2, "tasks_per_node": 1},
+            r"tasks_per_node \(1\) must equal gpus_per_node \(2\)",
+        ),
         ({"cluster": "kubernetes"}, "cluster must be one of slurm, local, debug"),
         ({"time_minutes": 0}, "time_minutes must be >= 1"),
         ({"nodes": 0}, "nodes must be >= 1"),
@@ -72,17 +75,28 @@ def test_partition_checks():
     from bonnerlab.cluster.slurm_cli import parse_sinfo
     from bonnerlab.cluster.submit import check_partition
 
-    parts = parse_sinfo("cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n")
-    assert parts["cpu"].default and parts["cpu"].gpus_per_node == 0 and parts["cpu"].max_time_minutes == 60
+    parts = parse_sinfo(
+        "cpu*|1:00:00|(null)|1\ngpu|2:00:00|gpu:2|1\nurgent|30:00|gpu:2|1\nurgent|30:00|(null)|1\n"
+    )
+    assert (
+        parts["cpu"].default
+        and parts["cpu"].gpus_per_node == 0
+        and parts["cpu"].max_time_minutes == 60
+    )
     assert parts["gpu"].gpus_per_node == 2 and not parts["gpu"].default
     assert parts["urgent"].gpus_per_node == 2 and parts["urgent"].nodes == 2
     assert parse_sinfo("a100|infinite|gpu:a100:8(S:0-1)|4\n")["a100"].gpus_per_node == 8
     assert check_partition(SlurmConfig(), parts).name == "cpu"
-    with pytest.raises(ClusterError, match="partition cpu has no GPUs per node .* partitions with enough: gpu, urgent"):
+    with pytest.raises(
+        ClusterError,
+        match="partition cpu has no GPUs per node .* partitions with enough: gpu, urgent",
+    ):
         check_partition(SlurmConfig(gpus_per_node=1), parts)
     with pytest.raises(ClusterError, match="partitions with enough: none"):
         check_partition(SlurmConfig(partition="gpu", gpus_per_node=4), parts)
-    with pytest.raises(ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"):
+    with pytest.raises(
+        ClusterError, match="unknown partition 'big'; this cluster has: cpu, gpu, urgent"
+    ):
         check_partition(SlurmConfig(partition="big"), parts)
     with pytest.raises(ClusterError, match="over partition gpu's limit of 120"):
         check_partition(SlurmConfig(partition="gpu", time_minutes=121), parts)
@@ -90,16 +104,33 @@ def test_partition_checks():
         check_partition(SlurmConfig(nodes=2), parts)
 
 
-@pytest.mark.parametrize("name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)])
+@pytest.mark.parametrize(
+    "name, array", [("sbatch_gpu_job.sh", None), ("sbatch_sweep_array.sh", 12)]
+)
 def test_sbatch_script_matches_its_golden_file(name, array):
     """submitit's practice: the generated script is compared to a recorded one. A deliberate change
     is recorded with BONNERLAB_UPDATE_GOLDEN=1 and reviewed in the diff."""
     from bonnerlab.cluster.submit import job_setup_lines, sbatch_script
 
-    cfg = SlurmConfig(partition="gpu", gpus_per_node=2, mem_gb=7.5, time_minutes=20, account="lab", qos="high",
-                      setup=["module load cuda"], additional_parameters={"exclusive": True}, array_parallelism=4)
-    script = sbatch_script(cfg, Path("/lab/runs/x/logs"), "bonnerlab-train", job_setup_lines(cfg, Path("/lab/runs/x/code")),
-                           array=array, python="/lab/venv/bin/python")
+    cfg = SlurmConfig(
+        partition="gpu",
+        gpus_per_node=2,
+        mem_gb=7.5,
+        time_minutes=20,
+        account="lab",
+        qos="high",
+        setup=["module load cuda"],
+        additional_parameters={"exclusive": True},
+        array_parallelism=4,
+    )
+    script = sbatch_script(
+        cfg,
+        Path("/lab/runs/x/logs"),
+        "bonnerlab-train",
+        job_setup_lines(cfg, Path("/lab/runs/x/code")),
+        array=array,
+        python="/lab/venv/bin/python",
+    )
     golden = GOLDEN / name
     if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
         golden.write_text(script)

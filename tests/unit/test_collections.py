@@ -42,8 +42,15 @@ def _collection(root, splits=("train", "val"), per_class=12, classes=("china", "
 
 def test_train_val_test_folders_are_used_as_given(tmp_path):
     _collection(tmp_path, splits=("train", "val", "test"), per_class=4)
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=32,
-                               val_fraction=0.5))  # ignored: there is a val/ folder
+    s = load_splits(
+        DataConfig(
+            dataset="imagefolder",
+            root=str(tmp_path),
+            in_channels=3,
+            image_size=32,
+            val_fraction=0.5,
+        )
+    )  # ignored: there is a val/ folder
     assert s.classes == ["china", "flower"]
     assert len(s.train) == len(s.val) == len(s.test) == 8
     assert all(str(f.relative_to(tmp_path)).startswith("val/") for f in s.val.files)
@@ -55,7 +62,9 @@ def test_train_val_test_folders_are_used_as_given(tmp_path):
 def test_collection_errors(tmp_path):
     _collection(tmp_path / "a", per_class=1)
     (tmp_path / "a" / "val" / "zebra").mkdir()
-    with pytest.raises(DataError, match=r"val has class folder\(s\) zebra .* every class must have training"):
+    with pytest.raises(
+        DataError, match=r"val has class folder\(s\) zebra .* every class must have training"
+    ):
         scan_collection(tmp_path / "a")
     (tmp_path / "b" / "train").mkdir(parents=True)
     Image.fromarray(_photos(1)[0]).save(tmp_path / "b" / "train" / "loose.jpg")
@@ -78,16 +87,27 @@ def test_scan_is_one_walk_without_stat_per_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os.path, "isfile", no_stat)
     listing = scan_collection(tmp_path)
     files, labels = listing.splits["train"]
-    assert files[:4] == ["train/china/0.jpg", "train/china/1.jpg", "train/china/2.jpg", "train/china/deeper/x.png"]
+    assert files[:4] == [
+        "train/china/0.jpg",
+        "train/china/1.jpg",
+        "train/china/2.jpg",
+        "train/china/deeper/x.png",
+    ]
     assert labels == [0, 0, 0, 0, 1, 1, 1]
 
 
 @pytest.mark.slow
 def test_run_keeps_its_file_list_and_evaluates_the_test_folder(tmp_path, tiny_train_cfg):
     root = _collection(tmp_path / "photos", splits=("train", "val", "test"), per_class=16)
-    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3,
-                 "data.image_size": 32, "data.batch_size": 8, "data.num_workers": 0,
-                 "epochs": 2}
+    overrides = {
+        "data.dataset": "imagefolder",
+        "data.root": str(root),
+        "data.in_channels": 3,
+        "data.image_size": 32,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "epochs": 2,
+    }
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "run"), **overrides)
     with stop_at_check(5):  # 4 steps per epoch: epoch 2, step 2
         assert train(cfg)["interrupted"]
@@ -99,16 +119,30 @@ def test_run_keeps_its_file_list_and_evaluates_the_test_folder(tmp_path, tiny_tr
     assert json.loads((tmp_path / "run" / "files.json").read_text()) == listing
     assert [m["epoch"] for m in read_metrics(tmp_path / "run")] == [1, 2]
     assert resumed["val_acc"] == read_metrics(tmp_path / "run")[-1]["val_acc"]
-    ev = evaluate(EvaluateConfig(checkpoint=str(tmp_path / "run"), split="test", device="cpu", num_workers=0))
-    assert ev["count"] == 32 and (RunPaths(tmp_path / "run").root / "eval-test" / "metrics.json").exists()
+    ev = evaluate(
+        EvaluateConfig(checkpoint=str(tmp_path / "run"), split="test", device="cpu", num_workers=0)
+    )
+    assert (
+        ev["count"] == 32
+        and (RunPaths(tmp_path / "run").root / "eval-test" / "metrics.json").exists()
+    )
 
 
 @pytest.mark.slow
 def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
     root = _collection(tmp_path / "photos", splits=("train",), per_class=16)
-    overrides = {"data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3,
-                 "data.image_size": 24, "data.batch_size": 8, "data.num_workers": 0, "data.val_fraction": 0.25,
-                 "data.color_jitter": 0.3, "data.erasing": 0.5, "epochs": 2}
+    overrides = {
+        "data.dataset": "imagefolder",
+        "data.root": str(root),
+        "data.in_channels": 3,
+        "data.image_size": 24,
+        "data.batch_size": 8,
+        "data.num_workers": 0,
+        "data.val_fraction": 0.25,
+        "data.color_jitter": 0.3,
+        "data.erasing": 0.5,
+        "epochs": 2,
+    }
     train(tiny_train_cfg(run_dir=str(tmp_path / "ref"), **overrides))
     cfg = tiny_train_cfg(run_dir=str(tmp_path / "split"), **overrides)
     with stop_at_check(4):
@@ -119,15 +153,31 @@ def test_resumed_natural_run_equals_uninterrupted(tmp_path, tiny_train_cfg):
 
 def _canvases(n=6, side=40):
     photos = _photos(n, seed=3)
-    return torch.stack([TF.center_crop(TF.resize(torch.from_numpy(p.copy()).permute(2, 0, 1), side), side)
-                        for p in photos]).float() / 255
+    return (
+        torch.stack(
+            [
+                TF.center_crop(TF.resize(torch.from_numpy(p.copy()).permute(2, 0, 1), side), side)
+                for p in photos
+            ]
+        ).float()
+        / 255
+    )
 
 
 def test_batched_crop_and_flip_equal_torchvision_per_sample():
     x = _canvases()
     # (top, left, height, width, flip): shrinking, enlarging, edges, the whole canvas, thin crops
-    params = torch.tensor([[0, 0, 40, 40, 0], [3, 5, 20, 30, 1], [20, 0, 20, 11, 0], [0, 29, 40, 11, 1],
-                           [10, 10, 7, 9, 0], [39, 39, 1, 1, 1]], dtype=torch.float32)
+    params = torch.tensor(
+        [
+            [0, 0, 40, 40, 0],
+            [3, 5, 20, 30, 1],
+            [20, 0, 20, 11, 0],
+            [0, 29, 40, 11, 1],
+            [10, 10, 7, 9, 0],
+            [39, 39, 1, 1, 1],
+        ],
+        dtype=torch.float32,
+    )
     out = resized_crop_batch(x, params, 32)
     for k in range(len(x)):
         top, left, h, w, flip = (int(v) for v in params[k])
@@ -139,8 +189,16 @@ def test_batched_crop_and_flip_equal_torchvision_per_sample():
 
 def test_batched_color_jitter_equals_torchvision_per_sample():
     x = _canvases()
-    factors = torch.tensor([[1.0, 1.0, 1.0], [1.3, 0.7, 1.2], [0.6, 1.4, 0.5], [1.1, 1.0, 0.0],
-                            [0.9, 0.8, 1.3], [1.2, 1.2, 1.2]])
+    factors = torch.tensor(
+        [
+            [1.0, 1.0, 1.0],
+            [1.3, 0.7, 1.2],
+            [0.6, 1.4, 0.5],
+            [1.1, 1.0, 0.0],
+            [0.9, 0.8, 1.3],
+            [1.2, 1.2, 1.2],
+        ]
+    )
     out = color_jitter_batch(x.clone(), factors)
     for k in range(len(x)):
         b, c, s = factors[k].tolist()
@@ -149,7 +207,9 @@ def test_batched_color_jitter_equals_torchvision_per_sample():
 
 
 def test_natural_parameters_are_uniform_within_their_ranges():
-    cfg = DataConfig(augment="natural", crop_scale=0.08, crop_ratio=4 / 3, flip=0.5, color_jitter=0.4)
+    cfg = DataConfig(
+        augment="natural", crop_scale=0.08, crop_ratio=4 / 3, flip=0.5, color_jitter=0.4
+    )
     n, canvas = 20000, 128
     p = natural_params(n, canvas, cfg, torch.Generator().manual_seed(0))
     top, left, h, w, flip = (p[:, k] for k in range(5))
@@ -172,12 +232,21 @@ def test_natural_parameters_are_uniform_within_their_ranges():
 
 
 def test_natural_batches_do_not_depend_on_world_size():
-    cfg = DataConfig(dataset="imagefolder", in_channels=3, image_size=24, augment="natural", color_jitter=0.2,
-                     erasing=0.5)
+    cfg = DataConfig(
+        dataset="imagefolder",
+        in_channels=3,
+        image_size=24,
+        augment="natural",
+        color_jitter=0.2,
+        erasing=0.5,
+    )
     pre = BatchAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), cfg)
     x = (_canvases(8, side=27) * 255).round().to(torch.uint8)
     whole = pre.augment(x, seed=1, epoch=2, step=3, rank=0, world_size=1)
-    halves = [pre.augment(x[r * 4 : (r + 1) * 4], seed=1, epoch=2, step=3, rank=r, world_size=2) for r in (0, 1)]
+    halves = [
+        pre.augment(x[r * 4 : (r + 1) * 4], seed=1, epoch=2, step=3, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     assert whole.shape == (8, 3, 24, 24)
     assert torch.equal(whole, torch.cat(halves))
     other_step = pre.augment(x, seed=1, epoch=2, step=4, rank=0, world_size=1)
@@ -198,13 +267,26 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monke
     weights = tmp_path / "vit_tiny.pth"
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), weights)
     root = _collection(tmp_path / "photos", splits=("train", "val"), per_class=2)
-    cfg = apply_overrides(TrainConfig(), {
-        "model.arch": "timm:vit_tiny_patch16_224", "model.weights": str(weights), "device": "cpu",
-        "data.dataset": "imagefolder", "data.root": str(root), "data.in_channels": 3, "data.image_size": 224,
-        "data.num_workers": 0, "data.batch_size": 2, "run_dir": str(tmp_path / "run")})
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "model.arch": "timm:vit_tiny_patch16_224",
+            "model.weights": str(weights),
+            "device": "cpu",
+            "data.dataset": "imagefolder",
+            "data.root": str(root),
+            "data.in_channels": 3,
+            "data.image_size": 224,
+            "data.num_workers": 0,
+            "data.batch_size": 2,
+            "run_dir": str(tmp_path / "run"),
+        },
+    )
     reads = []
     real_read = sources.read_state_dict
-    monkeypatch.setattr(sources, "read_state_dict", lambda path: reads.append(path) or real_read(path))
+    monkeypatch.setattr(
+        sources, "read_state_dict", lambda path: reads.append(path) or real_read(path)
+    )
     run = build(cfg, dist.DistInfo())
     run.close()
     assert reads == [str(weights)]
@@ -214,7 +296,9 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monke
     assert s.val.crop_fraction == s.crop_fraction and s.train.crop_fraction == s.crop_fraction
     photo = Image.open(s.val.files[0]).convert("RGB")
     expected = TF.center_crop(TF.resize(TF.pil_to_tensor(photo), round(224 / s.crop_fraction)), 224)
-    assert (s.val[0][0].float() - expected.float()).abs().max() <= 2  # PIL vs tensor resize rounding
+    assert (
+        s.val[0][0].float() - expected.float()
+    ).abs().max() <= 2  # PIL vs tensor resize rounding
     # without pretrained weights: nothing published, ImageNet statistics and the 0.875 crop
     plain = build(apply_overrides(cfg, {"model.weights": "none"}), dist.DistInfo())
     plain.close()

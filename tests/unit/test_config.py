@@ -16,7 +16,9 @@ from bonnerlab.errors import ConfigError
 
 
 def test_dotted_flags_set_nested_fields():
-    cfg = parse_config(TrainConfig, ["--optim.lr", "0.05", "--data.batch_size", "256", "--model.arch", "resnet18"])
+    cfg = parse_config(
+        TrainConfig, ["--optim.lr", "0.05", "--data.batch_size", "256", "--model.arch", "resnet18"]
+    )
     assert cfg.optim.lr == 0.05
     assert cfg.data.batch_size == 256
     assert cfg.model.arch == "resnet18"

@@ -26,7 +26,9 @@ def test_digits_split_is_fixed_and_disjoint():
 
 @pytest.mark.skipif(not SHARED_MNIST.exists(), reason="shared MNIST test files not present")
 def test_mnist_from_test_files_splits_8000_2000():
-    s = load_splits(DataConfig(dataset="mnist", root=str(SHARED_MNIST), mnist_files="test", download=False))
+    s = load_splits(
+        DataConfig(dataset="mnist", root=str(SHARED_MNIST), mnist_files="test", download=False)
+    )
     assert (len(s.train), len(s.val)) == (8000, 2000)
     assert s.test is None
     assert 0.12 < s.mean[0] < 0.14  # MNIST's well-known mean 0.1307
@@ -42,7 +44,10 @@ def test_mnist_missing_offline_is_one_clear_error(tmp_path):
 def test_same_seed_same_batches_and_ranks_slice_the_global_batch():
     s = load_splits(DataConfig())
     one = TrainBatches(s.train, 64, seed=5, rank=0, world_size=1, device=torch.device("cpu"))
-    ranks = [TrainBatches(s.train, 64, seed=5, rank=r, world_size=2, device=torch.device("cpu")) for r in (0, 1)]
+    ranks = [
+        TrainBatches(s.train, 64, seed=5, rank=r, world_size=2, device=torch.device("cpu"))
+        for r in (0, 1)
+    ]
     full = list(one.batches(epoch=1))
     again = list(one.batches(epoch=1))
     assert len(full) == len(again) > 1
@@ -87,7 +92,9 @@ def _write_folder(root, n_per_class=6, size=20, classes=("cat", "dog")):
 
 def test_image_folder_loads_recursively_through_workers(tmp_path):
     _write_folder(tmp_path)
-    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16, val_fraction=0.25)
+    cfg = DataConfig(
+        dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16, val_fraction=0.25
+    )
     s = load_splits(cfg)
     assert s.classes == ["cat", "dog"] and len(s.train) + len(s.val) == 12
     batches = TrainBatches(s.train, 4, 0, 0, 1, torch.device("cpu"), num_workers=2)
@@ -119,8 +126,15 @@ def test_image_folder_errors_name_the_problem(tmp_path):
 def test_unreadable_image_in_a_worker_is_one_line_naming_the_file(tmp_path):
     _write_folder(tmp_path)
     (tmp_path / "dog" / "zz-broken.png").write_bytes(b"not a png")
-    s = load_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16,
-                               val_fraction=0.0))
+    s = load_splits(
+        DataConfig(
+            dataset="imagefolder",
+            root=str(tmp_path),
+            in_channels=3,
+            image_size=16,
+            val_fraction=0.0,
+        )
+    )
     batches = TrainBatches(s.train, 13, 0, 0, 1, torch.device("cpu"), num_workers=2)
     with pytest.raises(DataError) as e:
         list(batches.batches(0))

@@ -112,7 +112,9 @@ def test_activations_equal_direct_forward(resnet_run):
     assert activations.open_activations(out, "fc").dims == ("presentation", "neuroid")
     assert da["label"].values.tolist() == [{"cat": 0, "dog": 1}[r.split("/")[0]] for r in rel]
     assert da.attrs["arch"] == "resnet18" and len(da.attrs["weights_sha256"]) == 64
-    assert da.attrs["preprocessing"]["output_size"] == [SIZE, SIZE] and "torch" in da.attrs["versions"]
+    assert (
+        da.attrs["preprocessing"]["output_size"] == [SIZE, SIZE] and "torch" in da.attrs["versions"]
+    )
 
 
 def test_channel_subset_and_pooling_equal_reference(resnet_run, stimuli, tmp_path):
@@ -187,7 +189,10 @@ def test_two_shards_equal_one_job(stimuli, tmp_path):
     assert s1["chunks_written"] == 1 and s1["complete"]  # the last shard finalizes
     for layer in ("features.0", "fc"):
         a = activations.open_activations(tmp_path / "one.zarr", layer).values
-        assert a.tobytes() == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        assert (
+            a.tobytes()
+            == activations.open_activations(tmp_path / "two.zarr", layer).values.tobytes()
+        )
     # A rerun with the same config reuses the finished store and computes nothing.
     again = extract(cfg("one.zarr"))
     assert again["outcome"] == "reused" and again["chunks_written"] == 0
@@ -303,13 +308,23 @@ def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, mo
     root = tmp_path / "stim"
     make_images(root, 6)
     (root / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    common = dict(layers=["layer2", "avgpool"], batch_size=4, skip_bad_images=True, preprocess="center_crop",
-                  image_size=24, num_workers=1)
+    common = dict(
+        layers=["layer2", "avgpool"],
+        batch_size=4,
+        skip_bad_images=True,
+        preprocess="center_crop",
+        image_size=24,
+        num_workers=1,
+    )
     extract(rcfg(root, tmp_path / "cpu.zarr", **common))
     split = []
     real_split = extraction.PreprocessSpec.split_at_float
     monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)
-    monkeypatch.setattr(extraction.PreprocessSpec, "split_at_float", lambda self: split.append(1) or real_split(self))
+    monkeypatch.setattr(
+        extraction.PreprocessSpec,
+        "split_at_float",
+        lambda self: split.append(1) or real_split(self),
+    )
     extract(rcfg(root, tmp_path / "device.zarr", **common))
     assert split  # the split path ran
     for layer in common["layers"]:
@@ -318,14 +333,26 @@ def test_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, mo
         assert np.isnan(a).any() and np.array_equal(a, b, equal_nan=True)
 
 
-def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(tmp_path, monkeypatch):
+def test_in_memory_uint8_batches_normalized_on_the_device_give_the_same_store(
+    tmp_path, monkeypatch
+):
     """The same for an in-memory dataset (digits at 64 px, centre-cropped): cropped here as uint8,
     scaled and normalized where the model runs."""
     from bonnerlab.extract import run as extraction
 
-    common = dict(model=ModelConfig(arch="resnet18"), stimuli="digits", split="all", limit=40, image_size=64,
-                  preprocess="center_crop", in_channels=3, layers=["layer2", "avgpool"], batch_size=16,
-                  device="cpu", progress=False)
+    common = dict(
+        model=ModelConfig(arch="resnet18"),
+        stimuli="digits",
+        split="all",
+        limit=40,
+        image_size=64,
+        preprocess="center_crop",
+        in_channels=3,
+        layers=["layer2", "avgpool"],
+        batch_size=16,
+        device="cpu",
+        progress=False,
+    )
     extract(ExtractConfig(**common, output=str(tmp_path / "cpu.zarr")))
     monkeypatch.setattr(extraction, "finish_on_device", lambda device: True)
     extract(ExtractConfig(**common, output=str(tmp_path / "device.zarr")))
@@ -389,7 +416,12 @@ def test_help_shows_field_comments(capsys):
     with pytest.raises(SystemExit):
         parse_config(ExtractConfig, ["--help"])
     text = capsys.readouterr().out
-    assert "avg, max (over space, or over" in text and "--reduce" in text and "--shard_index" in text and "--model.arch" in text
+    assert (
+        "avg, max (over space, or over" in text
+        and "--reduce" in text
+        and "--shard_index" in text
+        and "--model.arch" in text
+    )
 
 
 @pytest.mark.slow
@@ -465,7 +497,9 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
     val = load_splits(train_cfg.data).val
     pre = payload["preprocess"]
     with torch.inference_mode():
-        logits = model(BatchAugment(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40]))
+        logits = model(
+            BatchAugment(tuple(pre["mean"]), tuple(pre["std"])).normalize(val.images[:40])
+        )
     fc = activations.open_activations("acts.zarr", "fc")
     np.testing.assert_allclose(fc.values, logits.numpy(), rtol=1e-5, atol=1e-5)
     assert fc["label"].values.tolist() == val.labels[:40].tolist()

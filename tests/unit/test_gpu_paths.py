@@ -19,10 +19,25 @@ from bonnerlab.train.build import build, check_deterministic
 from bonnerlab.train.precision import Precision
 
 SLURM_AND_TORCHRUN_VARS = [
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID",
-    "SLURM_JOB_NODELIST", "SLURM_STEP_NODELIST", "SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS",
-    "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES", "SLURM_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_STEP_NODELIST",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_STEP_GPUS",
+    "SLURM_JOB_GPUS",
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_CPUS_PER_TASK",
+    "SLURM_NTASKS_PER_NODE",
 ]
 
 
@@ -101,10 +116,16 @@ def test_device_index_out_of_range_and_one_gpu_per_task(clean_env):
     assert dist.resolve_device("cuda", 3) == torch.device("cuda", 0)
 
 
-@pytest.mark.parametrize("nodelist, host", [
-    ("node7", "node7"), ("gpu[03-05,9]", "gpu03"), ("gpu[12,14-15],cpu1", "gpu12"),
-    ("a1,b[1-2]", "a1"), ("rack2-n[008-010]", "rack2-n008"),
-])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node7", "node7"),
+        ("gpu[03-05,9]", "gpu03"),
+        ("gpu[12,14-15],cpu1", "gpu12"),
+        ("a1,b[1-2]", "a1"),
+        ("rack2-n[008-010]", "rack2-n008"),
+    ],
+)
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
     assert dist.first_host(nodelist) == host
 
@@ -138,14 +159,21 @@ def test_step_without_a_nodelist_is_one_line(clean_env):
 
 
 def test_rng_state_of_this_processs_gpu_only(monkeypatch):
-    states = {0: torch.tensor([1, 2], dtype=torch.uint8), 1: torch.tensor([3, 4], dtype=torch.uint8)}
+    states = {
+        0: torch.tensor([1, 2], dtype=torch.uint8),
+        1: torch.tensor([3, 4], dtype=torch.uint8),
+    }
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: states[device])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.append((s.tolist(), device)))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state"))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda s, device: restored.append((s.tolist(), device))
+    )
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: pytest.fail("saved every GPU's state")
+    )
     saved = checkpoint.rng_state()
     assert torch.equal(saved["cuda"], states[1])
     checkpoint.set_rng_state(saved)
@@ -158,7 +186,9 @@ def test_rng_state_of_this_processs_gpu_only(monkeypatch):
 
 def test_empty_scaler_state_is_not_loaded():
     precision = Precision.resolve(torch.device("cpu"))
-    precision.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**10)  # as float16 would
+    precision.scaler = torch.amp.GradScaler(
+        "cpu", enabled=True, init_scale=2.0**10
+    )  # as float16 would
     with pytest.raises(RuntimeError, match="empty"):
         precision.scaler.load_state_dict({})  # what resuming a bf16/CPU checkpoint did
     precision.load_scaler_state({})  # a bf16 or CPU checkpoint: the fresh scaler stays
@@ -200,7 +230,9 @@ def test_deterministic_names_the_op_without_a_deterministic_kernel(tiny_train_cf
         run.model = NondeterministicHead(run.model)
         with pytest.raises(UserError) as e:
             check_deterministic(run)
-        assert "put_ does not have a deterministic implementation" in str(e.value) and "--deterministic" in str(e.value)
+        assert "put_ does not have a deterministic implementation" in str(
+            e.value
+        ) and "--deterministic" in str(e.value)
         assert "\n" not in str(e.value)
     finally:
         run.close()
@@ -212,7 +244,9 @@ def test_deterministic_names_the_op_without_a_deterministic_kernel(tiny_train_cf
 
 def test_accumulate_steps_must_divide_the_per_process_batch(tiny_train_cfg):
     try:
-        with pytest.raises(ConfigError, match="accumulate_steps 5 must divide the per-process batch 64"):
+        with pytest.raises(
+            ConfigError, match="accumulate_steps 5 must divide the per-process batch 64"
+        ):
             build(tiny_train_cfg(**{"optim.accumulate_steps": 5}), dist.setup("cpu"))
     finally:
         dist.teardown()

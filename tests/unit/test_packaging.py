@@ -40,7 +40,9 @@ def test_constraints_pin_every_requirement_within_its_minimum():
     for req in _requirements():
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} has no exact version in constraints.txt"
-        assert req.specifier.contains(pins[name]), f"constraints.txt {name}=={pins[name]} breaks {req}"
+        assert req.specifier.contains(pins[name]), (
+            f"constraints.txt {name}=={pins[name]} breaks {req}"
+        )
     assert pins["torch"] == Version("2.14.1") and pins["torchvision"] == Version("0.29.1")
 
 

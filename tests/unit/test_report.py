@@ -22,20 +22,46 @@ def _chromium() -> str:
     if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
         # a fresh machine's package lists may be empty: update them first
         subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "-o", "DPkg::Lock::Timeout=300", "--no-install-recommends",
-                        "chromium"], capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                       timeout=900)
+        subprocess.run(
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "-qq",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                "--no-install-recommends",
+                "chromium",
+            ],
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            timeout=900,
+        )
         found = shutil.which("chromium")
     if found is None:
         if os.environ.get("BONNERLAB_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium required (BONNERLAB_REQUIRE_BROWSER=1) but not installed: make chromium")
+            pytest.fail(
+                "chromium required (BONNERLAB_REQUIRE_BROWSER=1) but not installed: make chromium"
+            )
         pytest.skip("chromium is not installed (make chromium)")
     return found
 
 
 def _headless(browser: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                           "--virtual-time-budget=5000", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--allow-file-access-from-files",
+            "--virtual-time-budget=5000",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow

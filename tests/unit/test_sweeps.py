@@ -103,20 +103,38 @@ def test_existing_sweep_folder_is_refused_without_resume(tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "manifest.jsonl").write_text("")
     with pytest.raises(ClusterError, match="already exists; pass --resume"):
-        submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"), tmp_path / "sweep")
+        submit_sweep(
+            "train",
+            TrainConfig(),
+            [{"optim.lr": 0.1}],
+            SlurmConfig(cluster="local"),
+            tmp_path / "sweep",
+        )
     with pytest.raises(ClusterError, match="does not exist"):
         retry_sweep(tmp_path / "new")
     with pytest.raises(ClusterError, match=r"--task 1 is out of range: the sweep has tasks 0-0"):
-        submit_sweep("train", TrainConfig(), [{"optim.lr": 0.1}], SlurmConfig(cluster="local"),
-                     tmp_path / "new", task=1)
+        submit_sweep(
+            "train",
+            TrainConfig(),
+            [{"optim.lr": 0.1}],
+            SlurmConfig(cluster="local"),
+            tmp_path / "new",
+            task=1,
+        )
     assert not (tmp_path / "new").exists()
 
 
 def test_status_table_marks_the_best_task_and_writes_csv_and_plot(tmp_path):
     sweep = tmp_path / "sweep"
     # as the tasks leave it, without configs; no job ids: states from the markers alone
-    fake_sweep(sweep, ["DONE", "DONE", "FAILED"], points=[{"optim.lr": lr} for lr in (0.1, 0.01, 0.001)],
-               curves=[[0.5, 0.6], [0.7, 0.9, 0.85], [0.2]], job_ids=dict.fromkeys(range(3), ""), configs=False)
+    fake_sweep(
+        sweep,
+        ["DONE", "DONE", "FAILED"],
+        points=[{"optim.lr": lr} for lr in (0.1, 0.01, 0.001)],
+        curves=[[0.5, 0.6], [0.7, 0.9, 0.85], [0.2]],
+        job_ids=dict.fromkeys(range(3), ""),
+        configs=False,
+    )
     table = sweep_status(sweep)
     assert table["task"].tolist() == [0, 1, 2]
     assert table["optim.lr"].tolist() == [0.1, 0.01, 0.001]
@@ -135,7 +153,8 @@ def test_manifest_keeps_the_latest_line_of_each_task(tmp_path):
     (tmp_path / "manifest.jsonl").write_text(
         '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "5_1"}\n'
         '{"task": 0, "overrides": {}, "run_dir": "a", "job_id": "5_0"}\n'
-        '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "9_0"}\n')
+        '{"task": 1, "overrides": {}, "run_dir": "b", "job_id": "9_0"}\n'
+    )
     assert [(r["task"], r["job_id"]) for r in read_manifest(tmp_path)] == [(0, "5_0"), (1, "9_0")]
 
 
@@ -144,10 +163,14 @@ def test_status_of_a_single_run_folder(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text("epochs: 2\n")
     (run / "slurm.yaml").write_text("partition: cpu\nsubmitted:\n  job: train\n  job_id: ''\n")
-    (run / "metrics.jsonl").write_text('{"epoch": 1, "val_acc": 0.4}\n{"epoch": 2, "val_acc": 0.5}\n')
+    (run / "metrics.jsonl").write_text(
+        '{"epoch": 1, "val_acc": 0.4}\n{"epoch": 2, "val_acc": 0.5}\n'
+    )
     write_state(run, "RUNNING")
     table = sweep_status(run)
-    assert table[["task", "state", "epochs", "best_val_acc", "best"]].values.tolist() == [[0, "RUNNING", 2, 0.5, "*"]]
+    assert table[["task", "state", "epochs", "best_val_acc", "best"]].values.tolist() == [
+        [0, "RUNNING", 2, 0.5, "*"]
+    ]
     with pytest.raises(ClusterError, match="neither a sweep folder"):
         sweep_status(tmp_path / "run" / "..")
 
@@ -157,8 +180,20 @@ def test_dry_run_sweep_from_a_file(tmp_path):
 
     spec = tmp_path / "sweep.yaml"
     spec.write_text("optim.lr: [0.1, 0.01]\noptim.optimizer: [sgd, adamw]\n")
-    out = subprocess.run([*job("launch"), "--dry-run", "--sweep_file", str(spec), "--sweep_dir", str(tmp_path / "s"), "train"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            *job("launch"),
+            "--dry-run",
+            "--sweep_file",
+            str(spec),
+            "--sweep_dir",
+            str(tmp_path / "s"),
+            "train",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-3%4" in (tmp_path / "s" / "submit.sh").read_text()
     assert "dry run: 4 tasks" in out.stdout
@@ -176,15 +211,20 @@ def test_zip_pairs_values_and_multiplies_the_grid():
     assert points[0] == {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "seed": 0}
     assert points[2] == {"optim.lr": 0.1, "optim.weight_decay": 1e-4, "seed": 2}
     assert points[3] == {"optim.lr": 0.01, "optim.weight_decay": 1e-5, "seed": 0}
-    assert combine({}, zipped) == [{"optim.lr": 0.1, "optim.weight_decay": 1e-4},
-                                   {"optim.lr": 0.01, "optim.weight_decay": 1e-5}]
+    assert combine({}, zipped) == [
+        {"optim.lr": 0.1, "optim.weight_decay": 1e-4},
+        {"optim.lr": 0.01, "optim.weight_decay": 1e-5},
+    ]
     assert len(combine({"seed": [0, 1]})) == 2
 
 
 def test_zip_errors():
     from bonnerlab.cluster.sweeps import combine, parse_zip_args
 
-    with pytest.raises(ConfigError, match=r"--zip: zipped value lists must have equal lengths; got optim.lr 2, seed 3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"--zip: zipped value lists must have equal lengths; got optim.lr 2, seed 3",
+    ):
         parse_zip_args(["optim.lr=0.1,0.01", "seed=0,1,2"])
     with pytest.raises(ConfigError, match="optim.lr is both zipped and swept"):
         combine({"optim.lr": [0.1]}, {"optim.lr": [0.2]})
@@ -196,9 +236,15 @@ def test_error_line_and_failure_kinds(tmp_path):
     error_log(tmp_path, "7_2", TRACEBACK)
     record = {"job_id": "7_2", "logs": str(tmp_path)}
     assert error_line(record) == "ValueError: data.root /nope holds no images"
-    error_log(tmp_path, "8", "slurmstepd: error: Detected 1 oom_kill event in StepId=8.0. Some of the step tasks "
-                              "have been OOM Killed.\n")
-    assert error_line({"job_id": "8", "logs": str(tmp_path)}).startswith("slurmstepd: error: Detected 1 oom_kill")
+    error_log(
+        tmp_path,
+        "8",
+        "slurmstepd: error: Detected 1 oom_kill event in StepId=8.0. Some of the step tasks "
+        "have been OOM Killed.\n",
+    )
+    assert error_line({"job_id": "8", "logs": str(tmp_path)}).startswith(
+        "slurmstepd: error: Detected 1 oom_kill"
+    )
     assert error_line({"job_id": "9", "logs": str(tmp_path)}) == ""
     assert failure_kind("OUT_OF_MEMORY", "") == "out of memory"
     assert failure_kind("FAILED", "slurmstepd: error: Detected 1 oom_kill event") == "out of memory"
@@ -206,10 +252,15 @@ def test_error_line_and_failure_kinds(tmp_path):
     assert failure_kind("INTERRUPTED", "") == "preempted"
     assert failure_kind("NODE_FAIL", "") == "node failure"
     assert failure_kind("TIMEOUT", "") == "time limit"
-    assert failure_kind("FAILED", "RuntimeError: requeued 4 times, more than max_requeues=3") == "time limit"
+    assert (
+        failure_kind("FAILED", "RuntimeError: requeued 4 times, more than max_requeues=3")
+        == "time limit"
+    )
     assert failure_kind("FAILED", "ValueError: x") == "error"
     assert failure_kind("CANCELLED", "") == "cancelled"
-    assert failure_kind("DONE", "") == failure_kind("RUNNING", "") == failure_kind("PENDING", "") == ""
+    assert (
+        failure_kind("DONE", "") == failure_kind("RUNNING", "") == failure_kind("PENDING", "") == ""
+    )
 
 
 def test_status_shows_the_failed_tasks_error_line_and_kind(tmp_path):
@@ -231,12 +282,18 @@ def test_retry_resubmits_only_retryable_tasks_unless_asked(tmp_path):
     _, _, plan = plan_retry(sweep)
     assert [t.index for t in plan.tasks] == [2]
     assert plan.tasks[0].retries == 1
-    assert plan.notes == ["task 1: error (ValueError: data.root /nope holds no images); not retried without "
-                          "--retry_failed", "task 3: cancelled (CANCELLED); not retried without --retry_failed"]
+    assert plan.notes == [
+        "task 1: error (ValueError: data.root /nope holds no images); not retried without "
+        "--retry_failed",
+        "task 3: cancelled (CANCELLED); not retried without --retry_failed",
+    ]
     _, _, plan = plan_retry(sweep, retry_failed=True)
     assert [t.index for t in plan.tasks] == [1, 2, 3]
     _, _, plan = plan_retry(sweep, max_retries=0)
-    assert plan.tasks == [] and "task 2: preempted, already retried 0 times (--max_retries)" in plan.notes
+    assert (
+        plan.tasks == []
+        and "task 2: preempted, already retried 0 times (--max_retries)" in plan.notes
+    )
 
     # a dry run writes the array script of just that task and submits nothing
     plan = retry_sweep(sweep, dry_run=True)

@@ -76,13 +76,34 @@ def test_resume_after_stop_matches_uninterrupted_run(tiny_train_cfg, tmp_path):
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     """Kill the process at an arbitrary moment (no chance to save), resume from latest.pt."""
-    common = ["--device", "cpu", "--progress", "false", "--epochs", "3", "--model.width", "8",
-              "--data.batch_size", "32", "--checkpoint_every_steps", "4", "--max_steps_per_epoch", "16"]
+    common = [
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--epochs",
+        "3",
+        "--model.width",
+        "8",
+        "--data.batch_size",
+        "32",
+        "--checkpoint_every_steps",
+        "4",
+        "--max_steps_per_epoch",
+        "16",
+    ]
     env = repo_env()
     job_cmd = [*job("train"), *common]
-    subprocess.run([*job_cmd, "--run_dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*job_cmd, "--run_dir", str(tmp_path / "ref")], check=True, env=env, capture_output=True
+    )
     run = tmp_path / "killed"
-    proc = subprocess.Popen([*job_cmd, "--run_dir", str(run)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*job_cmd, "--run_dir", str(run)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # Kill it right after its first mid-epoch checkpoint, wherever it then is: still training.
     deadline = time.time() + 60
     while not (run / "checkpoints" / "latest.pt").exists() and time.time() < deadline:
@@ -91,20 +112,41 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert read_state(run) == "RUNNING"  # it never got to finish
-    subprocess.run([*job_cmd, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*job_cmd, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True
+    )
     assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    common = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--model.width", "8",
-              "--model.batchnorm", "false", "--data.batch_size", "64", "--max_steps_per_epoch", "8",
-              "--data.rotation", "20"]
+    common = [
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--epochs",
+        "1",
+        "--model.width",
+        "8",
+        "--model.batchnorm",
+        "false",
+        "--data.batch_size",
+        "64",
+        "--max_steps_per_epoch",
+        "8",
+        "--data.rotation",
+        "20",
+    ]
     env = repo_env(OMP_NUM_THREADS="1")
     train_py = str(JOBS / "train.py")
-    subprocess.run([*job("train"), *common, "--run_dir", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*job("train"), *common, "--run_dir", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     out = torchrun(train_py, *common, "--run_dir", str(tmp_path / "two"))
     assert "2 process(es)" in out.stdout
     assert_same_weights(_weights(tmp_path / "one"), _weights(tmp_path / "two"), atol=1e-5)
@@ -149,26 +191,45 @@ def test_checkpoint_errors(tiny_train_cfg, tmp_path):
 def test_jobs_print_one_line_errors_and_exit_2(tmp_path):
     env = repo_env()
     cases = [
-        (["jobs/train.py", "--data.dataset", "imagefolder", "--data.root", str(tmp_path / "none")], "does not exist"),
+        (
+            [
+                "jobs/train.py",
+                "--data.dataset",
+                "imagefolder",
+                "--data.root",
+                str(tmp_path / "none"),
+            ],
+            "does not exist",
+        ),
         (["jobs/train.py", "--optim.lr", "0"], "optim.lr must be > 0"),
         (["jobs/train.py", "--model.arch", "resnet181"], "did you mean resnet18"),
         (["jobs/evaluate.py", "--checkpoint", str(tmp_path / "x.pt")], "not found"),
     ]
     for args, message in cases:
-        out = subprocess.run([sys.executable, *args], cwd=REPO, env=env,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True
+        )
         assert out.returncode == 2, (args, out.stderr)
         lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.stderr
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            out.stderr
+        )
 
 
 def test_evaluate_job_with_no_arguments_finds_newest_run(tmp_path):
     env = repo_env()
-    common = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--max_steps_per_epoch", "3"]
-    subprocess.run([*job("train"), *common], cwd=tmp_path, env=env,
-                   check=True, capture_output=True)
-    out = subprocess.run(job("evaluate"), cwd=tmp_path, env=env,
-                         capture_output=True, text=True)
+    common = [
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--epochs",
+        "1",
+        "--max_steps_per_epoch",
+        "3",
+    ]
+    subprocess.run([*job("train"), *common], cwd=tmp_path, env=env, check=True, capture_output=True)
+    out = subprocess.run(job("evaluate"), cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     (run,) = list((tmp_path / "runs").iterdir())
     result = json.loads((run / "eval-val" / "metrics.json").read_text())

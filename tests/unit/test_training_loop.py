@@ -22,12 +22,19 @@ def _max_diff(a, b) -> float:
 
 
 def test_gradient_accumulation_equals_the_large_batch(tiny_train_cfg, tmp_path):
-    common = {"epochs": 1, "max_steps_per_epoch": 6, "model.batchnorm": False, "optim.grad_clip": 1.0}
+    common = {
+        "epochs": 1,
+        "max_steps_per_epoch": 6,
+        "model.batchnorm": False,
+        "optim.grad_clip": 1.0,
+    }
     train(tiny_train_cfg(run_dir=str(tmp_path / "one"), **common))
     train(tiny_train_cfg(run_dir=str(tmp_path / "four"), **{**common, "optim.accumulate_steps": 4}))
     one, four = _weights(tmp_path / "one"), _weights(tmp_path / "four")
     assert_same_weights(one, four, atol=1e-5)
-    assert _max_diff(one, four) > 0  # four micro-batches really ran (float sums differ in the last bits)
+    assert (
+        _max_diff(one, four) > 0
+    )  # four micro-batches really ran (float sums differ in the last bits)
     m1, m4 = read_metrics(tmp_path / "one")[0], read_metrics(tmp_path / "four")[0]
     assert m4["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-5)
     assert m4["train_acc"] == m1["train_acc"]
@@ -43,11 +50,29 @@ def test_sync_batchnorm_two_gloo_processes_equal_one_process(tmp_path):
     # batch-size-dependent order, and AdamW turns those last-bit differences in the near-zero
     # gradients of BatchNorm-followed conv weights into lr-sized steps (1e-2 after 2 steps,
     # even between two single-process runs).
-    args = ["--device", "cpu", "--progress", "false", "--epochs", "1", "--model.width", "8",
-            "--data.batch_size", "64", "--max_steps_per_epoch", "6", "--channels_last", "false"]
+    args = [
+        "--device",
+        "cpu",
+        "--progress",
+        "false",
+        "--epochs",
+        "1",
+        "--model.width",
+        "8",
+        "--data.batch_size",
+        "64",
+        "--max_steps_per_epoch",
+        "6",
+        "--channels_last",
+        "false",
+    ]
     env = repo_env(OMP_NUM_THREADS="1")
-    subprocess.run([*job("train"), *args, "--run_dir", str(tmp_path / "one")],
-                   check=True, env=env, capture_output=True)
+    subprocess.run(
+        [*job("train"), *args, "--run_dir", str(tmp_path / "one")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     _torchrun([*args, "--model.sync_batchnorm", "true"], tmp_path / "sync")
     _torchrun(args, tmp_path / "local")  # per-rank statistics: what sync_batchnorm corrects
     one = _weights(tmp_path / "one")
@@ -73,7 +98,10 @@ def test_compile_without_a_working_compiler_is_one_line(monkeypatch):
 
     def broken_compile(fn, *args, **kwargs):
         def run(*a, **k):  # what inductor raises at the first call when no C++ compiler exists
-            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nFileNotFoundError: 'g++'")
+            raise RuntimeError(
+                "InductorError: CppCompileError: C++ compile error\nFileNotFoundError: 'g++'"
+            )
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -103,9 +131,15 @@ def test_cpu_bfloat16_autocast_when_asked(tiny_train_cfg, tmp_path, monkeypatch)
         asked = Precision.resolve(cpu, amp_cpu=True)
         assert computes_in(asked) == dtype and asked.enabled == native, native
         assert not asked.scaler.is_enabled()  # bfloat16 needs no loss scaling
-        assert computes_in(Precision.resolve(cpu)) == torch.float32  # off by default: it changes results
+        assert (
+            computes_in(Precision.resolve(cpu)) == torch.float32
+        )  # off by default: it changes results
     monkeypatch.setattr(where, "cpu_has_native_bf16", lambda: True)
-    result = train(tiny_train_cfg(run_dir=str(tmp_path / "bf16"), amp_cpu=True, epochs=1, max_steps_per_epoch=4))
+    result = train(
+        tiny_train_cfg(
+            run_dir=str(tmp_path / "bf16"), amp_cpu=True, epochs=1, max_steps_per_epoch=4
+        )
+    )
     assert result["epoch"] == 1 and math.isfinite(result["train_loss"])
 
 

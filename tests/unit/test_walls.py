@@ -24,7 +24,15 @@ LIBRARY = REPO / "bonnerlab"
 # rank, nothing else. Rooms of one rank stand side by side and know nothing of each other
 # (models no data, data no models, activations none of models/data). The data flows one way:
 # data + models -> train -> checkpoints -> extract -> store (activations) -> analysis.
-GROUND_FLOOR = {"errors", "runs", "interrupt", "distributed", "checkpoint", "seeds", "pixels"}  # bonnerlab/<name>.py
+GROUND_FLOOR = {
+    "errors",
+    "runs",
+    "interrupt",
+    "distributed",
+    "checkpoint",
+    "seeds",
+    "pixels",
+}  # bonnerlab/<name>.py
 RANKS = {
     "ground": 0,  # the GROUND_FLOOR modules (and bonnerlab/__init__.py)
     "config": 1,  # every job's dataclass; no torch at all (checked below)
@@ -56,7 +64,9 @@ def module_name(path: Path) -> str:
 
 @cache
 def library_modules() -> dict[str, Path]:
-    return {module_name(p): p for p in sorted(LIBRARY.rglob("*.py")) if "__pycache__" not in p.parts}
+    return {
+        module_name(p): p for p in sorted(LIBRARY.rglob("*.py")) if "__pycache__" not in p.parts
+    }
 
 
 def _known(name: str) -> str:
@@ -70,14 +80,17 @@ def _known(name: str) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool) -> list[str]:
     modules = library_modules()
     if isinstance(node, ast.Import):
-        return [_known(a.name) if a.name.split(".")[0] == "bonnerlab" else a.name.split(".")[0]
-                for a in node.names]
+        return [
+            _known(a.name) if a.name.split(".")[0] == "bonnerlab" else a.name.split(".")[0]
+            for a in node.names
+        ]
     if node.level:  # relative: from the importing module's package
         package = source if is_package else source.rpartition(".")[0]
         for _ in range(node.level - 1):
@@ -88,7 +101,9 @@ def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool) -
     if base.split(".")[0] != "bonnerlab":
         return [base.split(".")[0]]
     # `from bonnerlab.x import y`: the submodule bonnerlab.x.y when there is one, else bonnerlab.x
-    return [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else _known(base) for a in node.names]
+    return [
+        f"{base}.{a.name}" if f"{base}.{a.name}" in modules else _known(base) for a in node.names
+    ]
 
 
 @cache
@@ -108,7 +123,11 @@ def library_imports() -> tuple[Import, ...]:
                 if isinstance(child, ast.Import | ast.ImportFrom):
                     for target in _targets(child, name, path.name == "__init__.py"):
                         found.append(Import(name, target, f"{rel}:{child.lineno}", not in_function))
-                visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda))
+                visit(
+                    child,
+                    in_function
+                    or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda),
+                )
 
         visit(ast.parse(path.read_text(), str(path)), False)
     return tuple(found)
@@ -123,9 +142,13 @@ def room(module: str) -> str:
 
 def test_every_module_is_in_a_room_of_the_table():
     rooms = {module: room(module) for module in library_modules()}
-    unknown = sorted(f"{m} (room {r!r})" for m, r in rooms.items() if r not in RANKS and r != "cluster")
-    assert not unknown, (f"modules in no room of the table in {__file__}: {', '.join(unknown)}; "
-                         "add the room (or the ground-floor module) to RANKS / GROUND_FLOOR")
+    unknown = sorted(
+        f"{m} (room {r!r})" for m, r in rooms.items() if r not in RANKS and r != "cluster"
+    )
+    assert not unknown, (
+        f"modules in no room of the table in {__file__}: {', '.join(unknown)}; "
+        "add the room (or the ground-floor module) to RANKS / GROUND_FLOOR"
+    )
 
 
 def test_the_import_walk_sees_what_is_there():
@@ -133,7 +156,9 @@ def test_the_import_walk_sees_what_is_there():
     imports = library_imports()
     assert len(library_modules()) > 20 and len(imports) > 100
     assert any(not i.module_level for i in imports)  # lazy imports are walked too
-    assert {i.target for i in imports if i.source == "bonnerlab.config"} >= {"bonnerlab.config.core"}
+    assert {i.target for i in imports if i.source == "bonnerlab.config"} >= {
+        "bonnerlab.config.core"
+    }
 
 
 def against_the_flow(imports) -> list[str]:
@@ -147,10 +172,14 @@ def against_the_flow(imports) -> list[str]:
             continue
         if src == "cluster":
             if i.module_level and dst not in CLUSTER_MAY_IMPORT:
-                wrong.append(f"{i.where}: {i.source} imports {i.target} at module level "
-                             f"(cluster/ reaches {dst}/ through registry strings or inside a function)")
+                wrong.append(
+                    f"{i.where}: {i.source} imports {i.target} at module level "
+                    f"(cluster/ reaches {dst}/ through registry strings or inside a function)"
+                )
         elif dst == "cluster":
-            wrong.append(f"{i.where}: {i.source} imports {i.target} (no room knows how it was started)")
+            wrong.append(
+                f"{i.where}: {i.source} imports {i.target} (no room knows how it was started)"
+            )
         elif src in RANKS and dst in RANKS and RANKS[dst] >= RANKS[src]:
             kind = "side by side with" if RANKS[dst] == RANKS[src] else "above"
             wrong.append(f"{i.where}: {i.source} imports {i.target} ({dst}/ is {kind} {src}/)")
@@ -171,7 +200,10 @@ def test_the_rules_catch_what_they_should():
         ("bonnerlab.data.datasets", "bonnerlab.data.folders", True): False,  # own room
     }
     for (source, target, module_level), wrong in cases.items():
-        assert bool(against_the_flow([Import(source, target, "x.py:1", module_level)])) == wrong, (source, target)
+        assert bool(against_the_flow([Import(source, target, "x.py:1", module_level)])) == wrong, (
+            source,
+            target,
+        )
 
 
 def test_no_import_runs_against_the_flow():
@@ -180,8 +212,12 @@ def test_no_import_runs_against_the_flow():
 
 
 def test_config_imports_no_torch_and_cluster_none_at_module_level():
-    wrong = [f"{i.where}: {i.source} imports {i.target}" for i in library_imports()
-             if i.target in TORCH and (room(i.source) == "config" or (room(i.source) == "cluster" and i.module_level))]
+    wrong = [
+        f"{i.where}: {i.source} imports {i.target}"
+        for i in library_imports()
+        if i.target in TORCH
+        and (room(i.source) == "config" or (room(i.source) == "cluster" and i.module_level))
+    ]
     assert not wrong, "torch where the login node runs:\n" + "\n".join(wrong)
 
 
@@ -223,12 +259,17 @@ def test_no_import_cycles():
         if i.target.startswith("bonnerlab") and i.target != i.source:
             edges.setdefault(i.source, set()).add(i.target)
             where.setdefault((i.source, i.target), []).append(i.where)
-    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the finder finds
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [
+        ["a", "b", "c"]
+    ]  # the finder finds
     lines = []
     for component in _cycles(edges):
         inside = sorted((a, b) for a in component for b in edges.get(a, ()) if b in component)
-        lines.append(" <-> ".join(component) + ":\n" + "\n".join(
-            f"  {w}: {a} imports {b}" for a, b in inside for w in where[a, b]))
+        lines.append(
+            " <-> ".join(component)
+            + ":\n"
+            + "\n".join(f"  {w}: {a} imports {b}" for a, b in inside for w in where[a, b])
+        )
     assert not lines, "import cycles:\n" + "\n".join(lines)
 
 
@@ -236,7 +277,7 @@ def test_no_import_cycles():
 
 # First on PYTHONPATH, so Python imports it at start: any import of torch (or torchvision) is
 # refused AND logged with the importing frames (a `try: import torch` would otherwise hide it).
-NO_TORCH = textwrap.dedent('''
+NO_TORCH = textwrap.dedent("""
     import os, sys, traceback
 
     class NoTorch:
@@ -250,7 +291,7 @@ NO_TORCH = textwrap.dedent('''
             return None
 
     sys.meta_path.insert(0, NoTorch())
-''')
+""")
 
 
 @pytest.fixture
@@ -265,7 +306,9 @@ def no_torch(tmp_path):
 
     def run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, str]:
         log.unlink(missing_ok=True)
-        out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
         return out, log.read_text() if log.exists() else ""
 
     return run
@@ -293,9 +336,11 @@ def test_dry_runs_of_every_job_load_no_torch(no_torch, tmp_path):
     (run / "config.yaml").write_text("epochs: 1\n")
     (run / "checkpoints" / "best.pt").write_bytes(b"")
     launch = [*job("launch"), "--dry-run", "--cluster", "local"]
-    for argv in (["train", "--run_dir", str(tmp_path / "train")],
-                 ["evaluate", "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")],
-                 ["extract", "--output", str(tmp_path / "x.zarr")]):
+    for argv in (
+        ["train", "--run_dir", str(tmp_path / "train")],
+        ["evaluate", "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")],
+        ["extract", "--output", str(tmp_path / "x.zarr")],
+    ):
         out, torch_imports = no_torch([*launch, *argv])
         assert out.returncode == 0, f"{argv[0]}: {out.stderr[-3000:]}"
         assert "nothing submitted" in out.stdout, out.stdout[-2000:]
@@ -319,7 +364,10 @@ UNLISTED = {"__init__.py"}  # a package's folder line stands for its __init__.py
 def _is_name(token: str) -> bool:
     """A path in the tree: a folder (`x/`, `.ci/run`), a file with an extension, or a Makefile."""
     return bool(re.fullmatch(r"[\w.-]+(?:/[\w.-]*)*", token)) and (
-        "/" in token or bool(re.search(r"\.[A-Za-z]\w*$", token)) or token in ("Makefile", "LICENSE"))
+        "/" in token
+        or bool(re.search(r"\.[A-Za-z]\w*$", token))
+        or token in ("Makefile", "LICENSE")
+    )
 
 
 def readme_tree(markdown: str) -> list[str]:
@@ -348,8 +396,10 @@ def readme_tree(markdown: str) -> list[str]:
             names.append(token)
         if not names:
             continue
-        rest = line.strip()[len(names_part):]
-        description_column = indent + len(names_part) + len(rest) - len(rest.lstrip()) if rest else None
+        rest = line.strip()[len(names_part) :]
+        description_column = (
+            indent + len(names_part) + len(rest) - len(rest.lstrip()) if rest else None
+        )
         while stack and stack[-1][0] >= indent:
             stack.pop()
         parent = stack[-1][1] if stack else ""
@@ -374,18 +424,33 @@ def test_the_tree_parser():
         .ci/run                    CI
         ```
     """)
-    assert readme_tree(tree) == ["bonnerlab/", "bonnerlab/config/", "bonnerlab/config/core.py",
-                                 "bonnerlab/errors.py", "bonnerlab/runs.py", "jobs/", "jobs/train.py",
-                                 "jobs/launch.py", "jobs/status.py", "Makefile", "environment.yml", ".ci/run"]
+    assert readme_tree(tree) == [
+        "bonnerlab/",
+        "bonnerlab/config/",
+        "bonnerlab/config/core.py",
+        "bonnerlab/errors.py",
+        "bonnerlab/runs.py",
+        "jobs/",
+        "jobs/train.py",
+        "jobs/launch.py",
+        "jobs/status.py",
+        "Makefile",
+        "environment.yml",
+        ".ci/run",
+    ]
 
 
 def test_readme_tree_names_every_library_and_job_file_and_only_files_that_exist():
     named = readme_tree((REPO / "README.md").read_text())
-    files = sorted(p.relative_to(REPO).as_posix() for folder in ("bonnerlab", "jobs")
-                   for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts and p.name not in UNLISTED)
+    files = sorted(
+        p.relative_to(REPO).as_posix()
+        for folder in ("bonnerlab", "jobs")
+        for p in (REPO / folder).rglob("*.py")
+        if "__pycache__" not in p.parts and p.name not in UNLISTED
+    )
     missing = [f for f in files if f not in named]
     absent = [p for p in named if not (REPO / p).exists()]
-    problems = [f"not in the README's tree: {', '.join(missing)}"] * bool(missing) + \
-               [f"named in the README's tree but absent: {', '.join(absent)}"] * bool(absent)
+    problems = [f"not in the README's tree: {', '.join(missing)}"] * bool(missing) + [
+        f"named in the README's tree but absent: {', '.join(absent)}"
+    ] * bool(absent)
     assert not problems, "\n".join(problems)
-
