@@ -145,8 +145,9 @@ def check_cuda_usable(requested: str) -> None:
     build = torch.version.cuda or "none (a CPU-only build)"
     raise UserError(
         f"GPUs allocated ({allocated}) but CUDA is unavailable to torch "
-        f"{torch.__version__} (CUDA build {build}, NVIDIA driver {_driver_version()}): install a torch "
-        "build for the node's CUDA driver (e.g. pip install -c constraints.txt torch torchvision "
+        f"{torch.__version__} (CUDA build {build}, NVIDIA driver {_driver_version()}): "
+        "install a torch build for the node's CUDA driver "
+        "(e.g. pip install -c constraints.txt torch torchvision "
         "--index-url https://download.pytorch.org/whl/cu126), or pass --device cpu"
     )
 

@@ -26,7 +26,8 @@ class RunDirError(UserError):
 
 
 class ClusterError(UserError):
-    """A job SLURM would refuse or could not run, or a folder that holds no job: nothing was queued."""
+    """A job SLURM would refuse or could not run, or a folder that holds no job: nothing was
+    queued."""
 
 
 class StoreError(UserError):

@@ -49,7 +49,8 @@ Handlers = dict[int, Callable[..., Any] | int | None]
 
 
 def install_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> Handlers:
-    """Route `signals` to `request_stop`; returns the previous handlers. Only valid in the main thread."""
+    """Route `signals` to `request_stop`; returns the previous handlers. Only valid in the main
+    thread."""
     previous = {sig: signal.getsignal(sig) for sig in signals}
     for sig in signals:
         signal.signal(sig, request_stop)

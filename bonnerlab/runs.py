@@ -137,7 +137,8 @@ class RunPaths:
 
 
 class SweepPaths(RunPaths):
-    """A sweep folder: the shared parts of RunPaths (code/, logs/, git.txt) plus the task folders."""
+    """A sweep folder: the shared parts of RunPaths (code/, logs/, git.txt) plus the task
+    folders."""
 
     @property
     def sweep_yaml(self) -> Path:

@@ -88,7 +88,8 @@ def open_activations(
 
 
 def flatten(da):
-    """(presentation, ...) -> (presentation, neuroid), neuroid running over the feature dims in C order."""
+    """(presentation, ...) -> (presentation, neuroid), neuroid running over the feature dims in C
+    order."""
     feature_dims = [d for d in da.dims if d != PRESENTATION]
     if feature_dims == ["neuroid"]:
         return da

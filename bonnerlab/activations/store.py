@@ -5,7 +5,8 @@ Layout of `<store>.zarr/`:
 zarr.json                 group attrs: identity + fingerprint, provenance, chunk size, complete
 stimulus, label, ...      coordinates along `presentation` (written once, at creation; a stimulus
                           sheet's extra columns are typed coordinates too)
-<layer>/                  one array per layer: (presentation, channel, y, x) or (presentation, neuroid)
+<layer>/                  one array per layer: (presentation, channel, y, x) or
+                          (presentation, neuroid)
 .done/<layer>/<chunk>     a marker per finished chunk, written temp + rename (atomic)
 ```
 Why this shape:
@@ -154,7 +155,8 @@ class ActivationStore:
             values = data[layer]
             if values.shape[0] != sl.stop - sl.start:
                 raise ValueError(
-                    f"chunk {chunk} of {layer}: {values.shape[0]} rows, expected {sl.stop - sl.start}"
+                    f"chunk {chunk} of {layer}: {values.shape[0]} rows, "
+                    f"expected {sl.stop - sl.start}"
                 )
             self._arrays[layer][sl] = values
             marker = self._marker(layer, chunk)
@@ -226,10 +228,12 @@ def open_store(
             if not overwrite:
                 diff = _differences(existing.get("identity", {}), identity)
                 raise StoreError(
-                    f"{path} was made with a different config ({'; '.join(diff[:3]) or 'unknown'}); "
+                    f"{path} was made with a different config "
+                    f"({'; '.join(diff[:3]) or 'unknown'}); "
                     "pass --overwrite to replace it or choose another output path"
                 )
-            # Rename aside first: atomic, so of several shards told to overwrite only one removes it.
+            # Rename aside first: atomic, so of several shards told to overwrite only one
+            # removes it.
             aside = path.with_name(f"{path.name}.old-{uuid.uuid4().hex[:8]}")
             try:
                 os.rename(path, aside)
@@ -353,7 +357,8 @@ def _create(
 
 
 def finalize(path: str | Path) -> dict[str, Any]:
-    """Finalize a store by hand (after all shards ran): `python -m bonnerlab.activations finalize PATH`."""
+    """Finalize a store by hand (after all shards ran):
+    `python -m bonnerlab.activations finalize PATH`."""
     if not Path(path, "zarr.json").is_file():
         raise StoreError(f"{path} is not an activation store")
     return ActivationStore(path).finalize()

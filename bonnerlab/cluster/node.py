@@ -3,12 +3,13 @@
 What happens on the node (`ClusterJob.__call__`):
   * torch.distributed's env:// variables are exported for multi-task jobs (submitit's
     TorchDistributedEnvironment); rank and world size then come from `bonnerlab.distributed` only;
-  * STATE markers RUNNING -> DONE | FAILED in the run folder (the job writes them, not the launcher);
+  * STATE markers RUNNING -> DONE | FAILED in the run folder (the job writes them, not the
+    launcher);
   * SIGTERM (preemption, scancel) and SIGUSR2 (submitit's "time limit is near") only set
     `bonnerlab.interrupt`'s flag; `train` saves `latest.pt` at the next step boundary and returns;
-  * after a SIGUSR2 save, submitit's own handler runs `checkpoint()` and `scontrol requeue`s the job;
-    after a SIGTERM save, SLURM itself requeues (preemption) or cancels the job, so the process waits
-    to be killed instead of reporting a result that is not final;
+  * after a SIGUSR2 save, submitit's own handler runs `checkpoint()` and `scontrol requeue`s the
+    job; after a SIGTERM save, SLURM itself requeues (preemption) or cancels the job, so the
+    process waits to be killed instead of reporting a result that is not final;
   * every start resumes from `latest.pt` when it exists: on this SLURM a preempted job restarts from
     its original submission without `checkpoint()` ever being called;
   * `max_requeues` bounds the loop through `SLURM_RESTART_COUNT`.
@@ -104,7 +105,8 @@ class ClusterJob:
     def __call__(self) -> dict[str, Any]:
         from bonnerlab import interrupt
 
-        interrupt.enable_crash_stacks()  # a fatal signal prints the Python stack into the task's log
+        # a fatal signal prints the Python stack into the task's log
+        interrupt.enable_crash_stacks()
         run_dir = Path(self.run_dir)
         rank = rank_after_export(self.gpus_per_node)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)

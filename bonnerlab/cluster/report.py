@@ -19,7 +19,8 @@ from typing import Any
 from bonnerlab.runs import atomic_write_text, read_metrics, save_figure
 
 SORT_JS = """
-document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventListener("click", () => {
+document.querySelectorAll("table.sortable th").forEach((th, col) => \
+th.addEventListener("click", () => {
   const body = th.closest("table").tBodies[0];
   const asc = th.dataset.order !== "asc";
   th.closest("tr").querySelectorAll("th").forEach(h => delete h.dataset.order);
@@ -31,10 +32,12 @@ document.querySelectorAll("table.sortable th").forEach((th, col) => th.addEventL
 }));
 // report.html#sort=<column> opens sorted by that column (a link worth sharing)
 const wanted = decodeURIComponent(location.hash.replace(/^#sort=/, ""));
-document.querySelectorAll("table.sortable th").forEach(th => { if (location.hash && th.textContent === wanted) th.click(); });
+document.querySelectorAll("table.sortable th").forEach(th => { \
+if (location.hash && th.textContent === wanted) th.click(); });
 window.addEventListener("load", () => {
   const imgs = [...document.images];
-  document.body.dataset.imagesLoaded = String(imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0));
+  document.body.dataset.imagesLoaded = \
+String(imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0));
 });
 """
 
@@ -114,7 +117,8 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>{len(table)} task(s); {html.escape(hours)} (sacct elapsed time &times; allocated GPUs or CPUs)</p>",
+        f"<p>{len(table)} task(s); {html.escape(hours)} "
+        "(sacct elapsed time &times; allocated GPUs or CPUs)</p>",
         "<h2>Results</h2><table class='sortable' id='results'><thead><tr>"
         + "".join(f"<th>{html.escape(str(c))}</th>" for c in shown)
         + "</tr></thead><tbody>",
@@ -124,7 +128,8 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
     if failed:
         parts.append("<h2>Failed tasks</h2><ul id='errors'>")
         parts += [
-            f"<li>task {r['task']} ({html.escape(r['failure'])}): <code>{html.escape(r['error'])}</code></li>"
+            f"<li>task {r['task']} ({html.escape(r['failure'])}): "
+            f"<code>{html.escape(r['error'])}</code></li>"
             for r in failed
         ]
         parts.append("</ul>")

@@ -4,9 +4,9 @@
     jobs = query(["12_0", "12_1", "13"])       # ONE squeue + at most ONE sacct, any number of ids
     cancel(["12", "13_4"])                     # ONE scancel
 
-Submission itself is submitit's sbatch call (bonnerlab/cluster/submit.py). When no controller answers,
-every function raises the same one-line `ClusterError` (NO_CONTROLLER) instead of SLURM's own
-message (`resolve_ctls_from_dns_srv: res_nsearch error`), so every command says what to do.
+Submission itself is submitit's sbatch call (bonnerlab/cluster/submit.py). When no controller
+answers, every function raises the same one-line `ClusterError` (NO_CONTROLLER) instead of SLURM's
+own message (`resolve_ctls_from_dns_srv: res_nsearch error`), so every command says what to do.
 `CALLS` counts the commands run in this process (the status benchmark and tests read it).
 """
 
@@ -28,7 +28,8 @@ NO_CONTROLLER = (
 
 # What SLURM's clients print when they cannot find or reach slurmctld (22.05 and later).
 _NO_CONTROLLER_TEXT = re.compile(
-    r"Unable to contact slurm controller|Could not establish a configuration source|resolve_ctls_from_dns_srv"
+    r"Unable to contact slurm controller|Could not establish a configuration source"
+    r"|resolve_ctls_from_dns_srv"
     r"|Connection refused|connect failure|Unable to establish control machine"
     r"|Socket timed out",
     re.I,
@@ -165,7 +166,9 @@ class JobInfo:
     """What SLURM knows of one job or array task."""
 
     job_id: str
-    state: str  # squeue/sacct long name, e.g. RUNNING, COMPLETED, OUT_OF_MEMORY ("CANCELLED by 0" -> CANCELLED)
+    # squeue/sacct long name, e.g. RUNNING, COMPLETED, OUT_OF_MEMORY
+    # ("CANCELLED by 0" -> CANCELLED)
+    state: str
     elapsed_s: int = 0  # sacct ElapsedRaw (0 while queued)
     gpus: int = 0  # allocated GPUs (all nodes)
     cpus: int = 0  # allocated CPUs (all nodes)
@@ -192,7 +195,8 @@ def _tres(text: str, key: str) -> float:
 
 
 def parse_sacct(text: str) -> dict[str, JobInfo]:
-    """`sacct -n -X -P -o JobID,State,ElapsedRaw,AllocTRES,ExitCode` -> job id -> JobInfo (last line wins)."""
+    """`sacct -n -X -P -o JobID,State,ElapsedRaw,AllocTRES,ExitCode` -> job id -> JobInfo (last
+    line wins)."""
     found: dict[str, JobInfo] = {}
     for line in text.splitlines():
         parts = line.split("|")

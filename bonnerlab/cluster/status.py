@@ -1,12 +1,14 @@
 """Every run and sweep folder read back: states, failure kinds, error lines, tables.
 
-    table = sweep_status("runs/sweep-lr")    # one row per task; results.csv, results.png, report.html
+    table = sweep_status("runs/sweep-lr")    # one row per task; results.csv, results.png,
+                                               report.html
     overview = status_all("runs")             # one row per run and sweep folder, newest first
 
-State comes from SLURM while it knows the job (`bonnerlab.cluster.slurm_cli.query`: ONE squeue and ONE sacct
-for any number of folders), corrected by the job's own STATE marker; without a controller, from
-the markers alone. A task that did not finish gets a failure kind (`failure_kind`) and the last
-line of its error log (`error_line`), which `bonnerlab.cluster.sweeps.retry_sweep` acts on.
+State comes from SLURM while it knows the job (`bonnerlab.cluster.slurm_cli.query`: ONE squeue
+and ONE sacct for any number of folders), corrected by the job's own STATE marker; without a
+controller, from the markers alone. A task that did not finish gets a failure kind
+(`failure_kind`) and the last line of its error log (`error_line`), which
+`bonnerlab.cluster.sweeps.retry_sweep` acts on.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def folder_kind(path: Path) -> str:
     if paths.config_yaml.exists():
         return "run"
     raise ClusterError(
-        f"{path} is neither a sweep folder (sweep.yaml, manifest.jsonl) nor a run folder (config.yaml)"
+        f"{path} is neither a sweep folder (sweep.yaml, manifest.jsonl) "
+        "nor a run folder (config.yaml)"
     )
 
 
@@ -238,8 +241,8 @@ def sweep_status(
     write: bool = True,
     infos: dict[str, slurm_cli.JobInfo] | None = None,
 ) -> Any:
-    """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and last
-    `metric`, GPU/CPU hours, and `best` marking the best task.
+    """A pandas DataFrame, one row per task: overrides, state, failure kind, error line, best and
+    last `metric`, GPU/CPU hours, and `best` marking the best task.
 
     With `write`, also saves results.csv, results.png (metric vs each swept value) and report.html
     (bonnerlab/cluster/report.py) in `path`.

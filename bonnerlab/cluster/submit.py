@@ -6,8 +6,9 @@
 ONE path queues everything: a single job, a sweep's job array, the retry of some of its tasks
 (each task may carry its own request, e.g. more memory) and extraction shards all become a
 `Submission` of `Task`s handed to `submit_tasks`. What differs per kind of job lives on its
-`JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is bonnerlab/cluster/node.py;
-every SLURM command other than submitit's sbatch is bonnerlab/cluster/slurm_cli.py.
+`JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is
+bonnerlab/cluster/node.py; every SLURM command other than submitit's sbatch is
+bonnerlab/cluster/slurm_cli.py.
 
 The code a job runs is a snapshot copied into the run (or sweep) folder at submission
 (PYTHONPATH), so editing the checkout after submitting does not change a queued job.
@@ -64,7 +65,8 @@ def check_partition(cfg: SlurmConfig, parts: dict[str, slurm_cli.Partition]) -> 
         _check(
             part.gpus_per_node >= cfg.gpus_per_node,
             f"partition {part.name} has {part.gpus_per_node or 'no'} GPUs per node but "
-            f"{cfg.gpus_per_node} were requested; partitions with enough: {', '.join(with_gpus) or 'none'}",
+            f"{cfg.gpus_per_node} were requested; "
+            f"partitions with enough: {', '.join(with_gpus) or 'none'}",
         )
     _check(
         cfg.time_minutes <= part.max_time_minutes,
@@ -85,7 +87,8 @@ def check_against_cluster(cfg: SlurmConfig) -> slurm_cli.Partition:
 
 
 def check_job_inputs(kind: str, cfg: Any) -> None:
-    """Inputs that must exist before queueing (a job failing after an hour in the queue is worse)."""
+    """Inputs that must exist before queueing (a job failing after an hour in the queue is
+    worse)."""
     if kind == "train" and cfg.data.dataset != "digits":
         _check(Path(cfg.data.root).exists(), f"data.root {cfg.data.root} does not exist")
     for name in spec_of(kind).input_fields:
@@ -157,7 +160,8 @@ def sbatch_script(
     array: int | None = None,
     python: str | None = None,
 ) -> str:
-    """The script submitit hands to sbatch, without submitting (for --dry-run and the golden test)."""
+    """The script submitit hands to sbatch, without submitting (for --dry-run and the golden
+    test)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     params = sbatch_parameters(cfg, job_name, setup)
@@ -222,7 +226,8 @@ class _patched_env:
 
 
 def _code_env(cluster: str, code_dir: Path) -> dict[str, str]:
-    """Local executors run the snapshot like an sbatch job would (sbatch gets it from the script)."""
+    """Local executors run the snapshot like an sbatch job would (sbatch gets it from the
+    script)."""
     if cluster != "local":
         return {}
     path = os.environ.get("PYTHONPATH")
@@ -331,7 +336,8 @@ class Task:
 
 @dataclass
 class Submission:
-    """What to queue: tasks of one job kind, in `folder` (a run folder, or a sweep folder when `array`)."""
+    """What to queue: tasks of one job kind, in `folder` (a run folder, or a sweep folder when
+    `array`)."""
 
     kind: str
     folder: Path

@@ -1,17 +1,21 @@
-"""Sweeps: grid and zip of config overrides -> job arrays -> a sweep folder; retries by failure kind.
+"""Sweeps: grid and zip of config overrides -> job arrays -> a sweep folder; retries by failure
+kind.
 
-    points = combine(parse_sweep_args(["optim.lr=0.1,0.01"]), parse_zip_args(["epochs=2,4", "seed=0,1"]))
+    points = combine(parse_sweep_args(["optim.lr=0.1,0.01"]),
+                     parse_zip_args(["epochs=2,4", "seed=0,1"]))
     tasks = submit_sweep("train", TrainConfig(), points, SlurmConfig(), "runs/sweep-lr")
     table = sweep_status("runs/sweep-lr")     # pandas DataFrame; works with no launcher alive
     tasks, notes = retry_sweep("runs/sweep-lr")   # resubmit what failed for a reason worth retrying
 
 Sweep folder (bonnerlab.runs.SweepPaths):
     sweep.yaml         job, base config, spec and points, SLURM request
-    manifest.jsonl     one line per task submission: task, overrides, run_dir, job_id, retries (last wins)
+    manifest.jsonl     one line per task submission: task, overrides, run_dir, job_id, retries
+                       (last wins)
     code/              the code snapshot every task runs
     logs/              submitit's pickles and per-task logs (<array>_<task>_<rank>_log.out/.err)
     submit-<id>.sh     the sbatch script of each array
-    task-000/ ...      one run folder per task (config.yaml, slurm.yaml, metrics.jsonl, checkpoints/, STATE)
+    task-000/ ...      one run folder per task (config.yaml, slurm.yaml, metrics.jsonl,
+                       checkpoints/, STATE)
     results.csv, results.png, report.html   written by `jobs/status.py`
 
 Reading folders back (states, failure kinds, error lines, tables) is bonnerlab/cluster/status.py.
@@ -44,7 +48,8 @@ from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, to_dict
 from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
 
-# status is bonnerlab/cluster/status.py's; these names stay importable from here for analysis scripts
+# status is bonnerlab/cluster/status.py's; these names stay importable from here for analysis
+# scripts
 __all__ = [
     "chunks",
     "combine",
@@ -117,7 +122,8 @@ def _spec_section(data: Any, path: Path, section: str) -> dict[str, list[Any]]:
         return {}
     if not isinstance(data, dict) or not data:
         raise ConfigError(
-            f"sweep file {path}: {section} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'"
+            f"sweep file {path}: {section} must map keys to value lists, "
+            "e.g. 'optim.lr: [0.1, 0.01]'"
         )
     spec = {}
     for key, values in data.items():

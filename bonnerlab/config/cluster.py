@@ -109,7 +109,8 @@ class SlurmConfig:
             # DDP runs one process per GPU; anything else leaves GPUs idle or shares one GPU
             check(
                 self.tasks_per_node == self.gpus_per_node,
-                f"tasks_per_node ({self.tasks_per_node}) must equal gpus_per_node ({self.gpus_per_node}): "
+                f"tasks_per_node ({self.tasks_per_node}) must equal "
+                f"gpus_per_node ({self.gpus_per_node}): "
                 "one process per GPU (leave tasks_per_node at 0 to get that)",
             )
         check(
@@ -142,8 +143,8 @@ class LaunchConfig:
     sweep_file: str = ""
     # sweep folder (default <runs_root>/sweep-<date>-<time>-<job>)
     sweep_dir: str = ""
-    # resubmit the retryable tasks of --sweep_dir (preempted, node failure, time limit, out of memory);
-    # --sweep_dir may also be a single run folder
+    # resubmit the retryable tasks of --sweep_dir (preempted, node failure, time limit, out of
+    # memory); --sweep_dir may also be a single run folder
     resume: bool = field(default=False, metadata=switch())
     # with --resume: also resubmit tasks that failed with an error in the job, or were cancelled
     retry_failed: bool = field(default=False, metadata=switch())
@@ -173,7 +174,8 @@ class LaunchConfig:
 
 @dataclass
 class StatusConfig:
-    """Every run and sweep at a glance, or one folder's table; writes results.csv and results.png."""
+    """Every run and sweep at a glance, or one folder's table; \
+writes results.csv and results.png."""
 
     # sweep or run folder; none = every folder under --runs_root
     path: str = field(default="", metadata=positional())

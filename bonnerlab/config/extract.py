@@ -155,7 +155,8 @@ class ExtractConfig:
         check(self.num_shards >= 1, f"num_shards must be >= 1; got {self.num_shards}")
         check(
             0 <= self.shard_index < self.num_shards,
-            f"shard_index {self.shard_index} is out of range for num_shards {self.num_shards} (0..{self.num_shards - 1})",
+            f"shard_index {self.shard_index} is out of range for num_shards {self.num_shards} "
+            f"(0..{self.num_shards - 1})",
         )
         # Parse now so a bad spec fails before any model is built.
         layer_options(self, self.layers)
@@ -228,7 +229,8 @@ def _per_layer(
 
 
 def layer_matches(pattern: str, name: str) -> bool:
-    """`blocks.*` matches blocks.0 but not blocks.0.attn (* stays within one dotted part; ** crosses)."""
+    """`blocks.*` matches blocks.0 but not blocks.0.attn (* stays within one dotted part; **
+    crosses)."""
     import re
 
     module, sep, element = pattern.partition(":")

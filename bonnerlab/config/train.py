@@ -201,7 +201,8 @@ class TrainConfig:
     # bfloat16 autocast on a CPU that runs it natively (AVX512-BF16, AMX; float32 elsewhere):
     # about 2x a ResNet step there (bench/bench_natural.py); off by default: it changes results
     amp_cpu: bool = False
-    # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and BatchNorm on CPU
+    # channels-last (NHWC) memory format: faster convolutions on CUDA, faster pooling and
+    # BatchNorm on CPU
     channels_last: bool = True
     # bit-reproducible CUDA runs: deterministic kernels only (an op without one is an error),
     # no TF32, no cuDNN autotuning; slower. CPU runs are reproducible without it.

@@ -309,7 +309,8 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemoryDataset:
     images, labels = _read_idx(files[0]), _read_idx(files[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(
-            f"MNIST files in {raw} disagree: {tuple(images.shape)} images, {tuple(labels.shape)} labels"
+            f"MNIST files in {raw} disagree: {tuple(images.shape)} images, "
+            f"{tuple(labels.shape)} labels"
         )
     images = _to_channels(_resize_uint8(images.unsqueeze(1), cfg.image_size), cfg.in_channels)
     prefix = "train" if train_files else "test"

@@ -112,7 +112,8 @@ def scan_collection(root: Path) -> FileList:
             labels += [label] * len(found)
         if not files and split == "train":
             raise DataError(
-                f"no images in {base}: expected {base}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
+                f"no images in {base}: expected "
+                f"{base}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
             )
         splits[split] = (files, labels)
     return FileList(classes, splits)

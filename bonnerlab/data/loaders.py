@@ -52,7 +52,8 @@ def place_in_memory(source: Dataset, device: torch.device, cap_bytes: float) -> 
 def _gather(
     source: InMemoryDataset, idx: torch.Tensor, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `idx` of an in-memory source, on `device` (gathered there when the data lives there)."""
+    """Batch `idx` of an in-memory source, on `device` (gathered there when the data lives
+    there)."""
     images, labels = source.images, source.labels
     if images.device == device:
         return images.index_select(0, idx.to(device)), labels.index_select(0, idx.to(device))
@@ -140,7 +141,8 @@ class TrainBatches:
             )
         if len(source) < global_batch:
             raise DataError(
-                f"training split has {len(source)} images, fewer than data.batch_size {global_batch}"
+                f"training split has {len(source)} images, "
+                f"fewer than data.batch_size {global_batch}"
             )
         self.source, self.global_batch, self.seed = source, global_batch, seed
         self.rank, self.world_size, self.device = rank, world_size, device

@@ -249,7 +249,8 @@ def check_plan(name: str, shape: tuple[int, ...], channels: list[int] | None, po
             raise UserError(f"layer {name} outputs {list(shape)}: it has no channels to select")
         if max(channels) >= shape[dim]:
             raise UserError(
-                f"channel {max(channels)} is out of range for layer {name}, which has {shape[dim]} channels (0-{shape[dim] - 1})"
+                f"channel {max(channels)} is out of range for layer {name}, "
+                f"which has {shape[dim]} channels (0-{shape[dim] - 1})"
             )
     if pooling in ("avg", "max") and len(shape) < 3:
         raise UserError(
@@ -257,7 +258,8 @@ def check_plan(name: str, shape: tuple[int, ...], channels: list[int] | None, po
         )
     if pooling in ("cls", "mean") and not tokens:
         raise UserError(
-            f"pooling {pooling} needs token outputs (batch, tokens, dim) but layer {name} outputs {list(shape)}"
+            f"pooling {pooling} needs token outputs (batch, tokens, dim) "
+            f"but layer {name} outputs {list(shape)}"
         )
 
 
@@ -342,7 +344,8 @@ class Capture:
                 t = select(out, plan.element, name)
                 if not isinstance(t, torch.Tensor):
                     raise UserError(
-                        f"layer {name} outputs a {type(t).__name__}, not a tensor; pick an element (NAME:0 or NAME:KEY) or a submodule"
+                        f"layer {name} outputs a {type(t).__name__}, not a tensor; "
+                        "pick an element (NAME:0 or NAME:KEY) or a submodule"
                     )
                 self._hand_off(name, plan.reduce(t))
             if self.stop_early and len(self.outputs) == len(self.plans):

@@ -60,7 +60,8 @@ def load_model(cfg: ExtractConfig) -> LoadedModel:
         source = load_source(cfg.model, cfg.seed, cfg.in_channels, cfg.num_classes)
     if cfg.in_channels and cfg.in_channels != source.in_channels:
         raise ConfigError(
-            f"in_channels {cfg.in_channels} does not match the model's {source.in_channels} input channels"
+            f"in_channels {cfg.in_channels} does not match the model's "
+            f"{source.in_channels} input channels"
         )
     return source
 
@@ -112,11 +113,13 @@ class Plan:
     def table(self) -> str:
         width = max(len(n) for n in self.layers)
         rows = [
-            f"{s.name:<{width}}  {list(s.shape)!s:<20} {self.bytes_per_stimulus[s.name]:>12,d} B/stimulus"
+            f"{s.name:<{width}}  {list(s.shape)!s:<20} "
+            f"{self.bytes_per_stimulus[s.name]:>12,d} B/stimulus"
             for s in self.specs
         ]
         rows.append(
-            f"{'total':<{width}}  {self.n_stimuli:,d} stimuli x {sum(self.bytes_per_stimulus.values()):,d} B "
+            f"{'total':<{width}}  {self.n_stimuli:,d} stimuli x "
+            f"{sum(self.bytes_per_stimulus.values()):,d} B "
             f"= {self.total_bytes / 1e9:.3f} GB (before compression)"
         )
         return "\n".join(rows)
@@ -186,7 +189,8 @@ def check_disk_space(output: Path, needed: int) -> None:
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise DiskSpaceError(
-            f"the store needs up to {needed / 1e9:.2f} GB but {existing} has {free / 1e9:.2f} GB free; "
+            f"the store needs up to {needed / 1e9:.2f} GB "
+            f"but {existing} has {free / 1e9:.2f} GB free; "
             "choose another --output, fewer layers, pooling or --reduce LAYER=srp:K"
         )
 

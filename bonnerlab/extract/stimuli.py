@@ -56,7 +56,8 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
         raise DataError(f"cannot read stimulus sheet {sheet}: {str(e).splitlines()[0]}") from e
     if "path" not in table.columns:
         raise DataError(
-            f"stimulus sheet {sheet} has no `path` column (columns: {', '.join(map(str, table.columns))})"
+            f"stimulus sheet {sheet} has no `path` column "
+            f"(columns: {', '.join(map(str, table.columns))})"
         )
     if limit:
         table = table.iloc[:limit]
@@ -76,7 +77,8 @@ def read_sheet(sheet: Path, limit: int = 0) -> Stimuli:
     for line, sid in enumerate(ids, start=2):
         if sid in seen:
             raise DataError(
-                f"stimulus sheet {sheet}: duplicate stimulus id {sid!r} (lines {seen[sid]} and {line})"
+                f"stimulus sheet {sheet}: duplicate stimulus id {sid!r} "
+                f"(lines {seen[sid]} and {line})"
             )
         seen[sid] = line
     labels = [-1] * len(ids)

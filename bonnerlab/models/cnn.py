@@ -65,7 +65,8 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def classifier_head(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The last Linear layer: `fc` (ResNet), `classifier.N` (VGG, EfficientNet), `heads.head` (ViT)."""
+    """The last Linear layer: `fc` (ResNet), `classifier.N` (VGG, EfficientNet), `heads.head`
+    (ViT)."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise WeightsError(f"{type(model).__name__} has no Linear classifier head to replace")

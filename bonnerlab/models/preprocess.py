@@ -12,7 +12,8 @@ float rounding.
 Modes: `model` (the published transform), `squash` (resize to image_size x image_size, bilinear,
 no crop: the old default), `center_crop` (shorter side to image_size, then the central square).
 The same module gives training its evaluation transform when fine-tuning pretrained weights
-(`bonnerlab.train.build.published_normalization`, from the transform `sources.build_model_and_transform` returns).
+(`bonnerlab.train.build.published_normalization`, from the transform
+`sources.build_model_and_transform` returns).
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ def _torchvision_steps(transform: Any) -> tuple[list[dict[str, Any]], str]:
         ], "torchvision weights.transforms()"
     if not isinstance(transform, T.Compose):
         raise ConfigError(
-            f"cannot read the preprocessing {type(transform).__name__}; pass --preprocess squash or center_crop"
+            f"cannot read the preprocessing {type(transform).__name__}; "
+            "pass --preprocess squash or center_crop"
         )
     steps: list[dict[str, Any]] = []
     for t in transform.transforms:
@@ -297,7 +299,8 @@ def _hf_steps(processor: Any) -> tuple[list[dict[str, Any]], str]:
             steps.append(_resize_step([height, width], interpolation, tensor=tensor))
         else:
             raise ConfigError(
-                f"cannot read the resize size {dict(size) if isinstance(size, dict) else size} of {type(processor).__name__}; pass --preprocess squash or center_crop"
+                f"cannot read the resize size {dict(size) if isinstance(size, dict) else size} "
+                f"of {type(processor).__name__}; pass --preprocess squash or center_crop"
             )
     if _get(processor, "do_center_crop"):
         crop = _get(processor, "crop_size")
@@ -352,7 +355,8 @@ def resolve_preprocess(
     origin: str = "",
 ) -> PreprocessSpec:
     """The preprocessing of a model: its published transform (`mode="model"`), or `squash` /
-    `center_crop` to its input size; `image_size`, `mean`, `std` override (0/empty = the model's)."""
+    `center_crop` to its input size; `image_size`, `mean`, `std` override (0/empty = the
+    model's)."""
     steps, read_from = describe(published, in_channels)
     origin = f"{origin} ({read_from})" if origin else read_from
     size = _output_size(steps)
@@ -382,7 +386,8 @@ def resolve_preprocess(
     else:
         if not side:
             raise ConfigError(
-                f"--preprocess {mode} needs --image_size: this model's own input size varies per image"
+                f"--preprocess {mode} needs --image_size: "
+                "this model's own input size varies per image"
             )
         resize = [side, side] if mode == "squash" else [side]
         steps = [_resize_step(resize, "bilinear")]

@@ -228,7 +228,8 @@ def _load_open_clip(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
         tags = open_clip.list_pretrained_tags_by_model(name)
         if weights not in tags:
             raise WeightsError(
-                f"unknown open_clip pretrained tag {weights!r} for {name}; published: {', '.join(tags) or 'none'}"
+                f"unknown open_clip pretrained tag {weights!r} for {name}; "
+                f"published: {', '.join(tags) or 'none'}"
             )
         with downloading(
             f"get open_clip weights {name}/{weights}",
@@ -445,7 +446,8 @@ def load_trained(
 
 
 def load_checkpoint_source(checkpoint: str, which: str) -> LoadedModel:
-    """A `train` run's model (its own head and channels) with the preprocessing it was trained with."""
+    """A `train` run's model (its own head and channels) with the preprocessing it was trained
+    with."""
     from bonnerlab.checkpoint import find_checkpoint
 
     path = find_checkpoint(checkpoint, which)

@@ -26,7 +26,8 @@ def file_sha256(path: Path) -> str:
 
 
 def state_sha256(model: nn.Module) -> str:
-    """sha256 over parameter/buffer names and bytes: identifies the weights whatever their source."""
+    """sha256 over parameter/buffer names and bytes: identifies the weights whatever their
+    source."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())

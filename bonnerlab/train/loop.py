@@ -1,7 +1,7 @@
 """Training as plain functions: `train(cfg) -> dict` (evaluation is bonnerlab.train.evaluate).
 
-`train` reads as its steps: `build` (bonnerlab.train.build), `restore` when resuming, `wrap` for DDP,
-then per epoch `train_one_epoch`, `evaluate_model` and `epoch_record`.
+`train` reads as its steps: `build` (bonnerlab.train.build), `restore` when resuming, `wrap` for
+DDP, then per epoch `train_one_epoch`, `evaluate_model` and `epoch_record`.
 
 They never know how they were started (laptop, torchrun, SLURM): `bonnerlab.distributed`
 answers rank/world/device, and a stop request (a signal on the cluster) makes `train` save
@@ -231,7 +231,8 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
         return
     if not cfg.resume:
         raise RunDirError(
-            f"run folder {run_dir} already holds a run; pass --resume to continue it or choose a new --run_dir"
+            f"run folder {run_dir} already holds a run; "
+            "pass --resume to continue it or choose a new --run_dir"
         )
     # read like any config file: a key an older run's config lacks (added since) is its default,
     # a renamed key its new name
@@ -244,7 +245,8 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     if changed:
         raise RunDirError(
             f"cannot resume {run_dir} with a different config ({', '.join(changed[:4])}); "
-            f"use the saved config (--config_path {RunPaths(run_dir).config_yaml}) or a new --run_dir"
+            f"use the saved config (--config_path {RunPaths(run_dir).config_yaml}) "
+            "or a new --run_dir"
         )
 
 
@@ -312,7 +314,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
     dist.print0(
         f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
-        f"({len(run.splits.train)} train / {len(run.splits.val)} val), {trainable:,}/{total:,} trainable "
+        f"({len(run.splits.train)} train / {len(run.splits.val)} val), "
+        f"{trainable:,}/{total:,} trainable "
         f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
     )
 
@@ -374,7 +377,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             if improved:
                 save("best")
             dist.print0(
-                f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} train_loss {last['train_loss']:.4f} "
+                f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} "
+                f"train_loss {last['train_loss']:.4f} "
                 f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
                 f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)"
             )

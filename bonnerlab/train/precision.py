@@ -44,7 +44,8 @@ class Precision:
         (`is_bf16_supported()` alone also counts emulation: True on a T4/V100, where bf16 is
         slow), or the `amp_dtype` asked for. A CPU: float32, or bfloat16 autocast with
         `amp_cpu` where oneDNN runs it natively. bfloat16 has float32's range and needs no loss
-        scaling; float16's scaler reads one found-inf flag back per step, a host sync bf16 avoids."""
+        scaling; float16's scaler reads one found-inf flag back per step, a host sync bf16
+        avoids."""
         if device.type == "cuda" and amp:
             if amp_dtype == "auto":
                 dtype = torch.bfloat16 if gpu_has_native_bf16() else torch.float16
@@ -76,5 +77,6 @@ class Precision:
 
     @property
     def dtype_name(self) -> str | None:
-        """`bfloat16`/`float16` when autocast is on, else None (as an extraction store records it)."""
+        """`bfloat16`/`float16` when autocast is on, else None (as an extraction store records
+        it)."""
         return str(self.dtype).removeprefix("torch.") if self.enabled else None
