@@ -21,7 +21,8 @@ T = TypeVar("T")
 
 
 class FlagParser(simple_parsing.ArgumentParser):
-    """simple-parsing with dotted flags for nested fields (`--optim.lr`, as parse_config makes them).
+    """simple-parsing with dotted flags for nested fields (`--optim.lr`, as parse_config makes
+    them).
 
     A subclass, not arguments: simple-parsing builds a subcommand's parser as `parser_class()`
     with no arguments, and every new parser resets its flag-naming mode (a class-wide global),
@@ -104,6 +105,7 @@ def print_result(result: Any) -> None:
         print(json.dumps(result), flush=True)
         if isinstance(result, dict) and result.get("interrupted"):
             print(
-                f"stopped by a signal; saved. Continue with: --run_dir {result['run_dir']} --resume",
+                f"stopped by a signal; saved. "
+                f"Continue with: --run_dir {result['run_dir']} --resume",
                 flush=True,
             )

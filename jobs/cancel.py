@@ -1,4 +1,5 @@
-"""Cancel a run's or sweep's queued and running jobs (one scancel); marks them CANCELLED, deletes nothing.
+"""Cancel a run's or sweep's queued and running jobs (one scancel); marks them CANCELLED, deletes
+nothing.
 
 python jobs/cancel.py runs/<sweep>                # every queued or running task
 python jobs/cancel.py runs/<sweep> --task 3 --task 7

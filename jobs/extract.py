@@ -1,21 +1,22 @@
 """Extract layer activations into a zarr store (read it back with bonnerlab.activations).
 
-    python jobs/extract.py --checkpoint runs/<run> --layers features.1 features.2   # CPU, digits
-    python jobs/extract.py --checkpoint runs/<run> --list_layers                     # pick names
+    python jobs/extract.py --checkpoint runs/<run> \
+        --layers features.1 features.2                                            # CPU, digits
+    python jobs/extract.py --checkpoint runs/<run> --list_layers                  # pick names
     python jobs/extract.py --model.arch resnet18 --model.weights DEFAULT --stimuli /data/stimuli \
         --layers layer2 layer3 avgpool --pooling layer2=avg --channels layer3=0-63 \
-        --output acts/resnet18.zarr                                                  # pretrained
+        --output acts/resnet18.zarr                                               # pretrained
     python jobs/extract.py --model.arch timm:vit_base_patch16_224 --model.weights DEFAULT \
-        --stimuli sheet.csv --layers 'blocks.*' --pooling cls --reduce srp:4096      # timm ViT
+        --stimuli sheet.csv --layers 'blocks.*' --pooling cls --reduce srp:4096   # timm ViT
     python jobs/extract.py --model.arch open_clip:ViT-B-32 --model.weights laion2b_s34b_b79k \
-        --layers 'transformer.resblocks.*' output                                   # CLIP image tower
+        --layers 'transformer.resblocks.*' output                                 # CLIP image tower
     python jobs/extract.py --model.arch hf:facebook/dinov2-small --model.weights DEFAULT \
-        --layers 'encoder.layer.*:0' output:pooler_output                            # transformers
-    python jobs/extract.py ... --plan                                                # sizes, then exit
-    python jobs/extract.py ... --device cuda --amp                                   # one GPU
-    python jobs/extract.py ... --shard_index 3 --num_shards 8                        # one array task
-    python jobs/launch.py ... extract --shards 8 ...                                 # SLURM array
-    python -m bonnerlab.activations finalize acts/resnet18.zarr                      # by hand
+        --layers 'encoder.layer.*:0' output:pooler_output                         # transformers
+    python jobs/extract.py ... --plan                                             # sizes, then exit
+    python jobs/extract.py ... --device cuda --amp                                # one GPU
+    python jobs/extract.py ... --shard_index 3 --num_shards 8                     # one array task
+    python jobs/launch.py ... extract --shards 8 ...                              # SLURM array
+    python -m bonnerlab.activations finalize acts/resnet18.zarr                   # by hand
 
 A killed job, started again with the same flags, only redoes the batches it had not finished.
 """

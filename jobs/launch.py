@@ -4,16 +4,21 @@
     python jobs/launch.py --partition gpu --gpus_per_node 1 train --optim.lr 0.01
     python jobs/launch.py --partition gpu --gpus_per_node 2 train     # DDP: one task per GPU
     python jobs/launch.py --sweep optim.lr=0.1,0.03,0.01 --sweep optim.optimizer=sgd,adamw train
-    python jobs/launch.py --zip optim.lr=0.1,0.01 --zip optim.weight_decay=1e-4,1e-5 --sweep seed=0,1 train
+    python jobs/launch.py --zip optim.lr=0.1,0.01 --zip optim.weight_decay=1e-4,1e-5 \
+        --sweep seed=0,1 train
     python jobs/launch.py --sweep_file sweep.yaml --sweep_dir runs/lr-sweep train
-    python jobs/launch.py --sweep_dir runs/lr-sweep --task 0 --cluster local --sweep optim.lr=0.1,0.01 train
-    python jobs/launch.py --sweep_dir runs/lr-sweep --resume          # only what failed for a retryable reason
-    python jobs/launch.py --sweep_dir runs/lr-sweep --resume --retry_failed   # code errors too (after a fix)
+    python jobs/launch.py --sweep_dir runs/lr-sweep --task 0 --cluster local \
+        --sweep optim.lr=0.1,0.01 train
+    python jobs/launch.py --sweep_dir runs/lr-sweep --resume          # only what failed for a
+                                                                        retryable reason
+    python jobs/launch.py --sweep_dir runs/lr-sweep --resume --retry_failed   # code errors too
+                                                                                (after a fix)
     python jobs/launch.py --dry-run train                             # write + print submit.sh only
     python jobs/launch.py --wait evaluate --checkpoint runs/<run>
     python jobs/launch.py --cluster local train                       # no SLURM: same job, locally
     python jobs/launch.py --shards 8 extract --checkpoint runs/<run> --stimuli /data/stimuli
-    python jobs/status.py runs/lr-sweep                               # table, results.csv, plot, report.html
+    python jobs/status.py runs/lr-sweep                               # table, results.csv, plot,
+                                                                        report.html
 
 Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig);
 flags after it are the job's own (`train --help`). `--config_path FILE` before the job name takes a
@@ -53,7 +58,8 @@ class Launch:
 
     slurm: SlurmConfig
     opts: LaunchConfig
-    # train, evaluate or extract; "" for `--resume` alone (the sweep's job comes from its sweep.yaml)
+    # train, evaluate or extract; "" for `--resume` alone (the sweep's job comes from its
+    # sweep.yaml)
     kind: str = ""
     job: TrainConfig | EvaluateConfig | ExtractConfig | None = None
     # whether a SLURM value came from a flag or a file: --resume otherwise reuses each task's own
@@ -189,7 +195,8 @@ def main(argv: list[str]) -> Any:
         return launch_retry(kind, slurm if launch.slurm_given else None, opts)
     if opts.resume:
         raise ConfigError(
-            "--resume is for sweep folders (with --sweep_dir); a train run resumes with train --resume"
+            "--resume is for sweep folders (with --sweep_dir); "
+            "a train run resumes with train --resume"
         )
     if not kind:
         raise ConfigError(
@@ -359,7 +366,8 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
         print(f"dry run: {opts.shards} shards of {output}; nothing submitted")
         return tasks
     print(
-        f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, writing {output}"
+        f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, "
+        f"writing {output}"
     )
     print(f"  folder: {sweep_dir.resolve()}  (the last shard to finish finalizes the store)")
     print(f"  status: python jobs/status.py {sweep_dir}")

@@ -1,7 +1,8 @@
 """Train a classifier.
 
     python jobs/train.py                                   # CPU, offline: mnist_cnn on digits
-    python jobs/train.py --data.dataset mnist --data.root ../shared/data/mnist --data.mnist_files test
+    python jobs/train.py --data.dataset mnist --data.root ../shared/data/mnist \
+        --data.mnist_files test
     python jobs/train.py --model.arch resnet18 --model.weights DEFAULT --data.dataset imagefolder \
         --data.root /data/stimuli --data.in_channels 3 --data.image_size 224 --model.freeze_backbone
     torchrun --nproc_per_node 2 jobs/train.py --device cpu  # DDP (gloo on CPU, NCCL on GPUs)
