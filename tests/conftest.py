@@ -19,7 +19,8 @@ from helpers import local_slurm_cluster, tiny_train  # noqa: E402
 
 @pytest.fixture
 def tiny_train_cfg(tmp_path):
-    """mnist_cnn on digits, a few steps: seconds on a laptop CPU. `tiny_train_cfg(epochs=1, ...)`."""
+    """mnist_cnn on digits, a few steps: seconds on a laptop CPU. `tiny_train_cfg(epochs=1,
+    ...)`."""
 
     def make(**overrides):
         return tiny_train(**{"run_dir": str(tmp_path / "run"), "progress": False, **overrides})

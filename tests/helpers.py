@@ -45,7 +45,8 @@ def repo_env(**extra: str) -> dict[str, str]:
 
 
 def job(name: str) -> list[str]:
-    """The command that runs jobs/<name>.py with this interpreter: `[*job("train"), "--epochs", "1"]`."""
+    """The command that runs jobs/<name>.py with this interpreter:
+    `[*job("train"), "--epochs", "1"]`."""
     return [sys.executable, str(JOBS / f"{name}.py")]
 
 
@@ -284,7 +285,7 @@ def fake_sweep(
     return points
 
 
-# ----------------------------------------------------------------------------- the local SLURM cluster
+# -------------------------------------------------------------------------- the local SLURM cluster
 
 
 @dataclass(frozen=True)

@@ -198,13 +198,14 @@ def test_existing_run_folder_is_refused(tmp_path):
     assert "already exists; choose another --run_dir or pass --resume" in out.stderr
 
 
-# ----------------------------------------------------------------------------- no SLURM, bad folders
+# ---------------------------------------------------------------------------- no SLURM, bad folders
 
 STATUS, CANCEL, LOGS = job("status"), job("cancel"), job("logs")
 
 
 def _no_slurm_env(tmp_path, conf: str | None = None):
-    """PATH without SLURM's clients, or (conf) with them but pointing at a controller that is not there."""
+    """PATH without SLURM's clients, or (conf) with them but pointing at a controller that is not
+    there."""
     env = {**os.environ}
     env.pop("SLURM_CONF", None)
     if conf is not None:
@@ -248,7 +249,8 @@ def test_cancel_and_launch_without_a_controller_say_so_in_one_line(tmp_path, why
         line = out.stderr.strip()
         assert len(line.splitlines()) == 1, line
         assert line.startswith("error: no SLURM controller reachable (") and line.endswith(
-            "; start the local one (make slurm-up && source .slurm-lab/env.sh), run on a login node, "
+            "; start the local one (make slurm-up && source .slurm-lab/env.sh), "
+            "run on a login node, "
             "or --cluster local"
         ), line
     assert not (tmp_path / "new").exists()

@@ -118,7 +118,8 @@ def test_live_cluster_checks_refuse_before_queueing(tmp_path):
 
 
 def test_gpu_partition_gives_the_job_its_gpus(tmp_path):
-    """Fake GPUs (gres on the gpu node): SLURM sets CUDA_VISIBLE_DEVICES; a job on it runs on CPU."""
+    """Fake GPUs (gres on the gpu node): SLURM sets CUDA_VISIBLE_DEVICES; a job on it runs on
+    CPU."""
     run = tmp_path / "run"
     sub = submit(
         "train",
@@ -329,7 +330,8 @@ def assert_few_steps_redone(log: str, steps_per_epoch: int) -> None:
     """At least one restart saved and resumed, and none redid more than a checkpoint interval."""
     redone = redone_steps(log, steps_per_epoch)
     assert redone, (
-        f"no 'saved ... at epoch E step S' then 'resuming epoch E step S' in the log:\n{log[-2000:]}"
+        "no 'saved ... at epoch E step S' then 'resuming epoch E step S' in the log:\n"
+        f"{log[-2000:]}"
     )
     assert all(0 <= r <= LONG["checkpoint_every_steps"] for r in redone), redone
 
@@ -457,7 +459,8 @@ def test_array_task_requeues_alone(tmp_path):
 
 
 def test_preempted_two_task_ddp_job_resumes_to_uninterrupted_weights(tmp_path):
-    """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both resume."""
+    """Both ranks stop at the same step (the stop flag is all-reduced), rank 0 saves, both
+    resume."""
     cfg = tiny(**{**LONG, "epochs": 15, "model.batchnorm": False})
     ref = submit(
         "train",
@@ -569,7 +572,7 @@ def test_extract_shards_are_one_array_writing_one_store_equal_to_a_single_job(tm
     assert sacct_state(array_id + "_0") == "COMPLETED"
 
 
-# ----------------------------------------------------------------------------- operating runs and sweeps
+# ------------------------------------------------------------------------ operating runs and sweeps
 
 STATUS, CANCEL, LOGS = job("status"), job("cancel"), job("logs")
 
@@ -735,7 +738,8 @@ def test_out_of_memory_task_is_retried_with_doubled_memory_and_a_code_error_is_n
 
 
 def preempt(node: str) -> None:
-    """A job on the preempting `urgent` partition takes `node` whole: what runs there is requeued."""
+    """A job on the preempting `urgent` partition takes `node` whole: what runs there is
+    requeued."""
     subprocess.run(
         [
             "sbatch",

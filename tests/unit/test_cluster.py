@@ -71,7 +71,8 @@ def test_requeues_past_max_requeues_fail(tmp_path, monkeypatch):
 
 
 def test_partition_checks():
-    """The checks on an sinfo listing of the local cluster's shape (the live one: tests/slurm/test_cluster_slurm.py)."""
+    """The checks on an sinfo listing of the local cluster's shape (the live one:
+    tests/slurm/test_cluster_slurm.py)."""
     from bonnerlab.cluster.slurm_cli import parse_sinfo
     from bonnerlab.cluster.submit import check_partition
 

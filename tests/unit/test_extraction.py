@@ -1,4 +1,5 @@
-"""Extraction: values against an independent forward pass, resume after SIGKILL, shards, bad input."""
+"""Extraction: values against an independent forward pass, resume after SIGKILL, shards, bad
+input."""
 
 from __future__ import annotations
 
@@ -455,9 +456,9 @@ def _peak_rss_mb(stimuli: Path, out: Path, n: int) -> float:
         "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     )
     args = [
-        "--model.arch", "resnet18", "--stimuli", str(stimuli), "--image_size", "64", "--limit", str(n),
-        "--layers", "layer1", "layer2", "avgpool", "--batch_size", "32", "--device", "cpu",
-        "--num_workers", "2", "--output", str(out), "--progress", "false",
+        "--model.arch", "resnet18", "--stimuli", str(stimuli), "--image_size", "64",
+        "--limit", str(n), "--layers", "layer1", "layer2", "avgpool", "--batch_size", "32",
+        "--device", "cpu", "--num_workers", "2", "--output", str(out), "--progress", "false",
     ]  # fmt: skip
     run = subprocess.run([sys.executable, "-c", code, JOB, *args], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -478,7 +479,8 @@ def test_peak_rss_flat_in_number_of_stimuli(tmp_path):
 
 
 def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
-    """A `train` run folder as the model ("newest" = the newest run under runs/), digits val split."""
+    """A `train` run folder as the model ("newest" = the newest run under runs/), digits val
+    split."""
     from bonnerlab.checkpoint import find_checkpoint
     from bonnerlab.config import TrainConfig
     from bonnerlab.data.augment import BatchAugment
@@ -488,8 +490,9 @@ def test_checkpoint_from_train_run_equals_direct_forward(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     train(TrainConfig(epochs=1, max_steps_per_epoch=2, run_dir="runs/r1", progress=False))
-    cfg = ExtractConfig(checkpoint="newest", stimuli="digits", split="val", limit=40, layers=["features.1", "fc"],
-                        batch_size=16, device="cpu", output="acts.zarr", progress=False)  # fmt: skip
+    cfg = ExtractConfig(checkpoint="newest", stimuli="digits", split="val", limit=40,
+                        layers=["features.1", "fc"], batch_size=16, device="cpu",
+                        output="acts.zarr", progress=False)  # fmt: skip
     result = extract(cfg)
     assert result["complete"] and result["images"] == 40
 

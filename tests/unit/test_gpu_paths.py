@@ -270,7 +270,8 @@ UNEVEN_EVAL = textwrap.dedent("""
     result = evaluate_model(model, batches, BatchAugment(splits.mean, splits.std), 10)
     # one file per rank: two ranks printing at once interleave their lines
     out = sys.argv[1] + f"/rank{info.rank}.json"
-    open(out, "w").write(json.dumps({"rank": info.rank, "batches": len(batches), "count": result["count"],
+    open(out, "w").write(json.dumps({"rank": info.rank, "batches": len(batches), \
+"count": result["count"],
                                      "acc": result["acc"]}))
     dist.teardown()
 """)

@@ -1,4 +1,5 @@
-"""Model sources over real photographs: activations equal each library's own API on its own transform.
+"""Model sources over real photographs: activations equal each library's own API on its own
+transform.
 
 Every model has random weights saved locally and loaded from the file or folder, as a user would
 (offline). The photographs are scikit-learn's two samples (427x640) plus a portrait and a small

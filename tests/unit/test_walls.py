@@ -273,7 +273,7 @@ def test_no_import_cycles():
     assert not lines, "import cycles:\n" + "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- the login node loads no torch
+# -------------------------------------------------------------------- the login node loads no torch
 
 # First on PYTHONPATH, so Python imports it at start: any import of torch (or torchvision) is
 # refused AND logged with the importing frames (a `try: import torch` would otherwise hide it).
