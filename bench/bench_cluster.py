@@ -54,7 +54,8 @@ def ensure_cluster() -> None:
     )
     if out.returncode != 0:
         sys.exit(
-            f"cannot start the local SLURM cluster: {(out.stderr or out.stdout).strip().splitlines()[-1]}"
+            "cannot start the local SLURM cluster: "
+            f"{(out.stderr or out.stdout).strip().splitlines()[-1]}"
         )
     os.environ["SLURM_CONF"] = str(lab / "etc" / "slurm.conf")
 

@@ -1,4 +1,5 @@
-"""Extraction benchmark: torchvision ResNet-50 and timm ViT-B/16 over non-square JPEG photographs, CPU.
+"""Extraction benchmark: torchvision ResNet-50 and timm ViT-B/16 over non-square JPEG \
+photographs, CPU.
 
     python bench/bench_extract.py                  # 1,000 images per model (long on 2 cores)
     python bench/bench_extract.py --n 200          # quicker look
@@ -184,7 +185,8 @@ def main() -> None:
                     )  # a fresh store each round
                     print(
                         f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
-                        f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  peak RSS {r['peak_rss_mb']:7.0f} MB",
+                        f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  "
+                        f"peak RSS {r['peak_rss_mb']:7.0f} MB",
                         flush=True,
                     )
                     best = rows.get(mode)
@@ -202,7 +204,8 @@ def main() -> None:
             f"\n{arch}: {', '.join(layers)} (pooling {' '.join(pooling)}; reduce: {big}=srp:4096)"
         )
         print(
-            f"{'mode':<10}{'images/s':>10}{'vs bare':>9}{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"
+            f"{'mode':<10}{'images/s':>10}{'vs bare':>9}"
+            f"{'CPU ms/img':>12}{'peak RSS MB':>13}{'vs bare':>9}"
             f"{'store B/stimulus':>18}"
         )
         bare = rows.get("bare")

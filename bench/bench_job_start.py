@@ -85,7 +85,10 @@ def one_job(run: Path, hook: Path, importtime: bool = False) -> dict[str, float]
 def bare_torch_import() -> float:
     """The floor no job start can go below, measured beside the jobs: a fresh interpreter that
     imports torch and torch._dynamo (which torch.optim's first parameter group imports)."""
-    code = "import time; t = time.perf_counter(); import torch, torch._dynamo; print(time.perf_counter() - t)"
+    code = (
+        "import time; t = time.perf_counter(); import torch, torch._dynamo; "
+        "print(time.perf_counter() - t)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout)
 
@@ -118,26 +121,32 @@ def main() -> None:
     floor = statistics.median(floors)
     print(f"median of {args.repeats} tiny train jobs on the local cluster (work folder {work})")
     print(
-        f"  batch script start -> python running (srun, interpreter start)         {med['python']:.2f} s"
+        "  batch script start -> python running (srun, interpreter start)         "
+        f"{med['python']:.2f} s"
     )
     print(
-        f"  -> job wrapper running (submitit import, unpickle, wrapper imports)    {med['wrapper']:.2f} s"
+        "  -> job wrapper running (submitit import, unpickle, wrapper imports)    "
+        f"{med['wrapper']:.2f} s"
     )
     print(
-        f"  job wrapper -> train() built data, model, run folder                   {med['built']:.2f} s"
+        "  job wrapper -> train() built data, model, run folder                   "
+        f"{med['built']:.2f} s"
     )
     print(
-        f"  -> first training step done                                            {med['step']:.2f} s"
+        "  -> first training step done                                            "
+        f"{med['step']:.2f} s"
     )
     print(
-        f"  batch script start -> first training step                              {med['total']:.2f} s"
+        "  batch script start -> first training step                              "
+        f"{med['total']:.2f} s"
     )
     print("  each run: " + "  ".join(f"{r['total']:.2f}" for r in runs))
     print(
         f"reference: `import torch, torch._dynamo` in a fresh interpreter, median    {floor:.2f} s"
     )
     print(
-        f"  the job's own cost above it (submitit, unpickle, data, model, 1 step)  {med['total'] - floor:.2f} s"
+        "  the job's own cost above it (submitit, unpickle, data, model, 1 step)  "
+        f"{med['total'] - floor:.2f} s"
         f"  (job start / reference: {med['total'] / floor:.2f}x)"
     )
     one_job(work / "importtime", hook, importtime=True)

@@ -1,7 +1,10 @@
-"""Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, in one run.
+"""Natural-image training benchmark: bonnerlab's `natural` preset vs a plain PyTorch loop, \
+in one run.
 
-    python bench/bench_natural.py                    # ~4 min on 2 busy CPU cores (make bench-natural)
-    python bench/bench_natural.py --cpu-bf16         # also bonnerlab with --amp_cpu (CPU bfloat16 autocast)
+    python bench/bench_natural.py                    # ~4 min on 2 busy CPU cores
+                                                       (make bench-natural)
+    python bench/bench_natural.py --cpu-bf16         # also bonnerlab with --amp_cpu
+                                                       (CPU bfloat16 autocast)
     python bench/bench_natural.py --quick            # 2 short rounds, to check that it runs
     python bench/bench_natural.py --threads 2 --workers 1 --batch 64 --steps 8 --rounds 4
 
@@ -13,7 +16,8 @@ train/<photo>/ and val/<photo>/ of a temporary folder (or --data, kept for reuse
 Both paths train torchvision ResNet-18 (random weights, 2 classes) at 112x112 with SGD (lr 0.1,
 Nesterov momentum 0.9, weight decay 5e-4), at the same batch size and number of workers
 (default: bonnerlab's auto, one core left to training):
-- bonnerlab: `bonnerlab.train.build.build` + `wrap` + `bonnerlab.train.loop.train_one_epoch` with `data.augment natural`
+- bonnerlab: `bonnerlab.train.build.build` + `wrap` + `bonnerlab.train.loop.train_one_epoch` with
+  `data.augment natural`
   (workers decode with JPEG draft to a 1.14 x 112 canvas; random-resized crop + flip batched in
   `BatchAugment.natural`) and the config's defaults otherwise (channels-last on, no CPU autocast);
 - reference: a DataLoader of torchvision `RandomResizedCrop(112)` + `RandomHorizontalFlip` +
@@ -325,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--workers",
         type=int,
         default=-1,
-        help="DataLoader workers of both paths (default: bonnerlab's auto, one core left to training)",
+        help="DataLoader workers of both paths "
+        "(default: bonnerlab's auto, one core left to training)",
     )
     p.add_argument("--steps", type=int, default=4, help="training steps per path per round")
     p.add_argument(
@@ -335,12 +340,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads",
         type=int,
         default=0,
-        help="torch.set_num_threads of the training process (default: torch's, 1 on a busy machine)",
+        help="torch.set_num_threads of the training process "
+        "(default: torch's, 1 on a busy machine)",
     )
     p.add_argument(
         "--cpu-bf16",
         action="store_true",
-        help="also time bonnerlab with --amp_cpu (bfloat16 autocast where the CPU runs it natively)",
+        help="also time bonnerlab with --amp_cpu "
+        "(bfloat16 autocast where the CPU runs it natively)",
     )
     p.add_argument(
         "--quick",
@@ -357,13 +364,16 @@ def main(argv: list[str] | None = None) -> dict:
     workers = resolve_workers(args.workers)
     bench_start = time.perf_counter()
     log(
-        f"bonnerlab natural-image bench: torch {torch.__version__}, {torch.get_num_threads()} training threads, "
-        f"{workers} loader worker(s), batch {args.batch}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"bonnerlab natural-image bench: torch {torch.__version__}, "
+        f"{torch.get_num_threads()} training threads, "
+        f"{workers} loader worker(s), batch {args.batch}, "
+        f"{os.cpu_count()} CPUs ({platform.machine()}), "
         f"load average {load:.1f}"
     )
     if busy:
         log(
-            "  note: other processes are using the CPUs: absolute rates are deflated; compare the ratios"
+            "  note: other processes are using the CPUs: absolute rates are deflated; "
+            "compare the ratios"
         )
 
     scratch = None if args.data else tempfile.TemporaryDirectory(prefix="bench-natural-photos-")
@@ -372,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         photos = make_photos(root)
         log(
-            f"photographs: {photos['train']} train + {photos['val']} val JPEGs cut from {photos['photos']}, "
+            f"photographs: {photos['train']} train + {photos['val']} val JPEGs "
+            f"cut from {photos['photos']}, "
             f"mean {photos['mean_size'][0]:.0f}x{photos['mean_size'][1]:.0f} px, "
             f"{photos['bytes'] / 2**20:.0f} MiB, in {root} ({time.perf_counter() - t0:.1f} s)"
         )
@@ -429,11 +440,14 @@ def main(argv: list[str] | None = None) -> dict:
     share_median = statistics.median(e["load_augment_share"] for e in rounds["bonnerlab"])
     ours_data = data_ms["bonnerlab_decode"] + data_ms["bonnerlab_augment"]
     log(
-        f"data path alone, ms per image: reference {data_ms['reference']:.2f}; bonnerlab {ours_data:.2f} "
-        f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} + batched augment {data_ms['bonnerlab_augment']:.2f})"
+        f"data path alone, ms per image: reference {data_ms['reference']:.2f}; "
+        f"bonnerlab {ours_data:.2f} "
+        f"(decode to canvas {data_ms['bonnerlab_decode']:.2f} "
+        f"+ batched augment {data_ms['bonnerlab_augment']:.2f})"
     )
     log(
-        "model step alone (forward + backward + SGD on one fixed batch; best of 3 rounds of 2 steps):"
+        "model step alone "
+        "(forward + backward + SGD on one fixed batch; best of 3 rounds of 2 steps):"
     )
     step = model_step_rates(args.batch, ours.run.splits.num_classes, 3)
     log("  " + ", ".join(f"{k} {v:.1f}" for k, v in step.items()) + " samples/s")
@@ -494,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(line(r))
     seconds = time.perf_counter() - bench_start
     log(
-        f"{torch.get_num_threads()} torch threads, {workers} worker(s), batch {args.batch}, {args.rounds} rounds of "
+        f"{torch.get_num_threads()} torch threads, {workers} worker(s), batch {args.batch}, "
+        f"{args.rounds} rounds of "
         f"{args.steps} steps per path; bench took {seconds:.0f} s"
     )
 

@@ -1,8 +1,10 @@
 """Training benchmark: bonnerlab vs the classic pytorch/examples MNIST recipe, in one run.
 
     python bench/bench_train.py                       # ~3.5 min on 2 idle CPU cores
-    python bench/bench_train.py --quick               # one seed, reference <= 6 epochs, short rounds
-    python bench/bench_train.py --threads 2           # force torch's one thread per core (see below)
+    python bench/bench_train.py --quick               # one seed, reference <= 6 epochs,
+                                                        short rounds
+    python bench/bench_train.py --threads 2           # force torch's one thread per core
+                                                        (see below)
     python bench/bench_train.py --recipe '{"model.width": 16, "data.batch_size": 64}'
 
 Data: the MNIST test files (root/MNIST/raw/t10k-*), split 8,000 train / 2,000 held out with
@@ -106,7 +108,8 @@ def seconds_to_target(rows: list[dict], target: float) -> tuple[float | None, in
 
 
 def run_ours(cfg: TrainConfig, target: float) -> dict:
-    """bonnerlab.train.loop.train(cfg) in a scratch run folder; per-epoch metrics from metrics.jsonl."""
+    """bonnerlab.train.loop.train(cfg) in a scratch run folder; per-epoch metrics from
+    metrics.jsonl."""
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         cfg = apply_overrides(cfg, {"run_dir": str(Path(scratch) / "run")})
         start = time.perf_counter()
@@ -197,7 +200,8 @@ class PhaseTimer:
 
 
 class ProductRun:
-    """bonnerlab's own train_one_epoch on what `bonnerlab.train.build.build` builds (as train() does), timed per phase.
+    """bonnerlab's own train_one_epoch on what `bonnerlab.train.build.build` builds (as train()
+    does), timed per phase.
 
     `model` replaces the configured one (the reference's network, which no model.arch names);
     the optimizer and schedule are then rebuilt for it, as build() would have.
@@ -258,7 +262,8 @@ class ProductRun:
 
 
 class ReferenceLoaderRun:
-    """The reference's own training loop on its DataLoader, timed in chunks of `steps` batches (0: epochs)."""
+    """The reference's own training loop on its DataLoader, timed in chunks of `steps` batches
+    (0: epochs)."""
 
     def __init__(self, root: str, steps: int) -> None:
         torch.manual_seed(1)
@@ -309,7 +314,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads",
         type=int,
         default=0,
-        help="torch.set_num_threads for everything (default: 1 on a busy machine, else torch's default)",
+        help="torch.set_num_threads for everything "
+        "(default: 1 on a busy machine, else torch's default)",
     )
     p.add_argument(
         "--quick",
@@ -320,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--reference-max-epochs",
         type=int,
         default=0,
-        help="stop the reference here if it has not reached --target (default: main.py's 14; 6 with --quick)",
+        help="stop the reference here if it has not reached --target "
+        "(default: main.py's 14; 6 with --quick)",
     )
     p.add_argument(
         "--reference-no-shuffle",
@@ -373,7 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
         ours.append(run)
         log(
             f"  seed {seed}: val_acc {[round(a, 4) for a in run['val_acc']]}, epoch s "
-            f"{[round(s, 2) for s in run['epoch_time_s']]} -> {fmt(run['seconds_to_target'], '.2f')} s "
+            f"{[round(s, 2) for s in run['epoch_time_s']]} -> "
+            f"{fmt(run['seconds_to_target'], '.2f')} s "
             f"(train() call {run['train_call_wall_s']:.1f} s incl. setup and checkpoints)"
         )
     reached = [r["seconds_to_target"] for r in ours if r["seconds_to_target"] is not None]
@@ -384,7 +392,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. throughput at the reference's model and batch ----------------------------------------
     log(
-        "[2] reference network, batch 64, Adadelta lr 1.0: bonnerlab train_one_epoch vs reference DataLoader"
+        "[2] reference network, batch 64, Adadelta lr 1.0: "
+        "bonnerlab train_one_epoch vs reference DataLoader"
     )
     thr_cfg = apply_overrides(
         cfg0,

@@ -76,7 +76,8 @@ def check(section: str, name: str, fn) -> object:
         }
     )
     say(
-        f"  [{status if status == 'ok' else 'FAIL'}] {name} ({seconds:.1f}s): {detail if detail is not None else status}"
+        f"  [{status if status == 'ok' else 'FAIL'}] {name} ({seconds:.1f}s): "
+        f"{detail if detail is not None else status}"
     )
     return detail
 
@@ -397,7 +398,8 @@ def section_resume(tmp: Path) -> None:
         assert first.get("interrupted"), first
         second = train(replace(cfg, resume=True))
         diff = max_diff(weights_of(tmp / "ref"), weights_of(tmp / "split"))
-        # CUDA kernels are not bit-deterministic by default: close, not equal (see section --deterministic)
+        # CUDA kernels are not bit-deterministic by default: close, not equal (see section
+        # --deterministic)
         assert diff < 5e-2, diff
         return {
             "stopped_at": [first["epoch"], first["step"]],
@@ -561,9 +563,12 @@ def section_extraction(tmp: Path, quick: bool) -> dict:
             return "skipped: one GPU"
         code = (
             f"import sys, torch; sys.path.insert(0, {str(REPO)!r})\n"
-            + "from bonnerlab.config import ExtractConfig, ModelConfig\nfrom bonnerlab.extract.run import extract\n"
-            + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), stimuli='digits', limit=64, "
-            + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], device='cuda:1', progress=False, "
+            + "from bonnerlab.config import ExtractConfig, ModelConfig\n"
+            "from bonnerlab.extract.run import extract\n"
+            + "extract(ExtractConfig(model=ModelConfig(arch='resnet18'), "
+            "stimuli='digits', limit=64, "
+            + "image_size=64, preprocess='squash', in_channels=3, layers=['avgpool'], "
+            "device='cuda:1', progress=False, "
             + f"output={str(tmp / 'cuda1.zarr')!r}))\n"
             + "print(torch.cuda.memory_allocated(0), torch.cuda.is_initialized())"
         )
@@ -758,7 +763,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         allocated = dist.gpus_allocated()
         print(
-            f"gpu-check: CUDA is not available (torch {torch.__version__}, CUDA build {torch.version.cuda}"
+            f"gpu-check: CUDA is not available (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}"
             f"{', ' + allocated if allocated else ''})",
             file=sys.stderr,
         )

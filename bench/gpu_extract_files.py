@@ -56,7 +56,8 @@ def main() -> int:
     t = time.perf_counter()
     write_images(work / "stimuli", args.n)
     print(
-        f"{args.n} JPEGs written in {time.perf_counter() - t:.1f} s; {torch.cuda.get_device_name()}, torch {torch.__version__}"
+        f"{args.n} JPEGs written in {time.perf_counter() - t:.1f} s; "
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     )
     real = extraction.finish_on_device
     rates: dict[str, list[float]] = {"uint8 to the device": [], "float32 from the workers": []}
@@ -87,9 +88,11 @@ def main() -> int:
     best = {k: max(v) for k, v in rates.items()}
     a, b = (open_activations(stores[k], "avgpool").values for k in rates)
     print(
-        f"best: uint8 {best['uint8 to the device']:.0f} vs float32 {best['float32 from the workers']:.0f} images/s: "
+        f"best: uint8 {best['uint8 to the device']:.0f} "
+        f"vs float32 {best['float32 from the workers']:.0f} images/s: "
         f"{best['uint8 to the device'] / best['float32 from the workers']:.2f}x; "
-        f"max |difference| of avgpool {float(np.abs(a - b).max()):.2e} (values up to {float(np.abs(b).max()):.2f})"
+        f"max |difference| of avgpool {float(np.abs(a - b).max()):.2e} "
+        f"(values up to {float(np.abs(b).max()):.2f})"
     )
     return 0
 

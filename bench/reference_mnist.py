@@ -8,8 +8,9 @@ on PIL images exactly as torchvision's MNIST dataset hands them out.
 
 One deliberate difference: main.py passes `shuffle=True` only with its CUDA/accelerator settings,
 so on a CPU it never shuffles; here the training loader shuffles by default (`shuffle=False`
-reproduces the CPU behaviour). And it trains on the same 8,000 / 2,000 split of the MNIST test files (t10k-*) as the
-bonnerlab runs it is compared with, and it stops once the held-out accuracy reaches a target.
+reproduces the CPU behaviour). And it trains on the same 8,000 / 2,000 split of the MNIST test
+files (t10k-*) as the bonnerlab runs it is compared with, and it stops once the held-out accuracy
+reaches a target.
 This module deliberately does not import bonnerlab.
 """
 
@@ -197,7 +198,8 @@ def run_reference(
             }
         )
         log(
-            f"  reference epoch {epoch}: val_acc {val_acc:.4f} ({epoch_s:.1f}s, {seen / train_s:.0f} samples/s)"
+            f"  reference epoch {epoch}: val_acc {val_acc:.4f} "
+            f"({epoch_s:.1f}s, {seen / train_s:.0f} samples/s)"
         )
         if val_acc >= target and reached is None:
             reached = elapsed
