@@ -135,6 +135,19 @@ class RunPaths:
     def eval_dir(self, split: str) -> Path:
         return self.root / f"eval-{split}"
 
+    # what `jobs/status.py` writes into a run or sweep folder
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def results_png(self) -> Path:
+        return self.root / "results.png"
+
+    @property
+    def report_html(self) -> Path:
+        return self.root / "report.html"
+
 
 class SweepPaths(RunPaths):
     """A sweep folder: the shared parts of RunPaths (code/, logs/, git.txt) plus the task

@@ -22,7 +22,7 @@
 
 Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig);
 flags after it are the job's own (`train --help`). `--config_path FILE` before the job name takes a
-YAML file of both kinds of keys (`partition: gpu`, `sweep: [optim.lr=0.1,0.01]`; a run's
+YAML file of both kinds of keys (`partition: gpu`, `sweep: ["optim.lr=0.1,0.01"]`; a run's
 slurm.yaml works as is); flags win over it. `--resume` needs no job name.
 """
 
@@ -50,6 +50,7 @@ from bonnerlab.config import (
     load_yaml,
 )
 from bonnerlab.errors import ConfigError
+from bonnerlab.runs import SweepPaths, timestamp
 
 
 @dataclasses.dataclass
@@ -256,16 +257,14 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
 
     points, spec = sweep_points(opts)
     sweep_dir = Path(
-        opts.sweep_dir
-        or Path(getattr(cfg, "runs_root", "runs"))
-        / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}-{kind}"
+        opts.sweep_dir or Path(getattr(cfg, "runs_root", "runs")) / f"sweep-{timestamp()}-{kind}"
     )
     t0 = time.perf_counter()
     tasks = submit_sweep(
         kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, spec=spec
     )
     if opts.dry_run:
-        script = sweep_dir.resolve() / "submit.sh"
+        script = SweepPaths(sweep_dir.resolve()).submit_sh
         print(script.read_text())
         print(points_table(points, [t.index for t in tasks]))
         print(f"dry run: {len(tasks)} tasks in {sweep_dir}; wrote {script}; nothing submitted")
@@ -327,7 +326,7 @@ def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> An
         print(f"nothing to resubmit: no task of {sweep_dir} failed for a retryable reason")
         return plan.tasks
     if opts.dry_run:
-        print((sweep_dir.resolve() / "submit.sh").read_text())
+        print(SweepPaths(sweep_dir.resolve()).submit_sh.read_text())
         print(f"dry run: would resubmit tasks {[t.index for t in plan.tasks]}; nothing submitted")
         return plan.tasks
     arrays = sorted({t.job_id.split("_")[0] for t in plan.tasks})
@@ -358,11 +357,11 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
     points = [
         {"shard_index": i, "num_shards": opts.shards, "output": output} for i in range(opts.shards)
     ]
-    sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{time.strftime('%Y%m%d-%H%M%S')}")
+    sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{timestamp()}")
     t0 = time.perf_counter()
     tasks = submit_sweep(kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task)
     if opts.dry_run:
-        print((sweep_dir.resolve() / "submit.sh").read_text())
+        print(SweepPaths(sweep_dir.resolve()).submit_sh.read_text())
         print(f"dry run: {opts.shards} shards of {output}; nothing submitted")
         return tasks
     print(

@@ -81,6 +81,19 @@ def cli_flags(overrides: dict[str, Any]) -> list[str]:
     return [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]
 
 
+# a one-epoch CPU run of the smallest mnist_cnn, as job flags (the torchrun and subprocess tests)
+SMOKE_FLAGS = cli_flags({"device": "cpu", "progress": "false", "epochs": 1, "model.width": 8})
+
+
+def extract_cfg(out, **fields: Any):
+    """An ExtractConfig writing `out` in this process, on the CPU, without a progress bar."""
+    from bonnerlab.config import ExtractConfig
+
+    return ExtractConfig(
+        **{"num_workers": 0, "device": "cpu", "output": str(out), "progress": False, **fields}
+    )
+
+
 def run_weights(run_dir, which: str = "latest") -> dict:
     """The model's state dict from a run folder's latest.pt (or best.pt)."""
     from bonnerlab.checkpoint import load_checkpoint

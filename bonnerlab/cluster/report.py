@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bonnerlab.runs import atomic_write_text, read_metrics, save_figure
+from bonnerlab.runs import RunPaths, atomic_write_text, read_metrics, save_figure
 
 SORT_JS = """
 document.querySelectorAll("table.sortable th").forEach((th, col) => \
@@ -146,13 +146,10 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
 
 
 def write_report(path: Path, table: Any, metric: str) -> Path:
-    out = Path(path) / "report.html"
-    atomic_write_text(
-        out,
-        render(
-            f"bonnerlab: {Path(path).resolve().name}", table, metric, Path(path) / "results.png"
-        ),
-    )
+    paths = RunPaths(path)
+    out = paths.report_html
+    title = f"bonnerlab: {paths.root.resolve().name}"
+    atomic_write_text(out, render(title, table, metric, paths.results_png))
     return out
 
 

@@ -265,10 +265,10 @@ def sweep_status(
         from bonnerlab.cluster.report import plot_sweep, write_report
         from bonnerlab.runs import atomic_write_text
 
-        atomic_write_text(path / "results.csv", table.to_csv(index=False))
+        atomic_write_text(RunPaths(path).results_csv, table.to_csv(index=False))
         keys = sorted({k for r in records for k in r.get("overrides", {})})
         if keys and table[col].notna().any():
-            plot_sweep(table, keys, col, path / "results.png")
+            plot_sweep(table, keys, col, RunPaths(path).results_png)
         write_report(path, table, metric)
     return table
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from helpers import JOBS, job, repo_env, torchrun
+from helpers import JOBS, SMOKE_FLAGS, job, repo_env, torchrun
 
 ENV = repo_env(OMP_NUM_THREADS="1")
 
@@ -25,14 +25,7 @@ def test_help_shows_config_path_as_a_path(script):
 def test_torchrun_prints_one_result_line(tmp_path):
     out = torchrun(
         str(JOBS / "train.py"),
-        "--device",
-        "cpu",
-        "--progress",
-        "false",
-        "--epochs",
-        "1",
-        "--model.width",
-        "8",
+        *SMOKE_FLAGS,
         "--max_steps_per_epoch",
         "2",
         "--run_dir",

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import job, job_module, sample_photos
+from helpers import extract_cfg, job, job_module, sample_photos
 from PIL import Image
 
 from bonnerlab import activations
@@ -32,20 +32,15 @@ from bonnerlab.seeds import projection_seed
 
 
 def digits(out: Path, **kw) -> ExtractConfig:
-    base = dict(
+    fields = dict(
         model=ModelConfig(arch="mnist_cnn"),
         stimuli="digits",
         split="all",
         limit=32,
         layers=["features.1", "fc"],
         batch_size=8,
-        num_workers=0,
-        device="cpu",
-        output=str(out),
-        progress=False,
     )
-    base.update(kw)
-    return ExtractConfig(**base)
+    return extract_cfg(out, **{**fields, **kw})
 
 
 # ----------------------------------------------------------------------------- random projection

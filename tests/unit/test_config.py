@@ -99,3 +99,27 @@ def test_help_shows_field_comments(capsys):
     out = capsys.readouterr().out
     assert "--optim.lr" in out and "peak learning rate" in out
     assert "--data.batch_size" in out and "global batch size" in out
+
+
+def test_configs_saved_before_a_rename_still_load(tmp_path):
+    """data.channels and extract's image_channels became in_channels: a run's config.yaml (what
+    --resume and a checkpoint hold) and an old YAML file still read, with the value kept."""
+    from bonnerlab.config import ExtractConfig
+
+    old = to_dict(TrainConfig())
+    del old["data"]["in_channels"]
+    old["data"]["channels"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(TrainConfig, tmp_path / "config.yaml").data.in_channels == 3
+    assert from_dict(ExtractConfig, {"image_channels": 1}).in_channels == 1
+    with pytest.raises(ConfigError, match="unknown config key"):  # both names: one is unknown
+        from_dict(ExtractConfig, {"image_channels": 1, "in_channels": 3})
+
+
+def test_the_newest_run_is_spelled_newest():
+    from bonnerlab.config import EvaluateConfig, ExtractConfig
+
+    assert EvaluateConfig().checkpoint == "newest"
+    for cls in (EvaluateConfig, ExtractConfig):
+        with pytest.raises(ConfigError, match="the newest run is --checkpoint newest"):
+            cls(checkpoint="latest")

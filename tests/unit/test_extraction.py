@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import JOBS, job_module
+from helpers import JOBS, extract_cfg, job_module
 from PIL import Image
 
 from bonnerlab import activations
@@ -50,19 +50,14 @@ def stimuli(tmp_path_factory) -> Path:
 
 
 def rcfg(stimuli: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(
+    fields = dict(
         model=ModelConfig(arch="resnet18"),
         preprocess="squash",  # the test images are already SIZE x SIZE: no resampling at all
         stimuli=str(stimuli),
         image_size=SIZE,
         batch_size=16,
-        num_workers=0,
-        device="cpu",
-        output=str(out),
-        progress=False,
     )
-    base.update(kw)
-    return ExtractConfig(**base)
+    return extract_cfg(out, **{**fields, **kw})
 
 
 def reference_inputs(stimuli: Path) -> tuple[list[str], torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import job, sample_photos
+from helpers import extract_cfg, job, sample_photos
 from PIL import Image
 
 from bonnerlab import activations
@@ -45,18 +45,13 @@ def reference_batch(photos: Path, transform) -> torch.Tensor:
 
 
 def cfg(photos: Path, out: Path, arch: str, weights: str, layers: list[str], **kw) -> ExtractConfig:
-    base = dict(
+    fields = dict(
         model=ModelConfig(arch=arch, weights=weights),
         stimuli=str(photos),
         layers=layers,
         batch_size=3,
-        num_workers=0,
-        device="cpu",
-        output=str(out),
-        progress=False,
     )
-    base.update(kw)
-    return ExtractConfig(**base)
+    return extract_cfg(out, **{**fields, **kw})
 
 
 def assert_store(out: Path, expected: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ import torch
 from helpers import (
     JOBS,
     REPO,
+    SMOKE_FLAGS,
     assert_same_weights,
     job,
     repo_env,
@@ -122,14 +123,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_process(tmp_path):
     common = [
-        "--device",
-        "cpu",
-        "--progress",
-        "false",
-        "--epochs",
-        "1",
-        "--model.width",
-        "8",
+        *SMOKE_FLAGS,
         "--model.batchnorm",
         "false",
         "--data.batch_size",

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import JOBS, assert_same_weights, job, repo_env, run_weights, torchrun
+from helpers import JOBS, SMOKE_FLAGS, assert_same_weights, job, repo_env, run_weights, torchrun
 
 from bonnerlab.runs import read_metrics
 from bonnerlab.train.loop import train
@@ -51,14 +51,7 @@ def test_sync_batchnorm_two_gloo_processes_equal_one_process(tmp_path):
     # gradients of BatchNorm-followed conv weights into lr-sized steps (1e-2 after 2 steps,
     # even between two single-process runs).
     args = [
-        "--device",
-        "cpu",
-        "--progress",
-        "false",
-        "--epochs",
-        "1",
-        "--model.width",
-        "8",
+        *SMOKE_FLAGS,
         "--data.batch_size",
         "64",
         "--max_steps_per_epoch",
