@@ -42,6 +42,7 @@ test-fast: install  ## skip tests marked slow
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 notebooks: install  ## execute notebooks/*.ipynb in place, so they are committed with their figures
 	$(PY) tests/docs/test_notebooks.py
