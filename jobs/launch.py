@@ -9,16 +9,13 @@
     python jobs/launch.py --sweep_file sweep.yaml --sweep_dir runs/lr-sweep train
     python jobs/launch.py --sweep_dir runs/lr-sweep --task 0 --cluster local \
         --sweep optim.lr=0.1,0.01 train
-    python jobs/launch.py --sweep_dir runs/lr-sweep --resume          # only what failed for a
-                                                                        retryable reason
+    python jobs/launch.py --sweep_dir runs/lr-sweep --resume          # what failed retryably
     python jobs/launch.py --sweep_dir runs/lr-sweep --resume --retry_failed   # code errors too
-                                                                                (after a fix)
     python jobs/launch.py --dry-run train                             # write + print submit.sh only
     python jobs/launch.py --wait evaluate --checkpoint runs/<run>
     python jobs/launch.py --cluster local train                       # no SLURM: same job, locally
     python jobs/launch.py --shards 8 extract --checkpoint runs/<run> --stimuli /data/stimuli
-    python jobs/status.py runs/lr-sweep                               # table, results.csv, plot,
-                                                                        report.html
+    python jobs/status.py runs/lr-sweep                               # table, plot, report.html
 
 Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig);
 flags after it are the job's own (`train --help`). `--config_path FILE` before the job name takes a

@@ -1,8 +1,7 @@
 """Every run and sweep at a glance, or one folder's table; writes results.csv and results.png.
 
     python jobs/status.py                          # every run and sweep under runs/, newest first
-    python jobs/status.py --watch 10               # refresh every 10 s until nothing is queued or
-                                                     running
+    python jobs/status.py --watch 10               # refresh every 10 s while anything runs
     python jobs/status.py runs/<sweep-or-run>      # one row per task, results.csv, results.png
     python jobs/status.py runs/<sweep> --metric val_loss --mode min
 
