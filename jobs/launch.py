@@ -15,6 +15,9 @@
     python jobs/launch.py --wait evaluate --checkpoint runs/<run>
     python jobs/launch.py --cluster local train                       # no SLURM: same job, locally
     python jobs/launch.py --shards 8 extract --checkpoint runs/<run> --stimuli /data/stimuli
+    python jobs/launch.py analyze --store acts/x.zarr --layers layer3 avgpool   # a task per layer
+    python jobs/launch.py --after runs/extract-<date> analyze --store acts/x.zarr --layers layer3
+    python jobs/launch.py --after 1234 extract --checkpoint runs/<run>   # once job 1234 succeeded
     python jobs/status.py runs/lr-sweep                               # table, plot, report.html
 
 Flags before the job name are the launcher's (LaunchConfig) and the SLURM request's (SlurmConfig);
@@ -37,6 +40,7 @@ from _cli import FlagParser, parse, run_job
 
 from bonnerlab.cluster.registry import JOBS
 from bonnerlab.config import (
+    AnalyzeConfig,
     EvaluateConfig,
     ExtractConfig,
     LaunchConfig,
@@ -56,10 +60,10 @@ class Launch:
 
     slurm: SlurmConfig
     opts: LaunchConfig
-    # train, evaluate or extract; "" for `--resume` alone (the sweep's job comes from its
-    # sweep.yaml)
+    # train, evaluate, extract or analyze; "" for `--resume` alone (the sweep's job comes from
+    # its sweep.yaml)
     kind: str = ""
-    job: TrainConfig | EvaluateConfig | ExtractConfig | None = None
+    job: TrainConfig | EvaluateConfig | ExtractConfig | AnalyzeConfig | None = None
     # whether a SLURM value came from a flag or a file: --resume otherwise reuses each task's own
     slurm_given: bool = False
 
@@ -189,6 +193,8 @@ def main(argv: list[str]) -> Any:
         return None
     launch = parse_launch(argv)
     kind, cfg, slurm, opts = launch.kind, launch.job, launch.slurm, launch.opts
+    if opts.resume and opts.after:
+        raise ConfigError("--after is for new submissions; --resume resubmits without it")
     if opts.resume and (opts.sweep_dir or not kind):
         return launch_retry(kind, slurm if launch.slurm_given else None, opts)
     if opts.resume:
@@ -200,27 +206,42 @@ def main(argv: list[str]) -> Any:
         raise ConfigError(
             f"no job given: jobs/launch.py [flags] {{{','.join(JOBS)}}} [job flags] (--help)"
         )
+    from bonnerlab.cluster.submit import dependency_ids
+
+    # before anything else is checked or written: a bad --after queues nothing
+    after = dependency_ids(opts.after) if opts.after else []
     if opts.shards:
-        return launch_shards(kind, cfg, slurm, opts)
+        return launch_shards(kind, cfg, slurm, opts, after)
     if opts.sweep or opts.zip or opts.sweep_file:
-        return launch_sweep(kind, cfg, slurm, opts)
+        return launch_sweep(kind, cfg, slurm, opts, after)
+    if kind == "analyze":
+        return launch_layers(kind, cfg, slurm, opts, after)
     if opts.task >= 0:
         raise ConfigError(
             "--task picks a task of a sweep: give the sweep's --sweep/--zip/--sweep_file too"
         )
-    return launch_one(kind, cfg, slurm, opts)
+    return launch_one(kind, cfg, slurm, opts, after)
 
 
-def launch_one(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
+def waiting_for(after: list[str]) -> str:
+    return f" after job(s) {', '.join(after)} (afterok)" if after else ""
+
+
+def launch_one(
+    kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig, after: list[str]
+) -> Any:
     from bonnerlab.cluster.submit import submit
 
     t0 = time.perf_counter()
-    sub = submit(kind, cfg, slurm, dry_run=opts.dry_run)
+    sub = submit(kind, cfg, slurm, dry_run=opts.dry_run, after=after)
     if opts.dry_run:
         print(sub.script.read_text())
         print(f"dry run: wrote {sub.script}; nothing submitted")
         return None
-    print(f"submitted {kind} job {sub.job_id} ({slurm.cluster}) in {time.perf_counter() - t0:.2f}s")
+    print(
+        f"submitted {kind} job {sub.job_id} ({slurm.cluster}){waiting_for(after)} "
+        f"in {time.perf_counter() - t0:.2f}s"
+    )
     print(f"  run folder: {sub.run_dir}")
     if sub.log_hint():
         print(f"  follow:     {sub.log_hint()}")
@@ -248,7 +269,9 @@ def sweep_points(opts: LaunchConfig) -> tuple[list[dict[str, Any]], dict[str, An
     return combine(grid_spec, zip_spec), {"grid": grid_spec, "zip": zip_spec}
 
 
-def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
+def launch_sweep(
+    kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig, after: list[str]
+) -> Any:
     from bonnerlab.cluster.status import format_table, sweep_status
     from bonnerlab.cluster.sweeps import submit_sweep
 
@@ -258,7 +281,15 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
     )
     t0 = time.perf_counter()
     tasks = submit_sweep(
-        kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, spec=spec
+        kind,
+        cfg,
+        points,
+        slurm,
+        sweep_dir,
+        dry_run=opts.dry_run,
+        task=opts.task,
+        spec=spec,
+        after=after,
     )
     if opts.dry_run:
         script = SweepPaths(sweep_dir.resolve()).submit_sh
@@ -269,8 +300,8 @@ def launch_sweep(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) ->
     arrays = sorted({t.job_id.split("_")[0] for t in tasks})
     what = f"task {opts.task}" if opts.task >= 0 else f"{len(tasks)} tasks"
     print(
-        f"submitted {what} as {len(arrays)} job array(s) {', '.join(arrays)} ({slurm.cluster}) "
-        f"in {time.perf_counter() - t0:.2f}s"
+        f"submitted {what} as {len(arrays)} job array(s) {', '.join(arrays)} ({slurm.cluster})"
+        f"{waiting_for(after)} in {time.perf_counter() - t0:.2f}s"
     )
     print(f"  sweep folder: {sweep_dir.resolve()}")
     print(f"  status:       python jobs/status.py {sweep_dir}")
@@ -339,7 +370,9 @@ def launch_retry(kind: str, slurm: SlurmConfig | None, opts: LaunchConfig) -> An
     return plan.tasks
 
 
-def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -> Any:
+def launch_shards(
+    kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig, after: list[str]
+) -> Any:
     """`extract --shards N`: one job array whose tasks write disjoint chunk ranges of ONE store."""
     if kind != "extract":
         raise ConfigError(f"--shards is for extract jobs, not {kind}")
@@ -356,17 +389,85 @@ def launch_shards(kind: str, cfg: Any, slurm: SlurmConfig, opts: LaunchConfig) -
     ]
     sweep_dir = Path(opts.sweep_dir or Path("runs") / f"extract-{timestamp()}")
     t0 = time.perf_counter()
-    tasks = submit_sweep(kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task)
+    tasks = submit_sweep(
+        kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, after=after
+    )
     if opts.dry_run:
         print(SweepPaths(sweep_dir.resolve()).submit_sh.read_text())
         print(f"dry run: {opts.shards} shards of {output}; nothing submitted")
         return tasks
     print(
-        f"submitted {len(tasks)} extraction shard(s) in {time.perf_counter() - t0:.2f}s, "
-        f"writing {output}"
+        f"submitted {len(tasks)} extraction shard(s){waiting_for(after)} in "
+        f"{time.perf_counter() - t0:.2f}s, writing {output}"
     )
     print(f"  folder: {sweep_dir.resolve()}  (the last shard to finish finalizes the store)")
     print(f"  status: python jobs/status.py {sweep_dir}")
+    if opts.wait:
+        wait_for_tasks(tasks)
+        for task in tasks:
+            if task.job is not None:
+                task.job.result()  # raises with the task's traceback when it failed
+    return tasks
+
+
+def analysis_layers(cfg: AnalyzeConfig, after: list[str]) -> list[str]:
+    """The layers of an analysis, one array task each: the store's layers the names and patterns
+    match; a store that a job --after waits for may not exist yet: then its layers by name."""
+    from bonnerlab.config import expand_layers, is_pattern
+
+    store = Path(cfg.store)
+    if not store.exists():
+        if not after:
+            raise ConfigError(f"store {store} does not exist (extract it first, or wait: --after)")
+        if not cfg.layers or any(is_pattern(name) for name in cfg.layers):
+            raise ConfigError(
+                f"store {store} does not exist yet: name its layers exactly with --layers "
+                "(patterns and all layers need the store)"
+            )
+        return list(cfg.layers)
+    from bonnerlab.activations import store_info
+
+    info = store_info(store)
+    if not info.get("complete") and not after:
+        raise ConfigError(
+            f"store {store} is not complete (an extraction still running?); wait for it: --after"
+        )
+    return expand_layers(cfg.layers, list(info["layers"]), str(store))
+
+
+def launch_layers(
+    kind: str, cfg: AnalyzeConfig, slurm: SlurmConfig, opts: LaunchConfig, after: list[str]
+) -> Any:
+    """`analyze`: one job array, one task per layer, all writing one analysis folder."""
+    from bonnerlab.cluster.sweeps import submit_sweep
+    from bonnerlab.config import default_output
+
+    layers = analysis_layers(cfg, after)
+    # the node may start elsewhere: every path absolute, and one output folder for every task
+    absolute = {
+        name: str(Path(value).resolve())
+        for name in ("store", "encode", "rsa", "cka")
+        if (value := getattr(cfg, name))
+    }
+    cfg = dataclasses.replace(cfg, **absolute, output=str(Path(default_output(cfg)).resolve()))
+    points = [{"layers": [layer]} for layer in layers]
+    sweep_dir = Path(opts.sweep_dir or Path("runs") / f"analyze-{timestamp()}")
+    t0 = time.perf_counter()
+    tasks = submit_sweep(
+        kind, cfg, points, slurm, sweep_dir, dry_run=opts.dry_run, task=opts.task, after=after
+    )
+    if opts.dry_run:
+        print(SweepPaths(sweep_dir.resolve()).submit_sh.read_text())
+        print(points_table(points, [t.index for t in tasks]))
+        print(f"dry run: {len(tasks)} layer task(s) into {cfg.output}; nothing submitted")
+        return tasks
+    arrays = sorted({t.job_id.split("_")[0] for t in tasks})
+    print(
+        f"submitted {len(tasks)} layer task(s) as job array {', '.join(arrays)} "
+        f"({slurm.cluster}){waiting_for(after)} in {time.perf_counter() - t0:.2f}s"
+    )
+    print(f"  analysis: {cfg.output}  (each task adds its layer; report.html covers all)")
+    print(f"  status:   python jobs/status.py {sweep_dir}")
     if opts.wait:
         wait_for_tasks(tasks)
         for task in tasks:

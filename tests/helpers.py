@@ -94,6 +94,39 @@ def extract_cfg(out, **fields: Any):
     )
 
 
+def tiny_store(path, n: int = 12, layers=(("conv", (2, 3, 3)), ("fc", (5,))), seed: int = 0):
+    """A finalized activation store of random features written without a model (no torch):
+    `n` stimuli s00.png ..., labels i % 3, one float32 layer per (name, shape); its path."""
+    import numpy as np
+
+    from bonnerlab.activations.store import LayerSpec, open_store
+
+    rng = np.random.default_rng(seed)
+    specs = [
+        LayerSpec(
+            name,
+            ("channel", "y", "x")[-len(shape) :] if len(shape) > 1 else ("neuroid",),
+            shape,
+            "float32",
+        )
+        for name, shape in layers
+    ]
+    store, _ = open_store(
+        path,
+        identity={"tiny": seed, "n": n, "layers": [list(map(str, x)) for x in layers]},
+        layers=specs,
+        stimuli=[f"s{i:02d}.png" for i in range(n)],
+        labels=[i % 3 for i in range(n)],
+        chunk_size=max(1, n // 2),
+    )
+    full = {name: rng.standard_normal((n, *shape)).astype(np.float32) for name, shape in layers}
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        store.write_chunk(c, {k: v[sl] for k, v in full.items()})
+    store.finalize()
+    return path
+
+
 def run_weights(run_dir, which: str = "latest") -> dict:
     """The model's state dict from a run folder's latest.pt (or best.pt)."""
     from bonnerlab.checkpoint import load_checkpoint
@@ -416,3 +449,49 @@ def _held_by_ancestor(path: Path) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
+
+
+def write_store(
+    path,
+    layers: dict,
+    stimuli=None,
+    *,
+    identity: dict | None = None,
+    chunk_size: int = 8,
+    skipped: dict | None = None,
+    finalize: bool = True,
+    overwrite: bool = False,
+):
+    """A store holding exactly `layers` ({name: (n, ...) array}, any float dtype), written
+    without a model; `skipped` ({chunk: [stimulus, ...]}) marks stimuli as unreadable. Its path."""
+    import numpy as np
+
+    from bonnerlab.activations.store import LayerSpec, open_store
+
+    n = len(next(iter(layers.values())))
+    specs = [
+        LayerSpec(
+            name,
+            tuple(f"d{i}" for i in range(x.ndim - 1)) if x.ndim > 2 else ("neuroid",),
+            x.shape[1:],
+            str(x.dtype),
+        )
+        for name, x in layers.items()
+    ]
+    store, _ = open_store(
+        path,
+        identity=identity or {"layers": sorted(layers)},
+        layers=specs,
+        stimuli=list(stimuli) if stimuli is not None else [f"s{i:03d}.png" for i in range(n)],
+        labels=[i % 3 for i in range(n)],
+        chunk_size=chunk_size,
+        overwrite=overwrite,
+    )
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        store.write_chunk(
+            c, {k: np.asarray(v[sl]) for k, v in layers.items()}, (skipped or {}).get(c, [])
+        )
+    if finalize:
+        store.finalize()
+    return path

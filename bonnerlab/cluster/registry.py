@@ -64,4 +64,11 @@ JOBS: dict[str, JobSpec] = {
         "bonnerlab.extract.run:extract",
         input_fields=("checkpoint",),
     ),
+    # the launcher sends it as one array task per layer (jobs/launch.py launch_layers)
+    "analyze": JobSpec(
+        "bonnerlab.config:AnalyzeConfig",
+        "bonnerlab.analysis.run:analyze",
+        unattended={"progress": False},
+        input_fields=("store", "encode", "rsa", "cka"),
+    ),
 }

@@ -9,53 +9,13 @@ per task and in total (sacct elapsed time x allocated GPUs; CPU-hours where no G
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
 from pathlib import Path
 from typing import Any
 
+# the page's pieces are on the ground floor: the analysis folder's report.html uses them too
+from bonnerlab.pages import CSS, SORT_JS, figure_uri, png_uri, table_cell
 from bonnerlab.runs import RunPaths, atomic_write_text, read_metrics, save_figure
-
-SORT_JS = """
-document.querySelectorAll("table.sortable th").forEach((th, col) => \
-th.addEventListener("click", () => {
-  const body = th.closest("table").tBodies[0];
-  const asc = th.dataset.order !== "asc";
-  th.closest("tr").querySelectorAll("th").forEach(h => delete h.dataset.order);
-  th.dataset.order = asc ? "asc" : "desc";
-  const key = tr => { const t = tr.cells[col].dataset.v ?? tr.cells[col].textContent;
-                      const n = parseFloat(t); return isNaN(n) ? t : n; };
-  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
-    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); }).forEach(r => body.appendChild(r));
-}));
-// report.html#sort=<column> opens sorted by that column (a link worth sharing)
-const wanted = decodeURIComponent(location.hash.replace(/^#sort=/, ""));
-document.querySelectorAll("table.sortable th").forEach(th => { \
-if (location.hash && th.textContent === wanted) th.click(); });
-window.addEventListener("load", () => {
-  const imgs = [...document.images];
-  document.body.dataset.imagesLoaded = \
-String(imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0));
-});
-"""
-
-CSS = """
-body { font: 14px system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #f0f0f0; cursor: pointer; }
-th[data-order="asc"]::after { content: " ▲"; } th[data-order="desc"]::after { content: " ▼"; }
-td.text { text-align: left; } tr.best { background: #e8f5e9; } tr.failed { background: #ffebee; }
-img { max-width: 100%; border: 1px solid #eee; } code { white-space: pre-wrap; }
-"""
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _curves(table: Any, metric: str) -> str | None:
@@ -84,19 +44,9 @@ def _curves(table: Any, metric: str) -> str | None:
     if len(series) <= 12:
         axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    uri = _png(fig)
+    uri = figure_uri(fig)
     plt.close(fig)
     return uri
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return '<td data-v="">&ndash;</td>'
-        return f'<td data-v="{value!r}">{value:.4g}</td>'
-    if isinstance(value, int | bool):
-        return f'<td data-v="{value}">{value}</td>'
-    return f'<td class="text">{html.escape(str(value))}</td>'
 
 
 def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
@@ -104,7 +54,7 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
     rows = []
     for record in table.to_dict("records"):
         cls = "best" if record.get("best") == "*" else "failed" if record.get("error") else ""
-        rows.append(f'<tr class="{cls}">' + "".join(_cell(record[c]) for c in shown) + "</tr>")
+        rows.append(f'<tr class="{cls}">' + "".join(table_cell(record[c]) for c in shown) + "</tr>")
     gpu_total = float(table["gpu_hours"].sum()) if "gpu_hours" in table else 0.0
     cpu_total = float(table["cpu_hours"].sum()) if "cpu_hours" in table else 0.0
     hours = (
@@ -134,7 +84,7 @@ def render(title: str, table: Any, metric: str, plot_png: Path | None) -> str:
         ]
         parts.append("</ul>")
     if plot_png is not None and plot_png.exists():
-        uri = "data:image/png;base64," + base64.b64encode(plot_png.read_bytes()).decode()
+        uri = png_uri(plot_png)
         parts.append(
             f"<h2>{html.escape(metric)} against each swept value</h2><img id='plot' src='{uri}'>"
         )

@@ -4,8 +4,10 @@
     sub.job.result()                                   # returns at once; this waits
 
 ONE path queues everything: a single job, a sweep's job array, the retry of some of its tasks
-(each task may carry its own request, e.g. more memory) and extraction shards all become a
-`Submission` of `Task`s handed to `submit_tasks`. What differs per kind of job lives on its
+(each task may carry its own request, e.g. more memory), extraction shards and an analysis's
+per-layer array all become a `Submission` of `Task`s handed to `submit_tasks`, which may wait
+for other jobs (`after`: sbatch --dependency=afterok, so train -> extract -> analyze runs
+unattended). What differs per kind of job lives on its
 `JobSpec` (bonnerlab/cluster/registry.py), not in branches here. What runs on the node is
 bonnerlab/cluster/node.py; every SLURM command other than submitit's sbatch is
 bonnerlab/cluster/slurm_cli.py.
@@ -16,8 +18,10 @@ The code a job runs is a snapshot copied into the run (or sweep) folder at submi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -88,13 +92,49 @@ def check_against_cluster(cfg: SlurmConfig) -> slurm_cli.Partition:
 
 def check_job_inputs(kind: str, cfg: Any) -> None:
     """Inputs that must exist before queueing (a job failing after an hour in the queue is
-    worse)."""
+    worse). Not checked for a job that waits for others (`after`): they may be what makes them."""
     if kind == "train" and cfg.data.dataset != "digits":
         _check(Path(cfg.data.root).exists(), f"data.root {cfg.data.root} does not exist")
     for name in spec_of(kind).input_fields:
         value = getattr(cfg, name, "")
         if value and value != NEWEST:
             _check(Path(value).exists(), f"{name} {value} does not exist")
+
+
+# ----------------------------------------------------------------------------- dependencies
+
+
+def dependency_ids(after: str) -> list[str]:
+    """`--after`'s job ids: given as ids (1234, 1234_5, 1234:1240), or every job a run or sweep
+    folder was submitted as (its slurm.yaml / manifest.jsonl); an array task's id becomes its
+    whole array (afterok on an array waits for every task of it)."""
+    from bonnerlab.cluster.status import folder_kind, read_manifest
+
+    after = after.strip()
+    if re.fullmatch(r"\d+(_\d+)?(:\d+(_\d+)?)*", after):
+        return after.split(":")
+    path = Path(after)
+    _check(path.is_dir(), f"--after {after}: neither a job id (1234) nor a run or sweep folder")
+    if folder_kind(path) == "run":
+        submitted = (load_yaml_if_exists(RunPaths(path).slurm_yaml) or {}).get("submitted", {})
+        ids = [str(submitted["job_id"])] if submitted.get("job_id") else []
+    else:
+        ids = [str(r["job_id"]) for r in read_manifest(path) if r.get("job_id")]
+    _check(
+        bool(ids),
+        f"--after {after}: the folder holds no submitted job id (a --dry-run, or not launched "
+        "on SLURM)",
+    )
+    return sorted({slurm_cli.array_of(i) for i in ids}, key=lambda i: (len(i), i))
+
+
+def with_dependency(cfg: SlurmConfig, after: list[str]) -> SlurmConfig:
+    """The request as sbatch gets it: afterok on `after` (kept out of slurm.yaml's SlurmConfig
+    keys, so a later --config_path slurm.yaml does not wait for long-gone jobs)."""
+    if not after:
+        return cfg
+    extras = {**cfg.additional_parameters, "dependency": "afterok:" + ":".join(after)}
+    return dataclasses.replace(cfg, additional_parameters=extras)
 
 
 # ----------------------------------------------------------------------------- the sbatch request
@@ -348,6 +388,8 @@ class Submission:
     dry_run: bool = False
     # written into each task's slurm.yaml `submitted` record
     extra: dict[str, Any] = field(default_factory=dict)
+    # job ids to wait for (sbatch --dependency=afterok); see dependency_ids
+    after: list[str] = field(default_factory=list)
 
     @property
     def job_name(self) -> str:
@@ -366,7 +408,11 @@ def submit_tasks(sub: Submission) -> list[Task]:
     """
     spec_of(sub.kind)
     folder = sub.folder
-    for t in sub.tasks:
+    _check(
+        not sub.after or sub.slurm.cluster == "slurm" or sub.dry_run,
+        f"--after needs --cluster slurm: a {sub.slurm.cluster} job starts at once, without waiting",
+    )
+    for t in sub.tasks if not sub.after else ():
         check_job_inputs(sub.kind, t.cfg)
     requests: dict[str, SlurmConfig] = {}
     for t in sub.tasks:
@@ -394,6 +440,7 @@ def submit_tasks(sub: Submission) -> list[Task]:
                 "run_dir": str(t.run_dir),
                 **sub.extra,
                 **({"task": t.index, "overrides": t.overrides} if sub.array else {}),
+                **({"after": sub.after} if sub.after else {}),
                 "partition_used": partition or sub.slurm.partition,
                 "retries": t.retries,
             },
@@ -403,7 +450,7 @@ def submit_tasks(sub: Submission) -> list[Task]:
 
     if sub.dry_run:
         script = sbatch_script(
-            sub.slurm,
+            with_dependency(sub.slurm, sub.after),
             paths.logs,
             sub.job_name,
             setup,
@@ -423,7 +470,10 @@ def submit_tasks(sub: Submission) -> list[Task]:
     for key, group in by_request.items():
         request = requests[key]
         executor = make_executor(
-            request, paths.logs, sub.job_name, job_setup_lines(request, code_dir)
+            with_dependency(request, sub.after),
+            paths.logs,
+            sub.job_name,
+            job_setup_lines(request, code_dir),
         )
         for chunk in chunks(group, per_array):
             jobs_fn = [
@@ -509,16 +559,20 @@ def submit(
     slurm: SlurmConfig,
     run_dir: str | Path | None = None,
     dry_run: bool = False,
+    after: list[str] | None = None,
 ) -> Submitted:
-    """Queue one job in its own run folder (returns at once)."""
+    """Queue one job in its own run folder (returns at once); `after`: job ids to wait for."""
     spec = spec_of(kind)
     if run_dir is None and spec.run_dir_field and getattr(cfg, spec.run_dir_field):
         run_dir = getattr(cfg, spec.run_dir_field)
     run_dir = Path(run_dir or default_run_dir(kind, cfg)).resolve()
-    check_job_inputs(kind, cfg)
+    if not after:
+        check_job_inputs(kind, cfg)
     refuse_existing_run_dir(kind, cfg, run_dir)
     (task,) = submit_tasks(
-        Submission(kind, run_dir, slurm, [Task(0, {}, run_dir, cfg)], dry_run=dry_run)
+        Submission(
+            kind, run_dir, slurm, [Task(0, {}, run_dir, cfg)], dry_run=dry_run, after=after or []
+        )
     )
     script = RunPaths(run_dir).submit_sh
     return Submitted(task.job, run_dir, task.job_id, script if script.exists() else None)

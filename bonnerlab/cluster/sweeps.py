@@ -205,8 +205,10 @@ def submit_sweep(
     dry_run: bool = False,
     task: int = -1,
     spec: dict[str, Any] | None = None,
+    after: list[str] | None = None,
 ) -> list[Task]:
     """Queue one array task per point (one sbatch per MaxArraySize tasks); returns what was queued.
+    `after`: job ids every task waits for (afterok).
 
     `task` >= 0 queues only that point (e.g. with cluster local, to try it before the rest); the
     sweep folder may then already exist, made with the same points. Without it an existing sweep
@@ -256,6 +258,7 @@ def submit_sweep(
             array=True,
             dry_run=dry_run,
             extra={"sweep_dir": str(sweep_dir)},
+            after=after or [],
         )
     )
 

@@ -2,9 +2,16 @@
 
 `from bonnerlab.config import TrainConfig` is the import for users; the modules split the same
 names by job: core (the machinery), train (train, evaluate), extract (with the layer-name
-grammar), cluster (SLURM and the launcher).
+grammar), analyze, cluster (SLURM and the launcher).
 """
 
+from bonnerlab.config.analyze import (
+    RDM_METRICS,
+    RSA_METHODS,
+    AnalyzeConfig,
+    default_output,
+    expand_layers,
+)
 from bonnerlab.config.cluster import (
     CLUSTERS,
     CancelConfig,
@@ -59,7 +66,10 @@ __all__ = [
     "OPTIMIZERS",
     "POOLINGS",
     "PREPROCESS_MODES",
+    "RDM_METRICS",
+    "RSA_METHODS",
     "SCHEDULES",
+    "AnalyzeConfig",
     "CancelConfig",
     "DataConfig",
     "EvaluateConfig",
@@ -75,7 +85,9 @@ __all__ = [
     "apply_overrides",
     "check",
     "check_choice",
+    "default_output",
     "default_store_name",
+    "expand_layers",
     "from_dict",
     "is_pattern",
     "layer_matches",

@@ -156,6 +156,10 @@ class LaunchConfig:
     task: int = -1
     # extract: split the stimuli over N array tasks that write one store
     shards: int = 0
+    # start only after this succeeds (sbatch --dependency=afterok): a job id (1234, 1234_5,
+    # 1234:1240) or a run or sweep folder that jobs/launch.py submitted (all its jobs; an array
+    # as a whole)
+    after: str = ""
     # extra sbatch option KEY=VALUE, e.g. exclusive=true or reservation=lab (repeatable)
     additional_parameters: list[str] = field(
         default_factory=list, metadata=repeatable(metavar="KEY=VALUE")

@@ -14,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from helpers import REPO, job, repo_env
+from helpers import REPO, job, repo_env, tiny_store
 
 LIBRARY = REPO / "bonnerlab"
 
@@ -32,6 +32,7 @@ GROUND_FLOOR = {
     "checkpoint",
     "seeds",
     "pixels",
+    "pages",
 }  # bonnerlab/<name>.py
 RANKS = {
     "ground": 0,  # the GROUND_FLOOR modules (and bonnerlab/__init__.py)
@@ -335,11 +336,14 @@ def test_dry_runs_of_every_job_load_no_torch(no_torch, tmp_path):
     (run / "checkpoints").mkdir(parents=True)  # a run folder to evaluate (nothing reads it yet)
     (run / "config.yaml").write_text("epochs: 1\n")
     (run / "checkpoints" / "best.pt").write_bytes(b"")
+    store = tmp_path / "acts.zarr"  # an activation store to analyse: its metadata is all it reads
+    tiny_store(store)
     launch = [*job("launch"), "--dry-run", "--cluster", "local"]
     for argv in (
         ["train", "--run_dir", str(tmp_path / "train")],
         ["evaluate", "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")],
         ["extract", "--output", str(tmp_path / "x.zarr")],
+        ["analyze", "--store", str(store), "--output", str(tmp_path / "analysis")],
     ):
         out, torch_imports = no_torch([*launch, *argv])
         assert out.returncode == 0, f"{argv[0]}: {out.stderr[-3000:]}"
