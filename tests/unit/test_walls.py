@@ -344,11 +344,14 @@ def test_dry_runs_of_every_job_load_no_torch(no_torch, tmp_path):
         ["evaluate", "--checkpoint", str(run), "--output_dir", str(tmp_path / "eval")],
         ["extract", "--output", str(tmp_path / "x.zarr")],
         ["analyze", "--store", str(store), "--output", str(tmp_path / "analysis")],
+        # one array task per layer, after another job (--after reads its folder or takes ids)
+        ["--after", "4242", "--sweep_dir", str(tmp_path / "an"), "analyze", "--store", str(store)],
     ):
+        what = " ".join(a for a in argv if not a.startswith(str(tmp_path)))
         out, torch_imports = no_torch([*launch, *argv])
-        assert out.returncode == 0, f"{argv[0]}: {out.stderr[-3000:]}"
+        assert out.returncode == 0, f"{what}: {out.stderr[-3000:]}"
         assert "nothing submitted" in out.stdout, out.stdout[-2000:]
-        assert not torch_imports, f"launch.py --dry-run {argv[0]} loads torch:\n{torch_imports}"
+        assert not torch_imports, f"launch.py --dry-run {what} loads torch:\n{torch_imports}"
 
 
 def test_every_registered_job_names_a_config_and_a_function():
