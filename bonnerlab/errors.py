@@ -36,3 +36,8 @@ class StoreError(UserError):
 
 class DiskSpaceError(UserError):
     """Not enough free space for an output (an activation store)."""
+
+
+class AnalysisError(UserError):
+    """An analysis the inputs cannot support: no shared stimuli, too few of them, non-finite
+    activations, or a memory limit below what the Gram itself needs."""

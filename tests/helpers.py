@@ -495,3 +495,49 @@ def write_store(
     if finalize:
         store.finalize()
     return path
+
+
+def write_store(
+    path,
+    layers: dict,
+    stimuli=None,
+    *,
+    identity: dict | None = None,
+    chunk_size: int = 8,
+    skipped: dict | None = None,
+    finalize: bool = True,
+    overwrite: bool = False,
+):
+    """A store holding exactly `layers` ({name: (n, ...) array}, any float dtype), written
+    without a model; `skipped` ({chunk: [stimulus, ...]}) marks stimuli as unreadable. Its path."""
+    import numpy as np
+
+    from bonnerlab.activations.store import LayerSpec, open_store
+
+    n = len(next(iter(layers.values())))
+    specs = [
+        LayerSpec(
+            name,
+            tuple(f"d{i}" for i in range(x.ndim - 1)) if x.ndim > 2 else ("neuroid",),
+            x.shape[1:],
+            str(x.dtype),
+        )
+        for name, x in layers.items()
+    ]
+    store, _ = open_store(
+        path,
+        identity=identity or {"layers": sorted(layers)},
+        layers=specs,
+        stimuli=list(stimuli) if stimuli is not None else [f"s{i:03d}.png" for i in range(n)],
+        labels=[i % 3 for i in range(n)],
+        chunk_size=chunk_size,
+        overwrite=overwrite,
+    )
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        store.write_chunk(
+            c, {k: np.asarray(v[sl]) for k, v in layers.items()}, (skipped or {}).get(c, [])
+        )
+    if finalize:
+        store.finalize()
+    return path

@@ -1,0 +1,156 @@
+"""A layer's Gram streamed from its store: equal to the in-memory product however many passes,
+cached beside the store by its fingerprint, bounded in memory, one line for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import repo_env, write_store
+
+from bonnerlab.analysis import Gram, gram, layer_gram
+from bonnerlab.errors import AnalysisError, StoreError
+
+N = 30
+
+
+def _features(seed: int = 0, shape=(6, 2, 5), dtype=np.float32) -> np.ndarray:
+    # a mean offset, as ReLU layers have: centering must cope with it
+    return (np.random.default_rng(seed).standard_normal((N, *shape)) + 0.7).astype(dtype)
+
+
+def _memory_for(panel_indices: int, shape=(6, 2, 5), chunk: int = 8) -> float:
+    """The smallest memory_gb (to 256 bytes) whose panel holds `panel_indices` of the first
+    feature dim."""
+    for size in range(256, 2**20, 256):
+        try:
+            if gram.plan_panels(N, shape, 4, chunk, size / 2**30)[0] == panel_indices:
+                return size / 2**30
+        except AnalysisError:
+            continue
+    raise AssertionError(f"no memory_gb gives panels of {panel_indices}")
+
+
+@pytest.mark.parametrize("panel", [1, 4, 6])  # 6, 2 and 1 passes over the store
+def test_streamed_gram_equals_the_in_memory_one(tmp_path, panel):
+    x = _features()
+    x[5] = np.nan  # a stimulus the extraction could not read: its row is NaN and dropped
+    ids = [f"s{i:03d}.png" for i in range(N)]
+    path = write_store(tmp_path / "a.zarr", {"conv": x}, ids, skipped={0: [ids[5]]})
+    g = layer_gram(path, "conv", device="cpu", memory_gb=_memory_for(panel), cache=False)
+    assert g.attrs["passes"] == -(-6 // panel)
+    keep = np.arange(N) != 5
+    ref = Gram.from_array(x[keep], np.asarray(ids)[keep])
+    assert g.stimulus.tolist() == ref.stimulus.tolist() and g.n_features == 60
+    assert g.gram.dtype == np.float64
+    np.testing.assert_allclose(g.gram, ref.gram, rtol=1e-6)
+    np.testing.assert_allclose(g.sums, ref.sums, rtol=1e-6)
+    np.testing.assert_allclose(g.centered(), ref.centered(), rtol=1e-5, atol=1e-4)
+    assert g.coords["label"].tolist() == [i % 3 for i in range(N) if i != 5]
+    assert g.attrs["layer"] == "conv" and len(g.attrs["fingerprint"]) == 64
+
+
+def test_float16_layers_stream_in_float32(tmp_path):
+    x = _features(dtype=np.float16)
+    path = write_store(tmp_path / "h.zarr", {"fc": x.reshape(N, -1)})
+    g = layer_gram(path, "fc", device="cpu", cache=False)
+    np.testing.assert_allclose(g.gram, Gram.from_array(x.astype(np.float64)).gram, rtol=1e-6)
+
+
+def test_select_aligns_by_id_and_names_unknown_ones():
+    g = Gram.from_array(_features(), [f"s{i}" for i in range(N)])
+    sub = g.select(["s3", "s1"])
+    np.testing.assert_array_equal(sub.gram, g.gram[np.ix_([3, 1], [3, 1])])
+    assert sub.stimulus.tolist() == ["s3", "s1"]
+    with pytest.raises(AnalysisError, match=r"2 stimuli not in .* 'x', 'y'"):
+        g.select(["s1", "x", "y"])
+
+
+def test_the_cache_is_reused_and_a_changed_store_rebuilds_it(tmp_path, monkeypatch):
+    reads = []
+    real = gram._read_block
+    monkeypatch.setattr(gram, "_read_block", lambda *a: reads.append(1) or real(*a))
+    x, y = _features(0), _features(1)
+    path = write_store(tmp_path / "a.zarr", {"conv": x}, identity={"weights": "a"})
+
+    first = layer_gram(path, "conv", device="cpu")
+    assert first.attrs["cache"] == "written" and reads
+    cache_file = gram.cache_path(path, "conv")
+    assert cache_file.is_file() and not list(cache_file.parent.glob(".*tmp"))  # atomic write
+
+    reads.clear()
+    again = layer_gram(path, "conv", device="cpu")
+    assert not reads and again.attrs["cache"] == "reused"  # no layer read at all
+    np.testing.assert_array_equal(again.gram, first.gram)
+
+    # the same path, another identity (re-extracted with other weights): never the old cache
+    write_store(path, {"conv": y}, identity={"weights": "b"}, overwrite=True)
+    rebuilt = layer_gram(path, "conv", device="cpu")
+    assert reads and rebuilt.attrs["cache"] == "written"
+    np.testing.assert_allclose(rebuilt.gram, Gram.from_array(y).gram, rtol=1e-6)
+    assert rebuilt.attrs["fingerprint"] != first.attrs["fingerprint"]
+
+    cache_file.write_bytes(b"not an npz")  # a damaged cache is rebuilt too, not an error
+    assert layer_gram(path, "conv", device="cpu").attrs["cache"] == "written"
+
+
+def test_bad_input_is_one_line(tmp_path):
+    x = _features()
+    path = write_store(tmp_path / "a.zarr", {"conv": x})
+    with pytest.raises(StoreError, match="layer 'fc' is not in") as err:
+        layer_gram(path, "fc", device="cpu")
+    assert "\n" not in str(err.value)
+    partial = write_store(tmp_path / "p.zarr", {"conv": x}, finalize=False)
+    with pytest.raises(StoreError, match="not finalized"):
+        layer_gram(partial, "conv", device="cpu")
+    with pytest.raises(AnalysisError, match="memory_gb=1e-05 is too small"):
+        layer_gram(path, "conv", device="cpu", memory_gb=1e-5, cache=False)
+    x[3, 0, 0, 0] = np.inf  # a float16 overflow, say
+    bad = write_store(tmp_path / "inf.zarr", {"conv": x})
+    with pytest.raises(AnalysisError, match="non-finite activations .* 's003.png'"):
+        layer_gram(bad, "conv", device="cpu", cache=False)
+
+
+PEAK = """
+import json, re, sys
+import numpy as np
+import scipy.linalg.blas
+from bonnerlab.activations import open_activations
+from bonnerlab.analysis import layer_gram
+
+def status(field):  # kB; VmHWM is this process's own peak (ru_maxrss keeps the parent's at exec)
+    with open("/proc/self/status") as f:
+        return int(re.search(field + r":\\s+(\\d+)", f.read()).group(1))
+
+open_activations(sys.argv[1], "big")  # zarr's and xarray's imports are not the stream's memory
+before = status("VmRSS")
+g = layer_gram(sys.argv[1], "big", device="cpu", memory_gb=0.02, cache=False)
+print(json.dumps({"grew_mb": (status("VmHWM") - before) / 1024, "passes": g.attrs["passes"],
+                  "trace": float(np.trace(g.gram))}))
+"""
+
+
+def test_a_layer_larger_than_the_memory_limit_is_still_analysed(tmp_path):
+    n, shape = 200, (1000, 100)  # 80 MB as float32, 40 MB as stored (float16)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
+    path = write_store(tmp_path / "big.zarr", {"big": x}, chunk_size=32)
+    expected = float((x.astype(np.float64) ** 2).sum())
+    del x
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK, str(path)],
+        env=repo_env(OMP_NUM_THREADS="2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    layer_mb = n * np.prod(shape) * 4 / 2**20
+    assert result["passes"] >= 2, result
+    # the panels, a decoded row chunk and zarr's buffers, never the layer (here ~50 of 76 MB)
+    assert result["grew_mb"] < layer_mb, (result, layer_mb)
+    assert result["trace"] == pytest.approx(expected, rel=1e-6)
