@@ -47,6 +47,9 @@ RANKS = {
 # cluster/ sits apart: it wraps any job and reaches them through registry strings, so at module
 # level it imports only these (inside a function, anything); and no other room imports it.
 CLUSTER_MAY_IMPORT = {"ground", "config", "cluster"}
+# analysis/ knows nothing of how activations were made: of the rooms below it, it reads the store
+# (activations/) and the configs, never models/, data/, train/ or extract/.
+ANALYSIS_MAY_IMPORT = {"ground", "config", "activations", "analysis"}
 TORCH = {"torch", "torchvision"}
 
 
@@ -181,6 +184,11 @@ def against_the_flow(imports) -> list[str]:
             wrong.append(
                 f"{i.where}: {i.source} imports {i.target} (no room knows how it was started)"
             )
+        elif src == "analysis" and dst not in ANALYSIS_MAY_IMPORT:
+            wrong.append(
+                f"{i.where}: {i.source} imports {i.target} "
+                "(analysis/ knows nothing of how activations were made)"
+            )
         elif src in RANKS and dst in RANKS and RANKS[dst] >= RANKS[src]:
             kind = "side by side with" if RANKS[dst] == RANKS[src] else "above"
             wrong.append(f"{i.where}: {i.source} imports {i.target} ({dst}/ is {kind} {src}/)")
@@ -199,6 +207,9 @@ def test_the_rules_catch_what_they_should():
         ("bonnerlab.cluster.submit", "bonnerlab.config", True): False,
         ("bonnerlab.extract.run", "bonnerlab.activations.store", True): False,  # downward
         ("bonnerlab.data.datasets", "bonnerlab.data.folders", True): False,  # own room
+        ("bonnerlab.analysis.gram", "bonnerlab.extract.run", False): True,  # below, but not its
+        ("bonnerlab.analysis.gram", "bonnerlab.models.cnn", False): True,
+        ("bonnerlab.analysis.gram", "bonnerlab.activations.reader", True): False,  # the store
     }
     for (source, target, module_level), wrong in cases.items():
         assert bool(against_the_flow([Import(source, target, "x.py:1", module_level)])) == wrong, (
