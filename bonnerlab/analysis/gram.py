@@ -151,7 +151,9 @@ def layer_gram(
         if cache:
             _save_cache(path, meta["fingerprint"], layer, gram, sums, p, stimulus)
     attrs["n_features"] = p
-    bad = ~np.isfinite(np.diag(gram))
+    bad = ~np.isfinite(sums)  # the rows with inf or NaN (the Gram spreads them to all)
+    if not bad.any() and not np.isfinite(gram).all():
+        bad[:] = True
     if bad.any():
         raise AnalysisError(
             f"layer {layer!r} of {store} has non-finite activations (inf or NaN) for "
@@ -291,7 +293,13 @@ def _sub_blocks(width: int, step: int):
 
 
 class _CpuAccumulator:
-    """Each panel's X X^T through BLAS ssyrk in float32 (upper triangle), then into float64."""
+    """Each panel's X X^T through BLAS ssyrk in float32 (upper triangle), then into float64.
+
+    Every sub-block is first shifted by its features' means (X = Xs + 1 c^T): float32 then
+    rounds relative to the spread of the features, not to their offset (a ReLU layer's mean
+    is as large as its spread, and correlation and CKA keep only the spread). The shift comes
+    back exactly in float64 at the end: G = sum Xs Xs^T + v 1^T + 1 v^T + |c|^2, v = Xs c.
+    """
 
     device = "cpu"
 
@@ -300,24 +308,39 @@ class _CpuAccumulator:
         self.gram = np.zeros((n, n), dtype=np.float64, order="F")
         self.part = np.zeros((n, n), dtype=np.float32, order="F")
         self.sums = np.zeros(n, dtype=np.float64)
+        self.cross = np.zeros(n, dtype=np.float64)  # v = sum over blocks of Xs c
+        self.shift2 = 0.0  # sum over blocks of |c|^2
         self.seconds = 0.0
 
     def add(self, panel: np.ndarray) -> None:
         from scipy.linalg.blas import ssyrk
 
         t = time.perf_counter()
-        for i, cols in enumerate(_sub_blocks(panel.shape[1], self.sub_cols)):
-            block = np.ascontiguousarray(panel[:, cols], dtype=np.float32)
-            # block.T is Fortran-ordered (no copy into BLAS); trans=1: block.T^T block.T.
-            # beta=0 on the first block resets the accumulator without a separate pass over it.
-            self.part = ssyrk(1.0, block.T, beta=float(i > 0), c=self.part, trans=1, overwrite_c=1)
-            self.sums += block.sum(axis=1)  # float32 pairwise sums of a sub-block
+        with np.errstate(invalid="ignore", over="ignore"):  # inf rows: caught by layer_gram
+            self._add(panel, ssyrk)
         self.gram += self.part
         self.seconds += time.perf_counter() - t
 
+    def _add(self, panel: np.ndarray, ssyrk) -> None:
+        for i, cols in enumerate(_sub_blocks(panel.shape[1], self.sub_cols)):
+            block = np.ascontiguousarray(panel[:, cols], dtype=np.float32)
+            self.sums += block.sum(axis=1)  # before the shift: an inf row stays the only one
+            shift = block.mean(axis=0, dtype=np.float64).astype(np.float32)
+            block -= shift
+            shift64 = shift.astype(np.float64)
+            for rows in _sub_blocks(len(block), 1024):  # float64 GEMV, 1024 rows at a time
+                self.cross[rows] += block[rows].astype(np.float64) @ shift64
+            self.shift2 += float(shift64 @ shift64)
+            # block.T is Fortran-ordered (no copy into BLAS); trans=1: block.T^T block.T.
+            # beta=0 on the first block resets the accumulator without a separate pass over it.
+            self.part = ssyrk(1.0, block.T, beta=float(i > 0), c=self.part, trans=1, overwrite_c=1)
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         upper = np.triu(self.gram)
-        return np.ascontiguousarray(upper + np.triu(upper, 1).T), self.sums
+        with np.errstate(invalid="ignore", over="ignore"):
+            g = upper + np.triu(upper, 1).T
+            g += self.cross[:, None] + self.cross[None, :] + self.shift2
+        return np.ascontiguousarray(g), self.sums
 
 
 class _CudaAccumulator:
@@ -333,6 +356,8 @@ class _CudaAccumulator:
         self.gram = torch.zeros((n, n), dtype=torch.float64, device=device)
         self.part = torch.zeros((n, n), dtype=torch.float32, device=device)
         self.sums = torch.zeros(n, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(n, dtype=torch.float64, device=device)
+        self.shift2 = torch.zeros((), dtype=torch.float64, device=device)
         self.seconds = 0.0
 
     def add(self, panel: np.ndarray) -> None:
@@ -345,8 +370,12 @@ class _CudaAccumulator:
             for cols in _sub_blocks(panel.shape[1], self.sub_cols):
                 host = torch.from_numpy(np.ascontiguousarray(panel[:, cols]))
                 block = host.to(self.dev, non_blocking=True).float()
-                self.part.addmm_(block, block.T)
                 self.sums += block.sum(dim=1, dtype=torch.float64)
+                shift = block.mean(dim=0, dtype=torch.float64).float()  # as on the CPU
+                block -= shift
+                self.cross += block.double() @ shift.double()
+                self.shift2 += shift.double() @ shift.double()
+                self.part.addmm_(block, block.T)
             self.gram += self.part.double()
             torch.cuda.synchronize(self.dev)
         finally:
@@ -355,4 +384,6 @@ class _CudaAccumulator:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         g = self.gram.cpu().numpy()
-        return (g + g.T) / 2, self.sums.cpu().numpy()
+        cross = self.cross.cpu().numpy()
+        g = (g + g.T) / 2 + cross[:, None] + cross[None, :] + float(self.shift2)
+        return g, self.sums.cpu().numpy()
