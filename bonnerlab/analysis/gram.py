@@ -328,8 +328,7 @@ class _CpuAccumulator:
             shift = block.mean(axis=0, dtype=np.float64).astype(np.float32)
             block -= shift
             shift64 = shift.astype(np.float64)
-            for rows in _sub_blocks(len(block), 1024):  # float64 GEMV, 1024 rows at a time
-                self.cross[rows] += block[rows].astype(np.float64) @ shift64
+            self.cross += block @ shift  # float32 GEMV: |Xs||c| rounding, below the product's
             self.shift2 += float(shift64 @ shift64)
             # block.T is Fortran-ordered (no copy into BLAS); trans=1: block.T^T block.T.
             # beta=0 on the first block resets the accumulator without a separate pass over it.
