@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-natural bench-cluster bench-extract gpu-check slurm-up slurm-down clean chromium
+.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-natural bench-cluster bench-extract bench-analysis gpu-check slurm-up slurm-down clean chromium
 
 install: $(STAMP)
 
@@ -58,6 +58,9 @@ bench-cluster: install  ## cluster costs on the local SLURM (starts it if needed
 
 bench-extract: install  ## extraction vs a bare forward pass (images/s, peak RSS)
 	$(PY) bench/bench_extract.py
+
+bench-analysis: install  ## Gram/RDM and encoding from a store vs numpy, rsatoolbox, sklearn, himalaya
+	$(PY) bench/bench_analysis.py $(ARGS)
 
 gpu-check: install  ## only when a GPU is lent: AMP + channels-last training, NCCL DDP, CUDA evaluation
 	$(PY) bench/gpu_check.py

@@ -1,0 +1,455 @@
+"""Analysis benchmark: bonnerlab's streamed Gram/RDM and encoding vs in-memory tools, in one run.
+
+    python bench/bench_analysis.py                   # the issue's sizes (long on 2 cores: the
+                                                       references alone take ~10 min)
+    python bench/bench_analysis.py --scale 0.2       # n, p and targets x 0.2: a quick look
+    python bench/bench_analysis.py --only gram       # or --only encode
+
+Data: one synthetic float16 store in bench/out/analysis/ (written once per scale, reused on
+reruns; gitignored) of n stimuli with three layers, each ReLU(Z B + noise) (16 latent factors,
+so the RDM has structure and features have nonzero means, as post-ReLU activations do):
+`gram` (p features), `rsa` (p_rsa, where rsatoolbox finishes) and `encode` (p_enc), plus a
+netCDF of targets Y = X_encode A B' + noise (rank 64, noise per target from 0.3x to 30x the
+signal, so the best alpha differs per target). Defaults at --scale 1: n 5,000, p 200,000
+(2 GB), p_rsa 20,000, p_enc 50,000, 10,000 targets, 5 folds, 9 alphas logspace(-2, 6).
+
+Each measurement runs in its own subprocess, so its peak RSS (ru_maxrss of that process,
+imports included: torch when device auto imports it) is its own:
+1. gram:     bonnerlab `layer_gram` (cache off) + `rdm(correlation)` from the store, vs
+             numpy float32 `X @ X.T` of the same layer loaded into memory (the load from the
+             store is timed and reported apart; the ratio is against the product alone), and
+             at p_rsa, bonnerlab vs rsatoolbox `calc_rdm(method="correlation")` on the loaded
+             float64 array. Agreement: max |RDM difference| (the reference's Gram goes
+             through the same correlation formula; rsatoolbox's RDM is its own).
+2. encode:   bonnerlab `encode` (per-target alphas by leave-one-out inside each training fold)
+             from the store and the targets file, vs scikit-learn `RidgeCV(alphas,
+             alpha_per_target=True)` fitted per training fold and himalaya `KernelRidgeCV`
+             (linear kernel, intercept, per-target alphas by its own inner 5-fold CV: it has no
+             leave-one-out, so its r may differ by more) on the same folds; the references load
+             X (float32) and Y apart, and the ratio is against their fits. The folds are the
+             bench's (a seeded permutation cut in `cv` parts), handed to encode as `groups`
+             (one group per fold, so grouped k-fold must put each group in its own fold).
+             Agreement: max |r difference| over targets (r: Pearson of the pooled out-of-fold
+             predictions, or the mean over folds with --r-mode fold-mean).
+Also printed: the load average before starting (a busy machine slows every row, the ratios
+less). Timings are wall-clock; compare ratios from the same run. Not a test: nothing here
+asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+OUT = HERE / "out" / "analysis"
+FULL = {"n": 5000, "p": 200_000, "p_rsa": 20_000, "p_enc": 50_000, "targets": 10_000}
+ALPHAS = np.logspace(-2, 6, 9)
+LATENT, RANK, CHUNK = 16, 64, 100
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def sizes(scale: float) -> dict[str, int]:
+    return {k: max(50 if k == "n" else 100, int(round(v * scale))) for k, v in FULL.items()}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def store_path(s: dict[str, int]) -> Path:
+    return OUT / f"store-n{s['n']}-p{s['p']}-q{s['p_rsa']}-e{s['p_enc']}-t{s['targets']}.zarr"
+
+
+def targets_path(s: dict[str, int]) -> Path:
+    return store_path(s).with_suffix(".targets.nc")
+
+
+def folds(n: int, cv: int, seed: int = 0) -> np.ndarray:
+    """The fold of each stimulus: a seeded permutation cut into `cv` near-equal parts."""
+    fold = np.empty(n, dtype=np.int64)
+    for k, part in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), cv)):
+        fold[part] = k
+    return fold
+
+
+def make_data(s: dict[str, int], cv: int) -> tuple[Path, Path]:
+    """The store and targets for sizes `s`, written once (a half-written store is resumed)."""
+    import xarray as xr
+
+    from bonnerlab.activations.store import LayerSpec, open_store
+
+    path, tpath = store_path(s), targets_path(s)
+    n = s["n"]
+    widths = {"gram": s["p"], "rsa": s["p_rsa"], "encode": s["p_enc"]}
+    ids = [f"img{i:05d}.png" for i in range(n)]
+    specs = [LayerSpec(name, ("neuroid",), (p,), "float16") for name, p in widths.items()]
+    identity = {"bench_analysis": 1, **s, "cv": cv}
+    OUT.mkdir(parents=True, exist_ok=True)
+    store, outcome = open_store(
+        path,
+        identity=identity,
+        layers=specs,
+        stimuli=ids,
+        labels=None,
+        chunk_size=CHUNK,
+        coords={"fold": folds(n, cv)},
+        overwrite=True,
+    )
+    missing = store.missing_chunks()
+    if not missing and tpath.is_file():
+        return path, tpath
+    log(f"writing {path.name} ({len(missing)} of {store.n_chunks} chunks) and its targets ...")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(1234)
+    bases = {name: rng.standard_normal((LATENT, p), dtype=np.float32) for name, p in widths.items()}
+    a = rng.standard_normal((s["p_enc"], RANK), dtype=np.float32) / np.sqrt(s["p_enc"])
+    b = rng.standard_normal((RANK, s["targets"]), dtype=np.float32) / np.sqrt(RANK)
+    noise = np.geomspace(0.3, 30, s["targets"]).astype(np.float32)
+    y = np.empty((n, s["targets"]), dtype=np.float32)
+    for c in range(store.n_chunks):  # the targets need every chunk's features
+        sl = store.chunk_slice(c)
+        r = np.random.default_rng([7, c])
+        z = r.standard_normal((sl.stop - sl.start, LATENT), dtype=np.float32)
+        data = {}
+        for name, basis in bases.items():
+            x = z @ basis + r.standard_normal((len(z), basis.shape[1]), dtype=np.float32)
+            data[name] = np.maximum(x, 0, out=x).astype(np.float16)
+        signal = data["encode"].astype(np.float32) @ a @ b
+        y[sl] = signal + noise * r.standard_normal(signal.shape, dtype=np.float32)
+        if c in missing:
+            store.write_chunk(c, data)
+    store.finalize()
+    targets = xr.DataArray(
+        y,
+        dims=("presentation", "neuroid"),
+        coords={"stimulus": ("presentation", ids), "neuroid": np.arange(s["targets"])},
+        name="responses",
+    )
+    targets.to_netcdf(tpath, engine="h5netcdf")
+    log(f"  {time.perf_counter() - t0:.0f} s")
+    return path, tpath
+
+
+def load_layer(store: Path, layer: str, dtype) -> np.ndarray:
+    """A layer read chunk by chunk into one array of `dtype` (no float16 copy of the whole)."""
+    from bonnerlab.activations import open_activations
+
+    da = open_activations(store, layer)
+    x = np.empty(da.shape, dtype=dtype)
+    for a in range(0, len(x), CHUNK):
+        x[a : a + CHUNK] = da[a : a + CHUNK].values
+    return x
+
+
+def load_targets(path: Path) -> np.ndarray:
+    import xarray as xr
+
+    return xr.load_dataarray(path, engine="h5netcdf").values.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the children
+
+
+def child_gram_ours(spec: dict) -> dict:
+    from bonnerlab.analysis import layer_gram, rdm
+
+    t0 = time.perf_counter()
+    g = layer_gram(
+        spec["store"],
+        spec["layer"],
+        device=spec["device"],
+        memory_gb=spec["memory_gb"],
+        cache=False,
+    )
+    t1 = time.perf_counter()
+    d = rdm(g, metric="correlation").values
+    t2 = time.perf_counter()
+    np.save(spec["save"], d)
+    return {
+        "seconds": t2 - t0,
+        "gram_s": t1 - t0,
+        "rdm_s": t2 - t1,
+        "passes": g.attrs.get("passes"),
+        "read_s": g.attrs.get("read_s"),
+        "compute_s": g.attrs.get("compute_s"),
+        "device": g.attrs.get("device"),
+    }
+
+
+def child_gram_numpy(spec: dict) -> dict:
+    from bonnerlab.analysis import Gram, rdm
+
+    t0 = time.perf_counter()
+    x = load_layer(Path(spec["store"]), spec["layer"], np.float32)
+    t1 = time.perf_counter()
+    g = x @ x.T
+    t2 = time.perf_counter()
+    sums = x.sum(axis=1, dtype=np.float64)
+    ids = np.arange(len(x)).astype(str)
+    d = rdm(Gram(g.astype(np.float64), sums, x.shape[1], ids), metric="correlation").values
+    np.save(spec["save"], d)
+    return {"seconds": t2 - t1, "load_s": t1 - t0}
+
+
+def child_gram_rsatoolbox(spec: dict) -> dict:
+    import rsatoolbox
+
+    t0 = time.perf_counter()
+    x = load_layer(Path(spec["store"]), spec["layer"], np.float64)
+    t1 = time.perf_counter()
+    rdms = rsatoolbox.rdm.calc_rdm(rsatoolbox.data.Dataset(x), method="correlation")
+    t2 = time.perf_counter()
+    np.save(spec["save"], rdms.get_matrices()[0])
+    return {"seconds": t2 - t1, "load_s": t1 - t0}
+
+
+def child_encode_ours(spec: dict) -> dict:
+    from bonnerlab.analysis.encoding import encode
+
+    fold = folds(spec["n"], spec["cv"])
+    t0 = time.perf_counter()
+    ds = encode(
+        spec["store"],
+        spec["layer"],
+        targets=spec["targets"],
+        cv=spec["cv"],
+        alphas=np.asarray(spec["alphas"]),
+        groups=fold,
+        seed=0,
+        device=spec["device"],
+    )
+    seconds = time.perf_counter() - t0
+    r = ds["r"]
+    if "neuroid" in r.coords:  # back to the targets file's order
+        r = r.sortby("neuroid")
+    np.save(spec["save"], np.asarray(r.values, dtype=np.float64))
+    return {"seconds": seconds}
+
+
+def _pearson_columns(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (a * b).sum(axis=0) / np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+
+
+def child_encode_ref(spec: dict) -> dict:
+    """scikit-learn RidgeCV or himalaya KernelRidgeCV fitted per training fold."""
+    t0 = time.perf_counter()
+    x = load_layer(Path(spec["store"]), spec["layer"], np.float32)
+    y = load_targets(Path(spec["targets"]))
+    t1 = time.perf_counter()
+    fold = folds(spec["n"], spec["cv"])
+    alphas = np.asarray(spec["alphas"])
+    if spec["tool"] == "himalaya":
+        from himalaya.backend import set_backend
+        from himalaya.kernel_ridge import KernelRidgeCV
+
+        set_backend("numpy", on_error="raise")
+
+        def model():
+            return KernelRidgeCV(alphas=alphas, kernel="linear", fit_intercept=True, cv=5)
+    else:
+        from sklearn.linear_model import RidgeCV
+
+        def model():
+            return RidgeCV(alphas=alphas, alpha_per_target=True)
+
+    pred = np.empty_like(y)
+    per_fold = []
+    for k in range(spec["cv"]):
+        train, test = fold != k, fold == k
+        m = model().fit(x[train], y[train])
+        pred[test] = np.asarray(m.predict(x[test]))
+        per_fold.append(_pearson_columns(pred[test], y[test]))
+    t2 = time.perf_counter()
+    r = _pearson_columns(pred, y) if spec["r_mode"] == "pooled" else np.mean(per_fold, axis=0)
+    np.save(spec["save"], r.astype(np.float64))
+    return {"seconds": t2 - t1, "load_s": t1 - t0}
+
+
+CHILDREN = {
+    "gram-ours": child_gram_ours,
+    "gram-numpy": child_gram_numpy,
+    "gram-rsatoolbox": child_gram_rsatoolbox,
+    "encode-ours": child_encode_ours,
+    "encode-ref": child_encode_ref,
+}
+
+
+def measure(name: str, spec: dict) -> dict:
+    """One child process: its result and its own peak RSS."""
+    cmd = [sys.executable, __file__, "--child", name, "--spec", json.dumps(spec)]
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
+    line = next(x for x in run.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def row(method, seconds, rss, ref=None, agreement="", width=44) -> str:
+    if ref:
+        ratio = f"{seconds / ref['seconds']:.2f}x"
+        mem = f"{rss / ref['peak_rss_gb']:.2f}x" if rss is not None else "-"
+    else:
+        ratio = mem = "-" if rss is None else "ref"
+    rss_s = f"{rss:.2f}" if rss is not None else "-"
+    return f"{method:<{width}}{seconds:>9.2f}{rss_s:>10}{ratio:>10}{mem:>10}  {agreement}"
+
+
+HEADER = f"{'method':<44}{'seconds':>9}{'RSS GB':>10}{'t/t_ref':>10}{'RSS/ref':>10}  agreement"
+
+
+def bench_gram(args, s, store: Path, tmp: Path) -> list[str]:
+    base = {"store": str(store), "device": args.device, "memory_gb": args.memory_gb}
+    out = [f"gram/RDM: n {s['n']:,} x p {s['p']:,} float16 from the store", HEADER]
+    ours = measure("gram-ours", {**base, "layer": "gram", "save": str(tmp / "ours.npy")})
+    log(f"  bonnerlab gram+rdm p={s['p']:,}: {ours['seconds']:.2f} s, {ours['peak_rss_gb']:.2f} GB")
+    ref = measure("gram-numpy", {**base, "layer": "gram", "save": str(tmp / "numpy.npy")})
+    log(f"  numpy X @ X.T: {ref['seconds']:.2f} s (+ load {ref['load_s']:.2f} s)")
+    diff = np.abs(np.load(tmp / "ours.npy") - np.load(tmp / "numpy.npy")).max()
+    detail = (
+        f"{ours['passes']} passes, read {ours['read_s']:.1f} s, "
+        f"compute {ours['compute_s']:.1f} s, {ours['device']}"
+    )
+    out += [
+        row("numpy float32 X @ X.T (in memory)", ref["seconds"], ref["peak_rss_gb"]),
+        row("  its load from the store (apart)", ref["load_s"], None),
+        row("bonnerlab layer_gram + rdm", ours["seconds"], ours["peak_rss_gb"], ref,
+            f"max|dRDM| {diff:.1e} ({detail})"),
+    ]  # fmt: skip
+    if args.rsatoolbox:
+        small = measure("gram-ours", {**base, "layer": "rsa", "save": str(tmp / "ours_rsa.npy")})
+        rsa = measure("gram-rsatoolbox", {**base, "layer": "rsa", "save": str(tmp / "rsa.npy")})
+        log(f"  rsatoolbox p={s['p_rsa']:,}: {rsa['seconds']:.2f} s")
+        diff = np.abs(np.load(tmp / "ours_rsa.npy") - np.load(tmp / "rsa.npy")).max()
+        speedup = rsa["seconds"] / small["seconds"]
+        out += [
+            f"at p {s['p_rsa']:,}:",
+            row("rsatoolbox calc_rdm (float64 in memory)", rsa["seconds"], rsa["peak_rss_gb"]),
+            row("  its load from the store (apart)", rsa["load_s"], None),
+            row("bonnerlab layer_gram + rdm", small["seconds"], small["peak_rss_gb"], rsa,
+                f"max|dRDM| {diff:.1e}; rsatoolbox/ours {speedup:.2g}x"),
+        ]  # fmt: skip
+    return out
+
+
+def bench_encode(args, s, store: Path, targets: Path, tmp: Path) -> list[str]:
+    base = {
+        "store": str(store), "layer": "encode", "targets": str(targets), "n": s["n"],
+        "cv": args.cv, "alphas": ALPHAS.tolist(), "device": args.device, "r_mode": args.r_mode,
+    }  # fmt: skip
+    out = [
+        f"encode: n {s['n']:,} x p {s['p_enc']:,} float16 -> {s['targets']:,} targets, "
+        f"{args.cv} folds, {len(ALPHAS)} alphas, per-target alphas, r {args.r_mode}",
+        HEADER,
+    ]
+    refs = {}
+    for tool in args.encode_refs:
+        refs[tool] = measure("encode-ref", {**base, "tool": tool, "save": str(tmp / f"{tool}.npy")})
+        log(f"  {tool}: {refs[tool]['seconds']:.2f} s, {refs[tool]['peak_rss_gb']:.2f} GB")
+    gram_cache = store.with_name(f"{store.name}.gram")
+    shutil.rmtree(gram_cache, ignore_errors=True)  # encode streams the store, not a cache
+    try:
+        ours = measure("encode-ours", {**base, "save": str(tmp / "ours_r.npy")})
+    except SystemExit as e:
+        out.append(f"bonnerlab encode: not measured ({str(e).strip().splitlines()[-1]})")
+        ours = None
+    finally:
+        shutil.rmtree(gram_cache, ignore_errors=True)
+    labels = {
+        "sklearn": "scikit-learn RidgeCV per fold",
+        "himalaya": "himalaya KernelRidgeCV (numpy) per fold",
+    }
+    for tool, ref in refs.items():
+        out += [
+            row(labels[tool], ref["seconds"], ref["peak_rss_gb"]),
+            row("  its load of X and Y (apart)", ref["load_s"], None),
+        ]
+    if ours is not None:
+        r = np.load(tmp / "ours_r.npy")
+        log(f"  bonnerlab encode: {ours['seconds']:.2f} s, {ours['peak_rss_gb']:.2f} GB")
+        for tool, ref in refs.items():
+            diff = np.abs(r - np.load(tmp / f"{tool}.npy"))
+            out.append(
+                row(f"bonnerlab encode vs {tool}", ours["seconds"], ours["peak_rss_gb"], ref,
+                    f"max|dr| {np.nanmax(diff):.1e}, median {np.nanmedian(diff):.1e}")
+            )  # fmt: skip
+        out.append(
+            f"  bonnerlab r: median {np.nanmedian(r):.3f}, range {r.min():.3f}..{r.max():.3f}"
+        )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scale", type=float, default=1.0, help="scales n, p and targets")
+    p.add_argument("--only", choices=("gram", "encode"), default=None)
+    p.add_argument("--cv", type=int, default=5)
+    p.add_argument("--device", default="auto", help="bonnerlab's device (auto: CUDA if present)")
+    p.add_argument("--memory-gb", type=float, default=1.0, help="layer_gram's memory bound")
+    p.add_argument("--no-rsatoolbox", dest="rsatoolbox", action="store_false")
+    p.add_argument(
+        "--encode-refs", default="sklearn,himalaya", help="comma-separated: sklearn, himalaya"
+    )
+    p.add_argument("--r-mode", choices=("pooled", "fold-mean"), default="pooled")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--spec", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        result = CHILDREN[args.child](json.loads(args.spec))
+        result["peak_rss_gb"] = peak_rss_gb()
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    args.encode_refs = [t for t in args.encode_refs.split(",") if t]
+    load = os.getloadavg()
+    cores = os.cpu_count() or 1
+    idle = load[0] < 0.5 * cores
+    log(
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on {cores} cores: "
+        f"{'looked idle' if idle else 'busy (other processes slow every row)'}; "
+        f"scale {args.scale:g}"
+    )
+    s = sizes(args.scale)
+    store, targets = make_data(s, args.cv)
+    tmp = OUT / "results"
+    tmp.mkdir(parents=True, exist_ok=True)
+    lines = []
+    if args.only in (None, "gram"):
+        lines += bench_gram(args, s, store, tmp) + [""]
+    if args.only in (None, "encode"):
+        lines += bench_encode(args, s, store, targets, tmp) + [""]
+    end = os.getloadavg()
+    log(f"\nscale {args.scale:g}; load average {load[0]:.2f} at start, {end[0]:.2f} at the end")
+    log("t/t_ref, RSS/ref: bonnerlab / the reference above it (reference loads apart)\n")
+    log("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
