@@ -398,7 +398,8 @@ def bench_encode(args, s, store: Path, targets: Path, tmp: Path) -> list[str]:
             diff = np.abs(r - np.load(tmp / f"{tool}.npy"))
             out.append(
                 row(f"bonnerlab encode vs {tool}", ours["seconds"], ours["peak_rss_gb"], ref,
-                    f"max|dr| {np.nanmax(diff):.1e}, median {np.nanmedian(diff):.1e}")
+                    f"max|dr| {np.nanmax(diff):.1e}, median {np.nanmedian(diff):.1e}, "
+                    f"{np.mean(diff > 1e-3):.1%} over 1e-3")
             )  # fmt: skip
         out.append(
             f"  bonnerlab r: median {np.nanmedian(r):.3f}, range {r.min():.3f}..{r.max():.3f}"
