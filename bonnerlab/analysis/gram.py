@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -274,7 +275,7 @@ class _NoBar:
 def _accumulator(device: str, n: int, sub_cols: int):
     """The CPU (numpy/BLAS) accumulator, or the CUDA one when the device resolves to a GPU;
     torch is imported only when it may be used."""
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not gpu_may_be_present()):
         return _CpuAccumulator(n, sub_cols)
     if importlib.util.find_spec("torch") is None:
         if device == "auto":
@@ -286,6 +287,17 @@ def _accumulator(device: str, n: int, sub_cols: int):
     if resolved.type == "cpu":
         return _CpuAccumulator(n, sub_cols)
     return _CudaAccumulator(n, sub_cols, resolved)
+
+
+def gpu_may_be_present() -> bool:
+    """False when this Linux machine has no NVIDIA driver loaded: `auto` is then the CPU without
+    importing torch (2.5-3 s and 0.45 GB of RSS for nothing; bench/bench_analysis.py)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: only torch can tell
+        return True
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return Path("/proc/driver/nvidia/version").exists()
 
 
 def _sub_blocks(width: int, step: int):
