@@ -229,3 +229,52 @@ def test_bad_launch_input_is_one_line_and_nothing_queued(tmp_path, args, message
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert not (tmp_path / "s").exists() and not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def test_encoding_scores_per_layer_equal_the_api_and_the_planted_layer_wins(tmp_path):
+    """Targets planted in `fc` (Y = X_fc W + noise): the job's scores are encode()'s own, and
+    fc predicts them better than conv."""
+    from bonnerlab.activations import flatten, open_activations
+    from bonnerlab.analysis import encode
+
+    store = tiny_store(tmp_path / "t.zarr", n=60)
+    x = flatten(open_activations(store, "fc"))
+    rng = np.random.default_rng(1)
+    y = x.values @ rng.standard_normal((5, 8)) + 0.3 * rng.standard_normal((60, 8))
+    targets = tmp_path / "responses.nc"
+    xr.DataArray(
+        y,
+        dims=("presentation", "neuroid"),
+        coords={"stimulus": ("presentation", x["stimulus"].values.astype(str))},
+    ).to_netcdf(targets)
+    out = tmp_path / "analysis"
+    result = job_module("analyze").main(
+        ["--store", str(store), "--output", str(out), "--encode", str(targets), "--cv", "3"]
+        + ["--rdm", "none", "--spectrum", "false", "--device", "cpu"]
+        + ["--progress", "false"]
+    )
+    assert (out / "encoding.png").is_file()
+    expected = encode(store, "fc", targets=str(targets), cv=3, device="cpu")
+    with xr.open_dataset(out / "results.nc") as ds:
+        np.testing.assert_allclose(ds["encode_r"].sel(layer="fc").values, expected["r"].values)
+        scores = {la: float(np.nanmean(ds["encode_r"].sel(layer=la))) for la in ("conv", "fc")}
+    assert scores["fc"] > 0.8 > scores["conv"]
+    assert result["layers"][1]["encode_r_mean"] == pytest.approx(scores["fc"])
+
+
+def test_targets_with_ids_the_store_lacks_are_one_line_before_streaming(tmp_path):
+    store = tiny_store(tmp_path / "t.zarr")
+    targets = tmp_path / "responses.nc"
+    xr.DataArray(
+        np.ones((2, 1)),
+        dims=("presentation", "neuroid"),
+        coords={"stimulus": ("presentation", ["s00.png", "ghost.png"])},
+    ).to_netcdf(targets)
+    with pytest.raises(UserError, match="ghost.png"):
+        job_module("analyze").main(
+            ["--store", str(store), "--encode", str(targets), "--output", str(tmp_path / "a")]
+        )
+    assert not (tmp_path / "t.zarr.gram").exists()  # nothing streamed
