@@ -59,6 +59,7 @@ def test_notebooks_are_found():
     assert [p.name for p in NOTEBOOKS] == [
         "01_extract_layer_and_channel.ipynb",
         "02_analyze_activations.ipynb",
+        "03_compare_models_and_encode.ipynb",
     ]
 
 
