@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from bonnerlab.analysis.gram import Gram, layer_gram, versions
+from bonnerlab.analysis.gram import Gram, gpu_may_be_present, layer_gram, versions
 from bonnerlab.analysis.targets import (
     PRESENTATION,
     as_targets,
@@ -184,7 +184,7 @@ def _fold_targets(xp: Any, fold: _Fold, y_tr: Any, alphas: Any) -> tuple[Any, An
 def _backend(device: str):
     """numpy on the CPU; torch (float64) on CUDA, imported only when it may be used."""
     cpu = (np, lambda a: np.asarray(a), lambda a: np.asarray(a))
-    if device == "cpu":
+    if device == "cpu" or (device == "auto" and not gpu_may_be_present()):
         return cpu
     if importlib.util.find_spec("torch") is None:
         if device == "auto":

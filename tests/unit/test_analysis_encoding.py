@@ -206,6 +206,7 @@ def test_grouped_folds_never_split_a_group_and_follow_sklearn(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:The data type")  # zarr: fixed-width str is not v3 spec
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")  # zarr: xarray writes it anyway
 def test_every_target_format_loads_to_the_same_layout(tmp_path):
     rng = np.random.default_rng(0)
     ids = [f"a/{i}.png" for i in range(6)]
@@ -286,3 +287,22 @@ def test_bad_input_is_one_line_before_anything_is_streamed(tmp_path):
     with pytest.raises(UserError, match="target w has 1 non-finite") as e:
         load_targets(csv)
     _one_line(e)
+
+
+def test_the_torch_lines_the_cuda_path_runs_give_the_numpy_results(monkeypatch):
+    """The CUDA path is the same code on torch tensors: run it on CPU tensors (float64), so its
+    every call is checked here on machines without a GPU."""
+    torch = pytest.importorskip("torch")
+    from bonnerlab.analysis import encoding
+
+    def to_device(a):
+        return torch.as_tensor(np.ascontiguousarray(a))
+
+    x, y = _regression(n=50, p=70, t=9, seed=2)
+    folds = make_folds(len(x), 3, seed=0)
+    expected = kernel_ridge_cv(x @ x.T, y, folds, ALPHAS, block=4)
+    monkeypatch.setattr(encoding, "_backend", lambda device: (torch, to_device, torch.Tensor.numpy))
+    got = kernel_ridge_cv(x @ x.T, y, folds, ALPHAS, device="cuda", block=4)
+    np.testing.assert_array_equal(got.alpha_index, expected.alpha_index)
+    np.testing.assert_allclose(got.prediction, expected.prediction, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(got.loo_mse, expected.loo_mse, rtol=1e-10)
