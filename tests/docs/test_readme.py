@@ -15,6 +15,7 @@ terminal). Python blocks run with the copy's `.venv/bin/python`.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -235,6 +236,9 @@ def test_readme_slurm_blocks(tmp_path, locked_cluster):
     assert (repo / "runs/slurm-first/STATE").read_text().strip() == "DONE"
     assert len(list((repo / "runs/lr").glob("task-*/checkpoints/best.pt"))) == 3
     assert (repo / "runs/lr/results.csv").is_file()
+    # extract -> analyze, chained with --after: the analysis folder holds both layers
+    summary = json.loads((repo / "analysis/chain/summary.json").read_text())
+    assert [row["layer"] for row in summary["layers"]] == ["features.1", "fc"]
 
 
 # ---------------------------------------------------------------- the machinery
