@@ -403,10 +403,7 @@ def launch_shards(
     print(f"  folder: {sweep_dir.resolve()}  (the last shard to finish finalizes the store)")
     print(f"  status: python jobs/status.py {sweep_dir}")
     if opts.wait:
-        wait_for_tasks(tasks)
-        for task in tasks:
-            if task.job is not None:
-                task.job.result()  # raises with the task's traceback when it failed
+        wait_for_results(tasks)
     return tasks
 
 
@@ -469,11 +466,16 @@ def launch_layers(
     print(f"  analysis: {cfg.output}  (each task adds its layer; report.html covers all)")
     print(f"  status:   python jobs/status.py {sweep_dir}")
     if opts.wait:
-        wait_for_tasks(tasks)
-        for task in tasks:
-            if task.job is not None:
-                task.job.result()  # raises with the task's traceback when it failed
+        wait_for_results(tasks)
     return tasks
+
+
+def wait_for_results(tasks: list[Any]) -> None:
+    """`wait_for_tasks`, then each task's result: raises with the first failed task's traceback."""
+    wait_for_tasks(tasks)
+    for task in tasks:
+        if task.job is not None:
+            task.job.result()
 
 
 def wait_for_tasks(tasks: list[Any], poll_s: float = 2.0) -> None:
