@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "INTERRUPTED", "CANCELLED")
 # a `checkpoint` value that means the newest run folder under runs_root (`latest` is always a
@@ -259,12 +259,22 @@ def latest_run(runs_root: str | Path) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-class Logger:
-    """metrics.jsonl + TensorBoard scalars; a no-op object on ranks other than 0."""
+class Sink(Protocol):
+    """An experiment tracker beside TensorBoard (W&B, MLflow): gets what TensorBoard gets."""
 
-    def __init__(self, run_dir: str | Path | None) -> None:
+    def scalars(self, values: dict[str, float], step: int) -> None: ...
+    def epoch(self, record: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class Logger:
+    """metrics.jsonl + TensorBoard scalars (+ optional trackers); a no-op object on ranks other
+    than 0."""
+
+    def __init__(self, run_dir: str | Path | None, trackers: Sink | None = None) -> None:
         self.enabled = run_dir is not None
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.trackers = trackers
         self._tb = None
         if self.enabled:
             from tensorboardX import SummaryWriter
@@ -275,12 +285,19 @@ class Logger:
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, step)
+        if self.trackers is not None:
+            self.trackers.scalars(values, step)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.enabled:
             append_metrics(self.run_dir, record)
+        if self.trackers is not None:
+            self.trackers.epoch(record)
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None

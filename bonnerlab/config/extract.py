@@ -103,8 +103,16 @@ class ExtractConfig:
     # this task's share of the chunks: shard shard_index of num_shards (a job array)
     shard_index: int = 0
     num_shards: int = 1
-    # replace an existing store that was made with a different config or weights
+    # replace an existing store that was made with a different config, weights or stimuli
     overwrite: bool = False
+    # re-extract only the stimuli whose content changed since the store was written (the other
+    # rows stay bit-identical); without it a changed stimulus is refused
+    update: bool = False
+    # refuse images with more pixels than this (a decompression bomb); PIL's own limit when 0
+    max_image_pixels: int = 0
+    # where JPEGs are decoded: cpu (PIL, bit-exact with the published preprocessing), gpu
+    # (nvJPEG on the device; recorded in the store's identity), auto = cpu
+    decode: str = "auto"
     # store NaN for unreadable images and record them (default: stop with an error)
     skip_bad_images: bool = False
     # print each layer name with its output shape for one input, then exit
@@ -152,6 +160,12 @@ class ExtractConfig:
             f"num_workers must be >= 0 (or -1 = auto); got {self.num_workers}",
         )
         check_choice("compression", self.compression, ("zstd", "lz4", "none"))
+        check(not (self.update and self.overwrite), "pass one of --update and --overwrite")
+        check(
+            self.max_image_pixels >= 0,
+            f"max_image_pixels must be >= 0 (0 = PIL's limit); got {self.max_image_pixels}",
+        )
+        check_choice("decode", self.decode, ("auto", "cpu", "gpu"))
         check(self.num_shards >= 1, f"num_shards must be >= 1; got {self.num_shards}")
         check(
             0 <= self.shard_index < self.num_shards,

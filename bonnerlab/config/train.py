@@ -11,6 +11,8 @@ DATASETS = ("digits", "mnist", "imagefolder")
 AUGMENTATIONS = ("auto", "digits", "natural", "none")
 OPTIMIZERS = ("sgd", "adamw", "adadelta")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
+DECODES = ("auto", "cpu", "gpu")
+WANDB_MODES = ("auto", "online", "offline")
 
 
 @dataclass
@@ -67,6 +69,12 @@ class DataConfig:
     scale_max: float = 1.1
     # probability of erasing a random rectangle of each training image (0 = off)
     erasing: float = 0.0
+    # image folders: refuse images with more pixels than this (a decompression bomb); PIL's
+    # own limit when 0
+    max_image_pixels: int = 0
+    # image folders: where JPEGs are decoded: cpu (PIL in DataLoader workers), gpu (workers read
+    # bytes, nvJPEG decodes batches on the device), auto = gpu on CUDA, else cpu
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("data.dataset", self.dataset, DATASETS)
@@ -94,6 +102,11 @@ class DataConfig:
         )
         check(0 < self.scale_min <= self.scale_max, "data.scale_min must be in (0, data.scale_max]")
         check(0.0 <= self.erasing <= 1.0, f"data.erasing must be in [0, 1]; got {self.erasing}")
+        check(
+            self.max_image_pixels >= 0,
+            f"data.max_image_pixels must be >= 0 (0 = PIL's limit); got {self.max_image_pixels}",
+        )
+        check_choice("data.decode", self.decode, DECODES)
         check_choice("data.augment", self.augment, AUGMENTATIONS)
         check(
             0.0 < self.crop_scale <= 1.0,
@@ -181,12 +194,36 @@ class OptimConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment trackers beside metrics.jsonl and TensorBoard (the run folder stays the
+    source of truth); rank 0 only, one tracker run per run folder across resumes and requeues."""
+
+    # log to Weights & Biases (pip install bonnerlab[wandb])
+    wandb: bool = False
+    # W&B project; empty = bonnerlab
+    wandb_project: str = ""
+    # auto (offline when the node cannot reach the service), online or offline
+    wandb_mode: str = "auto"
+    # log to MLflow (pip install bonnerlab[mlflow])
+    mlflow: bool = False
+    # MLflow tracking URI: a server (http://host:5000) or sqlite:///path/mlflow.db; empty = a
+    # SQLite store in the run folder (never one SQLite file shared by many tasks)
+    mlflow_uri: str = ""
+    # MLflow experiment; empty = the sweep's folder name, else bonnerlab
+    mlflow_experiment: str = ""
+
+    def __post_init__(self) -> None:
+        check_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+@dataclass
 class TrainConfig:
     """Train a classifier; the defaults finish on a laptop CPU in seconds, offline."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     # passes over the training split
     epochs: int = 5
     # seed of initialization, shuffling, augmentation and dropout

@@ -53,6 +53,7 @@ from bonnerlab.train.build import (
 )
 from bonnerlab.train.evaluate import evaluate_model
 from bonnerlab.train.precision import Precision
+from bonnerlab.train.trackers import open_trackers
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
@@ -71,6 +72,13 @@ RESUMABLE_CHANGES = {
     "compile",
     "compile_fallback",
     "amp_dtype",
+    "data.max_image_pixels",
+    "log.wandb",
+    "log.wandb_project",
+    "log.wandb_mode",
+    "log.mlflow",
+    "log.mlflow_uri",
+    "log.mlflow_experiment",
 }
 
 
@@ -304,7 +312,10 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     wrap(run, info)
     state = run.state
 
-    logger = Logger(run_dir if info.is_main else None)
+    logger = Logger(
+        run_dir if info.is_main else None,
+        trackers=open_trackers(cfg, run_dir) if info.is_main else None,
+    )
     if info.is_main:
         start_run_folder(run, run_dir, resumed=resume_from is not None)
         if files is not None and not paths.files_json.is_file():
