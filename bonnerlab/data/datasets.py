@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
 from bonnerlab.data.folders import FileList, scan_collection
+from bonnerlab.data.images import opened_image, to_8bit
 from bonnerlab.errors import DataError
 from bonnerlab.pixels import to_unit_float
 
@@ -63,6 +64,7 @@ class FolderDataset(torch.utils.data.Dataset):
         in_channels: int,
         fit: str = "squash",
         crop_fraction: float = EVAL_CROP_FRACTION,
+        max_pixels: int = 0,
     ):
         self.root, self.files, self.size, self.in_channels, self.fit = (
             root,
@@ -72,6 +74,7 @@ class FolderDataset(torch.utils.data.Dataset):
             fit,
         )
         self.crop_fraction = crop_fraction
+        self.max_pixels = max_pixels  # the decompression-bomb limit (0: PIL's)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.ids = [str(f.relative_to(root)) for f in files]
 
@@ -88,6 +91,7 @@ class FolderDataset(torch.utils.data.Dataset):
             self.in_channels,
             fit,
             self.crop_fraction if crop_fraction is None else crop_fraction,
+            self.max_pixels,
         )
 
     @property
@@ -98,7 +102,12 @@ class FolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return (
             load_image(
-                self.files[index], self.size, self.in_channels, self.fit, self.crop_fraction
+                self.files[index],
+                self.size,
+                self.in_channels,
+                self.fit,
+                self.crop_fraction,
+                self.max_pixels,
             ),
             int(self.labels[index]),
         )
@@ -110,42 +119,42 @@ def load_image(
     in_channels: int,
     fit: str = "squash",
     crop_fraction: float = EVAL_CROP_FRACTION,
+    max_pixels: int = 0,
 ) -> torch.Tensor:
-    """Decode, convert to grayscale/RGB and bring one image to a fixed square shape (see FITS);
-    the error names the file."""
-    from PIL import Image, UnidentifiedImageError
+    """Decode one image to 8 bits from its own range (`bonnerlab.data.images`: 16-bit and float
+    files too), convert to grayscale/RGB and bring it to a fixed square shape (see FITS);
+    errors, decompression bombs (over `max_pixels`, else PIL's limit) included, name the file."""
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            if fit == "squash":
-                target = (size, size)
-            else:
-                short = (
-                    round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
-                )
-                w, h = img.size
-                # torchvision's rounding: the long side truncated, the crop offset rounded
-                target = (
-                    (max(short, int(w * short / h)), short)
-                    if w >= h
-                    else (short, max(short, int(h * short / w)))
-                )
-            # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
-            # large photo for a 112-pixel input decodes several times faster
-            img.draft("L" if in_channels == 1 else "RGB", target)
-            img = img.convert("L" if in_channels == 1 else "RGB")
-            if img.size != target:
-                img = img.resize(target, Image.BILINEAR)
-            if fit != "squash":
-                side = round(size * CANVAS_RATIO) if fit == "canvas" else size
-                left, top = (
-                    int(round((target[0] - side) / 2.0)),
-                    int(round((target[1] - side) / 2.0)),
-                )
-                img = img.crop((left, top, left + side, top + side))
-            array = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from e
+    mode = "L" if in_channels == 1 else "RGB"
+    with opened_image(path, path, max_pixels) as img:
+        if fit == "squash":
+            target = (size, size)
+        else:
+            short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
+            w, h = img.size
+            # torchvision's rounding: the long side truncated, the crop offset rounded
+            target = (
+                (max(short, int(w * short / h)), short)
+                if w >= h
+                else (short, max(short, int(h * short / w)))
+            )
+        # JPEG: decode at a reduced scale (1/2, 1/4, 1/8) that still covers the target: a
+        # large photo for a 112-pixel input decodes several times faster (other formats: no-op)
+        img.draft(mode, target)
+        img = to_8bit(img, path)
+        if img.mode != mode:
+            img = img.convert(mode)
+        if img.size != target:
+            img = img.resize(target, Image.BILINEAR)
+        if fit != "squash":
+            side = round(size * CANVAS_RATIO) if fit == "canvas" else size
+            left, top = (
+                int(round((target[0] - side) / 2.0)),
+                int(round((target[1] - side) / 2.0)),
+            )
+            img = img.crop((left, top, left + side, top + side))
+        array = np.asarray(img, dtype=np.uint8)
     tensor = torch.from_numpy(array.copy())
     return tensor.unsqueeze(0) if in_channels == 1 else tensor.permute(2, 0, 1).contiguous()
 
@@ -365,6 +374,7 @@ def load_splits(
                 cfg.image_size,
                 cfg.in_channels,
                 fit,
+                max_pixels=cfg.max_image_pixels,
             )
 
         train = make(train_files, train_labels, tr, "canvas" if natural else "squash")

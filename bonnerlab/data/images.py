@@ -29,6 +29,8 @@ from __future__ import annotations
 import io
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -50,19 +52,26 @@ _OPEN_LOCK = threading.Lock()
 
 
 def read_image(
-    source: str | Path | bytes | BinaryIO,
-    name: str | Path,
-    max_pixels: int = 0,
-    draft: tuple[str, tuple[int, int]] | None = None,
+    source: str | Path | bytes | BinaryIO, name: str | Path, max_pixels: int = 0
 ) -> Image.Image:
     """Open, decode and convert one image to 8-bit `L` or `RGB` (see the module docstring).
 
     `source` is a path, the file's bytes or a binary file object; `name` is what errors call it.
-    `max_pixels` > 0 replaces PIL's decompression-bomb limit for this call. `draft` is PIL's
-    `Image.draft(mode, size)`, applied before decoding: a JPEG is decoded at the largest reduced
-    scale (1/2, 1/4, 1/8) that still covers `size`, and as luma only for mode `L` (other formats
-    ignore it). Unreadable files and bombs raise a one-line DataError naming `name`.
+    `max_pixels` > 0 replaces PIL's decompression-bomb limit for this call. Unreadable files and
+    bombs raise a one-line DataError naming `name`.
     """
+    with opened_image(source, name, max_pixels) as img:
+        return to_8bit(img, name)
+
+
+@contextmanager
+def opened_image(
+    source: str | Path | bytes | BinaryIO, name: str | Path, max_pixels: int = 0
+) -> Iterator[Image.Image]:
+    """An image opened from its header (size and mode known, nothing decoded yet), checked
+    against the bomb limit; any error reading it inside the block is a one-line DataError naming
+    `name`. For callers that look at the size first, e.g. to `draft` a JPEG to a reduced scale
+    before `to_8bit` decodes it."""
     from PIL import Image
 
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -70,10 +79,7 @@ def read_image(
     try:
         # leaving the block closes the file handle only (ImageFile.__exit__); the pixels stay
         with _open_checked(source, name, max_pixels) as img:
-            if draft is not None:
-                img.draft(*draft)
-            img.load()
-            return to_8bit(img, name)
+            yield img
     except DataError:
         raise
     except Image.DecompressionBombError as e:  # a later frame's check (GIF), with PIL's limit
@@ -81,8 +87,7 @@ def read_image(
     except Image.UnidentifiedImageError as e:  # its message names a file object, not the file
         raise DataError(f"cannot read image {name}: not an image format PIL can identify") from e
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
-        # OSError includes UnidentifiedImageError and truncated files; PIL's plugins raise the
-        # others on malformed headers
+        # OSError includes truncated files; PIL's plugins raise the others on malformed data
         raise DataError(f"cannot read image {name}: {_one_line(e)}") from e
 
 
@@ -116,9 +121,11 @@ def _open_checked(source: str | Path | BinaryIO, name: str | Path, max_pixels: i
 
 
 def to_8bit(img: Image.Image, name: str | Path = "") -> Image.Image:
-    """A loaded image of any mode -> 8-bit `L` or `RGB`, scaled from its own range."""
+    """An image of any mode -> 8-bit `L` or `RGB`, scaled from its own range (decoded here if
+    it was not yet)."""
     from PIL import Image
 
+    img.load()
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
