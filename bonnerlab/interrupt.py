@@ -6,29 +6,59 @@ from inside the handler would lose the step in flight and could leave a half-wri
 so handlers only set a flag that `train` polls between steps (and record which signal came, so
 the job wrapper knows whether to requeue itself or wait for SLURM).
 
+Ctrl-C (SIGINT) is a stop request too: the first saves at the next step boundary, like SIGTERM;
+a second one aborts at once (KeyboardInterrupt), for when the user will not wait.
+
 Every entry point installs the same handlers: jobs/*.py through `install_handlers()`, the SLURM
 job wrapper (`bonnerlab.cluster.node.ClusterJob`) too, restoring submitit's own afterwards.
+A job may register `on_stop` (the training loop marks its folder INTERRUPTED at once): a process
+that is killed before it reaches the next step boundary (torchrun kills its workers 30 s after
+passing them its SIGTERM) then does not leave STATE saying RUNNING.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 _stop = threading.Event()
 _received: list[int] = []
+_on_stop: list[Callable[[], None]] = []
 
 
 def request_stop(signum: int | None = None, _frame: Any = None) -> None:
-    """Ask the running job to save and return at the next step boundary (usable as a handler)."""
+    """Ask the running job to save and return at the next step boundary (usable as a handler).
+
+    A second SIGINT while the first is pending raises KeyboardInterrupt: Ctrl-C twice aborts.
+    """
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        raise KeyboardInterrupt
     if signum is not None:
         _received.append(signum)
+    if signum == signal.SIGINT:
+        print(
+            "\n[bonnerlab] Ctrl-C: saving at the next step, then stopping "
+            "(Ctrl-C again to abort at once)",
+            file=sys.stderr,
+            flush=True,
+        )
     _stop.set()
+    for callback in list(_on_stop):
+        callback()
+
+
+def on_stop(callback: Callable[[], None] | None) -> None:
+    """Call `callback` (in the signal handler, so: short, no locks) when a stop is requested;
+    None clears it."""
+    _on_stop.clear()
+    if callback is not None:
+        _on_stop.append(callback)
 
 
 def stop_requested() -> bool:

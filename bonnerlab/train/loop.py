@@ -30,10 +30,11 @@ from bonnerlab.checkpoint import (
 from bonnerlab.config import TrainConfig, from_dict, save_yaml, to_dict
 from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.loaders import TrainBatches
-from bonnerlab.errors import RunDirError
+from bonnerlab.errors import DiskSpaceError, RunDirError, UserError
 from bonnerlab.models.cnn import count_parameters
 from bonnerlab.runs import (
     Logger,
+    RunLock,
     RunPaths,
     default_run_name,
     load_yaml_if_exists,
@@ -230,18 +231,41 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# What the launcher writes into a run folder before the job starts, and the lock: a folder
+# holding only these is a run that has not started yet.
+_BEFORE_START = {"LOCK", "STATE", "slurm.yaml", "submit.sh", "code", "logs", "git.txt", "git.diff"}
+
+
 def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
-    """Refuse a folder that holds another run; on resume, refuse a config that changes results."""
-    saved = load_yaml_if_exists(RunPaths(run_dir).config_yaml)
+    """Refuse a folder that holds another run (or no run of this toolkit); on resume, refuse a
+    config that changes results."""
+    paths = RunPaths(run_dir)
+    saved = load_yaml_if_exists(paths.config_yaml)
     if saved is None:
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg.resume:
-            raise RunDirError(f"run folder {run_dir} is not empty; choose a new --run_dir")
+        foreign = sorted(
+            p.name
+            for p in (run_dir.iterdir() if run_dir.exists() else ())
+            if p.name not in _BEFORE_START and not p.name.startswith(".LOCK.")
+        )
+        if foreign and not (cfg.resume and paths.latest.is_file()):
+            what = "is not a run folder of bonnerlab (no config.yaml)" if cfg.resume else ""
+            raise RunDirError(
+                f"run folder {run_dir} {what or 'is not empty'} (it holds "
+                f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "choose a new --run_dir"
+            )
         return
     if not cfg.resume:
         raise RunDirError(
             f"run folder {run_dir} already holds a run; "
             "pass --resume to continue it or choose a new --run_dir"
         )
+    check_same_config(cfg, saved, f"--config_path {paths.config_yaml}", run_dir)
+
+
+def check_same_config(cfg: TrainConfig, saved: dict[str, Any], fix: str, run_dir: Path) -> None:
+    """Resuming must compute what the saved run computed: only RESUMABLE_CHANGES may differ.
+    `saved` is config.yaml's content or a checkpoint's own copy (when config.yaml is gone)."""
     # read like any config file: a key an older run's config lacks (added since) is its default,
     # a renamed key its new name
     ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(from_dict(TrainConfig, saved)))
@@ -253,9 +277,26 @@ def check_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     if changed:
         raise RunDirError(
             f"cannot resume {run_dir} with a different config ({', '.join(changed[:4])}); "
-            f"use the saved config (--config_path {RunPaths(run_dir).config_yaml}) "
-            "or a new --run_dir"
+            f"use the saved config ({fix}) or a new --run_dir"
         )
+
+
+def hold_run_folder(run_dir: Path, info: dist.DistInfo) -> RunLock | None:
+    """Rank 0 takes the folder's LOCK (one writer per run folder); every rank raises the same
+    one line when another process holds it. None on the other ranks."""
+    lock = RunLock(run_dir) if info.is_main else None
+    outcome: str | UserError = ""
+    if lock is not None:
+        try:
+            outcome = lock.acquire()
+        except UserError as e:  # every rank raises it, none waits for a run that never starts
+            outcome = e
+    outcome = dist.broadcast_object(outcome)
+    if isinstance(outcome, UserError):
+        raise outcome
+    if outcome:
+        dist.print0(f"[bonnerlab] {outcome}")
+    return lock
 
 
 def start_run_folder(run: Training, run_dir: Path, resumed: bool) -> None:
@@ -266,6 +307,19 @@ def start_run_folder(run: Training, run_dir: Path, resumed: bool) -> None:
     write_state(run_dir, "RUNNING")
     if resumed:
         truncate_metrics(run_dir, run.state.epoch)
+
+
+def mark_interrupted(run_dir: Path) -> Callable[[], None]:
+    """What a stop request does at once, in its signal handler: STATE INTERRUPTED. The save
+    follows at the next step boundary; a process killed before then (torchrun SIGKILLs its
+    workers 30 s after the SIGTERM it passed on) still leaves a true STATE, and latest.pt of
+    the last save to resume from."""
+
+    def mark() -> None:
+        with contextlib.suppress(OSError, DiskSpaceError):
+            write_state(run_dir, "INTERRUPTED")
+
+    return mark
 
 
 def epoch_record(
@@ -304,12 +358,14 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     # Everything that can fail on bad input happens before the run folder is touched.
     files = scan_files(cfg, run_dir)
     run = build(cfg, info, files)
-    check_run_dir(cfg, run_dir)
-    resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
-    if resume_from is not None:
-        restore(run, load_checkpoint(resume_from), resume_from)
-    check_deterministic(run)
-    wrap(run, info)
+    lock = hold_run_folder(run_dir, info)
+    try:
+        resume_from = prepare(run, run_dir, info)
+    except BaseException:
+        run.close()
+        if lock is not None:
+            lock.release(remove_dir_if_empty=True)  # a refused run leaves no trace
+        raise
     state = run.state
 
     logger = Logger(
@@ -320,6 +376,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         start_run_folder(run, run_dir, resumed=resume_from is not None)
         if files is not None and not paths.files_json.is_file():
             files.save(paths.files_json)
+        interrupt.on_stop(mark_interrupted(run_dir))
     total, trainable = count_parameters(dist.unwrap(run.model))
     where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
@@ -329,80 +386,133 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         f"{trainable:,}/{total:,} trainable "
         f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
     )
+    failed, last = False, {}
+    try:
+        last = run_epochs(run, run_dir, logger, lock)
+    except BaseException as e:
+        failed = True
+        if info.is_main:
+            interrupt.on_stop(None)
+            # Ctrl-C twice: stopped by the user, resumable from latest.pt. STATE is written
+            # where it still can be (a full disk may refuse even these few bytes).
+            final = "INTERRUPTED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            with contextlib.suppress(OSError, DiskSpaceError):
+                write_state(run_dir, final)
+        raise
+    finally:
+        interrupt.on_stop(None)
+        # after a failure (a full disk), closing must not bury its one line under its own errors
+        with contextlib.suppress(OSError) if failed else contextlib.nullcontext():
+            logger.close()
+        run.close()
+        if lock is not None and (failed or last.get("interrupted")):
+            lock.release()
+    if last.get("interrupted"):
+        return last
+    if info.is_main:
+        write_state(run_dir, "DONE")
+        lock.release()
+    dist.barrier()
+    result = dict(last) if last else {"epoch": state.epoch}
+    result.update(best_val_acc=state.best_val_acc, run_dir=str(run_dir), checkpoint=str(paths.best))
+    return result
+
+
+def prepare(run: Training, run_dir: Path, info: dist.DistInfo) -> Path | None:
+    """Check the folder, restore from latest.pt when resuming (its saved config compared with
+    this one: config.yaml may be gone), wrap for DDP; returns the checkpoint resumed from."""
+    cfg, paths = run.cfg, RunPaths(run_dir)
+    check_run_dir(cfg, run_dir)
+    resume_from = paths.latest if cfg.resume and paths.latest.exists() else None
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from)
+        check_same_config(cfg, checkpoint["config"], f"the config saved in {resume_from}", run_dir)
+        restore(run, checkpoint, resume_from)
+    check_deterministic(run)
+    wrap(run, info)
+    return resume_from
+
+
+def run_epochs(
+    run: Training, run_dir: Path, logger: Logger, lock: RunLock | None
+) -> dict[str, Any]:
+    """Epochs until cfg.epochs or a stop request; the last epoch's record, or the interrupted
+    result (`interrupted`: True) after saving latest.pt."""
+    cfg, state, info, paths = run.cfg, run.state, dist.info(), RunPaths(run_dir)
 
     def save(kind: str = "latest") -> None:
         if info.is_main:
             save_checkpoint(paths.latest if kind == "latest" else paths.best, run.payload())
 
+    def beat(state: EpochState) -> None:  # the LOCK's heartbeat, at logging steps
+        if lock is not None and state.global_step % cfg.log_every_steps == 0:
+            lock.beat()
+
     last: dict[str, Any] = {}
-    try:
-        while state.epoch < cfg.epochs:
-            start = time.perf_counter()
-            seen_before = state.seen
-            finished = train_one_epoch(
-                run.model,
-                run.batches,
-                run.batch_augment,
-                run.optimizer,
-                run.scheduler,
-                run.precision,
-                cfg,
-                state,
-                logger,
-                save_checkpoint_now=save,
-            )
-            if not finished:
-                save()
-                if info.is_main:
-                    write_state(run_dir, "INTERRUPTED")
-                dist.print0(
-                    f"[bonnerlab] stop requested: saved {paths.latest} at epoch {state.epoch + 1} "
-                    f"step {state.step}"
-                )
-                return {
-                    "interrupted": True,
-                    "epoch": state.epoch,
-                    "step": state.step,
-                    "run_dir": str(run_dir),
-                }
-            train_seconds = time.perf_counter() - start
-            val = evaluate_model(
-                run.model,
-                run.val_batches,
-                run.batch_augment,
-                run.splits.num_classes,
-                cfg.channels_last,
-                run.precision,
-            )
-            last = epoch_record(run, val, time.perf_counter() - start, train_seconds, seen_before)
-            logger.epoch(last)
-            logger.scalars(
-                {f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")},
-                last["epoch"],
-            )
-            improved = val["acc"] > state.best_val_acc
-            state.best_val_acc = max(state.best_val_acc, val["acc"])
-            state.epoch, state.step = state.epoch + 1, 0
-            state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+    while state.epoch < cfg.epochs:
+        start = time.perf_counter()
+        seen_before = state.seen
+        finished = train_one_epoch(
+            run.model,
+            run.batches,
+            run.batch_augment,
+            run.optimizer,
+            run.scheduler,
+            run.precision,
+            cfg,
+            state,
+            logger,
+            save_checkpoint_now=save,
+            on_step_end=beat,
+        )
+        if not finished:
             save()
-            if improved:
-                save("best")
-            dist.print0(
-                f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} "
-                f"train_loss {last['train_loss']:.4f} "
-                f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
-                f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)"
-            )
-    except BaseException:
-        if info.is_main:
-            write_state(run_dir, "FAILED")
-        raise
-    finally:
-        logger.close()
-        run.close()
-    if info.is_main:
-        write_state(run_dir, "DONE")
-    dist.barrier()
-    result = dict(last) if last else {"epoch": state.epoch}
-    result.update(best_val_acc=state.best_val_acc, run_dir=str(run_dir), checkpoint=str(paths.best))
-    return result
+            return stopped(run, run_dir)
+        train_seconds = time.perf_counter() - start
+        val = evaluate_model(
+            run.model,
+            run.val_batches,
+            run.batch_augment,
+            run.splits.num_classes,
+            cfg.channels_last,
+            run.precision,
+        )
+        last = epoch_record(run, val, time.perf_counter() - start, train_seconds, seen_before)
+        logger.epoch(last)
+        logger.scalars(
+            {f"epoch/{k}": v for k, v in last.items() if k not in ("epoch", "step")},
+            last["epoch"],
+        )
+        improved = val["acc"] > state.best_val_acc
+        state.best_val_acc = max(state.best_val_acc, val["acc"])
+        state.epoch, state.step = state.epoch + 1, 0
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+        save()
+        if improved:
+            save("best")
+        if lock is not None:
+            lock.beat()
+        dist.print0(
+            f"[bonnerlab] epoch {last['epoch']}/{cfg.epochs} "
+            f"train_loss {last['train_loss']:.4f} "
+            f"val_loss {last['val_loss']:.4f} val_acc {last['val_acc']:.4f} "
+            f"({last['epoch_time_s']:.1f}s, {last['train_samples_per_s']:.0f} samples/s)"
+        )
+        # an epoch shorter than log_every_steps never checks inside it: check at its end (the
+        # epoch's own all-reduces already made every rank wait here)
+        if state.epoch < cfg.epochs and dist.any_rank(interrupt.stop_requested()):
+            return stopped(run, run_dir)
+    return last
+
+
+def stopped(run: Training, run_dir: Path) -> dict[str, Any]:
+    """latest.pt is saved: STATE INTERRUPTED, and the result that says how to continue."""
+    state = run.state
+    if dist.info().is_main:
+        interrupt.on_stop(None)
+        write_state(run_dir, "INTERRUPTED")
+    dist.print0(
+        f"[bonnerlab] stop requested: saved {RunPaths(run_dir).latest} at epoch "
+        f"{state.epoch + 1} step {state.step}"
+    )
+    return {"interrupted": True, "epoch": state.epoch, "step": state.step, "run_dir": str(run_dir)}
