@@ -51,6 +51,19 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def why_unreadable(path: Path, error: BaseException) -> str:
+    """Why torch.load or safetensors could not read `path`, in a few words, never empty: torch.load
+    raises a bare `EOFError` for a 0-byte file (an interrupted copy, download or save)."""
+    unfinished = "a copy, download or save that did not finish?"
+    if path.stat().st_size == 0:
+        return f"the file is empty (0 bytes): {unfinished}"
+    if isinstance(error, EOFError):
+        return f"the file ends early (EOFError): {unfinished}"
+    # the first sentence: torch's zip reader appends a paragraph about internal miniz errors
+    first = str(error).strip().splitlines()[0].split(". ")[0][:160] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True (no arbitrary code from pickles); clear errors otherwise."""
     path = Path(path)
@@ -60,7 +73,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a checkpoint: {str(e).splitlines()[0]}"
+            f"checkpoint {path} is corrupt or not a checkpoint: {why_unreadable(path, e)}"
         ) from e
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a bonnerlab checkpoint (no model/config)")

@@ -127,11 +127,13 @@ class ModelConfig:
     # mnist_cnn (the from-scratch tutorial model), a torchvision classifier name (resnet18),
     # timm:NAME, open_clip:NAME (the image tower) or hf:REPO_ID_OR_LOCAL_FOLDER (transformers)
     arch: str = "mnist_cnn"
-    # none (seeded random init), a published name (torchvision weights name such as
-    # ResNet18_Weights.IMAGENET1K_V1 or DEFAULT; timm pretrained tag or DEFAULT; open_clip tag such
-    # as laion2b_s34b_b79k; DEFAULT for hf: the repo's own), or a local .pth/.pt/.safetensors
-    # file (a save_pretrained folder for hf:)
-    weights: str = "none"
+    # auto: the checkpoint model.arch names (an hf: repo or folder, timm:NAME.TAG,
+    # open_clip:NAME:TAG or open_clip:NAME:FILE, a hf-hub:/local-dir: name), else seeded random
+    # init (a bare torchvision, timm or open_clip name, mnist_cnn); none (seeded random init); a
+    # published name (torchvision weights name such as ResNet18_Weights.IMAGENET1K_V1 or DEFAULT;
+    # timm pretrained tag or DEFAULT; open_clip tag such as laion2b_s34b_b79k; DEFAULT for hf:
+    # the repo's own); or a local .pth/.pt/.safetensors file (a save_pretrained folder for hf:)
+    weights: str = "auto"
     # train only the new classification head (fine-tuning a pretrained backbone)
     freeze_backbone: bool = False
     # mnist_cnn: channels of the first conv layer (later layers double it)

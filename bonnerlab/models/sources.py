@@ -3,11 +3,12 @@ used by training (a new head) and by extraction (the model as published).
 
 `model.arch` is `NAME` (torchvision, or mnist_cnn), `timm:NAME`, `open_clip:NAME` (the image
 tower) or `hf:REPO_ID_OR_FOLDER` (transformers, built with the Auto classes). `model.weights` is
-`none` (seeded random init), a published name (downloaded once into each library's own cache:
-TORCH_HOME, HF_HOME), or a local file (`.pth`/`.pt`/`.safetensors` state dict) or, for `hf:`, a
-`save_pretrained` folder. Each source also hands out the evaluation transform its weights were
-published with (`LoadedModel.published_transform`), which `bonnerlab.models.preprocess` turns into
-explicit, recorded steps.
+`auto` (the default: the checkpoint the spec itself names, else seeded random init; see
+`resolve_weights`), `none` (seeded random init), a published name (downloaded once into each
+library's own cache: TORCH_HOME, HF_HOME), or a local file (`.pth`/`.pt`/`.safetensors` state
+dict) or, for `hf:`, a `save_pretrained` folder. Each source also hands out the evaluation
+transform its weights were published with (`LoadedModel.published_transform`), which
+`bonnerlab.models.preprocess` turns into explicit, recorded steps.
 
 The optional libraries are imported only when their prefix is used; a missing one is a one-line
 error naming the `pip install 'bonnerlab[...]'` that brings it.
@@ -15,6 +16,8 @@ error naming the `pip install 'bonnerlab[...]'` that brings it.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from bonnerlab.models.weights import (
     downloading,
     file_sha256,
     fits,
+    folder_weights,
     is_weights_file,
     load_matching,
     read_state_dict,
@@ -77,6 +81,53 @@ def _closest(name: str, names: list[str], what: str) -> UserError:
     return WeightsError(f"unknown {what} {name!r}{hint}")
 
 
+# ----------------------------------------------------------------------------- weights: auto
+
+AUTO = "auto"
+# timm's and open_clip's own spellings of a checkpoint that brings its config and weights: a Hub
+# repo or a local folder (`timm:local-dir:/path/to/folder`, `open_clip:hf-hub:org/repo`)
+SCHEMAS = ("hf-hub:", "local-dir:")
+
+
+def _names_no_weights(name: str) -> str:
+    return "none"
+
+
+def _timm_named(name: str) -> str:
+    """`NAME.TAG` (timm's own spelling of a published checkpoint) names the tag; `hf-hub:` and
+    `local-dir:` a checkpoint with its own weights; a bare NAME only an architecture."""
+    if name.startswith(SCHEMAS):
+        return "DEFAULT"
+    return name.partition(".")[2] or "none"
+
+
+def _open_clip_named(name: str) -> str:
+    """`NAME:TAG` (open_clip's own spelling: `list_pretrained(as_str=True)`) names a published
+    tag, `NAME:FILE` a local weights file (both what open_clip's `pretrained=` takes); `hf-hub:`
+    and `local-dir:` a checkpoint with its own weights; a bare NAME only an architecture. Model
+    names and tags hold no colon, so the first one after NAME splits them."""
+    if name.startswith(SCHEMAS):
+        return "DEFAULT"
+    return name.partition(":")[2] or "none"
+
+
+def resolve_weights(arch: str, weights: str) -> str:
+    """The weights `model.weights` means for `model.arch`: `auto` is the checkpoint the spec names
+    (an `hf:` repo or folder, a timm `NAME.TAG`, an open_clip `NAME:TAG` or `NAME:FILE`, a
+    `hf-hub:`/`local-dir:` name), else `none` (a bare torchvision, timm or open_clip name, or
+    mnist_cnn, names only an architecture: seeded random init); any other value is taken as
+    given."""
+    if weights.lower() != AUTO:
+        return weights
+    kind, name = split_arch(arch)
+    return SOURCES[kind].named(name)
+
+
+def resolved(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with `auto` weights resolved (`resolve_weights`): what every loader reads."""
+    return dataclasses.replace(cfg, weights=resolve_weights(cfg.arch, cfg.weights))
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -97,6 +148,8 @@ class ModelSource:
     head: Callable[[nn.Module], str] | None = None
     # a tower's feature size (towers only)
     features: Callable[[nn.Module], int] | None = None
+    # the weights `auto` means for a name without the prefix (`resolve_weights`)
+    named: Callable[[str], str] = _names_no_weights
 
     @property
     def rgb_only(self) -> bool:
@@ -167,17 +220,48 @@ def torchvision_weights(arch: str, name: str) -> Any:
         ) from e
 
 
+def _fetching(name: str, what: str, cache: str) -> contextlib.AbstractContextManager[None]:
+    """A Hub download's one-line offline error (`downloading`); a local folder's errors are its
+    own (nothing to download)."""
+    if name.startswith("local-dir:"):
+        folder = Path(name.partition(":")[2])
+        if not folder.is_dir():
+            raise WeightsError(f"{name}: folder {folder} not found")
+        return contextlib.nullcontext()
+    return downloading(what, cache)
+
+
+def _schema_weights(source: str, name: str, weights: str) -> None:
+    """A Hub repo or local folder brings its own weights: DEFAULT (or auto) takes them, and a
+    local folder's files are checked first (0 bytes, cut short)."""
+    if weights.upper() != "DEFAULT":
+        raise WeightsError(
+            f"{source}:{name} brings its own weights: use model.weights auto (or DEFAULT), none "
+            f"or a local weights file, not {weights!r}"
+        )
+    if name.startswith("local-dir:") and Path(name.partition(":")[2]).is_dir():
+        folder = Path(name.partition(":")[2])
+        if not folder_weights(folder):
+            raise WeightsError(
+                f"{source}:{name}: folder {folder} holds no weights file; pass "
+                "--model.weights none for random weights"
+            )
+
+
 def _load_timm(cfg: ModelConfig, name: str, num_classes: int | None, in_channels: int):
     weights = cfg.weights
     timm = require("timm")
-    base, _, tag = name.partition(".")
-    if not timm.is_model(base):
+    schema = name.startswith(SCHEMAS)
+    base = name.partition(".")[0]
+    if not schema and not timm.is_model(base):
         raise _closest(base, timm.list_models(), "timm model")
     kwargs: dict[str, Any] = {"in_chans": in_channels}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    cache = "the library's cache: HF_HOME"
     if weights == "none" or is_weights_file(weights):
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        with _fetching(name, f"get the timm config of {name}", cache):  # hf-hub: config.json
+            model = timm.create_model(name, pretrained=False, **kwargs)
         if weights != "none":
             state = read_state_dict(weights)
             if num_classes is not None and not fits(model, state):
@@ -188,14 +272,18 @@ def _load_timm(cfg: ModelConfig, name: str, num_classes: int | None, in_channels
             else:
                 load_matching(model, state, weights, f"timm:{name}")
     else:
-        full = name if weights.upper() == "DEFAULT" else f"{base}.{weights}"
-        tags = timm.list_pretrained(f"{base}.*")
-        if weights.upper() != "DEFAULT" and full not in tags:
-            published = ", ".join(t.split(".", 1)[1] for t in tags[:8]) or "none"
-            raise WeightsError(
-                f"unknown timm pretrained tag {weights!r} for {base}; published: {published}"
-            )
-        with downloading(f"get timm weights {full}", "the library's cache: HF_HOME"):
+        if schema:
+            _schema_weights("timm", name, weights)
+            full = name
+        else:
+            full = name if weights.upper() == "DEFAULT" else f"{base}.{weights}"
+            tags = timm.list_pretrained(f"{base}.*")
+            if weights.upper() != "DEFAULT" and full not in tags:
+                published = ", ".join(t.split(".", 1)[1] for t in tags[:8]) or "none"
+                raise WeightsError(
+                    f"unknown timm pretrained tag {weights!r} for {base}; published: {published}"
+                )
+        with _fetching(name, f"get timm weights {full}", cache):
             model = timm.create_model(full, pretrained=True, **kwargs)
     # timm's eval transform from the model's pretrained_cfg (kept when the head is replaced)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
@@ -213,29 +301,38 @@ def _load_open_clip(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
     open_clip = require("open_clip")
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    if name not in open_clip.list_models():
-        raise _closest(name, open_clip.list_models(), "open_clip model")
+    schema = name.startswith(SCHEMAS)
+    # NAME:TAG / NAME:FILE: the weights part is read by `resolve_weights`; here, the architecture
+    model_name = name if schema else name.partition(":")[0]
+    if not schema and model_name not in open_clip.list_models():
+        raise _closest(model_name, open_clip.list_models(), "open_clip model")
+    cache = "the library's cache: HF_HOME or ~/.cache/clip"
     if weights == "none" or is_weights_file(weights):
-        model = open_clip.create_model(name, pretrained=None)
+        # a Hub repo or local folder loads its own weights unless told not to
+        with _fetching(name, f"get the open_clip config of {name}", cache):
+            model = open_clip.create_model(
+                model_name, pretrained=None, **({"load_weights": False} if schema else {})
+            )
         if weights != "none":
             state = read_state_dict(weights)
             if any(k.startswith("visual.") for k in state):
                 state = {
                     k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")
                 }
-            load_matching(model.visual, state, weights, f"open_clip:{name}")
+            load_matching(model.visual, state, weights, f"open_clip:{model_name}")
+    elif schema:
+        _schema_weights("open_clip", name, weights)
+        with _fetching(name, f"get open_clip weights {name}", cache):
+            model = open_clip.create_model(name, require_pretrained=True)
     else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
         if weights not in tags:
             raise WeightsError(
-                f"unknown open_clip pretrained tag {weights!r} for {name}; "
+                f"unknown open_clip pretrained tag {weights!r} for {model_name}; "
                 f"published: {', '.join(tags) or 'none'}"
             )
-        with downloading(
-            f"get open_clip weights {name}/{weights}",
-            "the library's cache: HF_HOME or ~/.cache/clip",
-        ):
-            model = open_clip.create_model(name, pretrained=weights)
+        with downloading(f"get open_clip weights {model_name}/{weights}", cache):
+            model = open_clip.create_model(model_name, pretrained=weights)
     visual = model.visual
     transform = image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
     return (
@@ -249,6 +346,16 @@ def _load_hf(cfg: ModelConfig, name: str, num_classes: int | None, in_channels: 
     weights = cfg.weights
     transformers = require("hf")
     where = weights if weights != "none" and Path(weights).is_dir() else name
+    weights_file = weights != "none" and (
+        Path(weights).is_file() or Path(weights).suffix in WEIGHT_FILE_SUFFIXES
+    )
+    if weights != "none" and not weights_file and Path(where).is_dir():
+        # transformers' own errors for an empty or cut-short file name no file
+        if not folder_weights(Path(where)):
+            raise WeightsError(
+                f"hf:{name}: folder {where} holds no weights file (model.safetensors, "
+                "pytorch_model.bin); pass --model.weights none for random weights of its config"
+            )
     with downloading(
         f"load hf:{name} from {where}",
         "HF_HOME",
@@ -258,15 +365,15 @@ def _load_hf(cfg: ModelConfig, name: str, num_classes: int | None, in_channels: 
         config = transformers.AutoConfig.from_pretrained(where)
         if weights == "none":
             model = transformers.AutoModel.from_config(config)
-        elif Path(weights).is_file() or Path(weights).suffix in WEIGHT_FILE_SUFFIXES:
+        elif weights_file:
             model = transformers.AutoModel.from_config(config)
             load_matching(model, read_state_dict(weights), weights, f"hf:{name}")
         elif weights.upper() == "DEFAULT" or Path(weights).is_dir():
             model = transformers.AutoModel.from_pretrained(where)
         else:
             raise WeightsError(
-                f"weights {weights!r} for hf:{name}: use none, DEFAULT (the repo's own), a "
-                "save_pretrained folder or a .safetensors/.pt file"
+                f"weights {weights!r} for hf:{name}: use auto or DEFAULT (the repo's own), none, "
+                "a save_pretrained folder or a .safetensors/.pt file"
             )
     # CLIP-style checkpoints hold a text tower too; extraction runs the vision tower
     if hasattr(model, "vision_model") and hasattr(model, "text_model"):
@@ -307,9 +414,12 @@ SOURCES: dict[str, ModelSource] = {
     "torchvision": ModelSource(
         _load_torchvision, 1000, 3, head=lambda model: classifier_head(model)[0]
     ),
-    "timm": ModelSource(_load_timm, None, 3, head=_timm_head),
-    "open_clip": ModelSource(_load_open_clip, None, 3, features=lambda tower: tower.output_dim),
-    "hf": ModelSource(_load_hf, None, 3, features=_hf_features),
+    "timm": ModelSource(_load_timm, None, 3, head=_timm_head, named=_timm_named),
+    "open_clip": ModelSource(
+        _load_open_clip, None, 3, features=lambda tower: tower.output_dim, named=_open_clip_named
+    ),
+    # a repo or a save_pretrained folder is a checkpoint: auto means its own weights
+    "hf": ModelSource(_load_hf, None, 3, features=_hf_features, named=lambda name: "DEFAULT"),
 }
 
 
@@ -348,7 +458,9 @@ def _check_rgb(source: ModelSource, arch: str, in_channels: int, what: str) -> N
 def load_source(
     cfg: ModelConfig, seed: int = 0, in_channels: int = 0, num_classes: int = 0
 ) -> LoadedModel:
-    """The model of `cfg` for extraction (its own head), in eval mode on CPU."""
+    """The model of `cfg` for extraction (its own head), in eval mode on CPU; its `weights` are
+    the ones used (`auto` resolved), which the store records."""
+    cfg = resolved(cfg)
     kind, name = split_arch(cfg.arch)
     source = SOURCES[kind]
     in_channels = in_channels or source.default_in_channels
@@ -395,6 +507,7 @@ def build_model_and_transform(
 ) -> tuple[nn.Module, Any, str]:
     """`build_model`, with the transform its weights were published with and where that comes
     from (as `LoadedModel.published_transform` / `published_by`), from the same single load."""
+    cfg = resolved(cfg)
     kind, name = split_arch(cfg.arch)
     source = SOURCES[kind]
     _check_rgb(source, cfg.arch, in_channels, "data.in_channels")

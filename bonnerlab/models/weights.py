@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bonnerlab.checkpoint import why_unreadable
 from bonnerlab.errors import UserError, WeightsError
 
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
@@ -55,7 +57,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"cannot load weights file {path}: {str(e).splitlines()[0]}") from e
+        raise WeightsError(f"cannot load weights file {path}: {why_unreadable(path, e)}") from e
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]  # a bonnerlab checkpoint
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -63,6 +65,36 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"weights file {path} does not hold a state_dict")
     return obj
+
+
+def check_weights_file(path: Path) -> None:
+    """A 0-byte or cut-short weights file as one line naming it, before a library reads it (theirs
+    name no file, and torch.load of an empty file raises a bare EOFError). Reads only the
+    header: the safetensors header lists every tensor's extent, and torch's zip format keeps its
+    directory at the end, so a file cut short anywhere fails here."""
+    try:
+        if path.stat().st_size == 0:
+            raise EOFError
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt"):
+                pass
+        else:
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"  # torch.save's format since torch 1.6
+            if zipped:
+                zipfile.ZipFile(path).close()  # reads the directory at the end
+    except Exception as e:
+        raise WeightsError(f"cannot load weights file {path}: {why_unreadable(path, e)}") from e
+
+
+def folder_weights(folder: Path) -> list[Path]:
+    """The weights files of a save_pretrained-style folder, each checked (`check_weights_file`)."""
+    found = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
+    for path in found:
+        check_weights_file(path)
+    return found
 
 
 def fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
