@@ -38,9 +38,11 @@ class ExtractConfig:
     # which checkpoint of a run folder: best or latest
     which: str = "best"
     # the model when no checkpoint is given: arch is NAME (torchvision, mnist_cnn), timm:NAME,
-    # open_clip:NAME (the image tower) or hf:REPO_ID_OR_FOLDER; weights is none (seeded random),
-    # a published name (torchvision weights name, timm/open_clip pretrained tag, DEFAULT), or a
-    # local .pth/.pt/.safetensors file (a save_pretrained folder for hf:)
+    # open_clip:NAME (the image tower) or hf:REPO_ID_OR_FOLDER; weights is auto (the checkpoint
+    # arch names: an hf: repo or folder, timm:NAME.TAG, open_clip:NAME:TAG or NAME:FILE, a
+    # hf-hub:/local-dir: name; else seeded random), none (seeded random), a published name
+    # (torchvision weights name, timm/open_clip pretrained tag, DEFAULT), or a local
+    # .pth/.pt/.safetensors file (a save_pretrained folder for hf:); the store records which
     model: ModelConfig = field(default_factory=ModelConfig)
     # outputs of the model when no checkpoint is given; 0 = 1000 (torchvision) or 10 (mnist_cnn)
     num_classes: int = 0
