@@ -50,7 +50,8 @@ class DataConfig:
     device_cache_gb: float = 4.0
     # augmentation of training batches, per sample on the training device (none at evaluation):
     # digits (random affine), natural (random-resized crop, flip, colour jitter), none;
-    # auto = digits for digits/mnist, natural for image folders
+    # auto = by what the images are: digits for digits/mnist and for folders of mostly
+    # single-channel or small (<= 64 px) images (a sample of the files' headers), else natural
     augment: str = "auto"
     # natural: smallest crop, as a fraction of the image's area (largest: the whole image)
     crop_scale: float = 0.08
