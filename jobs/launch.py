@@ -178,12 +178,20 @@ def parse_launch(argv: list[str]) -> Launch:
 def _key_values(items: list[str]) -> dict[str, Any]:
     import yaml
 
+    from bonnerlab.config.cluster import check_sbatch_text
+    from bonnerlab.config.core import parse_yaml
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--additional_parameters {item!r}: expected KEY=VALUE")
-        out[key] = yaml.safe_load(value) if value else True
+        # the flag as typed: YAML would fold a newline into a space and hide it
+        check_sbatch_text("--additional_parameters", item)
+        try:
+            out[key] = parse_yaml(value) if value else True
+        except yaml.YAMLError:
+            out[key] = value  # a plain string sbatch reads as is (e.g. a bracketed node list)
     return out
 
 

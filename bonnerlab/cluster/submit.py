@@ -13,7 +13,11 @@ bonnerlab/cluster/node.py; every SLURM command other than submitit's sbatch is
 bonnerlab/cluster/slurm_cli.py.
 
 The code a job runs is a snapshot copied into the run (or sweep) folder at submission
-(PYTHONPATH), so editing the checkout after submitting does not change a queued job.
+(code/<content hash>/ on PYTHONPATH), so editing the checkout after submitting does not change a
+queued job; it holds the files git tracks under bonnerlab/ and jobs/, never a symlink or a
+dotfile (`snapshot_files`). Every string that reaches the sbatch script is checked for control
+characters first (SlurmConfig's fields in its __post_init__, the folders here): a newline would
+turn the rest of a value into a shell line of the job.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from bonnerlab.cluster import slurm_cli
 from bonnerlab.cluster.node import ClusterJob
 from bonnerlab.cluster.registry import JOBS, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
+from bonnerlab.config.cluster import control_character
 from bonnerlab.errors import ClusterError
 from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, load_yaml_if_exists, write_git_info
 
@@ -231,17 +236,131 @@ def make_executor(cfg: SlurmConfig, folder: Path, job_name: str, setup: list[str
     return submitit.DebugExecutor(folder=folder)
 
 
-def snapshot_code(dest: Path) -> Path:
-    """Copy bonnerlab/ and jobs/ into `dest` (the job imports from there, not the checkout)."""
-    import bonnerlab
+# the code snapshot: bonnerlab/ and jobs/ as the checkout holds them, nothing else
+SNAPSHOT_DIRS = ("bonnerlab", "jobs")
+# ~40x the package today: above it something that is not code (data, weights) is tracked there
+SNAPSHOT_MAX_MB = 20
 
-    package = Path(bonnerlab.__file__).resolve().parent
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(package, dest / "bonnerlab", ignore=ignore, dirs_exist_ok=True)
-    jobs = package.parent / "jobs"
-    if jobs.is_dir():
-        shutil.copytree(jobs, dest / "jobs", ignore=ignore, dirs_exist_ok=True)
+
+def _git_listed(root: Path, *flags: str) -> list[str] | None:
+    """`git ls-files FLAGS -- bonnerlab jobs` in `root` (paths relative to it); None without git,
+    outside a work tree, or when git lists nothing there (a package copied into some other
+    repository)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "-z", *flags, "--", *SNAPSHOT_DIRS],
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    names = [n for n in out.stdout.decode(errors="surrogateescape").split("\0") if n]
+    return names or None
+
+
+def _python_files(root: Path) -> list[str]:
+    """Without git: the *.py files under bonnerlab/ and jobs/ (symlinked folders not entered)."""
+    names = []
+    for top in SNAPSHOT_DIRS:
+        for here, dirs, files in os.walk(root / top):  # followlinks=False: never leaves the tree
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+            rel = Path(here).relative_to(root)
+            names += [str(rel / f) for f in files if f.endswith(".py")]
+    return names
+
+
+def _is_code(root: Path, name: str) -> bool:
+    """A regular file reached without any symlink, and no dotfile or file in a dot-folder
+    (.env, .ssh/): secrets live there, code does not."""
+    import stat
+
+    parts = Path(name).parts
+    if any(p.startswith(".") or p == "__pycache__" for p in parts) or name.endswith(".pyc"):
+        return False
+    path = root
+    for part in parts:
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:  # tracked but deleted in the checkout
+            return False
+        if stat.S_ISLNK(mode):
+            return False
+    return stat.S_ISREG(mode)
+
+
+def snapshot_files(root: Path) -> list[str]:
+    """What a snapshot copies, relative to the checkout `root`: the files git tracks under
+    bonnerlab/ and jobs/ (only *.py where there is no git), never through a symlink, no
+    dotfiles; sorted."""
+    tracked = _git_listed(root, "--cached")
+    names = tracked if tracked is not None else _python_files(root)
+    if tracked is not None:
+        untracked = [n for n in _git_listed(root, "--others", "--exclude-standard") or ()]
+        untracked = [n for n in untracked if n.endswith(".py") and _is_code(root, n)]
+        if untracked:
+            # the job would fail to import them after an hour in the queue: say so now
+            print(
+                f"note: {len(untracked)} untracked file(s) left out of the code snapshot "
+                f"(git add them to ship them): {', '.join(untracked[:5])}",
+                file=sys.stderr,
+            )
+    return sorted({n for n in names if _is_code(root, n)})
+
+
+def snapshot_code(code_root: Path, source: Path | None = None) -> Path:
+    """Copy the checkout's code (`snapshot_files`) into code_root/<content hash>/ and return that
+    folder: the job imports from there, not from the checkout.
+
+    Content-addressed: a resubmission of unchanged code reuses its snapshot, and one of changed
+    code gets its own folder beside the earlier ones, so a task still queued from an earlier
+    submission keeps running the code it was submitted with. Above SNAPSHOT_MAX_MB it stops, in
+    one line, before anything is copied.
+    """
+    import hashlib
+
+    if source is None:
+        import bonnerlab
+
+        source = Path(bonnerlab.__file__).resolve().parent.parent
+    names = snapshot_files(source)
+    sizes = {n: os.lstat(source / n).st_size for n in names}
+    total = sum(sizes.values())
+    if total > SNAPSHOT_MAX_MB * 2**20:
+        big = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        raise ClusterError(
+            f"the code snapshot of {source} would be {total / 2**20:.1f} MB, over its "
+            f"{SNAPSHOT_MAX_MB} MB cap; largest: "
+            + ", ".join(f"{n} ({sizes[n] / 2**20:.1f} MB)" for n in big)
+            + "; keep data and weights out of bonnerlab/ and jobs/"
+        )
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode(errors="surrogateescape") + b"\0")
+        digest.update((source / name).read_bytes() + b"\0")
+    dest = code_root / digest.hexdigest()[:16]
+    if dest.is_dir():
+        return dest
+    code_root.mkdir(parents=True, exist_ok=True)
+    import uuid
+
+    # built beside its final name and renamed: a half-copied snapshot is never used (mkdir, not
+    # mkdtemp: that one is 0700, and lab mates read run folders)
+    tmp = code_root / f".partial-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, tmp / name, follow_symlinks=False)
+        os.rename(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not dest.is_dir():  # not another submission that made the same one meanwhile
+            raise
     return dest
 
 
@@ -306,6 +425,29 @@ def yaml_text(data: Any) -> str:
     return yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), sort_keys=False)
 
 
+def check_folder_text(folder: Path) -> None:
+    """A folder whose path goes into the sbatch script (logs, the code snapshot): no newline or
+    other control character, which would end its line and run the rest as shell."""
+    bad = control_character(str(folder))
+    _check(
+        bad is None,
+        f"folder {str(folder)!r} holds the control character {bad!r}: it would end its line of "
+        "the sbatch script (and run the rest as shell); choose another name",
+    )
+
+
+def keep_previous(path: Path) -> None:
+    """Move an earlier submission's file aside before a resubmission writes its own: slurm.yaml
+    becomes slurm.1.yaml (the next one slurm.2.yaml, ...), so what each attempt was submitted
+    with is kept; the plain name is always the newest."""
+    if not path.exists():
+        return
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+
+
 def write_run_description(
     run_dir: Path,
     kind: str,
@@ -325,6 +467,7 @@ def write_run_description(
     paths.config_yaml.write_text(yaml_text(to_dict(cfg)))
     # SlurmConfig's fields (so `jobs/launch.py --config_path slurm.yaml` asks for the same again)
     # and what was submitted under `submitted`
+    keep_previous(paths.slurm_yaml)
     paths.slurm_yaml.write_text(yaml_text({**to_dict(slurm), "submitted": {"job": kind, **extra}}))
     if git_from is None or git_from == run_dir:
         write_git_info(run_dir)
@@ -334,6 +477,7 @@ def write_run_description(
             (RunPaths(git_from).git_diff, paths.git_diff),
         ):
             if src.exists():
+                keep_previous(dest)
                 shutil.copyfile(src, dest)
     paths.state.write_text("PENDING\n")
 
@@ -408,6 +552,8 @@ def submit_tasks(sub: Submission) -> list[Task]:
     """
     spec_of(sub.kind)
     folder = sub.folder
+    for path in {folder, *(t.run_dir for t in sub.tasks)}:
+        check_folder_text(path)
     _check(
         not sub.after or sub.slurm.cluster == "slurm" or sub.dry_run,
         f"--after needs --cluster slurm: a {sub.slurm.cluster} job starts at once, without waiting",
@@ -422,9 +568,9 @@ def submit_tasks(sub: Submission) -> list[Task]:
         for request in requests.values():
             partition = check_against_cluster(request).name
 
-    folder.mkdir(parents=True, exist_ok=True)
     paths = SweepPaths(folder)
-    # a fresh snapshot on every (re)submission: what runs is what the checkout holds now
+    # what runs is what the checkout holds now (checked against the size cap before anything is
+    # written); an unchanged checkout reuses its snapshot
     code_dir = snapshot_code(paths.code)
     setup = job_setup_lines(sub.slurm, code_dir)
     write_git_info(folder)  # once; every task folder gets a copy
@@ -456,6 +602,7 @@ def submit_tasks(sub: Submission) -> list[Task]:
             setup,
             array=min(len(sub.tasks), _max_array_size_or_default()) if sub.array else None,
         )
+        keep_previous(paths.submit_sh)
         paths.submit_sh.write_text(script)
         return sub.tasks
 
@@ -501,7 +648,9 @@ def _record(sub: Submission, paths: SweepPaths, tasks: list[Task], jobs: list[An
     array_id = slurm_cli.array_of(tasks[0].job_id)
     src = paths.logs / f"{array_id}_submission.sh"
     if src.exists():
-        shutil.copyfile(src, paths.array_script(array_id) if sub.array else paths.submit_sh)
+        dest = paths.array_script(array_id) if sub.array else paths.submit_sh
+        keep_previous(dest)
+        shutil.copyfile(src, dest)
     if sub.array:
         append_manifest(paths, tasks, now, sub.slurm)
 
@@ -566,6 +715,7 @@ def submit(
     if run_dir is None and spec.run_dir_field and getattr(cfg, spec.run_dir_field):
         run_dir = getattr(cfg, spec.run_dir_field)
     run_dir = Path(run_dir or default_run_dir(kind, cfg)).resolve()
+    check_folder_text(run_dir)
     if not after:
         check_job_inputs(kind, cfg)
     refuse_existing_run_dir(kind, cfg, run_dir)

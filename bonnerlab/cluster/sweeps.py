@@ -11,7 +11,7 @@ Sweep folder (bonnerlab.runs.SweepPaths):
     sweep.yaml         job, base config, spec and points, SLURM request
     manifest.jsonl     one line per task submission: task, overrides, run_dir, job_id, retries
                        (last wins)
-    code/              the code snapshot every task runs
+    code/<hash>/       the code snapshot the tasks run (one per distinct submitted checkout)
     logs/              submitit's pickles and per-task logs (<array>_<task>_<rank>_log.out/.err)
     submit-<id>.sh     the sbatch script of each array
     task-000/ ...      one run folder per task (config.yaml, slurm.yaml, metrics.jsonl,
@@ -43,8 +43,17 @@ from bonnerlab.cluster.status import (
     status_all,
     sweep_status,
 )
-from bonnerlab.cluster.submit import Submission, Task, chunks, spec_of, submit_tasks, yaml_text
-from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, to_dict
+from bonnerlab.cluster.submit import (
+    Submission,
+    Task,
+    check_folder_text,
+    chunks,
+    spec_of,
+    submit_tasks,
+    yaml_text,
+)
+from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, load_yaml, to_dict
+from bonnerlab.config.core import DuplicateKeyError, parse_yaml, yaml_error
 from bonnerlab.errors import ClusterError, ConfigError
 from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
 
@@ -68,13 +77,13 @@ __all__ = [
 
 def _parse_value(text: str) -> Any:
     """0.1 -> float, 3 -> int, 1e-3 -> float, true -> bool, adamw -> str."""
-    for kind in (int, float):  # before YAML: YAML 1.1 reads 1e-3 as a string
+    for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -140,9 +149,11 @@ def load_sweep_file(path: str | Path) -> tuple[dict[str, list[Any]], dict[str, l
     if not path.is_file():
         raise ConfigError(f"sweep file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
+    except DuplicateKeyError as e:
+        raise ConfigError(f"sweep file {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"sweep file {path} is not valid YAML: {yaml_error(e)}") from e
     if not isinstance(data, dict) or not data:
         raise ConfigError(
             f"sweep file {path} must map keys to value lists, e.g. 'optim.lr: [0.1, 0.01]'"
@@ -216,6 +227,7 @@ def submit_sweep(
     """
     spec_of(kind)
     sweep_dir = Path(sweep_dir).resolve()
+    check_folder_text(sweep_dir)  # before sweep.yaml is written
     paths = SweepPaths(sweep_dir)
     configs = expand(base, points)
     if task >= len(points) or task < -1:
@@ -286,7 +298,7 @@ def _what_was_submitted(
         kind = data.pop("submitted")["job"]
         cfg = from_dict(
             spec_of(kind).load_config_class(),
-            yaml.safe_load(RunPaths(path).config_yaml.read_text()),
+            load_yaml(RunPaths(path).config_yaml),
         )
         return kind, from_dict(SlurmConfig, data), cfg, [{}]
     saved = read_sweep_yaml(path)

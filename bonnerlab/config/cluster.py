@@ -9,12 +9,62 @@ keeps simple-parsing (70 ms) out of `import bonnerlab.config`.
 from __future__ import annotations
 
 import argparse
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from bonnerlab.config.core import check, check_choice
 
 CLUSTERS = ("slurm", "local", "debug")
+
+# the SlurmConfig strings written into the sbatch script as `#SBATCH --<flag>=<value>`
+SBATCH_TEXT_FIELDS = (
+    "job_name",
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "mail_user",
+    "mail_type",
+)
+# an sbatch option's name (`additional_parameters` keys): written into the script unquoted
+SBATCH_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def control_character(text: str) -> str | None:
+    """The first newline or other control character of `text` (None when it has none).
+
+    A value is quoted in the sbatch script, but a newline still ends the `#SBATCH` comment line,
+    so whatever follows it would run as a shell line of the job (`--job_name $'x\ntouch F #'`).
+    Unicode line and paragraph separators count too: Python's splitlines breaks on them.
+    """
+    return next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+
+
+def check_sbatch_text(name: str, value: str) -> None:
+    """One line (ConfigError) for a value that would break out of its line of the sbatch script."""
+    bad = control_character(value)
+    check(
+        bad is None,
+        f"{name} {value!r} holds the control character {bad!r}: it would end its line of the "
+        "sbatch script (and run the rest as shell); remove it",
+    )
+
+
+def check_additional_parameters(extras: dict[str, Any]) -> None:
+    """sbatch options given as a mapping: names as sbatch spells them, one-line scalar values."""
+    for key, value in extras.items():
+        check(
+            isinstance(key, str) and SBATCH_OPTION.fullmatch(key) is not None,
+            f"additional_parameters: {key!r} is not an sbatch option name (letters, digits, "
+            "- and _, e.g. reservation or gres)",
+        )
+        check(
+            isinstance(value, str | int | float | bool),
+            f"additional_parameters.{key}: expected a string, number or true, got {value!r}",
+        )
+        check_sbatch_text(f"additional_parameters.{key}", str(value))
 
 
 class Repeat(argparse.Action):
@@ -101,6 +151,13 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         check_choice("cluster", self.cluster, CLUSTERS)
+        for name in SBATCH_TEXT_FIELDS:
+            check_sbatch_text(name, getattr(self, name))
+        check(
+            isinstance(self.additional_parameters, dict),
+            f"additional_parameters: expected a mapping, got {self.additional_parameters!r}",
+        )
+        check_additional_parameters(self.additional_parameters)
         for name in ("nodes", "cpus_per_task", "time_minutes", "array_parallelism"):
             check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("gpus_per_node", "tasks_per_node", "mem_gb", "max_requeues", "signal_delay_s"):

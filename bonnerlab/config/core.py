@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -146,6 +147,61 @@ def apply_overrides(cfg: T, overrides: dict[str, Any]) -> T:
     return from_dict(type(cfg), tree)
 
 
+# ----------------------------------------------------------------------------- YAML
+
+# YAML 1.2's floats that PyYAML's YAML 1.1 resolver reads as strings: an exponent without a dot
+# or without a sign (1e-3, 1.0e3, 5E4). The dotted forms with a signed exponent are 1.1 floats
+# already; integers stay integers (no dot, no exponent).
+_FLOAT_12 = r"[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)[eE][-+]?[0-9]+"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives the same key twice (PyYAML keeps the last one, silently)."""
+
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} given twice (lines {first} and {second})")
+
+
+class ConfigLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml.safe_load as a config means it: `lr: 1e-3` is a float, a duplicate key an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may override on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own error says so below
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(f"^{_FLOAT_12}$"), list("-+.0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as configs read it (ConfigLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=ConfigLoader)  # a SafeLoader: builds no Python objects
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: the problem and where (its message spans several)."""
+    if isinstance(e, DuplicateKeyError):
+        return str(e)
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return str(e).splitlines()[0]
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
@@ -155,9 +211,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
+    except DuplicateKeyError as e:
+        raise ConfigError(f"config file {path}: {e}") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_error(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys to values")
     return data

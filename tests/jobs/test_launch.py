@@ -78,8 +78,10 @@ def test_dry_run_writes_the_sbatch_script_and_a_self_describing_run_folder(tmp_p
     assert cfg["run_dir"] == str(run) and cfg["resume"] is True and cfg["optim"]["lr"] == 0.01
     slurm = yaml.safe_load((run / "slurm.yaml").read_text())
     assert slurm["gpus_per_node"] == 2 and slurm["additional_parameters"] == {"exclusive": True}
-    assert (run / "code" / "bonnerlab" / "train" / "loop.py").is_file()
-    assert (run / "code" / "jobs" / "train.py").is_file()
+    (code,) = (run / "code").iterdir()  # one snapshot, named by its content
+    assert f"export PYTHONPATH={code}$" in script
+    assert (code / "bonnerlab" / "train" / "loop.py").is_file()
+    assert (code / "jobs" / "train.py").is_file()
     assert (run / "git.txt").read_text().startswith(("commit ", "not a git checkout"))
     assert read_state(run) == "PENDING"
     assert not list(run.rglob("*.pkl")), "a dry run pickled a job to submit"
@@ -543,3 +545,65 @@ def test_a_single_run_folder_is_retried_like_a_sweep_task(tmp_path):
     assert "submitted 1 tasks" in again.stdout and "tasks 0" in again.stdout
     assert read_state(run) == "DONE"
     assert yaml.safe_load((run / "slurm.yaml").read_text())["submitted"]["retries"] == 1
+    # the first submission's request is kept beside the new one, not overwritten
+    assert yaml.safe_load((run / "slurm.1.yaml").read_text())["submitted"]["retries"] == 0
+
+
+INJECTION = "x\ntouch INJECTED #"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--job_name", INJECTION], "job_name 'x\\ntouch INJECTED #' holds the control character"),
+        (["--partition", "cpu\rx"], "partition 'cpu\\rx' holds the control character '\\r'"),
+        (["--account", "lab\x1b[2J"], "account 'lab\\x1b[2J' holds the control character"),
+        (["--qos", INJECTION], "qos 'x\\ntouch INJECTED #' holds"),
+        (["--constraint", "a100\u2028touch INJECTED"], "constraint 'a100\\u2028touch INJECTED'"),
+        (["--mail_user", INJECTION], "mail_user 'x\\ntouch INJECTED #' holds"),
+        (["--mail_type", "END\tFAIL"], "mail_type 'END\\tFAIL' holds the control character '\\t'"),
+        (["--additional_parameters", f"comment={INJECTION}"], "--additional_parameters 'comment="),
+        (["--additional_parameters", f"{INJECTION}=1"], "--additional_parameters 'x\\ntouch"),
+        (["--additional_parameters", "x y=1"], "'x y' is not an sbatch option name"),
+        ("qos: 'x\n\n  touch INJECTED #'\n", "qos 'x\\ntouch INJECTED #' holds"),
+        (
+            'additional_parameters:\n  comment: "x\\ntouch INJECTED #"\n',
+            "additional_parameters.comment 'x\\ntouch",
+        ),
+        (
+            'additional_parameters:\n  "x\\ntouch INJECTED #": 1\n',
+            "'x\\ntouch INJECTED #' is not an sbatch option",
+        ),
+        (
+            "additional_parameters:\n  nodelist: [a, b]\n",
+            "additional_parameters.nodelist: expected a string, number",
+        ),
+    ],
+)
+def test_a_control_character_in_a_slurm_field_is_one_line_and_nothing_written(
+    tmp_path, flags, message
+):
+    """A newline in a value ends its `#SBATCH` line and the rest would run as a shell line of the
+    job: each field the sbatch script gets, from a flag or from a launch YAML file, is refused in
+    one line before any file is written (a dry run writes submit.sh otherwise)."""
+    if isinstance(flags, str):
+        (tmp_path / "launch.yaml").write_text(flags)
+        flags = ["--config_path", str(tmp_path / "launch.yaml")]
+    run = tmp_path / "run"
+    out = launch("--dry-run", *flags, "train", "--run_dir", str(run), cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not run.exists() and not (tmp_path / "INJECTED").exists()
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_a_control_character_in_the_run_or_sweep_folder_is_one_line(tmp_path, sweep):
+    folder = tmp_path / "runs\ntouch INJECTED #"
+    where = ["--sweep", "seed=0,1", "--sweep_dir", str(folder)] if sweep else []
+    out = launch(
+        "--dry-run", *where, "train", *([] if sweep else ["--run_dir", str(folder)]), cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "holds the control character '\\n'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

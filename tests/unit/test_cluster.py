@@ -136,3 +136,99 @@ def test_sbatch_script_matches_its_golden_file(name, array):
     if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
         golden.write_text(script)
     assert script == golden.read_text()
+
+
+@pytest.mark.parametrize("char", ["\n", "\r", "\x00", "\x1b", "\t", "\x85", "\u2028"])
+@pytest.mark.parametrize(
+    "field", ["job_name", "partition", "account", "qos", "constraint", "mail_user", "mail_type"]
+)
+def test_every_sbatch_text_field_refuses_control_characters(field, char):
+    from bonnerlab.config.cluster import SBATCH_TEXT_FIELDS
+
+    assert field in SBATCH_TEXT_FIELDS  # the list the check walks holds every such field
+    with pytest.raises(ConfigError, match=f"^{field} .* holds the control character"):
+        SlurmConfig(**{field: f"a{char}touch INJECTED"})
+    with pytest.raises(ConfigError, match="additional_parameters.comment .* holds the control"):
+        SlurmConfig(additional_parameters={"comment": f"a{char}b"})
+    with pytest.raises(ConfigError, match="is not an sbatch option name"):
+        SlurmConfig(additional_parameters={f"a{char}b": 1})
+
+
+def test_every_string_field_of_slurm_config_that_reaches_sbatch_is_checked():
+    """A new string field must join SBATCH_TEXT_FIELDS (or be cluster, which has choices)."""
+    import dataclasses
+
+    from bonnerlab.config.cluster import SBATCH_TEXT_FIELDS
+
+    strings = {f.name for f in dataclasses.fields(SlurmConfig) if f.type in ("str", str)}
+    assert strings - {"cluster"} == set(SBATCH_TEXT_FIELDS)
+    assert strings >= {"cluster"}
+
+
+HOSTILE = SlurmConfig(
+    job_name="x; touch INJECTED #",
+    account="`touch INJECTED`",
+    qos="$(touch INJECTED)",
+    constraint="a100|h100&touch INJECTED",
+    mail_user="o'brien@lab.org",
+    additional_parameters={"comment": "it's; touch INJECTED", "exclusive": True},
+)
+HOSTILE_RUN = Path("/lab/runs/o'brien $(touch INJECTED) `x`")
+
+
+def test_shell_text_in_slurm_fields_renders_quoted_as_its_golden_file():
+    """Values that are legal but full of shell syntax: each stays inside its own line, quoted
+    (recorded in tests/golden/sbatch_hostile_values.sh; BONNERLAB_UPDATE_GOLDEN=1 re-records)."""
+    from bonnerlab.cluster.submit import job_setup_lines, sbatch_script
+
+    script = sbatch_script(
+        HOSTILE,
+        HOSTILE_RUN / "logs",
+        HOSTILE.job_name,
+        job_setup_lines(HOSTILE, HOSTILE_RUN / "code" / "0123abcd"),
+        python="/lab/venv/bin/python",
+    )
+    golden = GOLDEN / "sbatch_hostile_values.sh"
+    if os.environ.get("BONNERLAB_UPDATE_GOLDEN") == "1":
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+def test_the_hostile_golden_script_runs_no_injected_command(tmp_path):
+    """bash runs the recorded script (srun replaced by a stub that records its arguments): no
+    value ran as a command, and srun got each path as one argument, intact."""
+    import subprocess
+
+    script = (GOLDEN / "sbatch_hostile_values.sh").read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > args\n')
+    (bin_dir / "srun").chmod(0o755)
+    (bin_dir / "touch").write_text("#!/bin/sh\necho ran > INJECTED\n")  # even if PATH is used
+    (bin_dir / "touch").chmod(0o755)
+    out = subprocess.run(
+        ["bash", "-c", script],
+        cwd=tmp_path,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "INJECTED").exists()
+    logs = HOSTILE_RUN / "logs"
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "--unbuffered",
+        "--output",
+        f"{logs}/%j_%t_log.out",
+        "--error",
+        f"{logs}/%j_%t_log.err",
+        "/lab/venv/bin/python",
+        "-u",
+        "-m",
+        "submitit.core._submit",
+        str(logs),
+    ]
+    directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --job-name='x; touch INJECTED #'" in directives
+    assert "#SBATCH --qos='$(touch INJECTED)'" in directives

@@ -123,3 +123,46 @@ def test_the_newest_run_is_spelled_newest():
     for cls in (EvaluateConfig, ExtractConfig):
         with pytest.raises(ConfigError, match="the newest run is --checkpoint newest"):
             cls(checkpoint="latest")
+
+
+@pytest.mark.parametrize(
+    "text, yaml11",
+    [("1e-3", str), ("1.0e3", str), ("5E4", str), ("2e+2", str), (".5e-1", float), ("0.02", float)],
+)
+def test_yaml_floats_in_exponent_form_are_floats(tmp_path, text, yaml11):
+    """PyYAML's YAML 1.1 resolver reads `lr: 1e-3` as the string '1e-3' (yaml.safe_load, the
+    `yaml11` column); the config loader reads YAML 1.2's floats, as Python's float() does."""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"optim:\n  lr: {text}\n")
+    assert type(yaml.safe_load(path.read_text())["optim"]["lr"]) is yaml11
+    assert load_config(TrainConfig, path).optim.lr == float(text)
+    assert parse_config(TrainConfig, ["--config_path", str(path)]).optim.lr == float(text)
+
+
+def test_yaml_integers_strings_and_merges_are_as_yaml_reads_them():
+    from bonnerlab.config.core import parse_yaml
+
+    text = "a: 12\nb: '1e-3'\nc: 1e3x\nd: 1_000\nbase: &b {x: 1, y: 2}\ne:\n  <<: *b\n  x: 3\n"
+    assert parse_yaml(text) == yaml.safe_load(text)  # nothing changes but exponent floats
+    assert parse_yaml("[1e-3, 2E5]") == [float("1e-3"), float("2E5")]
+    assert yaml.safe_load("[1e-3]") == ["1e-3"]  # the class of PyYAML's own loader is untouched
+
+
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("epochs: 2\nseed: 1\nepochs: 3\n", "epochs", "lines 1 and 3"),
+        ("optim:\n  lr: 0.1\n  optimizer: sgd\n  lr: 0.2\n", "lr", "lines 2 and 4"),
+    ],
+)
+def test_a_duplicate_yaml_key_is_one_line_naming_key_and_file(tmp_path, text, key, lines):
+    from bonnerlab.cluster.sweeps import load_sweep_file
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)  # PyYAML itself keeps the last value, silently
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, path)
+    assert str(e.value) == f"config file {path}: key {key!r} given twice ({lines})"
+    with pytest.raises(ConfigError, match=f"sweep file {path}: key {key!r} given twice"):
+        load_sweep_file(path)
