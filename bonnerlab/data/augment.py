@@ -6,7 +6,8 @@ worker, on the CPU). Here the whole batch is transformed at once on the device i
 with per-sample parameters drawn from a generator seeded by (seed, epoch, step) for the global
 batch, so results depend on neither the world size nor the device, and a resumed run draws
 exactly what an uninterrupted one would. Presets (`data.augment`): `digits` (affine + erasing),
-`natural` (random-resized crop, flip, colour jitter), `none`.
+`natural` (random-resized crop, flip, colour jitter), `none`; `auto` picks digits or natural by
+what the images are (`datasets.augment_preset`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
-from bonnerlab.data.datasets import augment_preset
 from bonnerlab.data.loaders import to_device
 from bonnerlab.pixels import to_unit_float
 from bonnerlab.seeds import step_generator
@@ -140,7 +140,7 @@ class BatchAugment:
     ) -> torch.Tensor:
         """Normalize and augment this rank's slice of global batch (epoch, step)."""
         cfg = self.cfg
-        preset = augment_preset(cfg) if cfg is not None else "none"
+        preset = self.preset(x) if cfg is not None else "none"
         if preset == "natural":
             return self.natural(x, seed, epoch, step, rank, world_size)
         x = self.normalize(x)
@@ -196,6 +196,16 @@ class BatchAugment:
         if erase is not None:
             out = self._erase(out, params[:, 8:10], params[:, 10:14])
         return out
+
+    def preset(self, x: torch.Tensor) -> str:
+        """The preset of this training batch. `auto` was resolved by `load_splits` from what the
+        images are (`Splits.augment`), and the training split decoded for it: image folders to
+        canvases larger than `image_size` for natural (its crop runs here), to `image_size` for
+        digits. The batch's side therefore carries that decision to every rank and resume."""
+        cfg = self.cfg
+        if cfg.augment != "auto":
+            return cfg.augment
+        return "natural" if x.shape[-1] > cfg.image_size else "digits"
 
     def _erase(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape

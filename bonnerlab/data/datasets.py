@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from bonnerlab.config import DataConfig
 from bonnerlab.data.folders import FileList, scan_collection
-from bonnerlab.data.images import opened_image, to_8bit
+from bonnerlab.data.images import digit_like, opened_image, to_8bit
 from bonnerlab.errors import DataError
 from bonnerlab.pixels import to_unit_float
 
@@ -172,6 +172,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_fraction: float = EVAL_CROP_FRACTION
+    augment: str = "none"  # the training preset, `auto` resolved (augment_preset)
 
     @property
     def num_classes(self) -> int:
@@ -328,11 +329,17 @@ def load_mnist_source(cfg: DataConfig, train_files: bool) -> InMemoryDataset:
     )
 
 
-def augment_preset(cfg: DataConfig) -> str:
-    """`data.augment` with `auto` resolved: digits for digits/mnist, natural for image folders."""
+def augment_preset(cfg: DataConfig, files: FileList | None = None) -> str:
+    """`data.augment` with `auto` resolved by what the images are: digits for digits and mnist
+    and for an image folder whose sampled images are mostly single-channel or small
+    (`images.digit_like`, from the scan's `looks`); natural for photographs, and for a folder
+    scanned before its looks were recorded (what such runs trained with)."""
     if cfg.augment != "auto":
         return cfg.augment
-    return "natural" if cfg.dataset == "imagefolder" else "digits"
+    if cfg.dataset != "imagefolder":
+        return "digits"
+    looks = files.looks if files is not None else None
+    return "digits" if looks is not None and digit_like(looks) else "natural"
 
 
 @dataclass(frozen=True)
@@ -363,7 +370,8 @@ def load_splits(
             tr, va = np.arange(len(train_files)), None
         else:
             tr, va = _split_indices(len(train_files), cfg.val_fraction, cfg.split_seed)
-        natural = augment_preset(cfg) == "natural"
+        preset = augment_preset(cfg, listing)
+        natural = preset == "natural"
         eval_fit = "center_crop" if natural else "squash"
 
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderDataset:
@@ -388,7 +396,9 @@ def load_splits(
             test_files, test_labels = listing.splits["test"]
             test = make(test_files, test_labels, np.arange(len(test_files)), eval_fit)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.in_channels == 3 else ((0.5,), (0.25,))
-        splits = Splits(train, val, test, listing.classes, cfg.in_channels, mean, std)
+        splits = Splits(
+            train, val, test, listing.classes, cfg.in_channels, mean, std, augment=preset
+        )
         return splits.with_published(published) if published is not None else splits
 
     if cfg.dataset == "digits":
@@ -399,4 +409,7 @@ def load_splits(
     tr, va = _split_indices(len(full), cfg.val_fraction, cfg.split_seed)
     train, val = _subset(full, tr), _subset(full, va)
     mean, std = _stats(train.images)
-    return Splits(train, val, test, [str(i) for i in range(10)], cfg.in_channels, mean, std)
+    classes = [str(i) for i in range(10)]
+    return Splits(
+        train, val, test, classes, cfg.in_channels, mean, std, augment=augment_preset(cfg)
+    )

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonnerlab.data.images import sample_looks
 from bonnerlab.errors import DataError
 
 IMAGE_EXTENSIONS = (
@@ -58,16 +59,21 @@ class FileList:
 
     classes: list[str]
     splits: dict[str, tuple[list[str], list[int]]]  # "train" / "val" / "test" -> files, labels
+    # what the training images are (images.sample_looks), which `data.augment auto` follows;
+    # None in lists saved before it was recorded (those runs keep the natural preset)
+    looks: dict[str, int] | None = None
 
     def save(self, path: Path) -> None:
         from bonnerlab.runs import atomic_write_text
 
-        atomic_write_text(path, json.dumps({"classes": self.classes, "splits": self.splits}))
+        data = {"classes": self.classes, "splits": self.splits, "looks": self.looks}
+        atomic_write_text(path, json.dumps(data))
 
     @staticmethod
     def load(path: Path) -> FileList:
         data = json.loads(Path(path).read_text())
-        return FileList(data["classes"], {k: (v[0], v[1]) for k, v in data["splits"].items()})
+        splits = {k: (v[0], v[1]) for k, v in data["splits"].items()}
+        return FileList(data["classes"], splits, data.get("looks"))
 
 
 def scan_collection(root: Path) -> FileList:
@@ -116,7 +122,7 @@ def scan_collection(root: Path) -> FileList:
                 f"{base}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS[:3])},...}}"
             )
         splits[split] = (files, labels)
-    return FileList(classes, splits)
+    return FileList(classes, splits, sample_looks(splits["train"][0], root))
 
 
 def scan_stimulus_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import io
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -165,3 +165,40 @@ def _gray_to_uint8(values: np.ndarray, mode: str, name: str | Path) -> np.ndarra
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- what a collection is
+
+SMALL_SIDE = 64  # images no larger than this on their longer side are digit-like, not photographs
+LOOKS_SAMPLE = 64  # headers read to tell digit-like images from photographs
+
+
+def sample_looks(files: Sequence[str | Path], root: Path | None = None) -> dict[str, int]:
+    """What a collection's images are, from the headers of up to LOOKS_SAMPLE files spread evenly
+    over `files` (mode and size; nothing is decoded): how many were read, how many of them are
+    single-channel, small (longer side <= SMALL_SIDE) or either, and the largest side seen.
+    Unreadable files are left out here; reading them for training names them."""
+    picks = (
+        sorted({round(i) for i in np.linspace(0, len(files) - 1, LOOKS_SAMPLE)}) if files else []
+    )
+    looks = {"sampled": 0, "single_channel": 0, "small": 0, "either": 0, "largest_side": 0}
+    for i in picks:
+        path = root / files[i] if root is not None else Path(files[i])
+        try:
+            with opened_image(path, path) as img:
+                gray, side = img.mode in GRAY_MODES, max(img.size)
+        except DataError:
+            continue
+        looks["sampled"] += 1
+        looks["single_channel"] += gray
+        looks["small"] += side <= SMALL_SIDE
+        looks["either"] += gray or side <= SMALL_SIDE
+        looks["largest_side"] = max(looks["largest_side"], side)
+    return looks
+
+
+def digit_like(looks: dict[str, int]) -> bool:
+    """Whether most sampled images are single-channel or small: digits, letters, icons, which a
+    digits-like augmentation suits (no flips, mild crops), not a photograph's. (A palette image
+    counts as colour: its palette is not read from the header.)"""
+    return looks.get("either", 0) * 2 > looks.get("sampled", 0) > 0

@@ -93,14 +93,19 @@ def _write_folder(root, n_per_class=6, size=20, classes=("cat", "dog")):
 def test_image_folder_loads_recursively_through_workers(tmp_path):
     _write_folder(tmp_path)
     cfg = DataConfig(
-        dataset="imagefolder", root=str(tmp_path), in_channels=3, image_size=16, val_fraction=0.25
+        dataset="imagefolder",
+        root=str(tmp_path),
+        in_channels=3,
+        image_size=16,
+        val_fraction=0.25,
+        augment="natural",  # 20-pixel images: auto would pick digits
     )
     s = load_splits(cfg)
     assert s.classes == ["cat", "dog"] and len(s.train) + len(s.val) == 12
     batches = TrainBatches(s.train, 4, 0, 0, 1, torch.device("cpu"), num_workers=2)
     x, y, _ = next(batches.batches(0))
     batches.close()
-    # the natural preset (image folders' default): training canvases 1.14x the input size,
+    # the natural preset: training canvases 1.14x the input size,
     # cropped to 16x16 on the device; validation images resized and centre-cropped to 16x16
     assert x.shape == (4, 3, 18, 18) and x.dtype == torch.uint8
     val = list(eval_batches(s.val, 2, 0, 1, torch.device("cpu")))
