@@ -205,18 +205,41 @@ class LogConfig:
     wandb: bool = False
     # W&B project; empty = bonnerlab
     wandb_project: str = ""
-    # auto (offline when the node cannot reach the service), online or offline
+    # auto (WANDB_MODE when set, else offline when the service does not answer within 0.5 s),
+    # online or offline; offline runs stay in <run folder>/wandb/: jobs/sync.py uploads them
     wandb_mode: str = "auto"
     # log to MLflow (pip install bonnerlab[mlflow])
     mlflow: bool = False
     # MLflow tracking URI: a server (http://host:5000) or sqlite:///path/mlflow.db; empty = a
-    # SQLite store in the run folder (never one SQLite file shared by many tasks)
+    # SQLite store in the run folder (mlflow.db); a sweep given a sqlite: URI is refused (its
+    # tasks would write one SQLite file at once)
     mlflow_uri: str = ""
     # MLflow experiment; empty = the sweep's folder name, else bonnerlab
     mlflow_experiment: str = ""
 
     def __post_init__(self) -> None:
         check_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
+
+
+@dataclass
+class SyncConfig:
+    """jobs/sync.py: upload the W&B offline runs of run or sweep folders from a login node
+    (`wandb sync`, several runs at once; a resumed run's parts in order, as one run)."""
+
+    # run or sweep folders: their wandb/ folders and each task's
+    paths: list[str] = field(
+        default_factory=list,
+        metadata={"positional": True, "custom_args": {"metavar": "RUNS_OR_SWEEP", "nargs": "+"}},
+    )
+    # runs uploaded at once (wandb sync -n)
+    parallel: int = 8
+    # list the runs that would be uploaded; upload nothing
+    dry_run: bool = field(
+        default=False, metadata={"custom_args": {"action": "store_true"}, "alias": ["--dry-run"]}
+    )
+
+    def __post_init__(self) -> None:
+        check(self.parallel >= 1, f"--parallel must be >= 1; got {self.parallel}")
 
 
 @dataclass
