@@ -67,6 +67,34 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
 
 
+def node_address(node: str) -> str:
+    """A SLURM node's address: its name when that resolves, else its NodeAddr (`scontrol show
+    node`; the local cluster's node names resolve nowhere), else the name itself (the
+    rendezvous's timeout then names it)."""
+    import socket
+    import subprocess
+
+    try:
+        socket.gethostbyname(node)
+        return node
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", node, "-o"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    match = re.search(r"NodeAddr=(\S+)", out)
+    return match.group(1) if match else node
+
+
+# How long the processes of a job wait for each other at the start. Tasks of one SLURM step
+# start within seconds; a wrong host would otherwise be retried for the whole collective
+# timeout. BONNERLAB_RENDEZVOUS_TIMEOUT_S overrides it (a cluster whose nodes start slowly).
+RENDEZVOUS_TIMEOUT_S = 120.0
+
+
 def rendezvous_port(job_id: int) -> int:
     """A port from the job id, so two jobs sharing a node do not collide (as submitit does)."""
     return 20000 + job_id % 20000
@@ -101,7 +129,7 @@ def resolve_env() -> tuple[int, int, int]:
                     f"SLURM step with {ntasks} tasks but no MASTER_ADDR and no SLURM_JOB_NODELIST/"
                     "SLURM_JOB_ID to derive it from: launch with torchrun or jobs/launch.py"
                 )
-            os.environ["MASTER_ADDR"] = first_host(nodelist)
+            os.environ["MASTER_ADDR"] = node_address(first_host(nodelist))
             os.environ.setdefault("MASTER_PORT", str(rendezvous_port(job_id)))
         os.environ.setdefault("MASTER_PORT", "29500")
         return _env_int("SLURM_PROCID") or 0, _env_int("SLURM_LOCALID") or 0, ntasks
@@ -257,10 +285,50 @@ def setup(device: str = "auto") -> DistInfo:
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=10),
+            **({"store": rendezvous(rank, world_size)} if _own_rendezvous() else {}),
             **({"device_id": dev} if backend == "nccl" else {}),
         )
     _info = DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
     return _info
+
+
+def _own_rendezvous() -> bool:
+    """torchrun's workers meet at its agent's store (it has its own timeouts); everyone else
+    (srun steps, submitit's tasks) at a store made here, with a timeout."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+
+
+def rendezvous(rank: int, world_size: int) -> dist.TCPStore:
+    """The store every process meets at (MASTER_ADDR:MASTER_PORT; rank 0 serves it), or one
+    line naming the host and port after RENDEZVOUS_TIMEOUT_S."""
+    host, port = os.environ.get("MASTER_ADDR", "localhost"), int(os.environ["MASTER_PORT"])
+    seconds = float(os.environ.get("BONNERLAB_RENDEZVOUS_TIMEOUT_S") or RENDEZVOUS_TIMEOUT_S)
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port)
+    except OSError as e:  # c10d would retry a name that resolves nowhere until the timeout
+        raise UserError(
+            f"rank {rank} of {world_size}: the rendezvous host {host} (MASTER_ADDR, port "
+            f"{port}) does not resolve ({e.strerror or e}); set MASTER_ADDR to the first "
+            "node's address"
+        ) from None
+    try:
+        return dist.TCPStore(
+            host,
+            port,
+            world_size,
+            is_master=rank == 0,
+            timeout=datetime.timedelta(seconds=seconds),
+            wait_for_workers=True,
+        )
+    except (RuntimeError, OSError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"rank {rank} of {world_size}: no rendezvous at {host}:{port} within {seconds:.0f}s "
+            f"({reason}); check that every task started and that {host} is reachable from "
+            "this node (MASTER_ADDR/MASTER_PORT)"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,15 +33,11 @@ def _write_state(run_dir: Path, state: str) -> None:
     write_state(run_dir, state)
 
 
-def _node_addr(node: str) -> str:
-    """A node's address when its name does not resolve (the local cluster's second node)."""
-    try:
-        socket.gethostbyname(node)
-        return node
-    except OSError:
-        from bonnerlab.cluster import slurm_cli
+def _held_by_another(error: BaseException) -> bool:
+    """The run folder's LOCK is another live process's: its STATE is that process's to write."""
+    from bonnerlab.runs import FolderInUseError
 
-        return slurm_cli.node_addr(node)
+    return isinstance(error, FolderInUseError)
 
 
 def export_distributed_env(gpus_per_node: int) -> None:
@@ -66,7 +61,9 @@ def export_distributed_env(gpus_per_node: int) -> None:
         return
     env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
-        os.environ["MASTER_ADDR"] = _node_addr(env.master_addr)
+        from bonnerlab.distributed import node_address
+
+        os.environ["MASTER_ADDR"] = node_address(env.master_addr)
     per_node = num_tasks // num_nodes
     if gpus_per_node:
         visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
@@ -136,11 +133,13 @@ class ClusterJob:
         try:
             try:
                 result = JOBS[self.kind].load_function()(self._resumable_config())
-            except BaseException:
-                if rank == 0 and not interrupt.received():
+            except BaseException as e:
+                if rank == 0 and not interrupt.received() and not _held_by_another(e):
                     _write_state(run_dir, "FAILED")
                 raise
             if isinstance(result, dict) and result.get("interrupted"):
+                if interrupt.received()[-1:] == [signal.SIGINT]:
+                    return result  # the user's own stop (scancel -s INT): saved, nothing to wait on
                 self._stop_after_save(
                     run_dir, rank, interrupt.received(), previous.get(signal.SIGUSR2)
                 )
