@@ -334,6 +334,11 @@ def latest_run(runs_root: str | Path) -> Path | None:
 # ----------------------------------------------------------------------------- one writer
 
 
+class FolderInUseError(RunDirError):
+    """The run folder's LOCK belongs to another live (or unknown) process: its STATE and files
+    are that process's to write."""
+
+
 def _slurm_job() -> str:
     """This process's SLURM job as squeue names it (`123_4` for an array task), or ''."""
     array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
@@ -498,7 +503,7 @@ class RunLock:
                     if alive
                     else f"if that process is gone, delete {self.path}"
                 )
-                raise RunDirError(
+                raise FolderInUseError(
                     f"run folder {self.run_dir} is in use by {describe_holder(holder)}: one "
                     f"writer per run folder; {how}"
                 )
