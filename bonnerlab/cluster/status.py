@@ -23,18 +23,39 @@ from typing import Any
 
 from bonnerlab.cluster import slurm_cli
 from bonnerlab.errors import ClusterError
-from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists, read_metrics, read_state
+from bonnerlab.runs import (
+    RunPaths,
+    SweepPaths,
+    describe_holder,
+    holder_alive,
+    load_yaml_if_exists,
+    read_lock,
+    read_metrics,
+    read_state,
+)
 
 
-def read_manifest(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """The latest manifest line of every task, in task order."""
+def read_manifest(sweep_dir: str | Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """The latest manifest line of every task, in task order.
+
+    A line that is not a task's record (cut short by a killed launcher, edited by hand) is one
+    ClusterError naming it; with `problems`, it is skipped and described there instead (status
+    lists the rest).
+    """
     path = SweepPaths(sweep_dir).manifest
     latest: dict[int, dict[str, Any]] = {}
     if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
                 latest[int(record["task"])] = record
+            except (ValueError, KeyError, TypeError) as e:
+                problem = f"{path} line {number} is not a task record ({type(e).__name__})"
+                if problems is None:
+                    raise ClusterError(f"{problem}; repair or delete that line") from None
+                problems.append(problem)
     return [latest[k] for k in sorted(latest)]
 
 
@@ -65,11 +86,12 @@ def folder_kind(path: Path) -> str:
     )
 
 
-def task_records(path: Path) -> list[dict[str, Any]]:
-    """One record per task of a sweep (every point, submitted or not), or one for a run folder."""
+def task_records(path: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+    """One record per task of a sweep (every point, submitted or not), or one for a run folder.
+    `problems`: see read_manifest."""
     path = Path(path)
     if folder_kind(path) == "sweep":
-        latest = {r["task"]: r for r in read_manifest(path)}
+        latest = {r["task"]: r for r in read_manifest(path, problems)}
         saved = load_yaml_if_exists(SweepPaths(path).sweep_yaml) or {}
         points = points_of(saved)
         records = []
@@ -132,7 +154,7 @@ def error_line(record: dict[str, Any]) -> str:
 
 
 # Failure kinds, and which of them `retry_sweep` resubmits.
-RETRY_AS_IS = ("preempted", "node failure", "time limit", "not submitted")
+RETRY_AS_IS = ("preempted", "node failure", "lost", "time limit", "not submitted")
 RETRY_MORE_MEMORY = ("out of memory",)
 RETRY_WHEN_ASKED = ("error", "cancelled")
 
@@ -147,6 +169,8 @@ def failure_kind(state: str, error: str) -> str:
         return "preempted"
     if state in ("NODE_FAIL", "BOOT_FAIL"):
         return "node failure"
+    if state == "LOST":  # STATE said RUNNING, its process is gone: killed without a word
+        return "lost"
     if state in ("TIMEOUT", "DEADLINE") or "more than max_requeues" in error:
         return "time limit"
     if state == "CANCELLED":
@@ -156,13 +180,37 @@ def failure_kind(state: str, error: str) -> str:
     return "error"
 
 
-def _state(record: dict[str, Any], info: slurm_cli.JobInfo | None, marker: str | None) -> str:
-    """SLURM's state while it knows the job, corrected by the job's own marker."""
+# A RUNNING run whose writer this machine cannot check (another host, no SLURM job) is LOST
+# once its LOCK's heartbeat (refreshed at logging steps and epoch ends) is this old.
+LOST_AFTER_S = 3600.0
+
+
+def liveness(run_dir: Path) -> tuple[bool | None, str]:
+    """Whether the run folder's writer (its LOCK) still runs (see runs.holder_alive; SLURM is
+    asked by the caller, in one batch), and the age of its last heartbeat ('' without a LOCK)."""
+    holder = read_lock(run_dir)
+    if holder is None:
+        return None, ""
+    age = time.time() - holder.get("heartbeat", 0.0)
+    alive = holder_alive(holder, ask_slurm=False)
+    if alive is None and age > LOST_AFTER_S:
+        alive = False
+    return alive, _age(max(age, 0.0))
+
+
+def _state(
+    record: dict[str, Any],
+    info: slurm_cli.JobInfo | None,
+    marker: str | None,
+    alive: bool | None = None,
+) -> str:
+    """SLURM's state while it knows the job, corrected by the job's own marker; a marker that
+    says RUNNING for a writer that is gone (`alive` False) is LOST."""
     if info is None:
         if marker == "PENDING" or marker is None:
             # written at submission: a job SLURM never saw (dry run, local run that died)
             return "PENDING_UNSUBMITTED" if not record.get("job_id") else (marker or "UNKNOWN")
-        return marker
+        return "LOST" if marker == "RUNNING" and alive is False else marker
     if info.state == "COMPLETED" and marker:
         # SLURM says COMPLETED for a finished batch script; the marker says whether the job did
         return marker if marker != "RUNNING" else "DONE"
@@ -186,33 +234,71 @@ def task_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for r in records:
-        run_dir = Path(r["run_dir"])
-        marker = read_state(run_dir) if run_dir.exists() else None
-        info = infos.get(r.get("job_id", ""))
-        state = _state(r, info, marker)
-        error = error_line(r) if state not in ("DONE",) and state not in slurm_cli.ACTIVE else ""
-        metrics = read_metrics(run_dir) if run_dir.exists() else []
-        values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
-        best = (max(values) if mode == "max" else min(values)) if values else math.nan
-        gpu_h, cpu_h = _hours(info)
-        rows.append(
-            {
-                "task": int(r["task"]),
-                **dict(r.get("overrides", {})),
-                "state": "PENDING" if state == "PENDING_UNSUBMITTED" else state,
-                "failure": failure_kind(state, error),
-                "job_id": r.get("job_id", ""),
-                "retries": int(r.get("retries", 0) or 0),
-                "epochs": len(metrics),
-                f"best_{metric}": best,
-                f"last_{metric}": values[-1] if values else math.nan,
-                "gpu_hours": gpu_h,
-                "cpu_hours": cpu_h,
-                "error": error,
-                "run_dir": str(run_dir),
-            }
-        )
+        try:
+            rows.append(_task_row(r, infos, metric, mode))
+        except Exception as e:  # one task's unreadable files are its row's problem, not the table's
+            rows.append(_problem_row(r, metric, problem_line(e)))
     return rows
+
+
+def problem_line(error: Exception) -> str:
+    """An exception as one line for a table's error column."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"unreadable: {type(error).__name__}: {text[:200]}"
+
+
+def _problem_row(record: dict[str, Any], metric: str, problem: str) -> dict[str, Any]:
+    return {
+        "task": int(record.get("task", 0)),
+        **dict(record.get("overrides", {})),
+        "state": "UNKNOWN",
+        "failure": "unreadable",
+        "job_id": record.get("job_id", ""),
+        "retries": 0,
+        "epochs": 0,
+        f"best_{metric}": math.nan,
+        f"last_{metric}": math.nan,
+        "heartbeat": "",
+        "gpu_hours": 0.0,
+        "cpu_hours": 0.0,
+        "error": problem,
+        "run_dir": str(record.get("run_dir", "")),
+    }
+
+
+def _task_row(
+    r: dict[str, Any], infos: dict[str, slurm_cli.JobInfo], metric: str, mode: str
+) -> dict[str, Any]:
+    run_dir = Path(r["run_dir"])
+    marker = read_state(run_dir) if run_dir.exists() else None
+    info = infos.get(r.get("job_id", ""))
+    alive, heartbeat = liveness(run_dir) if marker == "RUNNING" else (None, "")
+    state = _state(r, info, marker, alive)
+    error = error_line(r) if state not in ("DONE",) and state not in slurm_cli.ACTIVE else ""
+    if state == "LOST":
+        holder = read_lock(run_dir)
+        gone = f"its process is gone ({describe_holder(holder)})" if holder else "no LOCK"
+        error = error or f"{gone}; continue it with --resume"
+    metrics = read_metrics(run_dir) if run_dir.exists() else []
+    values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
+    best = (max(values) if mode == "max" else min(values)) if values else math.nan
+    gpu_h, cpu_h = _hours(info)
+    return {
+        "task": int(r["task"]),
+        **dict(r.get("overrides", {})),
+        "state": "PENDING" if state == "PENDING_UNSUBMITTED" else state,
+        "failure": failure_kind(state, error),
+        "job_id": r.get("job_id", ""),
+        "retries": int(r.get("retries", 0) or 0),
+        "epochs": len(metrics),
+        f"best_{metric}": best,
+        f"last_{metric}": values[-1] if values else math.nan,
+        "heartbeat": heartbeat,
+        "gpu_hours": gpu_h,
+        "cpu_hours": cpu_h,
+        "error": error,
+        "run_dir": str(run_dir),
+    }
 
 
 def _query_or_warn(job_ids: list[str]) -> dict[str, slurm_cli.JobInfo]:
@@ -230,7 +316,10 @@ def _needs_slurm(path: Path, records: list[dict[str, Any]]) -> bool:
     """Only jobs queued on SLURM have ids worth asking about (local executor ids are PIDs)."""
     if not any(r.get("job_id") for r in records):
         return False
-    slurm_yaml = load_yaml_if_exists(RunPaths(records[-1]["run_dir"]).slurm_yaml) or {}
+    try:
+        slurm_yaml = load_yaml_if_exists(RunPaths(records[-1]["run_dir"]).slurm_yaml) or {}
+    except Exception:  # unreadable (its row says so): ask SLURM, the default cluster
+        return True
     return slurm_yaml.get("cluster", "slurm") == "slurm"
 
 
@@ -250,7 +339,12 @@ def sweep_status(
     import pandas as pd
 
     path = Path(path)
-    records = task_records(path)
+    problems: list[str] = []
+    records = task_records(path, problems)
+    for problem in problems:
+        import sys
+
+        print(f"warning: {problem}; the other tasks are listed", file=sys.stderr)
     if infos is None:
         infos = (
             _query_or_warn([r["job_id"] for r in records]) if _needs_slurm(path, records) else {}
@@ -286,6 +380,7 @@ def state_counts(states: list[str]) -> str:
         "PREEMPTED",
         "NODE_FAIL",
         "INTERRUPTED",
+        "LOST",
         "CANCELLED",
     ]
     counts: dict[str, int] = {}
@@ -320,50 +415,84 @@ def _age(seconds: float) -> str:
 
 
 def status_all(runs_root: str | Path, metric: str = "val_acc", mode: str = "max") -> Any:
-    """One row per run and sweep folder under `runs_root`, newest first; ONE SLURM query for all."""
+    """One row per run and sweep folder under `runs_root`, newest first; ONE SLURM query for all.
+
+    A folder that cannot be read (a malformed slurm.yaml or sweep.yaml, a cut manifest line) is
+    its own row's error; every other folder is listed as usual.
+    """
     import pandas as pd
 
-    folders = find_folders(Path(runs_root))
-    records = {f: task_records(f) for f in folders}
-    ids = [r["job_id"] for f in folders if _needs_slurm(f, records[f]) for r in records[f]]
+    root = Path(runs_root)
+    folders = find_folders(root)
+    records: dict[Path, list[dict[str, Any]]] = {}
+    problems: dict[Path, list[str]] = {f: [] for f in folders}
+    ids = []
+    for f in folders:
+        try:
+            records[f] = task_records(f, problems[f])
+            if _needs_slurm(f, records[f]):
+                ids += [r["job_id"] for r in records[f]]
+        except Exception as e:  # this folder's problem, shown in its row
+            problems[f].append(problem_line(e))
     infos = _query_or_warn(ids) if ids else {}
-    now = time.time()
     rows = []
     for f in folders:
-        tasks = task_rows(f, records[f], infos, metric, mode)
-        kind = "sweep" if folder_kind(f) == "sweep" else "run"
-        saved = (
-            load_yaml_if_exists(
-                SweepPaths(f).sweep_yaml if kind == "sweep" else RunPaths(f).slurm_yaml
-            )
-            or {}
-        )
-        job = saved.get("job") or saved.get("submitted", {}).get("job") or "train"
-        values = [t[f"best_{metric}"] for t in tasks if not math.isnan(t[f"best_{metric}"])]
-        best = (max(values) if mode == "max" else min(values)) if values else math.nan
-        born = min(
-            p.stat().st_mtime
-            for p in (f / n for n in ("sweep.yaml", "config.yaml", "manifest.jsonl"))
-            if p.exists()
-        )
-        errors = [t["error"] for t in tasks if t["error"]]
-        rows.append(
-            {
-                "folder": str(f.relative_to(runs_root)) if f != Path(runs_root) else f.name,
-                "job": f"{job} {kind}" if kind == "sweep" else job,
-                "tasks": len(tasks),
-                "states": state_counts([t["state"] for t in tasks]),
-                f"best_{metric}": best,
-                "age": _age(now - born),
-                "_born": born,
-                "error": errors[-1] if errors else "",
-            }
-        )
+        name = str(f.relative_to(root)) if f != root else f.name
+        try:
+            row = _folder_row(f, records[f], infos, metric, mode) if f in records else None
+        except Exception as e:
+            problems[f].append(problem_line(e))
+            row = None
+        if row is None:
+            row = {"job": "?", "tasks": 0, "states": "UNKNOWN 1", f"best_{metric}": math.nan}
+            row.update(_born(f))
+        if problems[f]:
+            row["error"] = problems[f][-1]
+        rows.append({"folder": name, **row})
     table = pd.DataFrame.from_records(
         rows,
         columns=["folder", "job", "tasks", "states", f"best_{metric}", "age", "_born", "error"],
     )
+    table["error"] = table["error"].fillna("")
     return table.sort_values("_born", ascending=False).drop(columns="_born").reset_index(drop=True)
+
+
+def _born(folder: Path) -> dict[str, Any]:
+    """When the folder was made (its oldest description file), as `age` and a sort key."""
+    times = [
+        p.stat().st_mtime
+        for p in (folder / n for n in ("sweep.yaml", "config.yaml", "manifest.jsonl"))
+        if p.exists()
+    ]
+    born = min(times) if times else folder.stat().st_mtime
+    return {"age": _age(time.time() - born), "_born": born}
+
+
+def _folder_row(
+    f: Path,
+    records: list[dict[str, Any]],
+    infos: dict[str, slurm_cli.JobInfo],
+    metric: str,
+    mode: str,
+) -> dict[str, Any]:
+    tasks = task_rows(f, records, infos, metric, mode)
+    kind = "sweep" if folder_kind(f) == "sweep" else "run"
+    saved = (
+        load_yaml_if_exists(SweepPaths(f).sweep_yaml if kind == "sweep" else RunPaths(f).slurm_yaml)
+        or {}
+    )
+    job = saved.get("job") or saved.get("submitted", {}).get("job") or "train"
+    values = [t[f"best_{metric}"] for t in tasks if not math.isnan(t[f"best_{metric}"])]
+    best = (max(values) if mode == "max" else min(values)) if values else math.nan
+    errors = [t["error"] for t in tasks if t["error"]]
+    return {
+        "job": f"{job} {kind}" if kind == "sweep" else job,
+        "tasks": len(tasks),
+        "states": state_counts([t["state"] for t in tasks]),
+        f"best_{metric}": best,
+        **_born(f),
+        "error": errors[-1] if errors else "",
+    }
 
 
 def format_table(table: Any) -> str:
@@ -372,5 +501,7 @@ def format_table(table: Any) -> str:
         hidden |= {"error", "failure"}
     if not table["retries"].astype(bool).any():
         hidden.add("retries")
+    if "heartbeat" in table and not table["heartbeat"].astype(bool).any():
+        hidden.add("heartbeat")
     shown = [c for c in table.columns if c not in hidden]
     return table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}")
