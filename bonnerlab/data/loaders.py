@@ -80,17 +80,29 @@ class _ReplaceableBatches(torch.utils.data.Sampler):
 
 
 class _FolderLoader:
-    """One persistent DataLoader over a folder source; `batches(index_lists)` runs one pass."""
+    """One persistent DataLoader over a folder or shard source; `batches(index_lists)` runs one
+    pass. With `gpu_decode`, its workers read file bytes and JPEGs are decoded on `device`
+    (`bonnerlab.data.gpu_decode`); else they decode on the CPU."""
 
-    def __init__(self, source: FolderDataset, num_workers: int, device: torch.device) -> None:
+    def __init__(
+        self, source: FolderDataset, num_workers: int, device: torch.device, gpu_decode: bool
+    ) -> None:
         self.sampler = _ReplaceableBatches()
-        self.device = device
+        self.device, self.source, self.gpu_decode = device, source, gpu_decode
+        if gpu_decode:
+            from bonnerlab.data.gpu_decode import EncodedImages, collate_encoded
+
+            dataset, collate = EncodedImages(source), collate_encoded
+        else:
+            dataset, collate = source, None
         self.loader = torch.utils.data.DataLoader(
-            source,
+            dataset,
             batch_sampler=self.sampler,
             num_workers=num_workers,
-            pin_memory=device.type == "cuda",
+            # bytes go to nvJPEG from pageable memory; decoded batches cross pinned
+            pin_memory=device.type == "cuda" and not gpu_decode,
             persistent_workers=num_workers > 0,
+            collate_fn=collate,
         )
 
     def close(self) -> None:
@@ -102,8 +114,25 @@ class _FolderLoader:
 
     def batches(self, index_lists: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.sampler.batches = index_lists
+        if self.gpu_decode:
+            from bonnerlab.data.gpu_decode import decode_batch
+
+            for batch in _unwrap_worker_errors(self.loader):
+                yield decode_batch(batch, self.source, self.device)
+            return
         for x, y in _unwrap_worker_errors(self.loader):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+def _folder_loader(
+    source: Dataset, num_workers: int, device: torch.device, decode: str
+) -> _FolderLoader | None:
+    """The persistent loader of a folder or shard source (None for in-memory data)."""
+    if not isinstance(source, FolderDataset):
+        return None
+    from bonnerlab.data.gpu_decode import use_gpu_decode
+
+    return _FolderLoader(source, num_workers, device, use_gpu_decode(decode, device))
 
 
 def resolve_workers(num_workers: int) -> int:
@@ -134,6 +163,7 @@ class TrainBatches:
         device: torch.device,
         num_workers: int = 0,
         max_steps: int = 0,
+        decode: str = "auto",
     ) -> None:
         if global_batch % world_size:
             raise DataError(
@@ -150,11 +180,7 @@ class TrainBatches:
         self.num_workers = resolve_workers(num_workers)
         steps = len(source) // global_batch  # drop the ragged last batch: equal work per rank
         self.steps_per_epoch = min(steps, max_steps) if max_steps else steps
-        self._folder = (
-            _FolderLoader(source, self.num_workers, device)
-            if isinstance(source, FolderDataset)
-            else None
-        )
+        self._folder = _folder_loader(source, self.num_workers, device, decode)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -211,14 +237,11 @@ class EvalBatches:
         world_size: int,
         device: torch.device,
         num_workers: int = 0,
+        decode: str = "auto",
     ) -> None:
         self.source, self.device = source, device
         self.chunks = list(torch.arange(rank, len(source), world_size).split(batch_size))
-        self._folder = (
-            _FolderLoader(source, resolve_workers(num_workers), device)
-            if isinstance(source, FolderDataset)
-            else None
-        )
+        self._folder = _folder_loader(source, resolve_workers(num_workers), device, decode)
 
     def __len__(self) -> int:
         return len(self.chunks)
@@ -242,9 +265,10 @@ def eval_batches(
     world_size: int,
     device: torch.device,
     num_workers: int = 0,
+    decode: str = "auto",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass of `EvalBatches` (for a single evaluation); its workers stop after it."""
-    batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers)
+    batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers, decode)
     try:
         yield from batches
     finally:

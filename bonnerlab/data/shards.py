@@ -37,7 +37,8 @@ import os
 import secrets
 import shutil
 import tarfile
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,11 +182,8 @@ def pack(source: str | Path, out: str | Path, shard_size: int = 1000, overwrite:
             "coords": {
                 k: {"dtype": v.dtype.str, "values": v.tolist()} for k, v in items.coords.items()
             },
-            "collection": (
-                {"classes": items.collection.classes, "splits": items.collection.splits}
-                if items.collection is not None
-                else None
-            ),
+            # every field of the scan (what files.json holds), so training reads the same list
+            "collection": asdict(items.collection) if items.collection is not None else None,
         }
         from bonnerlab.runs import atomic_write_text
 
@@ -342,7 +340,8 @@ class ShardSet:
                 "which has no class folders: no training splits (pack root/<class>/<image> or "
                 "root/train/<class>/<image>)"
             )
-        return FileList(found["classes"], {k: (v[0], v[1]) for k, v in found["splits"].items()})
+        splits = {k: (v[0], v[1]) for k, v in found["splits"].items()}
+        return FileList(**{**found, "splits": splits})
 
     def name(self, position: int) -> str:
         return f"{self.reader.path(int(self.reader.shard[position]))}:{self.ids[position]}"
@@ -416,10 +415,12 @@ def verify(root: str | Path) -> dict[str, Any]:
 
 
 class ShardFiles:
-    """Images of a shard set where a list of paths would go: item i is a file object PIL opens
-    (`NamedBytes`, printed as shard:id), read in the DataLoader worker that asks for it. A
-    `FolderDataset` over these is training's shard split (its ids from `ids`), extraction's
-    `Stimuli.files` is one too; either decodes through the same code as a folder's files."""
+    """Images of a shard set where a list of image paths goes (`FolderDataset.files`,
+    extraction's `Stimuli.files`): indexing gives image i as a file object PIL opens
+    (`NamedBytes`, printed as shard:id), read in the DataLoader worker that asks for it, so it
+    decodes through the same code as a folder's file; iterating gives each image's name as a
+    path under the set's folder (OUT/<id>, which does not exist), from which `FolderDataset`
+    takes its ids without reading anything."""
 
     def __init__(self, shards: ShardSet, positions: list[int]) -> None:
         self.shards = shards
@@ -435,8 +436,8 @@ class ShardFiles:
     def __getitem__(self, index: int) -> NamedBytes:
         return self.shards.member(int(self.positions[index]))
 
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
+    def __iter__(self) -> Iterator[Path]:
+        return (self.shards.root / self.shards.ids[p] for p in self.positions)
 
     def read_bytes(self, index: int) -> tuple[bytes, str]:
         """The image file's bytes and the name errors give it (GPU decoding's workers)."""

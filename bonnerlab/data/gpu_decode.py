@@ -1,0 +1,189 @@
+"""JPEG decoding on the GPU: DataLoader workers only read file bytes, the device decodes batches.
+
+On an H200 the CPU decoder is the wall (ResNet-50 extraction from JPEG files at 859 images/s
+with 16 cores, the GPU mostly idle). With `--data.decode gpu` (or `auto` on CUDA) the workers of
+an image folder or shard set read each file's bytes and parse its header only (PIL: format,
+mode, size, so decompression bombs are still refused before anything is decoded); the main
+process hands each batch of JPEGs to nvJPEG in one call (`torchvision.io.decode_jpeg` on a
+list, `device="cuda"`) and resizes and crops them there, with `load_image`'s geometry.
+
+Files that are not 8-bit grayscale or YCbCr JPEGs (PNG, CMYK JPEG, ...) are decoded by the CPU
+path in the worker, as before; a JPEG the device fails to decode falls back to the CPU path on
+its own, so a bad file costs its own decode, not the batch's. The pixels differ from PIL's
+(another IDCT, no DCT-domain downscale, torch's antialiased bilinear resize in place of PIL's):
+`tests/unit/test_gpu_decode.py` bounds the difference on the CPU, where `decode_jpeg` runs
+libjpeg-turbo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bonnerlab.data.datasets import CANVAS_RATIO, FolderDataset, load_image
+from bonnerlab.data.images import opened_image
+from bonnerlab.data.shards import NamedBytes
+from bonnerlab.errors import ConfigError, DataError
+
+JPEG_START = b"\xff\xd8\xff"  # SOI marker + the first segment's marker byte
+
+
+def use_gpu_decode(decode: str, device: torch.device) -> bool:
+    """`data.decode` resolved: auto = on CUDA; gpu without a CUDA device is a config error."""
+    if decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"data.decode gpu needs a CUDA device; this run uses {device}")
+    return device.type == "cuda" and decode in ("auto", "gpu")
+
+
+def fit_geometry(
+    width: int, height: int, size: int, fit: str, crop_fraction: float
+) -> tuple[tuple[int, int], tuple[int, int, int, int] | None]:
+    """`load_image`'s geometry: the (width, height) to resize to, then the crop box (left, top,
+    right, bottom), None for `squash`."""
+    if fit == "squash":
+        return (size, size), None
+    short = round(size * CANVAS_RATIO) if fit == "canvas" else round(size / crop_fraction)
+    # torchvision's rounding: the long side truncated, the crop offset rounded
+    target = (
+        (max(short, int(width * short / height)), short)
+        if width >= height
+        else (short, max(short, int(height * short / width)))
+    )
+    side = round(size * CANVAS_RATIO) if fit == "canvas" else size
+    left = int(round((target[0] - side) / 2.0))
+    top = int(round((target[1] - side) / 2.0))
+    return target, (left, top, left + side, top + side)
+
+
+def read_bytes(source: FolderDataset, index: int) -> tuple[bytes, str]:
+    """Image `index` of a folder or shard split as its file's bytes, with the name errors use."""
+    files: Any = source.files
+    if hasattr(files, "read_bytes"):  # a shard set (bonnerlab.data.shards.ShardFiles)
+        return files.read_bytes(index)
+    path = Path(files[index])
+    try:
+        return path.read_bytes(), str(path)
+    except OSError as e:
+        raise DataError(f"cannot read image {path}: {e.strerror}") from e
+
+
+def decodable_on_device(data: bytes, name: str, in_channels: int, max_pixels: int = 0) -> bool:
+    """Whether nvJPEG can take this file: an 8-bit JPEG in gray or YCbCr (PIL reads `L`/`RGB`)
+    within the bomb limit, from its header alone. Anything else goes the CPU path, which also
+    gives its errors (a bomb is refused there from the header, by the same check)."""
+    if not data.startswith(JPEG_START):
+        return False
+    try:
+        with opened_image(data, name, max_pixels) as img:
+            return img.format == "JPEG" and img.mode in ("L", "RGB") and in_channels in (1, 3)
+    except DataError:
+        return False
+
+
+class EncodedImages(torch.utils.data.Dataset):
+    """A folder or shard split whose workers read bytes: item i is (the JPEG's bytes as a uint8
+    tensor, label, True) or, for a file the device cannot take, (`load_image`'s tensor, label,
+    False), decoded here from the bytes already read."""
+
+    def __init__(self, source: FolderDataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool, str]:
+        s = self.source
+        data, name = read_bytes(s, index)
+        label = int(s.labels[index])
+        max_pixels = getattr(s, "max_pixels", 0)
+        if decodable_on_device(data, name, s.in_channels, max_pixels):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, True, name
+        return cpu_decode(s, data, name), label, False, name
+
+
+def cpu_decode(source: FolderDataset, data: bytes, name: str) -> torch.Tensor:
+    """The CPU path on bytes already read: `load_image`, as the folder's own items."""
+    extra = {"max_pixels": source.max_pixels} if getattr(source, "max_pixels", 0) else {}
+    return load_image(
+        NamedBytes(data, name),
+        source.size,
+        source.in_channels,
+        source.fit,
+        source.crop_fraction,
+        **extra,
+    )
+
+
+def collate_encoded(
+    items: list[tuple[torch.Tensor, int, bool, str]],
+) -> tuple[list[torch.Tensor], torch.Tensor, list[bool], list[str]]:
+    """A batch of variable-length byte tensors and decoded images, kept as a list."""
+    images, labels, jpeg, names = zip(*items, strict=True)
+    return list(images), torch.tensor(labels, dtype=torch.long), list(jpeg), list(names)
+
+
+def draft_scale(width: int, height: int, target: tuple[int, int]) -> int:
+    """The reduction PIL's JPEG `draft` picks for `target` (1, 2, 4 or 8): the largest that still
+    covers it (Pillow's JpegImageFile.draft)."""
+    scale = min(width // target[0], height // target[1])
+    return next(s for s in (8, 4, 2, 1) if scale >= s) if scale >= 1 else 1
+
+
+def resize_on_device(
+    image: torch.Tensor, size: int, fit: str, crop_fraction: float
+) -> torch.Tensor:
+    """A decoded JPEG, uint8 [C, H, W] -> uint8 [C, S, S] with `load_image`'s geometry: PIL's
+    draft (the DCT-domain 1/2, 1/4, 1/8 reduction) as a box average of the same factor, then
+    antialiased bilinear (PIL's filter, which torch's antialias follows), rounded, then the
+    crop."""
+    height, width = int(image.shape[-2]), int(image.shape[-1])
+    (tw, th), box = fit_geometry(width, height, size, fit, crop_fraction)
+    if (tw, th) != (width, height):
+        x = image.unsqueeze(0).float()
+        scale = draft_scale(width, height, (tw, th))
+        if scale > 1:
+            x = F.avg_pool2d(x, scale, ceil_mode=True)
+        if tuple(x.shape[-2:]) != (th, tw):
+            x = F.interpolate(
+                x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True
+            )
+        image = x.round_().clamp_(0, 255).to(torch.uint8).squeeze(0)
+    if box is not None:
+        left, top, right, bottom = box
+        image = image[:, top:bottom, left:right]
+    return image
+
+
+def decode_batch(
+    batch: tuple[list[torch.Tensor], torch.Tensor, list[bool], list[str]],
+    source: FolderDataset,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One `EncodedImages` batch -> (uint8 [B, C, S, S], labels) on `device`: the JPEGs decoded
+    there in one call; any the device refuses, one by one, then on the CPU path."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images, labels, jpeg, names = batch
+    mode = ImageReadMode.GRAY if source.in_channels == 1 else ImageReadMode.RGB
+    out: list[torch.Tensor | None] = [
+        None if is_jpeg else x.to(device, non_blocking=True)
+        for x, is_jpeg in zip(images, jpeg, strict=True)
+    ]
+    todo = [i for i, is_jpeg in enumerate(jpeg) if is_jpeg]
+    try:
+        decoded = decode_jpeg([images[i] for i in todo], mode=mode, device=device) if todo else []
+    except RuntimeError:  # one bad file fails the whole call: each on its own, then the CPU
+        decoded = [None] * len(todo)
+        for k, i in enumerate(todo):
+            try:
+                decoded[k] = decode_jpeg(images[i], mode=mode, device=device)
+            except RuntimeError:
+                data = images[i].numpy().tobytes()
+                out[i] = cpu_decode(source, data, names[i]).to(device, non_blocking=True)
+    for i, x in zip(todo, decoded, strict=True):
+        if x is not None:
+            out[i] = resize_on_device(x, source.size, source.fit, source.crop_fraction)
+    return torch.stack(out), labels.to(device, non_blocking=True)  # type: ignore[arg-type]
