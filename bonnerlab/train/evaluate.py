@@ -87,6 +87,8 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
     if cfg.data_root:
         data_cfg = type(data_cfg)(**{**to_dict(data_cfg), "root": cfg.data_root})
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    out = Path(cfg.output_dir) if cfg.output_dir else RunPaths(run_dir).eval_dir(cfg.split)
+    check_output_dir(out)
     listing = RunPaths(run_dir).files_json  # the exact files the run was trained and validated on
     pre = payload["preprocess"]
     published = Normalization(
@@ -127,7 +129,6 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
         )
     finally:
         batches.close()
-    out = Path(cfg.output_dir) if cfg.output_dir else RunPaths(run_dir).eval_dir(cfg.split)
     confusion = result.pop("confusion")
     summary = {"checkpoint": str(path), "split": cfg.split, "classes": payload["classes"], **result}
     if info.is_main:
@@ -147,6 +148,30 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
     summary["confusion"] = confusion.tolist()
     summary["output_dir"] = str(out)
     return summary
+
+
+OUTPUTS = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png")
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before anything is computed, an output folder whose files of these names were
+    not written by an earlier evaluation (its metrics.json names a checkpoint and a split):
+    `--output_dir` pointed at a folder of the user's own must not lose their files."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder")
+    present = [name for name in OUTPUTS if (out / name).exists()]
+    if not present:
+        return
+    try:
+        earlier = json.loads((out / "metrics.json").read_text())
+        ours = isinstance(earlier, dict) and {"checkpoint", "split", "acc"} <= earlier.keys()
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(
+            f"--output_dir {out} already holds {', '.join(present)}, not written by evaluate; "
+            "choose another folder (nothing was overwritten)"
+        )
 
 
 def _plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
