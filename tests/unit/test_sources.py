@@ -427,9 +427,7 @@ def test_offline_download_is_one_line_naming_the_fix(tmp_path):
         [
             *job("extract"),
             "--model.arch",
-            "hf:facebook/dinov2-small",
-            "--model.weights",
-            "DEFAULT",
+            "hf:facebook/dinov2-small",  # model.weights auto: the repo's own
             "--layers",
             "output",
             "--output",
