@@ -99,7 +99,7 @@ def run_bare(args) -> dict:
     ]
     t0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
-        for images, _, _ in iter_batches(
+        for images, *_ in iter_batches(
             stimuli, rows, pre.transform(), (3, *pre.output_size), cfg.num_workers, False
         ):
             source.model(images)

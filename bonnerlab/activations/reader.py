@@ -1,6 +1,9 @@
 """Reading a store lazily, for analysis: `open_activations(path, layer)` and its helpers.
 
-Nothing is read until it is indexed; nothing here imports torch.
+Nothing is read until it is indexed; nothing here imports torch. Each read checks what it
+touches, not the whole store (that is `verify`): a chunk that should exist and does not, or one
+that does not decode (its crc32c, a codec error), is a one-line StoreError naming the layer and
+chunk, never NaN rows or a codec's traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from bonnerlab.activations.store import PRESENTATION, _quiet_zarr, _read_meta
+from bonnerlab.activations.store import (
+    DONE_DIR,
+    PRESENTATION,
+    ActivationStore,
+    _quiet_zarr,
+    _read_meta,
+)
 from bonnerlab.errors import StoreError
 
 
@@ -76,6 +85,7 @@ def open_activations(
             mask_and_scale=False,
             drop_variables=others,
         )
+    ds[layer] = _checked(ds[layer].variable, ActivationStore(path, mode="r"), layer, complete)
     da = ds[layer]
     da = da.assign_coords(stimulus=da["stimulus"].astype(object))
     provenance = {k: v for k, v in meta.items() if k not in ("identity", "layers")}
@@ -85,6 +95,85 @@ def open_activations(
         keep = ~np.isin(da["stimulus"].values.astype(str), np.asarray(skipped, dtype=str))
         da = da.isel({PRESENTATION: np.flatnonzero(keep)})
     return da
+
+
+def _checked(variable, store: ActivationStore, layer: str, complete: bool):
+    """The layer's variable, read through `CheckedChunks` (still lazy)."""
+    import xarray as xr
+    from xarray.core import indexing
+
+    done = (
+        None
+        if complete
+        else {int(c) for c in os.listdir(store.path / DONE_DIR / layer) if c.isdigit()}
+    )
+    data = indexing.LazilyIndexedArray(CheckedChunks(store, layer, done))
+    return xr.Variable(variable.dims, data, attrs=variable.attrs, encoding=variable.encoding)
+
+
+try:  # xarray's documented base for lazily indexed backend arrays
+    from xarray.backends import BackendArray as _BackendArray
+except ImportError:  # pragma: no cover - xarray is a dependency
+    _BackendArray = object
+
+
+class CheckedChunks(_BackendArray):
+    """One layer's zarr array for xarray's lazy indexing; each read first checks that the chunks
+    it touches exist (when marked done: `done`, None = all) and names the chunk that fails to
+    decode. A stat per touched chunk: reading stays as fast as zarr's own."""
+
+    def __init__(self, store: ActivationStore, layer: str, done: set[int] | None):
+        self.store, self.layer, self.done = store, layer, done
+        self.array = store.array(layer)
+        self.shape, self.dtype = tuple(self.array.shape), self.array.dtype
+
+    def __getitem__(self, key):
+        from xarray.core import indexing
+
+        if isinstance(key, indexing.VectorizedIndexer):
+            method = self._vindex
+        elif isinstance(key, indexing.OuterIndexer):
+            method = self._oindex
+        else:
+            method = self._getitem
+        return indexing.explicit_indexing_adapter(
+            key, self.shape, indexing.IndexingSupport.VECTORIZED, method
+        )
+
+    def _getitem(self, key: tuple):
+        return self._read(key, lambda k: self.array[k])
+
+    def _oindex(self, key: tuple):
+        return self._read(key, lambda k: self.array.oindex[k])
+
+    def _vindex(self, key: tuple):
+        return self._read(key, lambda k: self.array.vindex[k])
+
+    def _chunks(self, rows: Any) -> list[int]:
+        n, size = self.shape[0], self.store.chunk_size
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(n)
+            if step == 1:
+                return list(range(start // size, -(-stop // size))) if stop > start else []
+            rows = np.arange(start, stop, step)
+        picked = np.asarray(rows).reshape(-1) % max(n, 1)
+        return np.unique(picked // size).tolist()
+
+    def _read(self, key: tuple, read):
+        chunks = self._chunks(key[0] if key else slice(None))
+        for chunk in chunks:
+            if self.done is None or chunk in self.done:
+                problem = self.store.check_chunk_file(self.layer, chunk, checksum=False)
+                if problem:
+                    raise StoreError(f"{problem}; rerun the extraction with the same config")
+        try:
+            return read(key)
+        except StoreError:
+            raise
+        except Exception:
+            for chunk in chunks:  # which one: each touched chunk alone (the error path only)
+                self.store.read_chunk(self.layer, chunk)
+            raise
 
 
 def flatten(da):

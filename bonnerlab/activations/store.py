@@ -5,6 +5,8 @@ Layout of `<store>.zarr/`:
 zarr.json                 group attrs: identity + fingerprint, provenance, chunk size, complete
 stimulus, label, ...      coordinates along `presentation` (written once, at creation; a stimulus
                           sheet's extra columns are typed coordinates too)
+content_hash              a coordinate too: each stimulus's content (blake2b of the file's bytes,
+                          or of the array), written with its chunk
 <layer>/                  one array per layer: (presentation, channel, y, x) or
                           (presentation, neuroid)
 .done/<layer>/<chunk>     a marker per finished chunk, written temp + rename (atomic)
@@ -17,6 +19,12 @@ Why this shape:
 - The store is first built in a temporary folder and renamed into place, so two shards starting at
   once never see (or clobber) a half-made store: one rename wins, the other opens the winner's.
 - No HDF5, no file locks: safe on network filesystems.
+- Every chunk file ends in a crc32c checksum (zarr's codec, with any compression) and is written
+  even when it holds only NaN, so a missing or damaged chunk is found (`verify`, the reader) and
+  rewritten by the next run, never read as NaN.
+- The identity fingerprint decides whether a run may reuse a store; finalizing folds the rows'
+  content hashes into it (`content_sha256`), so a cache keyed by the fingerprint (the analysis
+  Gram) changes when any stimulus did.
 
 The writer side; analysis reads with `bonnerlab.activations.reader`. Nothing here imports torch.
 """
@@ -41,7 +49,11 @@ from bonnerlab.errors import StoreError
 
 PRESENTATION = "presentation"
 COORDS = ("stimulus", "label")
+CONTENT = "content_hash"  # per row: the stimulus's content, written with the row's chunk
 DONE_DIR = ".done"
+# 2: content hashes, crc32c on every chunk, all-NaN chunks written; 1 (no `format`): neither
+FORMAT = 2
+CONTENT_KEY = "content_sha256"  # the identity's part that finalize adds: all rows' content
 
 
 @contextlib.contextmanager
@@ -60,8 +72,28 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def identity_fingerprint(identity: dict[str, Any]) -> str:
+    """The fingerprint a run compares to decide whether it may reuse a store: everything but the
+    rows' content (which finalize adds, and each run checks row by row)."""
+    return fingerprint({k: v for k, v in identity.items() if k != CONTENT_KEY})
+
+
+def stimuli_digest(ids: Sequence[str], coords: dict[str, np.ndarray]) -> str:
+    """sha256 of the stimulus ids in order and the sheet's columns: the identity's
+    `stimuli_sha256`, which `verify` recomputes from the stored coordinates."""
+    h = hashlib.sha256("\n".join(ids).encode())
+    for name, values in sorted(coords.items()):
+        h.update(name.encode())
+        h.update("\n".join(map(str, np.asarray(values).tolist())).encode())
+    return h.hexdigest()
+
+
+def content_digest(hashes: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+
+
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted(set(old) | set(new))
+    keys = sorted((set(old) | set(new)) - {CONTENT_KEY})
     out = []
     for k in keys:
         a, b = old.get(k), new.get(k)
@@ -96,14 +128,14 @@ def shard_chunks(n_chunks: int, shard_index: int, num_shards: int) -> range:
 
 
 class ActivationStore:
-    """Writer side of a store: which chunks are missing, write one chunk, finalize."""
+    """Writer side of a store: which chunks are missing or damaged, write one chunk, finalize."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mode: str = "r+"):
         import zarr
 
         self.path = Path(path)
         with _quiet_zarr():
-            self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
+            self.group = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
         attrs = dict(self.group.attrs)
         if "bonnerlab" not in attrs:
             raise StoreError(f"{self.path} is not a bonnerlab activation store")
@@ -113,15 +145,34 @@ class ActivationStore:
         self.chunk_size: int = int(meta["chunk_size"])
         self.fingerprint: str = meta["fingerprint"]
         self.identity: dict[str, Any] = meta["identity"]
-        self._arrays = {name: self.group[name] for name in self.layers}
+        self.format: int = int(meta.get("format", 1))
+        self.key: str = meta.get("store_id") or self.fingerprint  # this store, not its config
+        self._arrays: dict[str, Any] = {}  # opened when first used
+        self._content = self.group[CONTENT] if (self.path / CONTENT).is_dir() else None
 
     # ------------------------------------------------------------------ chunks and markers
     @property
     def n_chunks(self) -> int:
         return -(-self.n // self.chunk_size)
 
+    @property
+    def has_content(self) -> bool:
+        return self._content is not None
+
     def chunk_slice(self, chunk: int) -> slice:
         return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.n))
+
+    def array(self, name: str) -> Any:
+        """The zarr array of a layer (or coordinate), opened once."""
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
+
+    def chunk_file(self, layer: str, chunk: int) -> Path:
+        array = self.array(layer)
+        return (
+            self.path / layer / array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+        )
 
     def _marker(self, layer: str, chunk: int) -> Path:
         return self.path / DONE_DIR / layer / str(chunk)
@@ -145,11 +196,30 @@ class ActivationStore:
         done = {layer: set(os.listdir(self.path / DONE_DIR / layer)) for layer in self.layers}
         return [c for c in chunks if any(str(c) not in done[layer] for layer in self.layers)]
 
+    def content_hashes(self) -> np.ndarray:
+        """Every row's content hash ("" where none was recorded: not yet written, an unreadable
+        file, or a store written without them)."""
+        if self._content is None:
+            return np.full(self.n, "", dtype=object)
+        return np.asarray(self._content[:], dtype=object)
+
     def write_chunk(
-        self, chunk: int, data: dict[str, np.ndarray], skipped: Sequence[str] = ()
+        self,
+        chunk: int,
+        data: dict[str, np.ndarray],
+        skipped: Sequence[str] = (),
+        content: Sequence[str] | None = None,
+        keep: Sequence[int] = (),
     ) -> None:
-        """Write one chunk of every layer, then mark each one done (temp file + rename)."""
+        """Write one chunk of every layer (its rows' content hashes first), then mark each layer
+        done (temp file + rename). Rows `keep` (positions in the chunk) keep their stored values
+        (`--update`: only the changed rows change). A chunk that is rewritten loses its markers
+        first, so a kill halfway never leaves a marked chunk half old, half new."""
         sl = self.chunk_slice(chunk)
+        for layer in self.layers:
+            self._marker(layer, chunk).unlink(missing_ok=True)
+        if content is not None and self._content is not None:
+            self._content[sl] = np.asarray(list(content), dtype=str)
         payload = json.dumps({"skipped": list(skipped)}) if skipped else ""
         for layer in self.layers:
             values = data[layer]
@@ -158,11 +228,80 @@ class ActivationStore:
                     f"chunk {chunk} of {layer}: {values.shape[0]} rows, "
                     f"expected {sl.stop - sl.start}"
                 )
-            self._arrays[layer][sl] = values
+            if len(keep):
+                values = np.array(values)
+                values[list(keep)] = self.read_chunk(layer, chunk)[list(keep)]
+            self.array(layer)[sl] = values
             marker = self._marker(layer, chunk)
             tmp = marker.with_name(f".{chunk}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             tmp.write_text(payload)
             os.replace(tmp, marker)
+
+    # ------------------------------------------------------------------ damage
+    def _where(self, layer: str, chunk: int) -> str:
+        sl = self.chunk_slice(chunk)
+        return f"{self.path}: layer {layer} chunk {chunk} (rows {sl.start}-{sl.stop - 1})"
+
+    def chunk_skipped(self, chunk: int, layer: str | None = None) -> list[str]:
+        """The stimuli recorded as unreadable in one chunk (its marker); [] if unmarked."""
+        try:
+            text = self._marker(layer or self.layers[0], chunk).read_text()
+        except FileNotFoundError:
+            return []
+        return json.loads(text)["skipped"] if text else []
+
+    def check_chunk_file(self, layer: str, chunk: int, checksum: bool = True) -> str | None:
+        """Why one written chunk file is damaged (missing; its crc32c does not match), or None.
+        Reads the file's bytes (only its presence without `checksum`) but decodes nothing.
+        Format-1 stores have no checksums (and left all-NaN chunks unwritten)."""
+        path = self.chunk_file(layer, chunk)
+        try:
+            data = path.read_bytes() if checksum else b""
+            if not checksum and not path.is_file():
+                raise FileNotFoundError(path)
+        except FileNotFoundError:
+            sl = self.chunk_slice(chunk)
+            if self.format < 2 and len(self.chunk_skipped(chunk, layer)) == sl.stop - sl.start:
+                return None  # every row unreadable: zarr 3 did not write an all-NaN chunk
+            return f"{self._where(layer, chunk)}: its file {path.relative_to(self.path)} is missing"
+        if checksum and self.format >= 2:
+            import google_crc32c
+
+            if len(data) < 4 or np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
+                return f"{self._where(layer, chunk)}: its checksum does not match (damaged file)"
+        return None
+
+    def read_chunk(self, layer: str, chunk: int) -> np.ndarray:
+        """One chunk's values; a StoreError naming the layer and chunk if it cannot be read."""
+        try:
+            return np.asarray(self.array(layer)[self.chunk_slice(chunk)])
+        except Exception as e:  # any codec's error: zstd, blosc, crc32c, a truncated file
+            raise StoreError(
+                f"{self._where(layer, chunk)} cannot be decoded ({_one_line(e)}); "
+                "rerun the extraction with the same config to rewrite it"
+            ) from e
+
+    def damaged_chunks(self, chunks: Iterable[int], workers: int = 4) -> dict[int, str]:
+        """Marked chunks (of `chunks`) whose file in some layer is missing or damaged, with the
+        first problem: what a rerun rewrites. Checksums where the store has them, else a decode."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        def problem(chunk: int) -> str | None:
+            for layer in self.layers:
+                found = self.check_chunk_file(layer, chunk)
+                if found is None and self.format < 2 and self.chunk_file(layer, chunk).is_file():
+                    try:
+                        self.read_chunk(layer, chunk)
+                    except StoreError as e:
+                        found = str(e)
+                if found:
+                    return found
+            return None
+
+        chunks = list(chunks)
+        with ThreadPoolExecutor(max(1, workers)) as pool:  # file reads and crc release the GIL
+            found = list(pool.map(problem, chunks))
+        return {c: p for c, p in zip(chunks, found, strict=True) if p}
 
     def skipped_stimuli(self) -> list[str]:
         """Stimuli that could not be read (their rows are NaN), from the chunk markers."""
@@ -176,9 +315,24 @@ class ActivationStore:
                 out.extend(json.loads(text)["skipped"])
         return out
 
+    def _set_meta(self, **changes: Any) -> None:
+        meta = dict(self.group.attrs["bonnerlab"])
+        meta.update(changes)
+        with _quiet_zarr():
+            self.group.attrs["bonnerlab"] = meta
+
+    def mark_incomplete(self) -> None:
+        """Before rewriting chunks of a finished store (repair, --update): readers see it is not
+        finished until the run finalizes it again."""
+        if self.group.attrs["bonnerlab"].get("complete"):
+            self._set_meta(complete=False)
+
     def finalize(self) -> dict[str, Any]:
-        """Check every chunk of every layer is marked, then consolidate the metadata."""
+        """Check every chunk of every layer is marked and verify the store (chunks decode,
+        checksums, ids, NaN rows), fold the rows' content into the identity, consolidate."""
         import zarr
+
+        from bonnerlab.activations.verify import verify_store
 
         missing = self.missing_chunks()
         if missing:
@@ -186,13 +340,33 @@ class ActivationStore:
                 f"{self.path}: {len(missing)} of {self.n_chunks} chunks not written yet "
                 f"(first missing: {missing[:5]}); run the remaining shards (same config) first"
             )
+        report = verify_store(self)
+        if report["problems"]:
+            raise StoreError(
+                f"{report['problems'][0]} ({len(report['problems'])} problems in all; "
+                "rerun the extraction with the same config to rewrite the damaged chunks)"
+            )
         skipped = self.skipped_stimuli()
-        meta = dict(self.group.attrs["bonnerlab"])
-        meta.update(complete=True, skipped_stimuli=skipped)
+        identity = dict(self.identity)
+        if self.has_content:
+            identity[CONTENT_KEY] = content_digest(self.content_hashes())
+        self.identity, self.fingerprint = identity, fingerprint(identity)
+        self._set_meta(
+            identity=identity, fingerprint=self.fingerprint, complete=True, skipped_stimuli=skipped
+        )
         with _quiet_zarr():
-            self.group.attrs["bonnerlab"] = meta
             zarr.consolidate_metadata(str(self.path), zarr_format=3)
-        return {"store": str(self.path), "chunks": self.n_chunks, "skipped": len(skipped)}
+        return {
+            "store": str(self.path),
+            "chunks": self.n_chunks,
+            "skipped": len(skipped),
+            "verify_seconds": report["seconds"],
+        }
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def open_store(
@@ -207,15 +381,21 @@ def open_store(
     overwrite: bool = False,
     compression: str = "zstd",
     coords: dict[str, np.ndarray] | None = None,
+    replace: str | None = None,
 ) -> tuple[ActivationStore, str]:
     """Open the store at `path` for writing, creating it if needed.
 
-    Returns the store and what happened: "created", "reused" (same fingerprint: resume or no-op)
-    or "replaced" (different fingerprint and `overwrite`). A store made with a different identity
-    is refused unless `overwrite`; a path that is not a zarr store is never touched.
+    Returns the store and what happened: "created", "reused" (same identity: resume or no-op)
+    or "replaced" (different identity and `overwrite`, an older format and `overwrite`, or the
+    store whose `key` is `replace`: one whose stimuli changed). A store made with a different
+    identity is refused unless `overwrite`; a path that is not a zarr store is never touched.
     """
     path = Path(path)
-    fp = fingerprint(identity)
+    fp = identity_fingerprint(identity)
+    coord_names = (*COORDS, CONTENT, *(coords or {}))
+    names = [spec.name for spec in layers]
+    if set(names) & set(coord_names) or len(set(names)) != len(names) or not names:
+        raise StoreError(f"layer names must be unique and not {coord_names}; got {names}")
     for _attempt in range(3):
         if path.exists():
             existing = _read_meta(path)
@@ -223,9 +403,17 @@ def open_store(
                 raise StoreError(
                     f"{path} exists and is not an activation store; choose another output path"
                 )
-            if existing.get("fingerprint") == fp:
+            old_format = int(existing.get("format", 1)) < FORMAT
+            same = identity_fingerprint(existing.get("identity", {})) == fp
+            mine = replace is not None and (existing.get("store_id") or "") == replace
+            if same and not old_format and not mine:
                 return ActivationStore(path), "reused"
-            if not overwrite:
+            if old_format and not overwrite:
+                raise StoreError(
+                    f"{path} was made by an older bonnerlab (no content hashes or checksums); "
+                    "pass --overwrite to extract it again, or choose another output path"
+                )
+            if not same and not overwrite:
                 diff = _differences(existing.get("identity", {}), identity)
                 raise StoreError(
                     f"{path} was made with a different config "
@@ -240,29 +428,33 @@ def open_store(
             except FileNotFoundError:
                 continue
             shutil.rmtree(aside, ignore_errors=True)
-            overwrite = False  # the old one is gone; a store that appears now is a sibling shard's
+            # the old one is gone; a store that appears now is a sibling shard's
+            overwrite, replace = False, None
             outcome = "replaced"
         else:
             outcome = "created"
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-        _create(
-            tmp,
-            fp,
-            identity,
-            layers,
-            stimuli,
-            labels,
-            chunk_size,
-            attrs or {},
-            compression,
-            coords or {},
-        )
         try:
+            _create(
+                tmp,
+                fingerprint(identity),
+                identity,
+                layers,
+                stimuli,
+                labels,
+                chunk_size,
+                attrs or {},
+                compression,
+                coords or {},
+            )
             os.rename(tmp, path)
         except OSError:
             # Another shard renamed its store into place first; use that one if it matches.
             shutil.rmtree(tmp, ignore_errors=True)
             continue
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-made store behind
+            raise
         return ActivationStore(path), outcome
     raise StoreError(f"{path}: could not create the store (other jobs keep replacing it)")
 
@@ -278,15 +470,17 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return meta.get("attributes", {}).get("bonnerlab")
 
 
-def _compressors(name: str) -> Any:
-    from zarr.codecs import BloscCodec, ZstdCodec
+def _compressors(name: str) -> list[Any]:
+    """The bytes codecs of a layer's chunks: the compression, then a crc32c checksum (always:
+    `verify`, the reader and a rerun find a damaged chunk by it)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     if name == "none":
-        return None
+        return [Crc32cCodec()]
     if name == "zstd":
-        return ZstdCodec(level=1)
+        return [ZstdCodec(level=1), Crc32cCodec()]
     if name == "lz4":
-        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+        return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
     raise StoreError(f"compression must be none, zstd or lz4; got {name!r}")
 
 
@@ -303,18 +497,21 @@ def _create(
     coords: dict[str, np.ndarray],
 ) -> None:
     import zarr
+    from zarr.codecs import Crc32cCodec
 
     names = [spec.name for spec in layers]
-    coord_names = (*COORDS, *coords)
-    clash = set(names) & set(coord_names)
-    if clash or len(set(names)) != len(names) or not names:
-        raise StoreError(f"layer names must be unique and not {coord_names}; got {names}")
+    coord_names = (*COORDS, CONTENT, *coords)
     n = len(stimuli)
+    # every chunk file is written, NaN-only ones too: a missing file is then always damage
+    always = {"write_empty_chunks": True}
+    whole = {"chunks": (max(n, 1),), "dimension_names": [PRESENTATION]}
     with _quiet_zarr():
         group = zarr.open_group(str(path), mode="w-", zarr_format=3)
         group.attrs["bonnerlab"] = {
             "fingerprint": fp,
             "identity": identity,
+            "format": FORMAT,
+            "store_id": uuid.uuid4().hex,
             "layers": names,
             "n_presentations": n,
             "chunk_size": chunk_size,
@@ -323,25 +520,29 @@ def _create(
             **attrs,
         }
         stim = group.create_array(
-            "stimulus", shape=(n,), dtype=str, chunks=(max(n, 1),), dimension_names=[PRESENTATION]
+            "stimulus", shape=(n,), dtype=str, compressors=[Crc32cCodec()], **whole
         )
         stim[:] = np.asarray(list(stimuli), dtype=str)
         lab = group.create_array(
-            "label",
-            shape=(n,),
-            dtype="int64",
-            chunks=(max(n, 1),),
-            dimension_names=[PRESENTATION],
-            fill_value=-1,
+            "label", shape=(n,), dtype="int64", fill_value=-1, compressors=[Crc32cCodec()], **whole
         )
         lab[:] = np.asarray(list(labels) if labels is not None else [-1] * n, dtype=np.int64)
         for name, values in coords.items():  # sheet columns: typed coordinates on presentation
             values = np.asarray(values)
             dtype = str if values.dtype.kind in "OUS" else values.dtype
             arr = group.create_array(
-                name, shape=(n,), dtype=dtype, chunks=(max(n, 1),), dimension_names=[PRESENTATION]
+                name, shape=(n,), dtype=dtype, compressors=[Crc32cCodec()], **whole
             )
             arr[:] = values.astype(str) if dtype is str else values
+        group.create_array(  # filled chunk by chunk, with the activations
+            CONTENT,
+            shape=(n,),
+            dtype=str,
+            chunks=(chunk_size,),
+            dimension_names=[PRESENTATION],
+            compressors=[Crc32cCodec()],
+            config=always,
+        )
         for spec in layers:
             group.create_array(
                 spec.name,
@@ -352,6 +553,7 @@ def _create(
                 compressors=_compressors(compression),
                 fill_value=np.nan,
                 attributes={"coordinates": " ".join(coord_names), **spec.attrs},
+                config=always,
             )
             (path / DONE_DIR / spec.name).mkdir(parents=True)
 

@@ -12,6 +12,11 @@ pooling, projection) and `activations` (the store, resume markers, shards).
 - resume and shards: the store marks each finished chunk; a restarted job (or shard
   `shard_index` of `num_shards`) only computes its unmarked chunks. Batches are the store's
   chunks, so a redone chunk sees exactly the same inputs and gives the same bits.
+- before writing, a run checks the rows its chunks already hold (`plan_work`): their files are
+  hashed again (bytes only, in threads) against the store's content hashes, and their chunk files
+  against their checksums. A changed stimulus is refused unless --update (only the chunks holding
+  changed rows are computed again, and only those rows change) or --overwrite; a damaged chunk is
+  simply computed again.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from bonnerlab import distributed as dist
 from bonnerlab.activations.store import LayerSpec, open_store, shard_chunks
 from bonnerlab.config import ExtractConfig, default_store_name, layer_options
 from bonnerlab.data.loaders import resolve_workers
-from bonnerlab.errors import ConfigError, DataError, DiskSpaceError, UserError
+from bonnerlab.errors import ConfigError, DataError, DiskSpaceError, StoreError, UserError
 from bonnerlab.extract.capture import (
     Capture,
     LayerPlan,
@@ -44,7 +49,7 @@ from bonnerlab.extract.capture import (
     split_layer,
 )
 from bonnerlab.extract.provenance import provenance
-from bonnerlab.extract.stimuli import Stimuli, iter_batches, load_stimuli
+from bonnerlab.extract.stimuli import Stimuli, content_hashes, iter_batches, load_stimuli
 from bonnerlab.extract.writer import ChunkWriter
 from bonnerlab.models.preprocess import PreprocessSpec, resolve_preprocess
 from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
@@ -215,6 +220,55 @@ def _return_large_buffers_to_os(threshold: int = 16 << 20) -> None:
         pass
 
 
+@dataclass
+class Work:
+    """What a run computes: chunks to (re)write, and for --update the rows of each that keep
+    their stored values."""
+
+    todo: list[int]
+    keep: dict[int, list[int]]
+    changed: list[str]  # stimuli whose content changed since their rows were written
+    damaged: dict[int, str]  # chunk -> its first problem (missing or damaged file)
+    check_seconds: float  # the hash pass over the written rows and the checksum pass
+    replace: bool = False  # --overwrite with changed stimuli: the store is started over
+
+
+def plan_work(
+    cfg: ExtractConfig, store: Any, stimuli: Stimuli, chunks: range, workers: int
+) -> Work:
+    """This run's chunks: the unmarked ones, the damaged ones, and (with --update) those holding
+    a stimulus whose content changed. A changed stimulus without --update or --overwrite is one
+    line naming it, before anything is written."""
+    t0 = time.perf_counter()
+    missing = store.missing_chunks(chunks)
+    done = [c for c in chunks if c not in set(missing)]
+    rows = [i for c in done for i in range(store.chunk_slice(c).start, store.chunk_slice(c).stop)]
+    stored = store.content_hashes()
+    now = content_hashes(stimuli, rows, workers)
+    changed = [i for i, h in zip(rows, now, strict=True) if stored[i] != h]
+    if changed and not (cfg.update or cfg.overwrite):
+        more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise StoreError(
+            f"{store.path}: stimulus {stimuli.ids[changed[0]]!r} changed since it was extracted "
+            f"(its content differs{more}); pass --update to extract only the changed stimuli "
+            "again, or --overwrite to start the store over"
+        )
+    if changed and cfg.overwrite:
+        return Work([], {}, [stimuli.ids[i] for i in changed], {}, 0.0, replace=True)
+    damaged = store.damaged_chunks(done, workers)
+    by_chunk: dict[int, set[int]] = {}
+    for i in changed:
+        by_chunk.setdefault(i // store.chunk_size, set()).add(i)
+    keep: dict[int, list[int]] = {}  # --update: the other rows keep their bits (damaged: none)
+    for c, rows_changed in by_chunk.items():
+        if c not in damaged:
+            sl = store.chunk_slice(c)
+            keep[c] = [i - sl.start for i in range(sl.start, sl.stop) if i not in rows_changed]
+    todo = sorted({*missing, *damaged, *by_chunk})
+    changed_ids = [stimuli.ids[i] for i in changed]
+    return Work(todo, keep, changed_ids, damaged, time.perf_counter() - t0)
+
+
 def storage_dtype(cfg: ExtractConfig, precision: Precision) -> str:
     """`dtype auto`: float16 when AMP computes in float16 (storing it loses nothing and halves
     the store), else float32 (numpy has no bfloat16, and bfloat16 values can exceed float16's
@@ -252,24 +306,39 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     if not output.exists():
         check_disk_space(output, plan.total_bytes)
     output.parent.mkdir(parents=True, exist_ok=True)
-    store, outcome = open_store(
-        output,
-        identity=identity,
-        layers=plan.specs,
-        stimuli=stimuli.ids,
-        labels=stimuli.labels,
-        chunk_size=cfg.batch_size,
-        attrs=attrs,
-        overwrite=cfg.overwrite,
-        compression=cfg.compression,
-        coords=stimuli.coords,
-    )
-    todo = store.missing_chunks(shard_chunks(store.n_chunks, cfg.shard_index, cfg.num_shards))
+
+    def open_output(replace: str | None = None) -> tuple[Any, str]:
+        return open_store(
+            output,
+            identity=identity,
+            layers=plan.specs,
+            stimuli=stimuli.ids,
+            labels=stimuli.labels,
+            chunk_size=cfg.batch_size,
+            attrs=attrs,
+            overwrite=cfg.overwrite,
+            compression=cfg.compression,
+            coords=stimuli.coords,
+            replace=replace,
+        )
+
+    store, outcome = open_output()
+    workers = max(1, resolve_workers(cfg.num_workers))
+    chunks = shard_chunks(store.n_chunks, cfg.shard_index, cfg.num_shards)
+    work = plan_work(cfg, store, stimuli, chunks, workers)
+    if work.replace:  # --overwrite and a stimulus changed: start over
+        changed = work.changed
+        store, outcome = open_output(replace=store.key)
+        work = plan_work(cfg, store, stimuli, chunks, workers)
+        work.changed = changed
+    todo = work.todo
+    if set(todo) - set(store.missing_chunks(todo)):
+        store.mark_incomplete()  # rewriting finished chunks: not finished until finalized again
     store.clear_partial_writes(todo)  # a kill mid-write leaves zarr's temp files behind
     rows = [range(store.chunk_slice(c).start, store.chunk_slice(c).stop) for c in todo]
     t0, cpu0 = time.perf_counter(), time.process_time()
     n_skipped = run_batches(
-        cfg, model, plan, pre, stimuli, store, todo, rows, device, precision, output.name
+        cfg, model, plan, pre, stimuli, store, todo, rows, device, precision, output.name, work.keep
     )
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
@@ -283,6 +352,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         "n_stimuli": len(stimuli.ids),
         "images": n_images,
         "chunks_written": len(todo),
+        "changed": len(work.changed),
+        "repaired": len(work.damaged),
+        "check_seconds": work.check_seconds,
         "skipped": n_skipped,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # this process, all threads (the writer's too); not the workers
@@ -314,6 +386,7 @@ def run_batches(
     device: torch.device,
     precision: Precision,
     label: str,
+    keep: dict[int, list[int]] | None = None,
 ) -> int:
     """Forward each unfinished chunk and hand its captures to the writer; returns skipped images."""
     from tqdm import tqdm
@@ -352,8 +425,9 @@ def run_batches(
                 resolve_workers(cfg.num_workers),
                 device.type == "cuda",
                 in_workers,
+                cfg.max_image_pixels,
             )
-            for step, (chunk, r, (images, bad, errors)) in enumerate(
+            for step, (chunk, r, (images, bad, errors, hashes)) in enumerate(
                 zip(todo, rows, batches, strict=True)
             ):
                 if bad and not cfg.skip_bad_images:
@@ -366,7 +440,15 @@ def run_batches(
                 data = {name: t.numpy() for name, t in outputs.items()}  # views of the slot buffers
                 skipped = [stimuli.ids[r.start + i] for i in bad]
                 n_skipped += len(skipped)
-                writer.put(chunk, data, skipped, ready=capture.ready, bad=list(bad))
+                writer.put(
+                    chunk,
+                    data,
+                    skipped,
+                    ready=capture.ready,
+                    bad=list(bad),
+                    content=hashes,
+                    keep=(keep or {}).get(chunk, []),
+                )
                 bar.update(len(r))
     finally:
         bar.close()

@@ -34,13 +34,13 @@ class ChunkWriter:
                 return
             if self.error is None:
                 try:
-                    chunk, data, skipped, ready, bad = item
+                    chunk, data, skipped, ready, bad, content, keep = item
                     if ready is not None:
                         ready.synchronize()  # the device-to-host copies of this batch have landed
                     for values in data.values():
                         if bad:
                             values[bad] = np.nan
-                    self.store.write_chunk(chunk, data, skipped)
+                    self.store.write_chunk(chunk, data, skipped, content, keep)
                 except BaseException as e:  # reported to the main thread
                     self.error = e
             self.free.release()
@@ -57,9 +57,12 @@ class ChunkWriter:
         skipped: list[str],
         ready: torch.cuda.Event | None = None,
         bad: list[int] | None = None,
+        content: list[str] | None = None,
+        keep: list[int] | None = None,
     ) -> None:
-        """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread."""
-        self.queue.put((chunk, data, skipped, ready, bad or []))
+        """Queue a chunk; `ready` (CUDA) is waited for and rows `bad` set to NaN on the thread;
+        `content` is its rows' content hashes, `keep` the rows that keep their stored values."""
+        self.queue.put((chunk, data, skipped, ready, bad or [], content, keep or []))
 
     def close(self) -> None:
         self.queue.put(None)

@@ -50,7 +50,11 @@ def _make(path: Path, identity: dict | None = None, overwrite: bool = False):
 
 
 def _fill(store: ActivationStore, chunks=None, skipped=None) -> None:
+    """Write `chunks` of `_full()`; a skipped stimulus's rows are NaN, as the extraction writes."""
     full = _full()
+    for name in (skipped or {}).values():
+        for v in full.values():
+            v[[STIMULI.index(s) for s in name]] = np.nan
     for c in range(store.n_chunks) if chunks is None else chunks:
         sl = store.chunk_slice(c)
         store.write_chunk(c, {k: v[sl] for k, v in full.items()}, (skipped or {}).get(c, []))
