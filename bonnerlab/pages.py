@@ -45,6 +45,7 @@ th { background: #f0f0f0; cursor: pointer; }
 th[data-order="asc"]::after { content: " ▲"; } th[data-order="desc"]::after { content: " ▼"; }
 td.text { text-align: left; } tr.best { background: #e8f5e9; } tr.failed { background: #ffebee; }
 img { max-width: 100%; border: 1px solid #eee; } code { white-space: pre-wrap; }
+p.note { color: #8a4b00; }
 """
 
 

@@ -572,7 +572,6 @@ def submit_tasks(sub: Submission) -> list[Task]:
     # what runs is what the checkout holds now (checked against the size cap before anything is
     # written); an unchanged checkout reuses its snapshot
     code_dir = snapshot_code(paths.code)
-    setup = job_setup_lines(sub.slurm, code_dir)
     write_git_info(folder)  # once; every task folder gets a copy
     job_cfgs = []
     for t in sub.tasks:
@@ -594,21 +593,13 @@ def submit_tasks(sub: Submission) -> list[Task]:
         )
         job_cfgs.append(job_cfg)
 
-    if sub.dry_run:
-        script = sbatch_script(
-            with_dependency(sub.slurm, sub.after),
-            paths.logs,
-            sub.job_name,
-            setup,
-            array=min(len(sub.tasks), _max_array_size_or_default()) if sub.array else None,
-        )
-        keep_previous(paths.submit_sh)
-        paths.submit_sh.write_text(script)
-        return sub.tasks
-
     by_request: dict[str, list[tuple[Task, Any]]] = {}
     for t, job_cfg in zip(sub.tasks, job_cfgs, strict=True):
         by_request.setdefault(_request_key(t.slurm or sub.slurm), []).append((t, job_cfg))
+    if sub.dry_run:
+        _write_dry_run(sub, paths, code_dir, {k: requests[k] for k in by_request}, by_request)
+        return sub.tasks
+
     per_array = (
         (slurm_cli.max_array_size() if sub.slurm.cluster == "slurm" else len(sub.tasks))
         if sub.array
@@ -637,6 +628,33 @@ def submit_tasks(sub: Submission) -> list[Task]:
                     jobs = [executor.submit(jobs_fn[0])]
             _record(sub, paths, [t for t, _ in chunk], jobs)
     return sub.tasks
+
+
+def _write_dry_run(
+    sub: Submission,
+    paths: SweepPaths,
+    code_dir: Path,
+    requests: dict[str, SlurmConfig],
+    groups: dict[str, list[tuple[Task, Any]]],
+) -> None:
+    """submit.sh as sbatch would get it, submitting nothing: one script per request (a retry
+    whose out-of-memory tasks ask for more memory is a second array), one after the other."""
+    scripts = []
+    for n, (key, group) in enumerate(groups.items(), 1):
+        request = requests[key]
+        script = sbatch_script(
+            with_dependency(request, sub.after),
+            paths.logs,
+            sub.job_name,
+            job_setup_lines(request, code_dir),
+            array=min(len(group), _max_array_size_or_default()) if sub.array else None,
+        )
+        if len(groups) > 1:
+            tasks = ", ".join(str(t.index) for t, _ in group)
+            script = f"# ---- sbatch script {n} of {len(groups)}: tasks {tasks}\n{script}"
+        scripts.append(script)
+    keep_previous(paths.submit_sh)
+    paths.submit_sh.write_text("\n".join(scripts))
 
 
 def _record(sub: Submission, paths: SweepPaths, tasks: list[Task], jobs: list[Any]) -> None:

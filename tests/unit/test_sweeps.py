@@ -318,3 +318,57 @@ def test_status_of_every_folder_under_runs_root(tmp_path):
     assert table["job"].tolist() == ["train", "train sweep"]
     assert table["states"].tolist() == ["DONE 1", "RUNNING 1 · DONE 1 · FAILED 1"]
     assert table["best_val_acc"].tolist()[0] == 0.75 and table["tasks"].tolist() == [1, 3]
+
+
+OOM_LOG = """slurmstepd: error: Detected 1 oom_kill event in StepId=100.batch. Some of the step
+tasks have been OOM Killed.
+srun: error: node: task 0: Out Of Memory
+"""
+
+
+def test_out_of_memory_task_is_retried_with_more_memory_and_its_old_request_is_kept(tmp_path):
+    """The retry-with-more-memory rule without SLURM (with it: tests/slurm/test_cluster_slurm.py's
+    out-of-memory test): the request the task ran out of memory with, times the factor, written
+    into the array script as sbatch reads it; the code error beside it is left alone."""
+    import yaml
+
+    from bonnerlab.cluster.sweeps import plan_retry
+    from bonnerlab.config import to_dict
+
+    sweep = tmp_path / "sweep"
+    fake_sweep(sweep, ["FAILED", "FAILED"])
+    error_log(sweep / "logs", "100", OOM_LOG)
+    error_log(sweep / "logs", "101", TRACEBACK)
+    first = {**to_dict(SlurmConfig(cluster="local", mem_gb=1.2)), "submitted": {"retries": 0}}
+    (sweep / "task-000" / "slurm.yaml").write_text(yaml.safe_dump(first))
+
+    _, _, plan = plan_retry(sweep, mem_factor=2.0)
+    assert [t.index for t in plan.tasks] == [0]
+    assert plan.tasks[0].slurm.mem_gb == pytest.approx(1.2 * 2.0)
+    assert plan.changes == ["task 0: out of memory, now mem_gb 2.4"]
+    assert plan.notes[0].startswith("task 1: error (ValueError: data.root /nope")
+    _, _, plan = plan_retry(sweep, mem_factor=1.5)
+    assert plan.tasks[0].slurm.mem_gb == pytest.approx(1.8)
+
+    retry_sweep(sweep, mem_factor=2.0, dry_run=True)
+    # 2.4 GB is not a whole number of GB: sbatch gets MB (int(2.4 * 1024))
+    assert "#SBATCH --mem=2457MB" in (sweep / "submit.sh").read_text()
+    now = yaml.safe_load((sweep / "task-000" / "slurm.yaml").read_text())
+    assert now["mem_gb"] == 2.4 and now["submitted"]["retries"] == 1
+    # the request it ran out of memory with is kept beside the new one
+    assert yaml.safe_load((sweep / "task-000" / "slurm.1.yaml").read_text()) == first
+    # out of memory again: twice as much again, and the first retry's script is kept
+    write_state(sweep / "task-000", "FAILED")
+    retry_sweep(sweep, mem_factor=2.0, dry_run=True)
+    assert "#SBATCH --mem=2457MB" in (sweep / "submit.1.sh").read_text()
+    assert "#SBATCH --mem=4915MB" in (sweep / "submit.sh").read_text()
+    assert yaml.safe_load((sweep / "task-000" / "slurm.2.yaml").read_text())["mem_gb"] == 2.4
+
+    # with the code error retried too, the dry run shows both arrays: each with its own request
+    write_state(sweep / "task-000", "FAILED")
+    retry_sweep(sweep, retry_failed=True, mem_factor=2.0, dry_run=True)
+    first_script, second_script = (sweep / "submit.sh").read_text().split("# ---- ")[1:]
+    assert first_script.startswith("sbatch script 1 of 2: tasks 0\n")
+    assert "#SBATCH --mem=9830MB" in first_script and "#SBATCH --array=0-0%1" in first_script
+    assert second_script.startswith("sbatch script 2 of 2: tasks 1\n")
+    assert "--mem" not in second_script  # the sweep's own request: the partition's default
