@@ -40,12 +40,39 @@ from bonnerlab.cluster.registry import JOBS, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
 from bonnerlab.config.cluster import control_character
 from bonnerlab.errors import ClusterError
-from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, load_yaml_if_exists, write_git_info
+from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, write_git_info
 
 
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ClusterError(message)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """A YAML file the launcher wrote (slurm.yaml, sweep.yaml): None when there is none, one line
+    (ClusterError) when it is cut short, edited into invalid YAML or holds no mapping."""
+    import yaml
+
+    from bonnerlab.config.core import parse_yaml, yaml_error
+
+    if not path.exists():
+        return None
+    try:
+        data = parse_yaml(path.read_text(errors="replace"))
+    except yaml.YAMLError as e:
+        raise ClusterError(f"{path} is not valid YAML ({yaml_error(e)}): fix or remove it") from e
+    _check(
+        isinstance(data, dict | None),
+        f"{path} holds no mapping of keys (a {type(data).__name__}): fix or remove it",
+    )
+    return data or {}
+
+
+def submitted_record(data: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    """slurm.yaml's `submitted` record, checked to be a mapping."""
+    record = (data or {}).get("submitted") or {}
+    _check(isinstance(record, dict), f"{path}: `submitted` is not a mapping: fix or remove it")
+    return record
 
 
 def spec_of(kind: str) -> JobSpec:
@@ -121,7 +148,8 @@ def dependency_ids(after: str) -> list[str]:
     path = Path(after)
     _check(path.is_dir(), f"--after {after}: neither a job id (1234) nor a run or sweep folder")
     if folder_kind(path) == "run":
-        submitted = (load_yaml_if_exists(RunPaths(path).slurm_yaml) or {}).get("submitted", {})
+        slurm_yaml = RunPaths(path).slurm_yaml
+        submitted = submitted_record(read_record(slurm_yaml), slurm_yaml)
         ids = [str(submitted["job_id"])] if submitted.get("job_id") else []
     else:
         ids = [str(r["job_id"]) for r in read_manifest(path) if r.get("job_id")]
@@ -484,8 +512,8 @@ def write_run_description(
 
 def update_slurm_yaml(run_dir: Path, values: dict[str, Any]) -> None:
     path = RunPaths(run_dir).slurm_yaml
-    data = load_yaml_if_exists(path) or {}
-    data.setdefault("submitted", {}).update(values)
+    data = read_record(path) or {}
+    data["submitted"] = {**submitted_record(data, path), **values}
     path.write_text(yaml_text(data))
 
 

@@ -48,14 +48,16 @@ from bonnerlab.cluster.submit import (
     Task,
     check_folder_text,
     chunks,
+    read_record,
     spec_of,
     submit_tasks,
+    submitted_record,
     yaml_text,
 )
 from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, load_yaml, to_dict
 from bonnerlab.config.core import DuplicateKeyError, parse_yaml, yaml_error
 from bonnerlab.errors import ClusterError, ConfigError
-from bonnerlab.runs import RunPaths, SweepPaths, load_yaml_if_exists
+from bonnerlab.runs import RunPaths, SweepPaths
 
 # status is bonnerlab/cluster/status.py's; these names stay importable from here for analysis
 # scripts
@@ -241,7 +243,7 @@ def submit_sweep(
             "unfinished tasks, or choose another --sweep_dir"
         )
     if exists:
-        saved = read_sweep_yaml(sweep_dir)
+        saved = read_record(paths.sweep_yaml) or read_sweep_yaml(sweep_dir)
         if points_of(saved) != points:
             raise ClusterError(
                 f"sweep folder {sweep_dir} was made with other points; use its own --sweep flags"
@@ -290,8 +292,9 @@ def _what_was_submitted(
 ) -> tuple[str, SlurmConfig, Any, list]:
     """(job kind, SLURM request, base config, points) a sweep or run folder was submitted with."""
     if folder_kind(path) == "run":
-        data = load_yaml_if_exists(RunPaths(path).slurm_yaml)
-        if not data or not data.get("submitted", {}).get("job"):
+        slurm_yaml = RunPaths(path).slurm_yaml
+        data = read_record(slurm_yaml)
+        if not data or not submitted_record(data, slurm_yaml).get("job"):
             raise ClusterError(
                 f"--resume: {path} was not submitted by jobs/launch.py (no slurm.yaml)"
             )
@@ -301,7 +304,7 @@ def _what_was_submitted(
             load_yaml(RunPaths(path).config_yaml),
         )
         return kind, from_dict(SlurmConfig, data), cfg, [{}]
-    saved = read_sweep_yaml(path)
+    saved = read_record(SweepPaths(path).sweep_yaml) or read_sweep_yaml(path)
     if points is not None and points != points_of(saved):
         raise ClusterError(
             f"--resume: {path} was made with other points ({points_of(saved)}); "
@@ -373,7 +376,7 @@ def _more_memory(
     run_dir: Path, base: SlurmConfig, row: dict[str, Any], factor: float
 ) -> SlurmConfig:
     """The request the task ran out of memory with, times `factor`."""
-    had = (load_yaml_if_exists(RunPaths(run_dir).slurm_yaml) or {}).get("mem_gb", 0) or base.mem_gb
+    had = (read_record(RunPaths(run_dir).slurm_yaml) or {}).get("mem_gb", 0) or base.mem_gb
     if not had:
         info = slurm_cli.query([row["job_id"]]).get(row["job_id"]) if row["job_id"] else None
         had = (info.mem_mb / 1024) if info and info.mem_mb else 0

@@ -232,3 +232,32 @@ def test_the_hostile_golden_script_runs_no_injected_command(tmp_path):
     directives = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --job-name='x; touch INJECTED #'" in directives
     assert "#SBATCH --qos='$(touch INJECTED)'" in directives
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "cluster: slurm\nsubmitted: {job: train, job_id: 12",
+            "is not valid YAML (did not find expected",
+        ),
+        ("- just\n- a list\n", "holds no mapping of keys (a list)"),
+        ("submitted: [1, 2]\n", "`submitted` is not a mapping"),
+        ("submitted:\n  job: train\n  job: evaluate\n", "key 'job' given twice (lines 2 and 3)"),
+    ],
+)
+def test_a_malformed_slurm_yaml_is_one_line_for_after_and_resume(tmp_path, text, message):
+    """A slurm.yaml cut short by a full disk or edited by hand: --after and --resume name the file
+    in one line instead of a traceback from deep inside PyYAML."""
+    from bonnerlab.cluster.submit import dependency_ids
+    from bonnerlab.cluster.sweeps import plan_retry
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "slurm.yaml").write_text(text)
+    for call in (lambda: dependency_ids(str(run)), lambda: plan_retry(run)):
+        with pytest.raises(ClusterError) as e:
+            call()
+        assert str(e.value).startswith(f"{run / 'slurm.yaml'}") and message in str(e.value)
+        assert "\n" not in str(e.value)
