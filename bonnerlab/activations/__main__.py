@@ -1,4 +1,4 @@
-"""`python -m bonnerlab.activations {finalize,info,layers} STORE`."""
+"""`python -m bonnerlab.activations {finalize,info,layers,verify} STORE`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from bonnerlab.activations.reader import store_info, stored_layers
 from bonnerlab.activations.store import finalize
-from bonnerlab.errors import UserError
+from bonnerlab.activations.verify import verify
+from bonnerlab.errors import StoreError, UserError
 
 
 @dataclass
@@ -24,6 +25,8 @@ COMMANDS = {
     "finalize": "mark a store complete once every chunk is written (what the last shard does)",
     "info": "the store's metadata as JSON: stimuli, layers, shapes, whether it is complete",
     "layers": "the names of the layers it holds, one a line",
+    "verify": "read every chunk: present, checksum, decodes; lengths, unique ids in order, NaN "
+    "only in skipped rows (a JSON report; exit 2 and the first problem when damaged)",
 }
 
 
@@ -52,6 +55,14 @@ def main(argv: list[str]) -> int:
             print(json.dumps(finalize(cfg.store)))
         elif command == "layers":
             print("\n".join(stored_layers(cfg.store)))
+        elif command == "verify":
+            report = verify(cfg.store)
+            print(json.dumps(report, indent=1))
+            if report["problems"]:
+                raise StoreError(
+                    f"{report['problems'][0]} ({report['n_problems']} problems in all; rerun "
+                    "the extraction with the same config to rewrite the damaged chunks)"
+                )
         else:
             info = store_info(cfg.store)
             print(

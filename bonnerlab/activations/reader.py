@@ -87,7 +87,14 @@ def open_activations(
         )
     ds[layer] = _checked(ds[layer].variable, ActivationStore(path, mode="r"), layer, complete)
     da = ds[layer]
-    da = da.assign_coords(stimulus=da["stimulus"].astype(object))
+    # zarr reads strings as numpy's StringDType, which `.astype(str)` cannot take: plain objects
+    da = da.assign_coords(
+        {
+            name: c.astype(object)
+            for name, c in da.coords.items()
+            if c.dtype.kind == "T" or name == "stimulus"
+        }
+    )
     provenance = {k: v for k, v in meta.items() if k not in ("identity", "layers")}
     da.attrs = {**provenance, **da.attrs}
     skipped = meta.get("skipped_stimuli") or []
