@@ -35,7 +35,11 @@ from bonnerlab.errors import AnalysisError, UserError
 from bonnerlab.runs import atomic_write_bytes
 
 CACHE_FORMAT = 1  # bump when what a cache file holds changes: older files are rebuilt
-SUB_BLOCK_BYTES = 32 * 2**20  # float32 columns handed to BLAS at once (past ~1k columns, as fast)
+# float32 columns handed to BLAS at once: ssyrk runs as fast from ~512 columns as from 8k
+# (n = 5,000, OpenBLAS), so a small block leaves the memory to wider panels (fewer passes)
+SUB_BLOCK_BYTES = 32 * 2**20
+MIN_SUB_COLS = 512
+READ_CHUNKS = 4  # row chunks per store read: zarr decodes them in parallel (1.4x on 2 cores)
 
 
 @dataclass
@@ -197,63 +201,139 @@ def _save_cache(path, fingerprint, layer, gram, sums, p, stimulus) -> None:
 
 
 def _read_block(da, rows: slice, cols: slice) -> np.ndarray:
-    """One row chunk of a panel: the store decodes the whole chunk, we keep `cols`."""
+    """Rows of a panel: the store decodes every chunk the rows and `cols` touch (zarr decodes
+    the chunks of one read in parallel threads), we keep `cols`."""
     return np.asarray(da[rows, cols].values)
 
 
-def plan_panels(n: int, shape: tuple[int, ...], itemsize: int, chunk: int, memory_gb: float):
-    """How many indices of the first feature dim one panel holds, within `memory_gb` after the
-    float64 Gram, its float32 accumulator, one float32 sub-block and one decoded row chunk; and
-    how many columns a sub-block (the float32 copy BLAS gets) holds."""
+@dataclass(frozen=True)
+class Plan:
+    """How one layer is streamed (plan_panels)."""
+
+    step: int  # indices of the first feature dim in one panel
+    sub_cols: int  # float32 columns handed to BLAS in one call
+    read_chunks: int  # row chunks per store read
+
+
+def feature_chunk(da) -> int:
+    """How many indices of the first feature dim one store chunk spans: the whole dim for
+    stores chunked by rows only (every read decodes whole rows), fewer when the layer is also
+    chunked (or sharded into inner chunks) along its features."""
+    chunks = da.encoding.get("chunks") or ()
+    return int(chunks[1]) if len(chunks) > 1 else int(da.shape[1])
+
+
+def plan_panels(
+    n: int,
+    shape: tuple[int, ...],
+    itemsize: int,
+    chunk: int,
+    memory_gb: float,
+    feature_chunk: int | None = None,
+) -> Plan:
+    """Panels as wide as `memory_gb` allows after the float64 Gram and its float32 partial
+    (12 n^2 bytes), the float32 block BLAS gets and its conversion scratch, and the store's
+    decoded and compressed row chunks; panel edges fall on the store's feature chunks, so a
+    store chunked along features is decoded once whatever the number of panels."""
     inner = math.prod(shape[1:])
     p = shape[0] * inner
-    sub = int(min(SUB_BLOCK_BYTES, memory_gb * 2**30 / 8, 4 * n * p))
-    sub_cols = max(256, sub // (4 * max(n, 1)))
-    fixed = 12 * n * n + sub + 2 * chunk * p * itemsize
-    room = memory_gb * 2**30 - fixed
-    if room < n * inner * itemsize:
-        need = (fixed + n * inner * itemsize) / 2**30
+    span = shape[0] if feature_chunk is None else max(1, min(feature_chunk, shape[0]))
+    budget = memory_gb * 2**30
+    sub = min(SUB_BLOCK_BYTES, budget / 16)
+    sub_cols = int(min(p, max(MIN_SUB_COLS, sub // (4 * max(n, 1)))))
+    convert = 2 * 4 * n * sub_cols  # the float32 block and its uint32 scratch
+    # a decoded chunk, its compressed bytes and xarray's copy of the selection
+    chunk_bytes = 2.5 * chunk * span * inner * itemsize
+    # an eighth of the budget, at least one chunk: grows smoothly, so wider budgets never
+    # give narrower panels
+    read = min(READ_CHUNKS * chunk_bytes, max(chunk_bytes, budget / 8))
+    read_chunks = int(read // chunk_bytes)
+    fixed = 12 * n * n + convert + read
+    column = n * inner * itemsize  # one index of the first feature dim, all stimuli
+    step = int(min(shape[0], (budget - fixed) // column))
+    if span < shape[0] and step >= span:
+        step -= step % span
+    if step < 1:
+        need = (fixed + column) / 2**30
         raise AnalysisError(
             f"memory_gb={memory_gb} is too small for the Gram of {n} stimuli x {p} features "
             f"(needs at least {need:.2f})"
         )
-    return max(1, min(shape[0], int(room // (n * inner * itemsize)))), sub_cols
+    return Plan(step, sub_cols, read_chunks)
 
 
 def _stream(da, keep: np.ndarray, chunk: int, device: str, memory_gb: float, progress: bool):
     shape = tuple(int(s) for s in da.shape[1:])
     n, n_all = int(keep.sum()), da.shape[0]
     p = math.prod(shape)
-    itemsize = np.dtype(da.dtype).itemsize
-    step, sub_cols = plan_panels(n, shape, itemsize, chunk, memory_gb)
     inner = p // shape[0]
-    panels = [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
-    chunks = [slice(r, min(r + chunk, n_all)) for r in range(0, n_all, chunk)]
-    acc = _accumulator(device, n, sub_cols)
-    panel = np.empty((n, step * inner), dtype=da.dtype)
-    bar = _bar(progress, len(panels) * len(chunks), da.name)
+    span = feature_chunk(da)
+    plan = plan_panels(n, shape, np.dtype(da.dtype).itemsize, chunk, memory_gb, span)
+    panels = [slice(a, min(a + plan.step, shape[0])) for a in range(0, shape[0], plan.step)]
+    rows_per_read = chunk * plan.read_chunks
+    reads = [slice(r, min(r + rows_per_read, n_all)) for r in range(0, n_all, rows_per_read)]
+    acc = _accumulator(device, n, plan.sub_cols)
+    buffer = np.empty(n * plan.step * inner, dtype=da.dtype)
+    every_row = bool(keep.all())
+    bar = _bar(progress, len(panels) * len(reads), da.name)
     read_s = 0.0
     for cols in panels:
         width = (cols.stop - cols.start) * inner
+        panel = buffer[: n * width].reshape(n, width)  # contiguous, also the narrower last one
         t = time.perf_counter()
         row = 0
-        for rows in chunks:
+        for rows in reads:
             block = _read_block(da, rows, cols).reshape(rows.stop - rows.start, width)
-            block = block[keep[rows]]
-            panel[row : row + len(block), :width] = block
+            if not every_row:
+                block = block[keep[rows]]
+            panel[row : row + len(block)] = block
             row += len(block)
             bar.update(1)
         read_s += time.perf_counter() - t
-        acc.add(panel[:, :width])
+        acc.add(panel)
     bar.close()
     gram, sums = acc.result()
+    # how often each stored chunk was decoded: once per panel for a store chunked by rows only
+    touched = sum(-(-c.stop // span) - c.start // span for c in panels)
     stats = {
         "passes": len(panels),
+        "store_reads": round(touched / -(-shape[0] // span), 3),
         "read_s": round(read_s, 3),
         "compute_s": round(acc.seconds, 3),
         "device": acc.device,
     }
     return gram, sums, p, stats
+
+
+def to_float32(src: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """`src` (n, w) as float32 in `out` (n, w, contiguous); float16 by bit arithmetic.
+
+    numpy's float16 cast is a scalar loop that branches on each value's exponent: 6-8 ns a
+    value on a ReLU layer (half zeros, so the branch is a coin toss), as slow as the BLAS
+    product itself at n = 2,000. Here the half's exponent and mantissa go to a float32's
+    places, times 2^112 (the exponent biases' difference): exact for normal and subnormal
+    halves alike, a few vector passes. A block with no sign bit and no inf/NaN (a ReLU layer)
+    needs two; others also move the sign. Inf and NaN (exponent 31) would come out finite,
+    so a block holding any is cast by numpy (it is refused after the stream anyway).
+    """
+    if src.dtype != np.float16:
+        np.copyto(out, src, casting="same_kind")
+        return out
+    half = src.view(np.uint16)
+    bits = out.view(np.uint32)
+    if half.max(initial=0) < 0x7C00:  # no sign bit, no exponent of 31
+        np.left_shift(half, 13, out=bits, dtype=np.uint32)
+    else:
+        np.left_shift(half, 16, out=bits, dtype=np.uint32)  # the sign at bit 31
+        np.right_shift(bits, 3, out=scratch)
+        np.bitwise_and(scratch, 0x0FFFE000, out=scratch)
+        if scratch.max(initial=0) >= 0x0F800000:  # an exponent of 31: inf or NaN
+            np.copyto(out, src)
+            return out
+        np.bitwise_and(bits, 0x80000000, out=bits)
+        np.bitwise_or(bits, scratch, out=bits)
+    np.multiply(out, np.float32(2.0**112), out=out)
+    return out
 
 
 def _bar(progress: bool, total: int, name: str):
@@ -323,6 +403,9 @@ class _CpuAccumulator:
         self.cross = np.zeros(n, dtype=np.float64)  # v = sum over blocks of Xs c
         self.shift2 = 0.0  # sum over blocks of |c|^2
         self.seconds = 0.0
+        self.block = np.empty(n * sub_cols, dtype=np.float32)  # to_float32's, reused
+        self.scratch = np.empty(n * sub_cols, dtype=np.uint32)
+        self.ones = np.ones(n, dtype=np.float32)
 
     def add(self, panel: np.ndarray) -> None:
         from scipy.linalg.blas import ssyrk
@@ -334,10 +417,19 @@ class _CpuAccumulator:
         self.seconds += time.perf_counter() - t
 
     def _add(self, panel: np.ndarray, ssyrk) -> None:
+        n = len(panel)
         for i, cols in enumerate(_sub_blocks(panel.shape[1], self.sub_cols)):
-            block = np.ascontiguousarray(panel[:, cols], dtype=np.float32)
+            size = n * (cols.stop - cols.start)
+            block = to_float32(
+                panel[:, cols],
+                self.block[:size].reshape(n, -1),
+                self.scratch[:size].reshape(n, -1),
+            )
             self.sums += block.sum(axis=1)  # before the shift: an inf row stays the only one
-            shift = block.mean(axis=0, dtype=np.float64).astype(np.float32)
+            # a float32 GEMV is 5x faster than numpy's float64 mean over axis 0, and the shift
+            # only has to be near the mean: any shift is restored exactly
+            shift = self.ones[:n] @ block
+            shift /= n
             block -= shift
             shift64 = shift.astype(np.float64)
             self.cross += block @ shift  # float32 GEMV: |Xs||c| rounding, below the product's
