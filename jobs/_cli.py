@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -92,6 +93,22 @@ def run_job(
         sys.exit(130)
 
 
+def env_rank() -> int:
+    """This process's rank as the launcher's environment gives it, without importing torch:
+    torchrun's RANK, else SLURM_PROCID inside a multi-task srun step, else 0. The rank
+    `distributed.resolve_env` resolves (tests/jobs/test_analyze.py holds them equal), without
+    its rendezvous side effects: a CPU job (analyze) prints its result without loading torch."""
+    if os.environ.get("WORLD_SIZE") and os.environ.get("RANK"):
+        return int(os.environ["RANK"])
+    # the batch script also sees SLURM_NTASKS but is one process: only a step's count counts,
+    # unless a rendezvous was exported (MASTER_ADDR), as resolve_env decides
+    names = ["SLURM_STEP_NUM_TASKS"] + (["SLURM_NTASKS"] if os.environ.get("MASTER_ADDR") else [])
+    ntasks = next((int(os.environ[name]) for name in names if os.environ.get(name)), None)
+    if ntasks and ntasks > 1:
+        return int(os.environ.get("SLURM_PROCID") or 0)
+    return 0
+
+
 def print_result(result: Any) -> None:
     """Print the job's result as one JSON line, from rank 0 only.
 
@@ -99,9 +116,7 @@ def print_result(result: Any) -> None:
     knew) down before returning, so the rank is read again from the launcher's environment;
     otherwise every torchrun rank prints and the lines run together.
     """
-    from bonnerlab.distributed import resolve_env
-
-    if resolve_env()[0] == 0:
+    if env_rank() == 0:
         print(json.dumps(result), flush=True)
         if isinstance(result, dict) and result.get("interrupted"):
             print(

@@ -15,9 +15,7 @@ is cached beside the store (<store>.gram/), so a rerun reads no features.
 
 from __future__ import annotations
 
-import json
-
-from _cli import run_job
+from _cli import print_result, run_job
 
 from bonnerlab.config import AnalyzeConfig
 
@@ -29,9 +27,7 @@ def main(argv: list[str]) -> dict:
     from bonnerlab.analysis.run import analyze
 
     result = analyze(cfg)
-    # not _cli.print_result: it asks bonnerlab.distributed for the rank, which loads torch
-    # (seconds) for a job that never runs under torchrun
-    print(json.dumps(result), flush=True)
+    print_result(result)
     layers = ", ".join(r["layer"] for r in result["layers"])
     print(f"analysed {layers} in {result['seconds']:.1f} s; report: {result['output']}/report.html")
     return result

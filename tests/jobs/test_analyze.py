@@ -5,7 +5,9 @@ input is one line before anything is computed; the launcher's per-layer array an
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -278,3 +280,68 @@ def test_targets_with_ids_the_store_lacks_are_one_line_before_streaming(tmp_path
             ["--store", str(store), "--encode", str(targets), "--output", str(tmp_path / "a")]
         )
     assert not (tmp_path / "t.zarr.gram").exists()  # nothing streamed
+
+
+# ----------------------------------------------------------------------------- no torch on a CPU
+
+NO_TORCH = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python jobs/analyze.py` would
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("TORCH LOADED" if "torch" in sys.modules else "NO TORCH", flush=True)
+"""
+
+
+def test_the_job_on_the_cpu_never_imports_torch(tmp_path):
+    """Every analysis and the common result line (print_result's rank read without torch):
+    torch would add seconds and 0.45 GB to a job that never uses it."""
+    from helpers import JOBS
+
+    store = tiny_store(tmp_path / "t.zarr", n=24)
+    targets = tmp_path / "responses.csv"
+    ids = [f"s{i:02d}.png" for i in range(24)]
+    targets.write_text("stimulus_id,v1\n" + "".join(f"{s},{i % 5}\n" for i, s in enumerate(ids)))
+    out = tmp_path / "analysis"
+    run = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, str(JOBS / "analyze.py"), "--store", str(store)]
+        + ["--output", str(out), "--device", "cpu", "--progress", "false", "--cv", "3"]
+        + ["--encode", str(targets), "--rsa", str(store), "--cka", str(store)],
+        capture_output=True,
+        text=True,
+        env=repo_env(),
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1] == "NO TORCH", run.stdout[-2000:]
+    result = json.loads(lines[0])  # print_result's one JSON line
+    assert [r["layer"] for r in result["layers"]] == ["conv", "fc"]
+    assert (out / "results.nc").is_file()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"},  # torchrun
+        {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"},  # the batch script: one process
+        {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "2", "MASTER_ADDR": "h"},  # srun step
+        {"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "MASTER_ADDR": "h"},  # submitit's export
+        {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"},
+        {
+            "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_PROCID": "1",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_JOB_ID": "7",
+        },
+    ],
+)
+def test_the_torch_free_rank_is_the_rank_distributed_resolves(monkeypatch, env):
+    from bonnerlab import distributed
+
+    cli = job_module("_cli")
+    monkeypatch.setattr(os, "environ", dict(env))  # resolve_env exports a rendezvous: a copy
+    assert cli.env_rank() == distributed.resolve_env()[0]
