@@ -82,6 +82,7 @@ class RunIdentity:
     sweep: str | None  # the sweep folder's name: W&B group, MLflow experiment
     sweep_dir: Path | None
     task: int | None
+    commit: str | None  # read once: every tracker records the same one
 
 
 def run_key(run_dir: str | Path) -> str:
@@ -104,6 +105,7 @@ def run_identity(run_dir: str | Path) -> RunIdentity:
         sweep=sweep_dir.name if sweep_dir else None,
         sweep_dir=sweep_dir,
         task=int(task) if task is not None else None,
+        commit=_commit(run_dir),
     )
 
 
@@ -149,7 +151,7 @@ def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _about(ident: RunIdentity) -> dict[str, Any]:
     """The run folder's facts every tracker records beside the config."""
-    about: dict[str, Any] = {"run_dir": str(ident.run_dir), "git_commit": _commit(ident.run_dir)}
+    about: dict[str, Any] = {"run_dir": str(ident.run_dir), "git_commit": ident.commit}
     if ident.sweep_dir is not None:
         about.update(sweep_dir=str(ident.sweep_dir), task=ident.task)
     return about
