@@ -1,17 +1,31 @@
 """The GPU-ready training step, checked on the CPU: gradient accumulation equals the large
-batch, SyncBatchNorm under 2 gloo processes equals one process, torch.compile equals eager."""
+batch, SyncBatchNorm under 2 gloo processes equals one process, torch.compile equals eager; and
+the signals that stop it (Ctrl-C once and twice, SIGTERM under torchrun)."""
 
 from __future__ import annotations
 
 import importlib
 import math
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
-from helpers import JOBS, SMOKE_FLAGS, assert_same_weights, job, repo_env, run_weights, torchrun
+from helpers import (
+    JOBS,
+    SMOKE_FLAGS,
+    assert_same_weights,
+    cli_flags,
+    job,
+    repo_env,
+    run_weights,
+    torchrun,
+    torchrun_cmd,
+    torchrun_env,
+)
 
-from bonnerlab.runs import read_metrics
+from bonnerlab.runs import read_metrics, read_state
 from bonnerlab.train.loop import train
 
 _weights = run_weights
@@ -149,3 +163,98 @@ def test_resuming_a_run_saved_before_a_config_key_existed(tiny_train_cfg):
     from dataclasses import replace
 
     assert train(replace(cfg, resume=True, epochs=2))["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- signals
+
+# long enough that the signal lands mid-training; a checkpoint every 4 steps shows it is
+_SIGNAL_RUN = cli_flags(
+    {"epochs": 3, "data.batch_size": 32, "max_steps_per_epoch": 16, "checkpoint_every_steps": 4}
+)
+
+
+def _popen_train(run_dir, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*job("train"), *SMOKE_FLAGS, *flags, "--run_dir", str(run_dir)],
+        env=repo_env(OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_file(path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"ended first:\n{proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < end, f"no {path} after {timeout:.0f} s"
+        time.sleep(0.01)
+
+
+def test_ctrl_c_saves_marks_interrupted_and_resumes_to_the_uninterrupted_run(tmp_path):
+    ref = _popen_train(tmp_path / "ref", *_SIGNAL_RUN)
+    run = tmp_path / "run"
+    proc = _popen_train(run, *_SIGNAL_RUN)
+    _wait_for_file(run / "checkpoints" / "latest.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Ctrl-C: saving at the next step" in err and "stopped by a signal; saved" in out
+    assert read_state(run) == "INTERRUPTED" and not (run / "LOCK").exists()
+    assert ref.wait(timeout=300) == 0
+    resumed = subprocess.run(
+        [*job("train"), *SMOKE_FLAGS, *_SIGNAL_RUN, "--run_dir", str(run), "--resume"],
+        env=repo_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert read_state(run) == "DONE" and [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    assert_same_weights(run_weights(tmp_path / "ref"), run_weights(run))
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    run = tmp_path / "run"
+    # steps of a few hundred ms: the second Ctrl-C lands while the step after the first runs
+    proc = _popen_train(run, *cli_flags({"model.width": 96, "data.batch_size": 512, "epochs": 50}))
+    _wait_for_file(run / "checkpoints" / "best.pt", proc)  # saved after latest.pt
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # the first Ctrl-C's line: it is saving, the next one aborts
+        if "Ctrl-C again to abort" in line:
+            break
+    else:
+        raise AssertionError(f"the first Ctrl-C did not ask to save (status {proc.wait()})")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().endswith("interrupted"), err[-2000:]
+    assert "stopped by a signal; saved" not in err
+    assert read_state(run) == "INTERRUPTED" and not (run / "LOCK").exists()
+    assert (run / "checkpoints" / "latest.pt").is_file()  # the last epoch's, to resume from
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_with_no_check_inside_an_epoch_leaves_interrupted(tmp_path):
+    """An epoch shorter than log_every_steps never agrees on a stop inside it (as on a loaded
+    machine, where torchrun's 30 s before SIGKILL pass first): STATE says INTERRUPTED from the
+    moment the signal lands, the run stops at the epoch's end, and resumes to the end."""
+    flags = [*SMOKE_FLAGS, *cli_flags({"epochs": 6, "max_steps_per_epoch": 8})]
+    flags += ["--log_every_steps", "1000"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        torchrun_cmd(str(JOBS / "train.py"), *flags, "--run_dir", str(run)),
+        env=torchrun_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    _wait_for_file(run / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + 20
+    while read_state(run) == "RUNNING" and time.monotonic() < end:
+        time.sleep(0.01)
+    assert read_state(run) == "INTERRUPTED"
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped by a signal; saved" in out, out[-3000:]
+    assert read_state(run) == "INTERRUPTED" and len(read_metrics(run)) < 6
+    torchrun(str(JOBS / "train.py"), *flags, "--run_dir", str(run), "--resume")
+    assert read_state(run) == "DONE" and [m["epoch"] for m in read_metrics(run)] == [*range(1, 7)]
