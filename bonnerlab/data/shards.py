@@ -290,12 +290,15 @@ def check_size(path: Path, actual: int, recorded: int) -> None:
 
 
 class NamedBytes(io.BytesIO):
-    """An image's bytes as a file object that prints as where it lives (`shard:id`), so a decode
-    error names the image as a path would."""
+    """An image's bytes where a path goes: a file object PIL opens, with a path's `read_bytes`,
+    printed as where it lives (`shard:id`), so errors name the image as they would a file."""
 
     def __init__(self, data: bytes, name: str) -> None:
         super().__init__(data)
         self.label = name
+
+    def read_bytes(self) -> bytes:
+        return self.getvalue()
 
     def __str__(self) -> str:
         return self.label
