@@ -16,6 +16,10 @@ Sections (each prints figures; the run exits non-zero if any check fails):
      then AMP; on cuda:1 when there are 2 GPUs, nothing allocated on GPU 0
   6. throughput: resnet18/resnet50 samples/s at batch 256 (AMP, channels-last) against a plain
      loop of torchvision's reference recipe; extraction images/s, GPU utilisation, peak memory
+  7. GPU decode and shards: nvJPEG + device resize vs the PIL path; ResNet-50 training from an
+     image folder (CPU and GPU decode) and from shards as a share of synthetic input; extraction
+     from JPEG files and from shards; the GPU-decode feed + forward (extraction's ceiling), each
+     with GPU utilisation (`--sections 7` alone: about 3 minutes on an H200)
 Figures go to the screen and to DIR/gpu-check.txt and DIR/gpu-check.json (default bench/out).
 """
 
@@ -749,6 +753,268 @@ def section_throughput(tmp: Path, quick: bool) -> None:
     check("6", "extraction resnet50 (AMP), 2 layers", extraction_rate)
 
 
+# ---------------------------------------------------------------------- 7. GPU decode, shards
+
+
+def polled_utilisation(fn):
+    """(fn(), mean GPU utilisation % sampled every 0.5 s while it ran)."""
+    import threading
+
+    samples: list[str] = []
+    stop = threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            samples.append(gpu_utilisation())
+            time.sleep(0.5)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        poller.join()
+    util = [int(v) for v in samples if v.isdigit()]
+    return out, (round(sum(util) / len(util)) if util else "n/a")
+
+
+def section_decode_and_shards(tmp: Path, quick: bool) -> None:
+    """nvJPEG vs the CPU path; ResNet-50 training from an image folder and from shards (GPU
+    decode) against synthetic input; ResNet-50 extraction from files and from shards."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_natural import make_photos
+
+    from bonnerlab.data import shards
+    from bonnerlab.data.datasets import FolderDataset
+    from bonnerlab.data.folders import scan_collection
+    from bonnerlab.data.gpu_decode import EncodedImages, collate_encoded, decode_batch
+    from bonnerlab.data.loaders import TrainBatches
+
+    say("7. GPU decode (nvJPEG) and shards")
+    n = 1024 if quick else 3072
+    photos = tmp / "photos"
+    make_photos(photos, n, 0)  # 160-512 px JPEG photographs under train/<photo>/
+    folder = photos / "train"
+    packed = tmp / "photo-shards"
+    shards.pack(folder, packed, 1000)
+    names, labels = scan_collection(folder).splits["train"]
+    device = torch.device("cuda", 0)
+
+    def nvjpeg_vs_cpu():
+        out = {}
+        for fit in ("squash", "canvas", "center_crop"):
+            ds = FolderDataset(folder, [folder / f for f in names[:256]], labels[:256], 224, 3, fit)
+            enc = EncodedImages(ds)
+            batch = collate_encoded([enc[i] for i in range(len(ds))])
+            gpu, _ = decode_batch(batch, ds, device)
+            cpu = torch.stack([ds[i][0] for i in range(len(ds))])
+            diff = (gpu.cpu().int() - cpu.int()).abs()
+            out[fit] = {
+                "max": int(diff.max()),
+                "mean": round(float(diff.float().mean()), 3),
+                "share_over_8": float((diff > 8).float().mean()),
+            }
+            assert out[fit]["mean"] <= 1.0 and out[fit]["share_over_8"] <= 1e-2, out
+        return out
+
+    check("7", "nvJPEG + device resize vs the PIL path, 224 px, 256 photographs", nvjpeg_vs_cpu)
+
+    steps = 10 if quick else 20
+    base = {
+        "model.arch": "resnet50",
+        "data.dataset": "imagefolder",
+        "data.root": str(folder.parent),
+        "data.in_channels": 3,
+        "data.image_size": 224,
+        "data.batch_size": 256,
+        "data.val_fraction": 0.02,
+        "max_steps_per_epoch": steps,
+        "epochs": 1,
+        "optim.optimizer": "sgd",
+        "optim.lr": 0.1,
+    }
+
+    def train_rate(decode: str, from_shards: bool) -> dict:
+        from bonnerlab.runs import Logger
+        from bonnerlab.train.build import build, wrap
+        from bonnerlab.train.loop import train_one_epoch
+
+        cfg = train_cfg(tmp, f"rn50-{decode}-{from_shards}", **base, **{"data.decode": decode})
+        info = dist.setup(cfg.device)
+        run = build(cfg, info)
+        wrap(run, info)
+        source = run.batches.source
+        if from_shards:  # the split as datasets.load_splits builds it for --data.dataset shards
+            s = shards.open_shards(packed)
+            source = FolderDataset(
+                packed, s.files(source.ids), source.labels.tolist(), 224, 3, source.fit
+            )
+        run.batches.close()  # the loader again with this decode (whatever build.py passes)
+        run.batches = TrainBatches(
+            source,
+            256,
+            cfg.seed,
+            info.rank,
+            info.world_size,
+            info.device,
+            cfg.data.num_workers,
+            steps,
+            decode,
+        )
+
+        def epoch():
+            start = time.perf_counter()
+            train_one_epoch(
+                run.model,
+                run.batches,
+                run.batch_augment,
+                run.optimizer,
+                run.scheduler,
+                run.precision,
+                cfg,
+                run.state,
+                Logger(None),
+            )
+            torch.cuda.synchronize()
+            return run.state.seen / (time.perf_counter() - start)
+
+        try:
+            rate, util = polled_utilisation(epoch)
+        finally:
+            run.close()
+        return {"samples_per_s": round(rate), "gpu_utilisation_pct": util}
+
+    def synthetic():
+        import torchvision
+
+        from bonnerlab.train.build import build_optimizer
+        from bonnerlab.train.loop import DeviceSums, train_step
+        from bonnerlab.train.precision import Precision
+
+        model = torchvision.models.resnet50(num_classes=2).to(
+            device, memory_format=torch.channels_last
+        )
+        cfg = apply_overrides(TrainConfig(), {"optim.optimizer": "sgd", "optim.lr": 0.1})
+        optimizer = build_optimizer(model, cfg.optim)
+        precision, sums = Precision.resolve(device), DeviceSums(device)
+        x = torch.randn(256, 3, 224, 224, device=device).contiguous(
+            memory_format=torch.channels_last
+        )
+        y = torch.randint(0, 2, (256,), device=device)
+        for _ in range(5):
+            train_step(model, x, y, optimizer, precision, cfg, sums)
+        torch.cuda.synchronize()
+
+        def timed():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, x, y, optimizer, precision, cfg, sums)
+            torch.cuda.synchronize()
+            return 256 * steps / (time.perf_counter() - start)
+
+        rate, util = polled_utilisation(timed)
+        return {"samples_per_s": round(rate), "gpu_utilisation_pct": util}
+
+    rates: dict = {}
+
+    def training():
+        rates["synthetic"] = synthetic()
+        for name, decode, from_shards in (
+            ("folder_cpu_decode", "cpu", False),
+            ("folder_gpu_decode", "gpu", False),
+            ("shards_gpu_decode", "gpu", True),
+        ):
+            rates[name] = train_rate(decode, from_shards)
+        ref = rates["synthetic"]["samples_per_s"]
+        for r in rates.values():
+            r["share_of_synthetic"] = round(r["samples_per_s"] / ref, 3)
+        return rates
+
+    check(
+        "7",
+        "resnet50 training (AMP, batch 256): folder / shards vs synthetic (target >= 0.8)",
+        training,
+    )
+
+    def extraction():
+        from bonnerlab.config import ExtractConfig, ModelConfig
+        from bonnerlab.extract import run as extraction_run
+        from bonnerlab.extract import stimuli as extraction_stimuli
+        from bonnerlab.extract.run import extract
+
+        real = extraction_run.load_stimuli
+
+        def load(cfg, image_size, in_channels, data):  # the planned stimuli.py integration
+            if shards.is_shard_set(cfg.stimuli):
+                s = shards.shard_stimuli(cfg.stimuli, cfg.limit)
+                return extraction_stimuli.Stimuli(
+                    s.ids, s.labels, s.root, s.classes, files=s.files, coords=s.coords
+                )
+            return real(cfg, image_size, in_channels, data)
+
+        extraction_run.load_stimuli = load
+        out = {}
+        try:
+            for name, stimuli in (("files", folder), ("shards", packed)):
+                cfg = ExtractConfig(
+                    model=ModelConfig(arch="resnet50"),
+                    stimuli=str(stimuli),
+                    layers=["layer3", "avgpool"],
+                    pooling=["layer3=avg", "avgpool=flatten"],
+                    batch_size=256,
+                    device="cuda",
+                    amp=True,
+                    output=str(tmp / f"rn50-{name}.zarr"),
+                    progress=False,
+                )
+                summary, util = polled_utilisation(lambda cfg=cfg: extract(cfg))
+                out[name] = {
+                    "images_per_s": round(summary["images_per_s"]),
+                    "gpu_utilisation_pct": util,
+                    "decode": "cpu (extraction has no GPU decode yet)",
+                }
+        finally:
+            extraction_run.load_stimuli = real
+        return out
+
+    check(
+        "7",
+        "resnet50 extraction (AMP) from JPEG files and from shards (target >= 3000/s)",
+        extraction,
+    )
+
+    def decode_ceiling():
+        # what GPU decode can feed extraction: byte-reading workers + nvJPEG + device resize
+        # (center crop 224) + ResNet-50 forward under AMP, no store
+        import torchvision
+
+        from bonnerlab.data.loaders import _FolderLoader, resolve_workers
+
+        model = torchvision.models.resnet50().to(device, memory_format=torch.channels_last).eval()
+        ds = FolderDataset(folder, [folder / f for f in names], labels, 224, 3, "center_crop")
+        loader = _FolderLoader(ds, resolve_workers(-1), device, gpu_decode=True)
+        chunks = [list(range(i, min(i + 256, len(ds)))) for i in range(0, len(ds), 256)]
+
+        def run():
+            start, seen = time.perf_counter(), 0
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for x, _ in loader.batches(chunks):
+                    model(x.float().div_(255).contiguous(memory_format=torch.channels_last))
+                    seen += len(x)
+            torch.cuda.synchronize()
+            return seen / (time.perf_counter() - start)
+
+        try:
+            run()  # warm-up: workers, cuDNN, nvJPEG handles
+            rate, util = polled_utilisation(run)
+        finally:
+            loader.close()
+        return {"images_per_s": round(rate), "gpu_utilisation_pct": util}
+
+    check("7", "GPU-decode feed + resnet50 forward (AMP): the extraction ceiling", decode_ceiling)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -758,7 +1024,7 @@ def main() -> int:
         "--out", default=str(REPO / "bench" / "out"), help="folder for gpu-check.txt/.json"
     )
     parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
-    parser.add_argument("--sections", default="123456", help="which sections to run, e.g. 145")
+    parser.add_argument("--sections", default="1234567", help="which sections to run, e.g. 145")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         allocated = dist.gpus_allocated()
@@ -786,6 +1052,8 @@ def main() -> int:
         section_extraction(tmp, args.quick)
     if "6" in sections:
         section_throughput(tmp, args.quick)
+    if "7" in sections:
+        section_decode_and_shards(tmp, args.quick)
     failed = [r for r in RESULTS if r["status"] != "ok"]
     say(
         f"\ngpu-check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "
