@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-natural bench-cluster bench-extract bench-analysis gpu-check slurm-up slurm-down clean chromium
+.PHONY: install constraints notebooks train-local evaluate-local extract-local test test-fast lint bench bench-natural bench-cluster bench-extract bench-analysis bench-shards gpu-check slurm-up slurm-down clean chromium
 
 install: $(STAMP)
 
@@ -62,7 +62,10 @@ bench-extract: install  ## extraction vs a bare forward pass (images/s, peak RSS
 bench-analysis: install  ## Gram/RDM and encoding from a store vs numpy, rsatoolbox, sklearn, himalaya
 	$(PY) bench/bench_analysis.py $(ARGS)
 
-gpu-check: install  ## only when a GPU is lent: AMP + channels-last training, NCCL DDP, CUDA evaluation
+bench-shards: install  ## training batches/s and extraction images/s from shards vs the same folder, files opened
+	$(PY) bench/bench_shards.py $(ARGS)
+
+gpu-check: install  ## only when a GPU is lent: AMP + channels-last training, NCCL DDP, CUDA evaluation, GPU decode + shards (section 7)
 	$(PY) bench/gpu_check.py
 
 slurm-up:  ## start the one-node SLURM cluster on localhost (root; installs Debian packages)
