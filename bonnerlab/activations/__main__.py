@@ -7,8 +7,7 @@ import sys
 from dataclasses import dataclass, field
 
 from bonnerlab.activations.reader import store_info, stored_layers
-from bonnerlab.activations.store import finalize
-from bonnerlab.activations.verify import verify
+from bonnerlab.activations.store import finalize, verify
 from bonnerlab.errors import StoreError, UserError
 
 

@@ -32,7 +32,6 @@ The writer side; analysis reads with `bonnerlab.activations.reader`. Nothing her
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -45,15 +44,29 @@ from typing import Any
 
 import numpy as np
 
+from bonnerlab.activations.layout import (
+    CONTENT,
+    CONTENT_KEY,
+    COORDS,
+    DONE_DIR,
+    FORMAT,
+    PRESENTATION,
+    content_digest,
+    fingerprint,
+    identity_fingerprint,
+    stimuli_digest,
+)
+from bonnerlab.activations.verify import verify_store
 from bonnerlab.errors import StoreError
 
-PRESENTATION = "presentation"
-COORDS = ("stimulus", "label")
-CONTENT = "content_hash"  # per row: the stimulus's content, written with the row's chunk
-DONE_DIR = ".done"
-# 2: content hashes, crc32c on every chunk, all-NaN chunks written; 1 (no `format`): neither
-FORMAT = 2
-CONTENT_KEY = "content_sha256"  # the identity's part that finalize adds: all rows' content
+__all__ = [  # the layout's names, for the modules that import them from here
+    "CONTENT",
+    "COORDS",
+    "DONE_DIR",
+    "PRESENTATION",
+    "fingerprint",
+    "stimuli_digest",
+]
 
 
 @contextlib.contextmanager
@@ -64,32 +77,6 @@ def _quiet_zarr():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         warnings.filterwarnings("ignore", message=".*not recognized as a component.*")
         yield
-
-
-def fingerprint(identity: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything that decides the store's contents."""
-    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def identity_fingerprint(identity: dict[str, Any]) -> str:
-    """The fingerprint a run compares to decide whether it may reuse a store: everything but the
-    rows' content (which finalize adds, and each run checks row by row)."""
-    return fingerprint({k: v for k, v in identity.items() if k != CONTENT_KEY})
-
-
-def stimuli_digest(ids: Sequence[str], coords: dict[str, np.ndarray]) -> str:
-    """sha256 of the stimulus ids in order and the sheet's columns: the identity's
-    `stimuli_sha256`, which `verify` recomputes from the stored coordinates."""
-    h = hashlib.sha256("\n".join(ids).encode())
-    for name, values in sorted(coords.items()):
-        h.update(name.encode())
-        h.update("\n".join(map(str, np.asarray(values).tolist())).encode())
-    return h.hexdigest()
-
-
-def content_digest(hashes: Iterable[str]) -> str:
-    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -264,12 +251,18 @@ class ActivationStore:
             if self.format < 2 and len(self.chunk_skipped(chunk, layer)) == sl.stop - sl.start:
                 return None  # every row unreadable: zarr 3 did not write an all-NaN chunk
             return f"{self._where(layer, chunk)}: its file {path.relative_to(self.path)} is missing"
-        if checksum and self.format >= 2:
+        if checksum and self.checksummed(layer):
             import google_crc32c
 
             if len(data) < 4 or np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
                 return f"{self._where(layer, chunk)}: its checksum does not match (damaged file)"
         return None
+
+    def checksummed(self, layer: str) -> bool:
+        """Whether a layer's chunk files end in a crc32c of the rest (its last codec: format 2;
+        an array rewritten with other codecs, e.g. sharded, is checked by decoding)."""
+        codecs = self.array(layer).metadata.codecs
+        return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
 
     def read_chunk(self, layer: str, chunk: int) -> np.ndarray:
         """One chunk's values; a StoreError naming the layer and chunk if it cannot be read."""
@@ -289,7 +282,8 @@ class ActivationStore:
         def problem(chunk: int) -> str | None:
             for layer in self.layers:
                 found = self.check_chunk_file(layer, chunk)
-                if found is None and self.format < 2 and self.chunk_file(layer, chunk).is_file():
+                unchecked = not self.checksummed(layer)
+                if found is None and unchecked and self.chunk_file(layer, chunk).is_file():
                     try:
                         self.read_chunk(layer, chunk)
                     except StoreError as e:
@@ -331,8 +325,6 @@ class ActivationStore:
         """Check every chunk of every layer is marked and verify the store (chunks decode,
         checksums, ids, NaN rows), fold the rows' content into the identity, consolidate."""
         import zarr
-
-        from bonnerlab.activations.verify import verify_store
 
         missing = self.missing_chunks()
         if missing:
@@ -556,6 +548,14 @@ def _create(
                 config=always,
             )
             (path / DONE_DIR / spec.name).mkdir(parents=True)
+
+
+def verify(path: str | Path, workers: int = 4) -> dict[str, Any]:
+    """Verify the store at `path` (see `bonnerlab.activations.verify`); the report's `problems`
+    is empty when it is whole."""
+    if not Path(path, "zarr.json").is_file():
+        raise StoreError(f"{path} is not an activation store")
+    return verify_store(ActivationStore(path, mode="r"), workers)
 
 
 def finalize(path: str | Path) -> dict[str, Any]:

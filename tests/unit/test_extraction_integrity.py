@@ -14,8 +14,7 @@ from helpers import extract_cfg
 from PIL import Image
 
 from bonnerlab import activations
-from bonnerlab.activations.store import ActivationStore
-from bonnerlab.activations.verify import verify
+from bonnerlab.activations.store import ActivationStore, verify
 from bonnerlab.config import ModelConfig
 from bonnerlab.errors import StoreError, UserError
 from bonnerlab.extract.run import extract
