@@ -220,6 +220,16 @@ class LogConfig:
     def __post_init__(self) -> None:
         check_choice("log.wandb_mode", self.wandb_mode, WANDB_MODES)
 
+    def check_sweep(self, sweep_dir: str) -> None:
+        """A sweep's tasks must not share one SQLite file: many writers at once over a shared
+        file system lock or corrupt it. Launch checks it before queueing; each task again."""
+        check(
+            not (self.mlflow and self.mlflow_uri.startswith("sqlite:")),
+            f"--log.mlflow_uri {self.mlflow_uri}: the tasks of sweep {sweep_dir} would all write "
+            "one SQLite file at once; leave it empty (a store in each task's folder) or give a "
+            "tracking server (mlflow server ...; --log.mlflow_uri http://HOST:5000)",
+        )
+
 
 @dataclass
 class SyncConfig:

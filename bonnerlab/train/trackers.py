@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 from bonnerlab.config import LogConfig, TrainConfig, to_dict
-from bonnerlab.errors import ConfigError
 from bonnerlab.runs import (
     RunPaths,
     Sink,
@@ -284,14 +283,9 @@ class WandbTracker:
 def mlflow_uri(log: LogConfig, ident: RunIdentity) -> str:
     """`--log.mlflow_uri`, or a SQLite store in the run folder; a sweep's tasks are never given
     one SQLite file to write at once."""
-    uri = log.mlflow_uri or f"sqlite:///{ident.run_dir / 'mlflow.db'}"
-    if ident.sweep_dir is not None and log.mlflow_uri.startswith("sqlite:"):
-        raise ConfigError(
-            f"--log.mlflow_uri {log.mlflow_uri}: the tasks of sweep {ident.sweep_dir} would all "
-            "write one SQLite file at once; leave it empty (a store in each task's folder) or "
-            "give a tracking server (mlflow server ...; --log.mlflow_uri http://HOST:5000)"
-        )
-    return uri
+    if ident.sweep_dir is not None:
+        log.check_sweep(str(ident.sweep_dir))
+    return log.mlflow_uri or f"sqlite:///{ident.run_dir / 'mlflow.db'}"
 
 
 def _experiment_id(client: Any, name: str, artifacts: str | None) -> str:
