@@ -158,33 +158,48 @@ def resize_on_device(
     return image
 
 
+def decode_jpegs(
+    data: list[torch.Tensor], in_channels: int, device: torch.device
+) -> list[torch.Tensor | None]:
+    """JPEG bytes (uint8 CPU tensors) -> uint8 [C, H, W] on `device`, in one `decode_jpeg` call;
+    when that fails (one bad file fails the call), each alone: None for a file the device
+    cannot decode, for its caller's CPU path. Training and extraction both decode through it."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not data:
+        return []
+    mode = ImageReadMode.GRAY if in_channels == 1 else ImageReadMode.RGB
+    try:
+        return list(decode_jpeg(data, mode=mode, device=device))
+    except RuntimeError:
+        pass
+    out: list[torch.Tensor | None] = []
+    for one in data:
+        try:
+            out.append(decode_jpeg(one, mode=mode, device=device))
+        except RuntimeError:
+            out.append(None)
+    return out
+
+
 def decode_batch(
     batch: tuple[list[torch.Tensor], torch.Tensor, list[bool], list[str]],
     source: FolderDataset,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One `EncodedImages` batch -> (uint8 [B, C, S, S], labels) on `device`: the JPEGs decoded
-    there in one call; any the device refuses, one by one, then on the CPU path."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
+    and resized there; a file the device refuses, and every non-JPEG, by the CPU path."""
     images, labels, jpeg, names = batch
-    mode = ImageReadMode.GRAY if source.in_channels == 1 else ImageReadMode.RGB
-    out: list[torch.Tensor | None] = [
+    out = [
         None if is_jpeg else x.to(device, non_blocking=True)
         for x, is_jpeg in zip(images, jpeg, strict=True)
     ]
     todo = [i for i, is_jpeg in enumerate(jpeg) if is_jpeg]
-    try:
-        decoded = decode_jpeg([images[i] for i in todo], mode=mode, device=device) if todo else []
-    except RuntimeError:  # one bad file fails the whole call: each on its own, then the CPU
-        decoded = [None] * len(todo)
-        for k, i in enumerate(todo):
-            try:
-                decoded[k] = decode_jpeg(images[i], mode=mode, device=device)
-            except RuntimeError:
-                data = images[i].numpy().tobytes()
-                out[i] = cpu_decode(source, data, names[i]).to(device, non_blocking=True)
+    decoded = decode_jpegs([images[i] for i in todo], source.in_channels, device)
     for i, x in zip(todo, decoded, strict=True):
-        if x is not None:
+        if x is None:
+            x = cpu_decode(source, images[i].numpy().tobytes(), names[i])
+            out[i] = x.to(device, non_blocking=True)
+        else:
             out[i] = resize_on_device(x, source.size, source.fit, source.crop_fraction)
     return torch.stack(out), labels.to(device, non_blocking=True)  # type: ignore[arg-type]
