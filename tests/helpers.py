@@ -495,3 +495,63 @@ def write_store(
     if finalize:
         store.finalize()
     return path
+
+
+# ----------------------------------------------------------------------------- experiment trackers
+
+
+def wandb_offline_env(home: Path) -> dict[str, str]:
+    """W&B offline and silent, writing only under `home`, with no network: its address is a
+    closed local port."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(home),
+        "WANDB_CACHE_DIR": str(home / "cache"),
+        "WANDB_CONFIG_DIR": str(home / "config"),
+        "WANDB_DATA_DIR": str(home / "data"),
+        "WANDB_BASE_URL": f"http://127.0.0.1:{closed}",
+        "WANDB_DISABLE_GIT": "true",
+    }
+
+
+def wandb_run(run_dir: Path) -> dict:
+    """A run folder's W&B offline parts (one per start), read by wandb itself (`wandb leet
+    inspect --json`, its transaction-log reader) and merged: parts, run records, config, history
+    rows."""
+    parts = sorted((Path(run_dir) / "wandb").glob("offline-run-*"))
+    records = []
+    for part in parts:
+        out = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(part)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        records += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    config: dict = {}
+    for r in records:
+        if r["type"] in ("run", "config"):
+            config.update((r["run"]["config"] if r["type"] == "run" else r["config"])["update"])
+    return {
+        "parts": parts,
+        "runs": [r["run"] for r in records if r["type"] == "run"],
+        "config": config,
+        "history": [r["history"]["item"] for r in records if r["type"] == "history"],
+    }
+
+
+def mlflow_runs(run_dir: Path, experiment: str = "bonnerlab") -> tuple[Any, list]:
+    """(tracking client, runs of `experiment`) of the SQLite store in a run folder."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment} in {run_dir}"
+    return client, client.search_runs([found.experiment_id])
