@@ -702,22 +702,32 @@ def _record(sub: Submission, paths: SweepPaths, tasks: list[Task], jobs: list[An
 
 
 def append_manifest(paths: SweepPaths, tasks: list[Task], now: str, default: SlurmConfig) -> None:
-    with open(paths.manifest, "a") as f:
-        for t in tasks:
-            f.write(
-                json.dumps(
-                    {
-                        "task": t.index,
-                        "overrides": t.overrides,
-                        "run_dir": str(t.run_dir),
-                        "job_id": t.job_id,
-                        "submitted_at": now,
-                        "retries": t.retries,
-                        "mem_gb": (t.slurm or default).mem_gb,
-                    }
-                )
-                + "\n"
-            )
+    """One line per task, in one write; a line an earlier submission left half-written (killed,
+    full disk) is ended first, so it spoils only itself and never the records after it."""
+    text = "".join(
+        json.dumps(
+            {
+                "task": t.index,
+                "overrides": t.overrides,
+                "run_dir": str(t.run_dir),
+                "job_id": t.job_id,
+                "submitted_at": now,
+                "retries": t.retries,
+                "mem_gb": (t.slurm or default).mem_gb,
+            }
+        )
+        + "\n"
+        for t in tasks
+    )
+    with open(paths.manifest, "ab+") as f:  # appends whatever the position; reads for the check
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                text = "\n" + text
+        f.write(text.encode())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def chunks(items: list[Any], size: int) -> list[list[Any]]:

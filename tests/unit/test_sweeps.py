@@ -372,3 +372,26 @@ def test_out_of_memory_task_is_retried_with_more_memory_and_its_old_request_is_k
     assert "#SBATCH --mem=9830MB" in first_script and "#SBATCH --array=0-0%1" in first_script
     assert second_script.startswith("sbatch script 2 of 2: tasks 1\n")
     assert "--mem" not in second_script  # the sweep's own request: the partition's default
+
+
+def test_a_half_written_manifest_line_spoils_only_itself(tmp_path):
+    """A submission killed mid-append leaves a line without its newline: the next submission's
+    records start on a line of their own, each whole JSON."""
+    import json
+
+    from bonnerlab.cluster.submit import Task, append_manifest
+    from bonnerlab.runs import SweepPaths
+
+    paths = SweepPaths(tmp_path)
+    paths.manifest.write_text('{"task": 0, "job_id": "1"}\n{"task": 1, "job_')
+    tasks = [Task(i, {"seed": i}, paths.task(i), job_id=f"2_{i}") for i in (1, 2)]
+    append_manifest(paths, tasks, "now", SlurmConfig(mem_gb=3))
+    lines = paths.manifest.read_text().splitlines()
+    assert lines[:2] == ['{"task": 0, "job_id": "1"}', '{"task": 1, "job_']
+    records = [json.loads(line) for line in lines[2:]]
+    assert [(r["task"], r["job_id"], r["mem_gb"]) for r in records] == [
+        (1, "2_1", 3),
+        (2, "2_2", 3),
+    ]
+    append_manifest(paths, tasks[:1], "later", SlurmConfig())  # a whole file: no blank line
+    assert json.loads(paths.manifest.read_text().splitlines()[4])["submitted_at"] == "later"
