@@ -8,6 +8,8 @@ optional integer `label`; every other column becomes a typed coordinate (int, fl
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 from bonnerlab.errors import DataError
 
 SHEET_SUFFIXES = (".csv", ".tsv")
-RESERVED = ("stimulus", "presentation")  # the store's own dimension names
+RESERVED = ("stimulus", "presentation", "content_hash")  # the store's own names
 
 
 @dataclass
@@ -47,11 +49,17 @@ def read_sheet(sheet: Path, limit: int = 0) -> Sheet:
             f"stimulus sheet {sheet} has no `path` column "
             f"(columns: {', '.join(map(str, table.columns))})"
         )
+    check_column_names(sheet, _header(sheet))
     if limit:
         table = table.iloc[:limit]
-    if table["path"].isna().any():
-        row = int(np.flatnonzero(table["path"].isna())[0]) + 2  # 1-based, after the header
-        raise DataError(f"stimulus sheet {sheet} line {row}: empty path")
+    if table.empty:
+        raise DataError(f"stimulus sheet {sheet} has a header but no rows: no stimuli to extract")
+    for column, what in (("path", "path"), ("stimulus_id", "stimulus_id")):
+        if column in table.columns:
+            blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+            if blank.any():
+                row = int(np.flatnonzero(blank.to_numpy())[0]) + 2  # 1-based, after the header
+                raise DataError(f"stimulus sheet {sheet} line {row}: empty {what}")
     files = [(sheet.parent / p).resolve() for p in table["path"]]
     for line, path in enumerate(files, start=2):
         if not path.is_file():
@@ -88,3 +96,27 @@ def read_sheet(sheet: Path, limit: int = 0) -> Sheet:
         else:
             coords[str(column)] = values.fillna("").astype(str).to_numpy(dtype=str)
     return Sheet(ids, labels, files, coords)
+
+
+def _header(sheet: Path) -> list[str]:
+    """The sheet's column names as written (pandas renames empty and repeated ones)."""
+    with sheet.open(newline="", encoding="utf-8-sig") as f:
+        return next(csv.reader(f, delimiter="\t" if sheet.suffix.lower() == ".tsv" else ","), [])
+
+
+def check_column_names(sheet: Path, names: Sequence[str]) -> None:
+    """Every column becomes an array of the store, named after it: a one-line error for a name
+    that cannot be one (empty, a path, zarr's reserved `__` prefix) or that appears twice."""
+    seen: set[str] = set()
+    for i, name in enumerate(names, start=1):
+        where = f"stimulus sheet {sheet}: column {i}"
+        if not name.strip():
+            raise DataError(f"{where} has no name; name it or delete the column")
+        if "/" in name or "\\" in name or name.strip() in (".", "..") or name.startswith("__"):
+            raise DataError(
+                f"{where} is named {name!r}, which cannot name a coordinate (no '/', '\\', "
+                "'.', '..' or leading '__'); rename it"
+            )
+        if name in seen:
+            raise DataError(f"{where}: the name {name!r} appears twice; rename one")
+        seen.add(name)
