@@ -16,15 +16,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import REPO, cli_flags, job, job_module, repo_env, tiny_train
+from helpers import (
+    REPO,
+    cli_flags,
+    job,
+    job_module,
+    mlflow_runs,
+    repo_env,
+    tiny_train,
+    wandb_offline_env,
+    wandb_run,
+)
 
 from bonnerlab.errors import ConfigError, UserError
 from bonnerlab.runs import RunPaths, read_metrics, read_state
 from bonnerlab.train import trackers
 from bonnerlab.train.loop import train
-
-pytest.importorskip("wandb")
-pytest.importorskip("mlflow")
 
 # few steps: every start of a tracked run pays wandb's and mlflow's imports and a new SQLite store
 SHORT = {"max_steps_per_epoch": 6, "log_every_steps": 2, "progress": False}
@@ -38,61 +45,11 @@ def _closed_port() -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def wandb_env(tmp_path_factory):
-    """W&B offline, silent, writing nothing outside temporary folders, no network."""
-    home = tmp_path_factory.mktemp("wandb-home")
-    env = {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(home),
-        "WANDB_CACHE_DIR": str(home / "cache"),
-        "WANDB_CONFIG_DIR": str(home / "config"),
-        "WANDB_DATA_DIR": str(home / "data"),
-        "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}",
-        "WANDB_DISABLE_GIT": "true",
-    }
+    env = wandb_offline_env(tmp_path_factory.mktemp("wandb-home"))
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         yield env
-
-
-def wandb_records(part: Path) -> list[dict]:
-    """One offline run folder's records, read by wandb itself (its transaction-log reader)."""
-    out = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(part)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
-
-def wandb_run(run_dir: Path) -> dict:
-    """Every offline part of a run folder's W&B run, merged: ids, config, history rows."""
-    parts = sorted((run_dir / "wandb").glob("offline-run-*"))
-    records = [r for part in parts for r in wandb_records(part)]
-    runs = [r["run"] for r in records if r["type"] == "run"]
-    config: dict = {}
-    for r in records:
-        if r["type"] in ("run", "config"):
-            update = r["run"]["config"] if r["type"] == "run" else r["config"]
-            config.update(update.get("update", {}))
-    history = [r["history"]["item"] for r in records if r["type"] == "history"]
-    return {"parts": parts, "runs": runs, "config": config, "history": history}
-
-
-def mlflow_client(run_dir: Path):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}")
-
-
-def mlflow_runs(run_dir: Path, experiment: str = "bonnerlab") -> list:
-    client = mlflow_client(run_dir)
-    found = client.get_experiment_by_name(experiment)
-    assert found is not None, f"no MLflow experiment {experiment} in {run_dir}"
-    return client.search_runs([found.experiment_id])
 
 
 def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -120,8 +77,7 @@ def test_both_trackers_get_what_metrics_jsonl_and_tensorboard_get(tiny_train_cfg
     assert saved["key"] == saved["wandb"]["id"] == key
 
     # MLflow: one run, every epoch's record equal to metrics.jsonl's, the config as params
-    (run,) = mlflow_runs(run_dir)
-    client = mlflow_client(run_dir)
+    client, (run,) = mlflow_runs(run_dir)
     assert run.info.run_id == saved["mlflow"]["run_id"] and run.info.status == "FINISHED"
     for name in NUMERIC:
         assert history(client, run.info.run_id, f"epoch/{name}") == epoch_values(metrics, name)
@@ -200,8 +156,7 @@ def test_sigterm_then_resume_is_one_tracker_run_with_every_epoch_once(tmp_path, 
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     every_step = list(range(2, metrics[-1]["step"] + 1, 2))
 
-    (run,) = mlflow_runs(run_dir)
-    client = mlflow_client(run_dir)
+    client, (run,) = mlflow_runs(run_dir)
     assert run.info.status == "FINISHED"
     for name in NUMERIC:
         assert history(client, run.info.run_id, f"epoch/{name}") == epoch_values(metrics, name)
@@ -245,11 +200,11 @@ def test_a_resumed_mlflow_run_logs_each_step_once(tmp_path):
     again.epoch({"epoch": 1, "val_acc": 0.75})
     again.epoch({"epoch": 2, "val_acc": 0.9})
     again.close()
-    client = mlflow_client(tmp_path / "run")
+    client, runs = mlflow_runs(tmp_path / "run")
+    assert [r.info.run_id for r in runs] == [first.run_id]
     loss = history(client, first.run_id, "train/loss")
     assert loss == [(2, 0.5), (4, 0.25), (6, 1 / 6), (8, 0.125), (10, 20.0)]
     assert history(client, first.run_id, "epoch/val_acc") == [(1, 0.5), (2, 0.9)]
-    assert len(mlflow_runs(tmp_path / "run")) == 1
 
 
 # ----------------------------------------------------------------------------- failures
@@ -284,7 +239,7 @@ def test_a_tracker_failing_mid_run_is_one_warning_and_training_goes_on(tiny_trai
         while time.monotonic() < end:
             run_id = (trackers.read_trackers_json(run_dir).get("mlflow") or {}).get("run_id")
             if run_id:
-                mlflow_client(run_dir).delete_run(run_id)
+                mlflow_runs(run_dir)[0].delete_run(run_id)
                 deleted.set()
                 return
             time.sleep(0.02)
