@@ -66,6 +66,63 @@ def test_float16_layers_stream_in_float32(tmp_path):
     _close(g.gram, Gram.from_array(x.astype(np.float64)).gram)
 
 
+def test_float16_to_float32_is_numpy_s_cast_bit_for_bit_for_every_half():
+    """All 65,536 halves (signed, subnormal, inf, NaN), and the no-sign-bit block a ReLU layer
+    makes, through the bit arithmetic the stream uses instead of numpy's branching cast."""
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    finite = every[np.isfinite(every)]
+    relu = every[:0x7C00]  # 0 up to the largest finite half, no sign bit
+    for values, cols in ((every, 256), (finite, 8), (relu, 31)):
+        x = values.reshape(-1, cols)
+        for src in (x, np.asarray(np.hstack([x, x]))[:, ::2]):  # contiguous and strided
+            out = np.empty(src.shape, np.float32)
+            gram.to_float32(src, out, np.empty(src.shape, np.uint32))
+            expected = src.astype(np.float32)
+            np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+def _chunk_features(path, layer: str, span: int) -> None:
+    """Rewrite `layer` sharded as zarr allows: one shard per row chunk (as written), inner
+    chunks of `span` indices of the first feature dim, so reading a panel decodes its own."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr on the store's .done folder, consolidated metadata
+        group = zarr.open_group(str(path), mode="r+")
+        old = group[layer]
+        data, attrs, shard = old[:], dict(old.attrs), old.chunks
+        names, fill = old.metadata.dimension_names, old.fill_value
+        del group[layer]
+        new = group.create_array(
+            layer,
+            shape=data.shape,
+            dtype=data.dtype,
+            shards=shard,
+            chunks=(shard[0], span, *shard[2:]),
+            compressors=old.compressors,
+            attributes=attrs,
+            dimension_names=names,
+            fill_value=fill,
+        )
+        new[:] = data
+        zarr.consolidate_metadata(str(path))
+
+
+def test_a_store_chunked_along_features_is_decoded_once_however_many_panels(tmp_path):
+    x = _features()
+    path = write_store(tmp_path / "f.zarr", {"conv": x})
+    _chunk_features(path, "conv", span=2)
+    g = layer_gram(path, "conv", device="cpu", memory_gb=_memory_for(4), cache=False)
+    # panels fall on the chunks (4 of 6 indices: 2 chunks, then 1), each chunk read once
+    assert g.attrs["passes"] == 2 and g.attrs["store_reads"] == 1.0
+    _close(g.gram, Gram.from_array(x).gram)
+    rows = layer_gram(write_store(tmp_path / "r.zarr", {"conv": x}), "conv", device="cpu",
+                      memory_gb=_memory_for(4), cache=False)  # fmt: skip
+    assert rows.attrs["passes"] == 2 and rows.attrs["store_reads"] == 2.0  # whole rows twice
+
+
 def test_select_aligns_by_id_and_names_unknown_ones():
     g = Gram.from_array(_features(), [f"s{i}" for i in range(N)])
     sub = g.select(["s3", "s1"])
@@ -131,32 +188,37 @@ def status(field):  # kB; VmHWM is this process's own peak (ru_maxrss keeps the 
     with open("/proc/self/status") as f:
         return int(re.search(field + r":\\s+(\\d+)", f.read()).group(1))
 
-open_activations(sys.argv[1], "big")  # zarr's and xarray's imports are not the stream's memory
+# zarr's and xarray's imports, threads and codecs (a first read) are not the stream's memory
+open_activations(sys.argv[1], "big")[:1, :1].values
 before = status("VmRSS")
 g = layer_gram(sys.argv[1], "big", device="cpu", memory_gb=0.02, cache=False)
-print(json.dumps({"grew_mb": (status("VmHWM") - before) / 1024, "passes": g.attrs["passes"],
-                  "trace": float(np.trace(g.gram))}))
+grew_mb = (status("VmHWM") - before) / 1024
+np.save(sys.argv[2], g.gram)
+print(json.dumps({"grew_mb": grew_mb, "passes": g.attrs["passes"]}))
 """
 
 
+@pytest.mark.slow  # ~10 s of CPU: 8 passes over an 80 MB layer
 def test_a_layer_larger_than_the_memory_limit_is_still_analysed(tmp_path):
-    n, shape = 200, (1000, 100)  # 80 MB as float32, 40 MB as stored (float16)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
-    path = write_store(tmp_path / "big.zarr", {"big": x}, chunk_size=32)
-    expected = float((x.astype(np.float64) ** 2).sum())
+    """The limit is the memory the stream may add to the process (`memory_gb` 20 MB, measured as
+    the peak RSS over what imports and a first read hold): under it goes not the layer (160 MB as
+    float32, what an in-memory analysis holds), not even its stored float16 (80 MB)."""
+    n, shape = 200, (2000, 100)
+    x = np.random.default_rng(0).standard_normal((n, *shape), dtype=np.float32).astype(np.float16)
+    path = write_store(tmp_path / "big.zarr", {"big": x}, chunk_size=8)
+    x64 = x.reshape(n, -1).astype(np.float64)
     del x
     out = subprocess.run(
-        [sys.executable, "-c", PEAK, str(path)],
+        [sys.executable, "-c", PEAK, str(path), str(tmp_path / "gram.npy")],
         env=repo_env(OMP_NUM_THREADS="2"),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    layer_mb = n * np.prod(shape) * 4 / 2**20
-    assert result["passes"] >= 2, result
-    # the panels, a decoded row chunk and zarr's buffers, never the layer (here ~50 of 76 MB)
-    assert result["grew_mb"] < layer_mb, (result, layer_mb)
-    assert result["trace"] == pytest.approx(expected, rel=1e-6)
+    stored_mb = x64.size * 2 / 2**20
+    assert result["passes"] >= 4, result
+    # the panel, the Gram, a block for BLAS and zarr's read buffers (~44 MB of the 80 here)
+    assert result["grew_mb"] < 0.7 * stored_mb, (result, stored_mb)
+    _close(np.load(tmp_path / "gram.npy")[::20], x64[::20] @ x64.T)  # every 20th row
