@@ -2,13 +2,15 @@
 
     runs/<name>/
       config.yaml        resolved config; --config_path reproduces the run
-      git.txt, git.diff  commit and uncommitted changes of the code that ran
+      LOCK               the one live writer (RunLock): host, pid, SLURM job; mtime = heartbeat
+      git.txt, git.diff  commit and uncommitted changes of the code that ran (git.1.txt ... earlier)
       metrics.jsonl      one JSON object per epoch
       events.out.tfevents.*  TensorBoard curves
       checkpoints/latest.pt, best.pt
       files.json         an image folder's scanned file list (the exact files trained on)
       eval-<split>/      what `evaluate` wrote: metrics.json, confusion matrix (CSV, PNG)
       STATE              PENDING | RUNNING | DONE | FAILED | INTERRUPTED | CANCELLED
+                         (status shows LOST for a RUNNING one whose writer is gone)
       slurm.yaml         when launched on SLURM: the SlurmConfig and what was submitted
       submit.sh          the script given to sbatch (a single job's)
       code/              the code snapshot the queued job runs

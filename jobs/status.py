@@ -6,7 +6,9 @@
     python jobs/status.py runs/<sweep> --metric val_loss --mode min
 
 State comes from SLURM (one squeue and one sacct per refresh, for all folders together), then the
-job's own STATE marker, so it works with no launcher alive, and without SLURM for local runs.
+job's own STATE marker, so it works with no launcher alive, and without SLURM for local runs. A
+RUNNING marker whose writer is gone (its LOCK's process, or no heartbeat for an hour) shows as
+LOST, with the last heartbeat; a folder that cannot be read is listed with its problem.
 A failed task's row shows its failure kind and the last line of its error. From an analysis
 script: `from bonnerlab.cluster.status import sweep_status; df = sweep_status("runs/<sweep>")`.
 """

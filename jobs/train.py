@@ -10,7 +10,9 @@
     python jobs/train.py --config_path runs/<run>/config.yaml --run_dir runs/again   # reproduce
 
 SIGTERM or SIGUSR2 (preemption, a hand-written sbatch script's --signal, torchrun passing on its
-own SIGTERM) saves latest.pt at the next step and exits; `--resume` continues exactly.
+own SIGTERM) and Ctrl-C save latest.pt at the next step and exit with STATE INTERRUPTED (Ctrl-C
+twice aborts at once); `--resume` continues exactly. One process writes a run folder at a time:
+a second one is refused with one line naming the holder (its LOCK).
 """
 
 from __future__ import annotations
