@@ -11,8 +11,9 @@ make_photos: shorter side 160-512 px) under train/<photo>/, packed with
 - training: one epoch of `TrainBatches` over the training split (the natural preset's canvas at
   --size, --workers persistent workers, --batch), from the folder's files and from the shards;
   the loader only (decode + batching: what a training step waits on), samples/s;
-- extraction: `extract()` of torchvision ResNet-18 (random weights, --size squash, avgpool)
-  over the folder and over the shard set, images/s;
+- extraction: `extract()` of --arch (mnist_cnn by default, random weights: on a CPU a ResNet's
+  forward pass hides the data path) at --size (squash) over the folder and over the shard set,
+  images/s;
 - files opened (Python's audit hook, in this process: one pass with no workers) and read
   syscalls (/proc/self/io syscr) per 1,000 images.
 
@@ -43,6 +44,7 @@ from bonnerlab.data.folders import scan_collection  # noqa: E402
 from bonnerlab.data.loaders import TrainBatches  # noqa: E402
 
 CPU = torch.device("cpu")
+LAYER = {"mnist_cnn": "fc", "resnet18": "avgpool", "resnet50": "avgpool"}  # what extraction keeps
 
 
 def splits(folder: Path, packed: Path, size: int) -> dict[str, FolderDataset]:
@@ -83,23 +85,21 @@ def use_shard_stimuli() -> None:
     run.load_stimuli = load
 
 
-def extract_rate(stimuli: Path, out: Path, size: int, workers: int, batch: int) -> float:
+def extract_rate(stimuli: Path, out: Path, size: int, workers: int, batch: int, arch: str) -> float:
     from bonnerlab.config import ExtractConfig, ModelConfig
     from bonnerlab.extract.run import extract
 
     cfg = ExtractConfig(
-        model=ModelConfig(arch="resnet18"),
+        model=ModelConfig(arch=arch),
         stimuli=str(stimuli),
         image_size=size,
         preprocess="squash",
         in_channels=3,
-        layers=["avgpool"],
-        pooling=["avgpool=flatten"],
+        layers=[LAYER[arch]],
         batch_size=batch,
         device="cpu",
         num_workers=workers,
         output=str(out),
-        overwrite=True,
         progress=False,
     )
     return extract(cfg)["images_per_s"]
@@ -142,6 +142,12 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--arch",
+        default="mnist_cnn",
+        choices=sorted(LAYER),
+        help="the extracted model: small on a CPU, so the data path shows",
+    )
     p.add_argument("--data", default="", help="keep the photographs here for reuse")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
@@ -166,7 +172,8 @@ def main() -> int:
             rate = train_rate(sources[path], args.batch, args.workers)
             rates["train_samples_per_s"][path].append(rate)
             stimuli = folder if path == "folder" else packed
-            ext = extract_rate(stimuli, work / f"{path}.zarr", args.size, args.workers, args.batch)
+            store = work / f"{path}-{r}.zarr"  # a new store each round (a rerun computes nothing)
+            ext = extract_rate(stimuli, store, args.size, args.workers, args.batch, args.arch)
             rates["extract_images_per_s"][path].append(ext)
             print(f"  round {r + 1} {path}: train {rate:.0f} samples/s, extract {ext:.0f} images/s")
     result: dict = {"n": args.n, "shard_size": args.shard_size, "workers": args.workers}
