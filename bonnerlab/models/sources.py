@@ -220,15 +220,19 @@ def torchvision_weights(arch: str, name: str) -> Any:
         ) from e
 
 
-def _fetching(name: str, what: str, cache: str) -> contextlib.AbstractContextManager[None]:
-    """A Hub download's one-line offline error (`downloading`); a local folder's errors are its
-    own (nothing to download)."""
+def _fetching(
+    name: str, what: str, cache: str, published: bool = False
+) -> contextlib.AbstractContextManager[None]:
+    """What comes from a Hub (an `hf-hub:` name's config, `published` weights) fails offline as
+    one line (`downloading`); a local folder's errors, and a bare name's, are their own."""
     if name.startswith("local-dir:"):
         folder = Path(name.partition(":")[2])
         if not folder.is_dir():
             raise WeightsError(f"{name}: folder {folder} not found")
         return contextlib.nullcontext()
-    return downloading(what, cache)
+    if published or name.startswith("hf-hub:"):
+        return downloading(what, cache)
+    return contextlib.nullcontext()
 
 
 def _schema_weights(source: str, name: str, weights: str) -> None:
@@ -239,13 +243,12 @@ def _schema_weights(source: str, name: str, weights: str) -> None:
             f"{source}:{name} brings its own weights: use model.weights auto (or DEFAULT), none "
             f"or a local weights file, not {weights!r}"
         )
-    if name.startswith("local-dir:") and Path(name.partition(":")[2]).is_dir():
-        folder = Path(name.partition(":")[2])
-        if not folder_weights(folder):
-            raise WeightsError(
-                f"{source}:{name}: folder {folder} holds no weights file; pass "
-                "--model.weights none for random weights"
-            )
+    folder = Path(name.partition(":")[2])
+    if name.startswith("local-dir:") and folder.is_dir() and not folder_weights(folder):
+        raise WeightsError(
+            f"{source}:{name}: folder {folder} holds no weights file; pass --model.weights none "
+            "for random weights"
+        )
 
 
 def _load_timm(cfg: ModelConfig, name: str, num_classes: int | None, in_channels: int):
@@ -283,7 +286,7 @@ def _load_timm(cfg: ModelConfig, name: str, num_classes: int | None, in_channels
                 raise WeightsError(
                     f"unknown timm pretrained tag {weights!r} for {base}; published: {published}"
                 )
-        with _fetching(name, f"get timm weights {full}", cache):
+        with _fetching(name, f"get timm weights {full}", cache, published=True):
             model = timm.create_model(full, pretrained=True, **kwargs)
     # timm's eval transform from the model's pretrained_cfg (kept when the head is replaced)
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
@@ -322,7 +325,7 @@ def _load_open_clip(cfg: ModelConfig, name: str, num_classes: int | None, in_cha
             load_matching(model.visual, state, weights, f"open_clip:{model_name}")
     elif schema:
         _schema_weights("open_clip", name, weights)
-        with _fetching(name, f"get open_clip weights {name}", cache):
+        with _fetching(name, f"get open_clip weights {name}", cache, published=True):
             model = open_clip.create_model(name, require_pretrained=True)
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
@@ -434,7 +437,7 @@ class LoadedModel:
     model: nn.Module  # eval mode, CPU; called as model(x) with a preprocessed float batch
     arch: str
     source: str  # a key of SOURCES, or checkpoint
-    weights: str
+    weights: str  # the weights used: `auto` resolved (none, DEFAULT, a tag, a file or folder)
     weights_file_sha256: str | None
     in_channels: int
     # what bonnerlab.models.preprocess resolves: a torchvision/timm/open_clip transform, a Hugging
