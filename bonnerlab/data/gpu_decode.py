@@ -18,6 +18,7 @@ no draft applies, and mean <= 0.36 levels with <= 0.03% of values over 8 apart w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,22 @@ def decode_batch(
         else:
             out[i] = resize_on_device(x, source.size, source.fit, source.crop_fraction)
     return torch.stack(out), labels.to(device, non_blocking=True)  # type: ignore[arg-type]
+
+
+def decode_on_device(
+    items: list[torch.Tensor],
+    in_channels: int,
+    device: torch.device,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    cpu_path: Callable[[int], torch.Tensor],
+) -> list[torch.Tensor]:
+    """A batch from byte-reading workers, each item a JPEG's bytes (1-D uint8) or an image the
+    worker decoded itself (a file the device cannot take): the bytes decoded on `device` in one
+    call and `transform`ed there one by one, the rest moved there; `cpu_path(i)` gives item i
+    when the device refuses it. Extraction's `--decode gpu` (the transform is the uint8 part of
+    the published preprocessing, which runs on tensors on any device)."""
+    todo = [i for i, x in enumerate(items) if x.ndim == 1]
+    out = [x if x.ndim == 1 else x.to(device, non_blocking=True) for x in items]
+    for i, x in zip(todo, decode_jpegs([items[i] for i in todo], in_channels, device), strict=True):
+        out[i] = transform(x) if x is not None else cpu_path(i).to(device, non_blocking=True)
+    return out
