@@ -68,20 +68,24 @@ def test_auto_resolves_from_the_spec_alone():
     assert ModelConfig().weights == "auto"
 
 
-def test_architecture_names_stay_random_exactly_as_none(tiny_clip):
-    """torchvision, timm, open_clip names and mnist_cnn: the seeded random network of `none`, in
-    extraction and in training."""
+def architecture_stays_random(arch: str) -> None:
+    """A bare architecture name: the seeded random network of `none`, in extraction and in
+    training."""
+    auto = load_source(ModelConfig(arch=arch), seed=3)
+    none = load_source(ModelConfig(arch=arch, weights="none"), seed=3)
+    assert auto.weights == "none" and auto.weights_file_sha256 is None, arch
+    assert auto.weights_sha256 == none.weights_sha256, arch
+    assert same_state(auto.model, none.model), arch
+    torch.manual_seed(4)
+    trained = build_model(ModelConfig(arch=arch), 3, 5)
+    torch.manual_seed(4)
+    assert same_state(trained, build_model(ModelConfig(arch=arch, weights="none"), 3, 5)), arch
+
+
+def test_architecture_names_stay_random_exactly_as_none():
     pytest.importorskip("timm")
-    for arch in ["mnist_cnn", "resnet18", "timm:test_vit", "open_clip:bonnerlab-tiny-clip"]:
-        auto = load_source(ModelConfig(arch=arch), seed=3)
-        none = load_source(ModelConfig(arch=arch, weights="none"), seed=3)
-        assert auto.weights == "none" and auto.weights_file_sha256 is None, arch
-        assert auto.weights_sha256 == none.weights_sha256, arch
-        assert same_state(auto.model, none.model), arch
-        torch.manual_seed(4)
-        trained = build_model(ModelConfig(arch=arch), 3, 5)
-        torch.manual_seed(4)
-        assert same_state(trained, build_model(ModelConfig(arch=arch, weights="none"), 3, 5))
+    for arch in ["mnist_cnn", "resnet18", "timm:test_vit"]:
+        architecture_stays_random(arch)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -211,8 +215,11 @@ def tiny_clip(tmp_path_factory):
     return root, model_cfg, clip
 
 
+@pytest.mark.slow  # importing open_clip: ~10 s on a busy 2-core machine
 def test_open_clip_name_file_and_local_dir_use_their_weights(tiny_clip, tmp_path):
     from safetensors.torch import save_file
+
+    architecture_stays_random("open_clip:bonnerlab-tiny-clip")  # a bare name: random
 
     root, model_cfg, clip = tiny_clip
     torch.save(clip.state_dict(), tmp_path / "clip.pt")
@@ -304,6 +311,7 @@ def test_empty_and_cut_short_checkpoints_are_one_line(tmp_path):
     one_line(e, best, "empty (0 bytes)")
 
 
+@pytest.mark.slow  # a job process
 def test_extract_job_with_an_empty_weights_file_is_one_line_before_writing(tmp_path):
     (tmp_path / "empty.pth").write_bytes(b"")
     out = tmp_path / "x.zarr"
