@@ -27,7 +27,9 @@ decoding. PIL itself only warns between 1x and 2x its limit and raises a
 from __future__ import annotations
 
 import io
+import os
 import struct
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -47,8 +49,22 @@ LIMIT_FLAGS = "--max_image_pixels (training: --data.max_image_pixels)"
 FLOAT_SLACK = 0.5 / 255
 
 # PIL reads its bomb limit from a module global at open time; it is set to None (our own check
-# replaces it) only while this lock is held, for the header parse, never for the decode
+# replaces it) only while this lock is held, for the header parse, never for the decode. Other
+# threads calling PIL directly in that window see no limit.
 _OPEN_LOCK = threading.Lock()
+_SET_ASIDE: list[int | None] = []  # PIL's limit while it is set to None
+
+
+def _after_fork_in_child() -> None:
+    """A DataLoader worker forked while another thread was in the window: a fresh lock (the
+    inherited one would stay held) and PIL's own limit back."""
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+    if _SET_ASIDE:  # PIL is imported then; no import machinery in a fork handler
+        sys.modules["PIL.Image"].MAX_IMAGE_PIXELS = _SET_ASIDE.pop()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def read_image(
@@ -91,24 +107,19 @@ def opened_image(
         raise DataError(f"cannot read image {name}: {_one_line(e)}") from e
 
 
-def pixel_limit(max_pixels: int = 0) -> int | None:
-    """The bomb limit in force: `max_pixels` when > 0, else PIL's (None: no limit)."""
-    from PIL import Image
-
-    return max_pixels if max_pixels > 0 else Image.MAX_IMAGE_PIXELS
-
-
 def _open_checked(source: str | Path | BinaryIO, name: str | Path, max_pixels: int) -> Image.Image:
     from PIL import Image
 
-    limit = pixel_limit(max_pixels)
     with _OPEN_LOCK:
         saved = Image.MAX_IMAGE_PIXELS
+        limit = max_pixels if max_pixels > 0 else saved  # read here: never another call's None
+        _SET_ASIDE.append(saved)
         Image.MAX_IMAGE_PIXELS = None
         try:
             img = Image.open(source)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+            _SET_ASIDE.clear()
     width, height = img.size
     if limit is not None and width * height > limit:
         img.close()

@@ -216,23 +216,30 @@ def test_max_pixels_replaces_pils_limit_and_pils_own_is_honoured(tmp_path, monke
     assert read_image(tmp_path / "photo.png", "photo.png").size == (80, 60)
 
 
-def test_limits_hold_per_call_across_threads(tmp_path):
-    Image.fromarray(_photo_rgb()).save(tmp_path / "photo.png")
+def test_limits_hold_per_call_across_threads(tmp_path, monkeypatch):
+    """Threads reading at once, half with their own limit above the photograph, half with
+    PIL's (lowered under it): each call keeps its own, none sees another's lifted limit."""
+    Image.fromarray(_photo_rgb()).save(tmp_path / "photo.png")  # 4,800 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4799)
     results: dict[int, str] = {}
 
     def read(i: int) -> None:
-        limit = 4799 if i % 2 else 4800
-        try:
-            results[i] = read_image(tmp_path / "photo.png", "photo.png", max_pixels=limit).mode
-        except DataError:
-            results[i] = "refused"
+        for _ in range(20):
+            try:
+                mode = read_image(tmp_path / "photo.png", "p", max_pixels=4800 * (i % 2)).mode
+            except DataError:
+                mode = "refused"
+            results.setdefault(i, mode)
+            if results[i] != mode:
+                results[i] = "both"
 
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert results == {i: "refused" if i % 2 else "RGB" for i in range(16)}
+    assert results == {i: "RGB" if i % 2 else "refused" for i in range(8)}
+    assert Image.MAX_IMAGE_PIXELS == 4799
 
 
 # ----------------------------------------------------------------------------- training
