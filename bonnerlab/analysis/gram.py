@@ -4,12 +4,15 @@ Every similarity analysis and the dual-form encoding model need only the Gram ma
 of a layer's flattened features and its row sums, never the features themselves; G is n x n
 where X is n x p, and p (hundreds of thousands of features) is what breaks in-memory tools.
 
-How the stream reads the store: layers are chunked along `presentation` only (one chunk per
-extraction batch, all features), so any read decompresses whole row chunks. A *pass* therefore
-reads every row chunk once and keeps a *panel* of features (a range of the first feature dim)
-for all stimuli, as wide as `memory_gb` allows after the Gram itself; the panel's product goes
-into a float32 accumulator (BLAS syrk, half the flops of a GEMM), added into float64 once per
-panel. Few, wide panels mean few passes, and the decode cost is `passes` x one full read.
+How the stream reads the store: a *panel* is a range of the first feature dim for all stimuli,
+as wide as `memory_gb` allows after the Gram itself; its product goes into a float32
+accumulator (BLAS syrk on float32 blocks of the panel, half the flops of a GEMM), added into
+float64 once per panel. Extraction chunks layers along `presentation` only (one chunk per
+batch, all features), so every panel decodes whole row chunks: the decode cost is one full read
+per panel, and few, wide panels matter (`store_reads` in the attrs). A store chunked (or
+sharded) along features too is read chunk-aligned, each chunk decoded once however many
+panels. Cost per value besides the product: one float16 -> float32 conversion (bit
+arithmetic: numpy's cast branches per value) and a few vector passes (row sums, the shift).
 Nothing here imports torch unless the device is CUDA (or `auto` with torch installed).
 """
 

@@ -62,7 +62,7 @@ class AnalyzeConfig:
     seed: int = 0
     # auto (cuda when available), cpu, cuda, cuda:1, ...
     device: str = "auto"
-    # memory the streamed pass may hold for feature panels, in GB (the Gram itself comes on top)
+    # memory the stream may hold, in GB: the Gram (12 n^2 bytes), feature panels, read buffers
     memory_gb: float = 1.0
     # analysis folder; empty = analysis/<store name>
     output: str = ""
