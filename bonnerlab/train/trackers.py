@@ -12,6 +12,10 @@ folder's trackers.json before the tracker run is opened; --resume, a requeue and
 --sweep_dir ... --resume` read it back and continue the same W&B run (`id`, `resume="allow"`)
 or MLflow run (its run_id, found again by the `bonnerlab.run_key` tag if trackers.json was lost).
 Sweep tasks are grouped: W&B `group` and the MLflow experiment are the sweep folder's name.
+A resumed MLflow run skips the points it already holds (steps redone after a hard kill); W&B is
+not compared, so after a hard kill (SIGKILL, a lost node; a stop request saves where it stops) the
+steps redone since the checkpoint appear twice there. A run folder deleted and started again at
+the same path continues its old tracker run: choose a new --run_dir.
 
 W&B writes into <run folder>/wandb/: offline (each start one offline-run-*-<id> folder, all with
 the same id; `wandb sync` uploads them in order as one run) when `--log.wandb_mode offline`, when
@@ -199,8 +203,8 @@ def wandb_mode(configured: str, timeout: float = REACH_TIMEOUT_S) -> str:
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     if env in ("offline", "dryrun"):
         return "offline"
-    if env == "online":
-        return "online"
+    if env in ("online", "disabled"):
+        return env
     return (
         "online" if reachable(os.environ.get("WANDB_BASE_URL") or WANDB_URL, timeout) else "offline"
     )
@@ -220,16 +224,16 @@ class WandbTracker:
         mode = wandb_mode(cfg.log.wandb_mode)
         config = {**to_dict(cfg), "bonnerlab": _about(ident)}
         try:
-            self.run = self._init(wandb, cfg, ident, mode, config)
+            self.run = self._init(wandb, cfg, ident, mode)
         except Exception as e:
             if mode != "online" or cfg.log.wandb_mode == "online":
                 raise
             # auto found the service but could not log in (no API key on this node, ...)
             warn(f"W&B online failed ({_first_line(e)}); logging offline instead")
             mode = "offline"
-            self.run = self._init(wandb, cfg, ident, mode, config)
-        # resumed: the config's resumable keys (resume, device, ...) may differ from the first
-        # start's
+            self.run = self._init(wandb, cfg, ident, mode)
+        # given here, not to init: a resumed run's resumable keys (resume, device, ...) may
+        # differ from its first start's
         self.run.config.update(config, allow_val_change=True)
         self.run.define_metric("global_step")
         self.run.define_metric("train/*", step_metric="global_step")
@@ -241,11 +245,13 @@ class WandbTracker:
             "wandb",
             {"id": ident.key, "project": self.run.project, "group": ident.sweep, "mode": mode},
         )
-        where = f"offline in {ident.run_dir / 'wandb'}" if mode == "offline" else self.run.url
-        print(f"[bonnerlab] W&B run {ident.key}: {where}", file=sys.stderr, flush=True)
+        where = self.run.url
+        if mode == "offline":
+            where = f"offline in {ident.run_dir / 'wandb'} (upload: jobs/sync.py {ident.run_dir})"
+        print(f"[bonnerlab] W&B run {ident.key}: {where}", flush=True)
 
     @staticmethod
-    def _init(wandb: Any, cfg: TrainConfig, ident: RunIdentity, mode: str, config: dict) -> Any:
+    def _init(wandb: Any, cfg: TrainConfig, ident: RunIdentity, mode: str) -> Any:
         return wandb.init(
             project=cfg.log.wandb_project or "bonnerlab",
             id=ident.key,
@@ -253,7 +259,6 @@ class WandbTracker:
             name=ident.name,
             group=ident.sweep,
             job_type="train",
-            config=config,
             dir=str(ident.run_dir),  # offline runs live in the run folder: jobs/sync.py finds them
             mode=mode,
             reinit="create_new",  # never take over (or finish) a run the caller opened itself

@@ -227,6 +227,7 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_training_goes_on(tiny_t
     assert "mlflow" not in trackers.read_trackers_json(cfg.run_dir)
 
 
+@pytest.mark.slow
 def test_a_tracker_failing_mid_run_is_one_warning_and_training_goes_on(tiny_train_cfg, capfd):
     """The MLflow run is deleted from its store by another client while training: its next
     write is refused by MLflow; training ends as it would have."""
