@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -151,44 +152,49 @@ def main() -> int:
     p.add_argument("--data", default="", help="keep the photographs here for reuse")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
-    data = Path(args.data) if args.data else work / "photos"
-    make_photos(data, args.n, 0)
-    folder = data / "train"
-    packed = work / "shards"
-    t = time.perf_counter()
-    shards.pack(folder, packed, args.shard_size)
-    pack_s = time.perf_counter() - t
-    n_shards = len(list(packed.glob("*.tar")))
-    print(f"{args.n} photographs packed into {n_shards} shards in {pack_s:.1f} s")
-    sources = splits(folder, packed, args.size)
-    use_shard_stimuli()
-    rates: dict[str, dict[str, list[float]]] = {
-        "train_samples_per_s": {"folder": [], "shards": []},
-        "extract_images_per_s": {"folder": [], "shards": []},
-    }
-    for r in range(args.rounds):
-        order = ("folder", "shards") if r % 2 == 0 else ("shards", "folder")
-        for path in order:
-            rate = train_rate(sources[path], args.batch, args.workers)
-            rates["train_samples_per_s"][path].append(rate)
-            stimuli = folder if path == "folder" else packed
-            store = work / f"{path}-{r}.zarr"  # a new store each round (a rerun computes nothing)
-            ext = extract_rate(stimuli, store, args.size, args.workers, args.batch, args.arch)
-            rates["extract_images_per_s"][path].append(ext)
-            print(f"  round {r + 1} {path}: train {rate:.0f} samples/s, extract {ext:.0f} images/s")
-    result: dict = {"n": args.n, "shard_size": args.shard_size, "workers": args.workers}
-    for kind, by_path in rates.items():
-        best = {k: max(v) for k, v in by_path.items()}
-        result[kind] = {k: round(v, 1) for k, v in best.items()}
-        result[kind]["ratio_shards_vs_folder"] = round(best["shards"] / best["folder"], 3)
-    for path, under in (("folder", folder), ("shards", packed)):
-        result[f"io_{path}"] = io_counts(lambda p=path: splits(folder, packed, args.size)[p], under)
-    result["pack_seconds"] = round(pack_s, 1)
-    print(json.dumps(result, indent=1))
-    out = REPO / "bench" / "out"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shards.json").write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    try:
+        data = Path(args.data) if args.data else work / "photos"
+        make_photos(data, args.n, 0)
+        folder = data / "train"
+        packed = work / "shards"
+        t = time.perf_counter()
+        shards.pack(folder, packed, args.shard_size)
+        pack_s = time.perf_counter() - t
+        n_shards = len(list(packed.glob("*.tar")))
+        print(f"{args.n} photographs packed into {n_shards} shards in {pack_s:.1f} s")
+        sources = splits(folder, packed, args.size)
+        use_shard_stimuli()
+        rates: dict[str, dict[str, list[float]]] = {
+            "train_samples_per_s": {"folder": [], "shards": []},
+            "extract_images_per_s": {"folder": [], "shards": []},
+        }
+        for r in range(args.rounds):
+            order = ("folder", "shards") if r % 2 == 0 else ("shards", "folder")
+            for path in order:
+                rate = train_rate(sources[path], args.batch, args.workers)
+                rates["train_samples_per_s"][path].append(rate)
+                stimuli = folder if path == "folder" else packed
+                store = work / f"{path}-{r}.zarr"  # a new one each round: a rerun computes nothing
+                ext = extract_rate(stimuli, store, args.size, args.workers, args.batch, args.arch)
+                rates["extract_images_per_s"][path].append(ext)
+                print(f"  round {r + 1} {path}: train {rate:.0f}/s, extract {ext:.0f} images/s")
+        result: dict = {"n": args.n, "shard_size": args.shard_size, "workers": args.workers}
+        for kind, by_path in rates.items():
+            best = {k: max(v) for k, v in by_path.items()}
+            result[kind] = {k: round(v, 1) for k, v in best.items()}
+            result[kind]["ratio_shards_vs_folder"] = round(best["shards"] / best["folder"], 3)
+        for path, under in (("folder", folder), ("shards", packed)):
+            result[f"io_{path}"] = io_counts(
+                lambda p=path: splits(folder, packed, args.size)[p], under
+            )
+        result["pack_seconds"] = round(pack_s, 1)
+        print(json.dumps(result, indent=1))
+        out = REPO / "bench" / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shards.json").write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the photographs too, unless --data
 
 
 if __name__ == "__main__":
