@@ -46,7 +46,7 @@ import numpy as np
 
 from bonnerlab.data.folders import FileList, scan_collection, scan_stimulus_folder
 from bonnerlab.data.sheets import SHEET_SUFFIXES, read_sheet
-from bonnerlab.errors import DataError
+from bonnerlab.errors import DataError, UserError
 
 FORMAT = "bonnerlab-shards/1"
 INDEX = "index.json"
@@ -107,7 +107,12 @@ def _json_value(value: Any) -> Any:
 def pack(source: str | Path, out: str | Path, shard_size: int = 1000, overwrite: bool = False):
     """Write `source` (an image folder or a .csv/.tsv sheet) as shards and an index into `out`;
     returns the index's summary. Every check comes first; `out` appears whole or not at all."""
-    import webdataset as wds
+    try:
+        import webdataset as wds
+    except ImportError as e:  # reading needs it not: only packing writes through its ShardWriter
+        raise UserError(
+            "packing shards needs the webdataset package: pip install 'bonnerlab[shards]'"
+        ) from e
 
     source, out = Path(source), Path(out)
     if shard_size < 1:
