@@ -245,14 +245,15 @@ def plan_panels(
     sub = min(SUB_BLOCK_BYTES, budget / 16)
     sub_cols = int(min(p, max(MIN_SUB_COLS, sub // (4 * max(n, 1)))))
     convert = 2 * 4 * n * sub_cols  # the float32 block and its uint32 scratch
-    # a decoded chunk, its compressed bytes and xarray's copy of the selection
-    chunk_bytes = 2.5 * chunk * span * inner * itemsize
-    # an eighth of the budget, at least one chunk: grows smoothly, so wider budgets never
-    # give narrower panels
+    # zarr's decoded chunks and their compressed bytes: an eighth of the budget, at least one
+    # chunk (grows smoothly, so wider budgets never give narrower panels)
+    chunk_bytes = 1.5 * chunk * span * inner * itemsize
     read = min(READ_CHUNKS * chunk_bytes, max(chunk_bytes, budget / 8))
     read_chunks = int(read // chunk_bytes)
     fixed = 12 * n * n + convert + read
-    column = n * inner * itemsize  # one index of the first feature dim, all stimuli
+    # one index of the first feature dim: in the panel for all stimuli, and in the selection a
+    # read returns (up to READ_CHUNKS row chunks) before it is copied in
+    column = (n + READ_CHUNKS * chunk) * inner * itemsize
     step = int(min(shape[0], (budget - fixed) // column))
     if span < shape[0] and step >= span:
         step -= step % span
