@@ -184,9 +184,12 @@ SMALL_SIDE = 64  # images no larger than this on their longer side are digit-lik
 LOOKS_SAMPLE = 64  # headers read to tell digit-like images from photographs
 
 
-def sample_looks(files: Sequence[str | Path], root: Path | None = None) -> dict[str, int]:
+def sample_looks(
+    files: Sequence[str | Path | bytes | BinaryIO], root: Path | None = None
+) -> dict[str, int]:
     """What a collection's images are, from the headers of up to LOOKS_SAMPLE files spread evenly
-    over `files` (mode and size; nothing is decoded): how many were read, how many of them are
+    over `files` (paths relative to `root`, or paths, bytes or file objects such as a shard
+    set's members; mode and size, nothing is decoded): how many were read, how many of them are
     single-channel, small (longer side <= SMALL_SIDE) or either, and the largest side seen.
     Unreadable files are left out here; reading them for training names them."""
     picks = (
@@ -194,9 +197,9 @@ def sample_looks(files: Sequence[str | Path], root: Path | None = None) -> dict[
     )
     looks = {"sampled": 0, "single_channel": 0, "small": 0, "either": 0, "largest_side": 0}
     for i in picks:
-        path = root / files[i] if root is not None else Path(files[i])
+        item = root / files[i] if root is not None else files[i]  # or bytes, a file object
         try:
-            with opened_image(path, path) as img:
+            with opened_image(item, f"sample {i}") as img:  # errors are left out, unnamed
                 gray, side = img.mode in GRAY_MODES, max(img.size)
         except DataError:
             continue
