@@ -86,9 +86,9 @@ def decodable_on_device(data: bytes, name: str, in_channels: int, max_pixels: in
 
 
 class EncodedImages(torch.utils.data.Dataset):
-    """A folder or shard split whose workers read bytes: item i is (the JPEG's bytes as a uint8
-    tensor, label, True) or, for a file the device cannot take, (`load_image`'s tensor, label,
-    False), decoded here from the bytes already read."""
+    """A folder or shard split whose workers read bytes: item i is (the JPEG's bytes as a 1-D
+    uint8 tensor, label, name) or, for a file the device cannot take, (`load_image`'s uint8
+    [C, S, S], label, name), decoded here from the bytes already read."""
 
     def __init__(self, source: FolderDataset) -> None:
         self.source = source
@@ -96,14 +96,14 @@ class EncodedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, bool, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         s = self.source
         data, name = read_bytes(s, index)
         label = int(s.labels[index])
         max_pixels = getattr(s, "max_pixels", 0)
         if decodable_on_device(data, name, s.in_channels, max_pixels):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, True, name
-        return cpu_decode(s, data, name), label, False, name
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, name
+        return cpu_decode(s, data, name), label, name
 
 
 def cpu_decode(source: FolderDataset, data: bytes, name: str) -> torch.Tensor:
@@ -119,12 +119,34 @@ def cpu_decode(source: FolderDataset, data: bytes, name: str) -> torch.Tensor:
     )
 
 
+Packed = tuple[torch.Tensor, list[int], torch.Tensor, list[bool]]
+
+
+def pack_tensors(tensors: list[torch.Tensor]) -> Packed:
+    """A batch of JPEG bytes (1-D) and decoded images as two tensors, in the worker: a worker
+    hands each tensor over through its own shared-memory file, and 256 per batch times the
+    batches in flight would exhaust the file-descriptor limit."""
+    encoded = [x.ndim == 1 for x in tensors]
+    data = [x for x in tensors if x.ndim == 1]
+    rest = [x for x in tensors if x.ndim != 1]
+    flat = torch.cat(data) if data else torch.empty(0, dtype=torch.uint8)
+    return flat, [len(x) for x in data], torch.stack(rest) if rest else flat[:0], encoded
+
+
+def unpack_tensors(packed: Packed) -> list[torch.Tensor]:
+    """`pack_tensors` undone: the items in their order (the bytes as views of one tensor)."""
+    flat, lengths, rest, encoded = packed
+    data = iter(torch.split(flat, lengths) if lengths else ())
+    others = iter(rest)
+    return [next(data) if e else next(others) for e in encoded]
+
+
 def collate_encoded(
-    items: list[tuple[torch.Tensor, int, bool, str]],
-) -> tuple[list[torch.Tensor], torch.Tensor, list[bool], list[str]]:
-    """A batch of variable-length byte tensors and decoded images, kept as a list."""
-    images, labels, jpeg, names = zip(*items, strict=True)
-    return list(images), torch.tensor(labels, dtype=torch.long), list(jpeg), list(names)
+    items: list[tuple[torch.Tensor, int, str]],
+) -> tuple[Packed, torch.Tensor, list[str]]:
+    """An `EncodedImages` batch: its tensors packed, labels, names."""
+    images, labels, names = zip(*items, strict=True)
+    return pack_tensors(list(images)), torch.tensor(labels, dtype=torch.long), list(names)
 
 
 def draft_scale(width: int, height: int, target: tuple[int, int]) -> int:
@@ -184,26 +206,20 @@ def decode_jpegs(
 
 
 def decode_batch(
-    batch: tuple[list[torch.Tensor], torch.Tensor, list[bool], list[str]],
-    source: FolderDataset,
-    device: torch.device,
+    batch: tuple[Packed, torch.Tensor, list[str]], source: FolderDataset, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One `EncodedImages` batch -> (uint8 [B, C, S, S], labels) on `device`: the JPEGs decoded
     and resized there; a file the device refuses, and every non-JPEG, by the CPU path."""
-    images, labels, jpeg, names = batch
-    out = [
-        None if is_jpeg else x.to(device, non_blocking=True)
-        for x, is_jpeg in zip(images, jpeg, strict=True)
-    ]
-    todo = [i for i, is_jpeg in enumerate(jpeg) if is_jpeg]
-    decoded = decode_jpegs([images[i] for i in todo], source.in_channels, device)
-    for i, x in zip(todo, decoded, strict=True):
-        if x is None:
-            x = cpu_decode(source, images[i].numpy().tobytes(), names[i])
-            out[i] = x.to(device, non_blocking=True)
-        else:
-            out[i] = resize_on_device(x, source.size, source.fit, source.crop_fraction)
-    return torch.stack(out), labels.to(device, non_blocking=True)  # type: ignore[arg-type]
+    packed, labels, names = batch
+    items = unpack_tensors(packed)
+    out = decode_on_device(
+        items,
+        source.in_channels,
+        device,
+        lambda x: resize_on_device(x, source.size, source.fit, source.crop_fraction),
+        lambda i: cpu_decode(source, items[i].numpy().tobytes(), names[i]),
+    )
+    return torch.stack(out), labels.to(device, non_blocking=True)
 
 
 def decode_on_device(
