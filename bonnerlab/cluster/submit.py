@@ -562,6 +562,9 @@ class Submission:
     extra: dict[str, Any] = field(default_factory=dict)
     # job ids to wait for (sbatch --dependency=afterok); see dependency_ids
     after: list[str] = field(default_factory=list)
+    # a new sweep's sweep.yaml, written once every check has passed: a refused sweep leaves no
+    # folder that a corrected command would then find "already exists"
+    sweep_record: dict[str, Any] | None = None
 
     @property
     def job_name(self) -> str:
@@ -600,6 +603,8 @@ def submit_tasks(sub: Submission) -> list[Task]:
     # what runs is what the checkout holds now (checked against the size cap before anything is
     # written); an unchanged checkout reuses its snapshot
     code_dir = snapshot_code(paths.code)
+    if sub.sweep_record is not None:
+        paths.sweep_yaml.write_text(yaml_text(sub.sweep_record))
     write_git_info(folder)  # once; every task folder gets a copy
     job_cfgs = []
     for t in sub.tasks:

@@ -52,7 +52,6 @@ from bonnerlab.cluster.submit import (
     spec_of,
     submit_tasks,
     submitted_record,
-    yaml_text,
 )
 from bonnerlab.config import SlurmConfig, apply_overrides, from_dict, load_yaml, to_dict
 from bonnerlab.config.core import DuplicateKeyError, parse_yaml, yaml_error
@@ -249,19 +248,13 @@ def submit_sweep(
                 f"sweep folder {sweep_dir} was made with other points; use its own --sweep flags"
             )
     todo = [task] if task >= 0 else list(range(len(points)))
-    if not exists:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        paths.sweep_yaml.write_text(
-            yaml_text(
-                {
-                    "job": kind,
-                    "spec": spec or {},
-                    "points": points,
-                    "base": to_dict(base),
-                    "slurm": to_dict(slurm),
-                }
-            )
-        )
+    record = {
+        "job": kind,
+        "spec": spec or {},
+        "points": points,
+        "base": to_dict(base),
+        "slurm": to_dict(slurm),
+    }
     tasks = [Task(i, points[i], paths.task(i), configs[i]) for i in todo]
     return submit_tasks(
         Submission(
@@ -273,6 +266,7 @@ def submit_sweep(
             dry_run=dry_run,
             extra={"sweep_dir": str(sweep_dir)},
             after=after or [],
+            sweep_record=None if exists else record,
         )
     )
 

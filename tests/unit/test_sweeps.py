@@ -395,3 +395,17 @@ def test_a_half_written_manifest_line_spoils_only_itself(tmp_path):
     ]
     append_manifest(paths, tasks[:1], "later", SlurmConfig())  # a whole file: no blank line
     assert json.loads(paths.manifest.read_text().splitlines()[4])["submitted_at"] == "later"
+
+
+def test_a_sweep_refused_by_its_checks_leaves_no_folder_to_trip_over(tmp_path):
+    """The checks of submit_tasks (inputs, the cluster, the snapshot's cap) come before sweep.yaml:
+    a refused sweep left a folder that the corrected command then called "already exists"."""
+    sweep = tmp_path / "sweep"
+    base = TrainConfig(
+        data=TrainConfig().data.__class__(dataset="mnist", root=str(tmp_path / "no"))
+    )
+    with pytest.raises(ClusterError, match="data.root .* does not exist"):
+        submit_sweep("train", base, [{"seed": 0}, {"seed": 1}], SlurmConfig(), sweep, dry_run=True)
+    assert not sweep.exists()
+    submit_sweep("train", TrainConfig(), [{"seed": 0}, {"seed": 1}], SlurmConfig(), sweep, True)
+    assert (sweep / "sweep.yaml").is_file() and (sweep / "task-001" / "config.yaml").is_file()
