@@ -46,7 +46,8 @@ class ExtractConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     # outputs of the model when no checkpoint is given; 0 = 1000 (torchvision) or 10 (mnist_cnn)
     num_classes: int = 0
-    # seed of the random initialization when model.weights is none (so a resumed job matches)
+    # seed of the random initialization when the weights are random (none, or auto for a bare
+    # architecture name), so a resumed job matches
     seed: int = 0
     # stimuli: an image folder (searched recursively), a sheet (.csv/.tsv with a `path` column,
     # relative to the sheet, an optional `stimulus_id`, other columns become coordinates), or a

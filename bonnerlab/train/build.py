@@ -25,7 +25,7 @@ from bonnerlab.data.datasets import Normalization, Splits, load_splits
 from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.data.loaders import EvalBatches, TrainBatches, place_in_memory
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
-from bonnerlab.models.sources import build_model_and_transform
+from bonnerlab.models.sources import build_model_and_transform, resolve_weights
 from bonnerlab.runs import RunPaths
 from bonnerlab.train.precision import Precision
 
@@ -161,7 +161,7 @@ def published_normalization(
     by bonnerlab.models.preprocess)."""
     if (
         cfg.data.dataset != "imagefolder"
-        or cfg.model.weights == "none"
+        or resolve_weights(cfg.model.arch, cfg.model.weights) == "none"
         or cfg.data.in_channels != 3
     ):
         return None

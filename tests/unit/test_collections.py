@@ -299,7 +299,10 @@ def test_fine_tuning_uses_the_weights_own_normalization_and_crop(tmp_path, monke
     assert (
         s.val[0][0].float() - expected.float()
     ).abs().max() <= 2  # PIL vs tensor resize rounding
-    # without pretrained weights: nothing published, ImageNet statistics and the 0.875 crop
-    plain = build(apply_overrides(cfg, {"model.weights": "none"}), dist.DistInfo())
-    plain.close()
-    assert plain.splits.mean == (0.485, 0.456, 0.406) and plain.splits.val.crop_fraction == 0.875
+    # without pretrained weights (none, or auto for a bare architecture name): nothing
+    # published, ImageNet statistics and the 0.875 crop
+    for weights in ("none", "auto"):
+        plain = build(apply_overrides(cfg, {"model.weights": weights}), dist.DistInfo())
+        plain.close()
+        assert plain.splits.mean == (0.485, 0.456, 0.406)
+        assert plain.splits.val.crop_fraction == 0.875
