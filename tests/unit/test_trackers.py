@@ -24,6 +24,7 @@ from helpers import (
     mlflow_runs,
     repo_env,
     tiny_train,
+    torchrun,
     wandb_offline_env,
     wandb_run,
 )
@@ -180,6 +181,19 @@ def test_sigterm_then_resume_is_one_tracker_run_with_every_epoch_once(tmp_path, 
     assert listed.returncode == 0, listed.stderr
     assert "2 offline part(s) of 1 W&B run(s)" in listed.stdout
     assert listed.stderr.count(f"run-{key}.wandb") == 2  # wandb sync's own list
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_0_logs(tmp_path):
+    run_dir = tmp_path / "ddp"
+    flags = {"device": "cpu", "progress": "false", "epochs": 2, "model.width": 8}
+    flags.update({"max_steps_per_epoch": 4, "log_every_steps": 2, "run_dir": str(run_dir)})
+    torchrun(*job("train")[1:], *cli_flags({**flags, "log.wandb": "true", "log.mlflow": "true"}))
+    metrics = read_metrics(run_dir)
+    client, (run,) = mlflow_runs(run_dir)
+    assert history(client, run.info.run_id, "epoch/val_acc") == epoch_values(metrics, "val_acc")
+    wb = wandb_run(run_dir)
+    assert len(wb["parts"]) == 1 and [h["epoch"] for h in wb["history"] if "epoch" in h] == [1, 2]
 
 
 def test_a_resumed_mlflow_run_logs_each_step_once(tmp_path):
