@@ -356,6 +356,11 @@ def snapshot_code(code_root: Path, source: Path | None = None) -> Path:
 
         source = Path(bonnerlab.__file__).resolve().parent.parent
     names = snapshot_files(source)
+    _check(
+        "bonnerlab/__init__.py" in names,
+        f"the code snapshot of {source} would hold no bonnerlab/__init__.py (is bonnerlab/ a "
+        "symlink, or not tracked by git?): the job could not import it",
+    )
     sizes = {n: os.lstat(source / n).st_size for n in names}
     total = sum(sizes.values())
     if total > SNAPSHOT_MAX_MB * 2**20:

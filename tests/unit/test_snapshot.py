@@ -106,3 +106,14 @@ def test_a_snapshot_over_its_cap_is_one_line_and_nothing_is_copied(tmp_path):
     assert "\n" not in message and f"over its {SNAPSHOT_MAX_MB} MB cap" in message
     assert f"bonnerlab/weights.py ({SNAPSHOT_MAX_MB + 1:.1f} MB)" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_a_snapshot_without_the_package_is_one_line(tmp_path):
+    root = tmp_path / "repo"
+    (root / "bonnerlab").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "__init__.py").write_text("")
+    (root / "bonnerlab" / "__init__.py").symlink_to(tmp_path / "elsewhere" / "__init__.py")
+    with pytest.raises(ClusterError, match="would hold no bonnerlab/__init__.py"):
+        snapshot_code(tmp_path / "run" / "code", root)
+    assert not (tmp_path / "run").exists()
