@@ -181,6 +181,11 @@ def test_sigterm_then_resume_is_one_tracker_run_with_every_epoch_once(tmp_path, 
     assert listed.returncode == 0, listed.stderr
     assert "2 offline part(s) of 1 W&B run(s)" in listed.stdout
     assert listed.stderr.count(f"run-{key}.wandb") == 2  # wandb sync's own list
+    env.pop("WANDB_API_KEY", None)
+    unsent = subprocess.run(
+        [*job("sync"), str(run_dir)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert unsent.returncode != 0 and "API key" in unsent.stderr  # wandb's status and reason
 
 
 @pytest.mark.slow
