@@ -792,13 +792,13 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
     from bonnerlab.data.loaders import TrainBatches
 
     say("7. GPU decode (nvJPEG) and shards")
-    n = 1024 if quick else 3072
+    n = 2048 if quick else 3072  # 7 or 11 steps of 256: the rate from step 3 on
     photos = tmp / "photos"
-    make_photos(photos, n, 0)  # 160-512 px JPEG photographs under train/<photo>/
-    folder = photos / "train"
+    make_photos(photos, n, 64)  # 160-512 px JPEG photographs under train/ and val/<photo>/
     packed = tmp / "photo-shards"
-    shards.pack(folder, packed, 1000)
-    names, labels = scan_collection(folder).splits["train"]
+    shards.pack(photos, packed, 1000)  # the whole collection: ids train/<photo>/..., val/...
+    names, labels = scan_collection(photos).splits["train"]
+    folder = photos
     device = torch.device("cuda", 0)
 
     def nvjpeg_vs_cpu():
@@ -820,11 +820,29 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
 
     check("7", "nvJPEG + device resize vs the PIL path, 224 px, 256 photographs", nvjpeg_vs_cpu)
 
+    def cuda_unit_tests():
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "nvjpeg or cuda"]
+            + [str(REPO / "tests" / "unit" / "test_gpu_decode.py")],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+        )
+        last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-300:]
+        assert out.returncode == 0 and "skipped" not in last, out.stdout[-1500:]
+        return last
+
+    check(
+        "7", "tests/unit/test_gpu_decode.py CUDA tests (nvJPEG within the bounds)", cuda_unit_tests
+    )
+
     steps = 10 if quick else 20
     base = {
         "model.arch": "resnet50",
         "data.dataset": "imagefolder",
-        "data.root": str(folder.parent),
+        "data.root": str(photos),
         "data.in_channels": 3,
         "data.image_size": 224,
         "data.batch_size": 256,
@@ -864,7 +882,9 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
         )
 
         def epoch():
-            start = time.perf_counter()
+            # timed from the end of step 3: worker start, cuDNN autotuning and the first
+            # batches' fill are not the steady rate
+            marks: list[float] = []
             train_one_epoch(
                 run.model,
                 run.batches,
@@ -875,9 +895,10 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
                 cfg,
                 run.state,
                 Logger(None),
+                on_step_end=lambda state: marks.append(time.perf_counter()),
             )
             torch.cuda.synchronize()
-            return run.state.seen / (time.perf_counter() - start)
+            return 256 * (len(marks) - 3) / (time.perf_counter() - marks[2])
 
         try:
             rate, util = polled_utilisation(epoch)
@@ -938,6 +959,9 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
     )
 
     def extraction():
+        import inspect
+
+        from bonnerlab.activations import open_activations
         from bonnerlab.config import ExtractConfig, ModelConfig
         from bonnerlab.extract import run as extraction_run
         from bonnerlab.extract import stimuli as extraction_stimuli
@@ -953,29 +977,47 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
                 )
             return real(cfg, image_size, in_channels, data)
 
-        extraction_run.load_stimuli = load
+        # --decode gpu exists once extract/stimuli.py takes `decode_on` (the integration patch)
+        decodes = ["cpu"]
+        if "decode_on" in inspect.signature(extraction_stimuli.iter_batches).parameters:
+            decodes.append("gpu")
+        if "is_shard_set" not in vars(extraction_stimuli):  # shards not integrated yet: patch
+            extraction_run.load_stimuli = load
         out = {}
+        ref = None
         try:
-            for name, stimuli in (("files", folder), ("shards", packed)):
-                cfg = ExtractConfig(
-                    model=ModelConfig(arch="resnet50"),
-                    stimuli=str(stimuli),
-                    layers=["layer3", "avgpool"],
-                    pooling=["layer3=avg", "avgpool=flatten"],
-                    batch_size=256,
-                    device="cuda",
-                    amp=True,
-                    output=str(tmp / f"rn50-{name}.zarr"),
-                    progress=False,
-                )
-                summary, util = polled_utilisation(lambda cfg=cfg: extract(cfg))
-                out[name] = {
-                    "images_per_s": round(summary["images_per_s"]),
-                    "gpu_utilisation_pct": util,
-                    "decode": "cpu (extraction has no GPU decode yet)",
-                }
+            for decode in decodes:
+                for name, stimuli in (("files", folder), ("shards", packed)):
+                    cfg = ExtractConfig(
+                        model=ModelConfig(arch="resnet50"),
+                        stimuli=str(stimuli),
+                        layers=["layer3", "avgpool"],
+                        pooling=["layer3=avg", "avgpool=flatten"],
+                        batch_size=256,
+                        device="cuda",
+                        amp=True,
+                        decode=decode,
+                        output=str(tmp / f"rn50-{name}-{decode}.zarr"),
+                        progress=False,
+                    )
+                    summary, util = polled_utilisation(lambda cfg=cfg: extract(cfg))
+                    row = {
+                        "images_per_s": round(summary["images_per_s"]),
+                        "gpu_utilisation_pct": util,
+                    }
+                    values = open_activations(cfg.output, "avgpool").values
+                    if ref is None:
+                        ref = values
+                    else:  # against files + CPU decode: the README's per-layer figure
+                        scale = float(np.abs(ref).max())
+                        row["avgpool_max_rel_diff_vs_files_cpu"] = float(
+                            np.abs(values - ref).max() / scale
+                        )
+                    out[f"{name}_decode_{decode}"] = row
         finally:
             extraction_run.load_stimuli = real
+        if "gpu" not in decodes:
+            out["note"] = "extraction --decode gpu not integrated (extract/stimuli.py)"
         return out
 
     check(
