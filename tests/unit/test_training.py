@@ -113,9 +113,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert read_state(run) == "RUNNING"  # it never got to finish
-    subprocess.run(
-        [*job_cmd, "--run_dir", str(run), "--resume"], check=True, env=env, capture_output=True
+    from bonnerlab.cluster.status import sweep_status
+
+    assert sweep_status(run, write=False)["state"].tolist() == ["LOST"]  # status does not lie
+    resumed = subprocess.run(
+        [*job_cmd, "--run_dir", str(run), "--resume"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
+    assert f"took over the stale lock of {run}" in resumed.stdout
     assert_same_weights(_weights(tmp_path / "ref"), _weights(run))
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
 
@@ -228,3 +236,40 @@ def test_evaluate_job_with_no_arguments_finds_newest_run(tmp_path):
     (run,) = list((tmp_path / "runs").iterdir())
     result = json.loads((run / "eval-val" / "metrics.json").read_text())
     assert result["count"] == 359 and 0.0 <= result["acc"] <= 1.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-node.invalid"])
+def test_a_task_that_meets_no_one_stops_in_one_line_naming_host_and_port(tmp_path, host):
+    """Rank 1 of a 2-task SLURM step whose rank 0 never comes (or whose host resolves nowhere):
+    one line naming the rendezvous, after the timeout, not a hang."""
+    port = _free_port()
+    env = repo_env(
+        SLURM_STEP_NUM_TASKS="2",
+        SLURM_PROCID="1",
+        SLURM_LOCALID="1",
+        SLURM_JOB_ID="4242",
+        MASTER_ADDR=host,
+        MASTER_PORT=str(port),
+        BONNERLAB_RENDEZVOUS_TIMEOUT_S="3",
+    )
+    start = time.monotonic()
+    out = subprocess.run(
+        [*job("train"), *SMOKE_FLAGS, "--run_dir", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 of 2:") and f"{host}" in last and str(port) in last
+    assert time.monotonic() - start < 90
+    assert not (tmp_path / "run").exists()
