@@ -18,6 +18,7 @@ Submission (the login-node side) is bonnerlab/cluster/submit.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -28,9 +29,15 @@ from bonnerlab.cluster.registry import JOBS
 
 
 def _write_state(run_dir: Path, state: str) -> None:
+    from bonnerlab.errors import DiskSpaceError
     from bonnerlab.runs import write_state
 
-    write_state(run_dir, state)
+    if state != "FAILED":
+        write_state(run_dir, state)
+        return
+    # written while an error is on its way out: where the disk is full, that error says so
+    with contextlib.suppress(OSError, DiskSpaceError):
+        write_state(run_dir, state)
 
 
 def _held_by_another(error: BaseException) -> bool:

@@ -367,27 +367,26 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
             lock.release(remove_dir_if_empty=True)  # a refused run leaves no trace
         raise
     state = run.state
-
-    logger = Logger(
-        run_dir if info.is_main else None,
-        trackers=open_trackers(cfg, run_dir) if info.is_main else None,
-    )
-    if info.is_main:
-        start_run_folder(run, run_dir, resumed=resume_from is not None)
-        if files is not None and not paths.files_json.is_file():
-            files.save(paths.files_json)
-        interrupt.on_stop(mark_interrupted(run_dir))
-    total, trainable = count_parameters(dist.unwrap(run.model))
-    where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
-    dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
-    dist.print0(
-        f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
-        f"({len(run.splits.train)} train / {len(run.splits.val)} val), "
-        f"{trainable:,}/{total:,} trainable "
-        f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
-    )
-    failed, last = False, {}
+    failed, last, logger = False, {}, None
     try:
+        logger = Logger(
+            run_dir if info.is_main else None,
+            trackers=open_trackers(cfg, run_dir) if info.is_main else None,
+        )
+        if info.is_main:
+            start_run_folder(run, run_dir, resumed=resume_from is not None)
+            if files is not None and not paths.files_json.is_file():
+                files.save(paths.files_json)
+            interrupt.on_stop(mark_interrupted(run_dir))
+        total, trainable = count_parameters(dist.unwrap(run.model))
+        where = f"resuming epoch {state.epoch + 1} step {state.step}" if resume_from else "starting"
+        dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
+        dist.print0(
+            f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
+            f"({len(run.splits.train)} train / {len(run.splits.val)} val), "
+            f"{trainable:,}/{total:,} trainable "
+            f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
+        )
         last = run_epochs(run, run_dir, logger, lock)
     except BaseException as e:
         failed = True
@@ -403,7 +402,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         interrupt.on_stop(None)
         # after a failure (a full disk), closing must not bury its one line under its own errors
         with contextlib.suppress(OSError) if failed else contextlib.nullcontext():
-            logger.close()
+            if logger is not None:
+                logger.close()
         run.close()
         if lock is not None and (failed or last.get("interrupted")):
             lock.release()
