@@ -441,8 +441,16 @@ def run_epochs(
     cfg, state, info, paths = run.cfg, run.state, dist.info(), RunPaths(run_dir)
 
     def save(kind: str = "latest") -> None:
+        # Every rank calls this at the same step; a rank 0 that cannot save (a full disk) stops
+        # them all with its line, instead of leaving the others waiting in the next collective.
+        error: DiskSpaceError | None = None
         if info.is_main:
-            save_checkpoint(paths.latest if kind == "latest" else paths.best, run.payload())
+            try:
+                save_checkpoint(paths.latest if kind == "latest" else paths.best, run.payload())
+            except DiskSpaceError as e:
+                error = e
+        if dist.any_rank(error is not None):
+            raise error or DiskSpaceError(f"rank 0 could not save a checkpoint in {paths.root}")
 
     def beat(state: EpochState) -> None:  # the LOCK's heartbeat, at logging steps
         if lock is not None and state.global_step % cfg.log_every_steps == 0:
