@@ -213,7 +213,9 @@ def _state(
         return "LOST" if marker == "RUNNING" and alive is False else marker
     if info.state == "COMPLETED" and marker:
         # SLURM says COMPLETED for a finished batch script; the marker says whether the job did
-        return marker if marker != "RUNNING" else "DONE"
+        # (still RUNNING: its process ended without a word, e.g. a script that hides srun's
+        # exit status)
+        return marker if marker != "RUNNING" else "LOST"
     if info.state in ("FAILED", "CANCELLED") and marker == "CANCELLED":
         return "CANCELLED"
     return info.state
@@ -277,8 +279,11 @@ def _task_row(
     error = error_line(r) if state not in ("DONE",) and state not in slurm_cli.ACTIVE else ""
     if state == "LOST":
         holder = read_lock(run_dir)
-        gone = f"its process is gone ({describe_holder(holder)})" if holder else "no LOCK"
-        error = error or f"{gone}; continue it with --resume"
+        if holder:
+            gone = f"its process is gone ({describe_holder(holder)})"
+        else:
+            gone = f"SLURM says its job {info.state}" if info else "its process is gone"
+        error = error or f"STATE says RUNNING but {gone}; continue it with --resume"
     metrics = read_metrics(run_dir) if run_dir.exists() else []
     values = [m[metric] for m in metrics if isinstance(m.get(metric), int | float)]
     best = (max(values) if mode == "max" else min(values)) if values else math.nan

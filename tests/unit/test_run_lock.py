@@ -341,3 +341,15 @@ def test_the_job_on_a_full_disk_prints_one_line(small_disk):
         out.stderr
     )
     assert read_state(small_disk / "run") == "FAILED"
+
+
+def test_status_combines_state_with_what_slurm_says(tmp_path):
+    from bonnerlab.cluster.slurm_cli import JobInfo, parse_sacct
+
+    fake_sweep(tmp_path / "sweep", ["RUNNING", "RUNNING", "DONE"])
+    # sacct's own lines: a batch script that ended (hiding srun's status), one still running
+    infos = parse_sacct("100|COMPLETED|60||0:0\n102|COMPLETED|60||0:0\n")
+    infos["101"] = JobInfo("101", "RUNNING")
+    rows = sweep_status(tmp_path / "sweep", write=False, infos=infos)
+    assert rows["state"].tolist() == ["LOST", "RUNNING", "DONE"]
+    assert "SLURM says its job COMPLETED" in rows["error"][0]
