@@ -464,7 +464,12 @@ class RunLock:
 
     def _link(self) -> bool:
         tmp = self.path.with_name(f".LOCK.{self.token}.tmp")
-        tmp.write_text(json.dumps(self._record()) + "\n")
+        text = json.dumps(self._record()) + "\n"
+        try:
+            tmp.write_text(text)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _disk_error(e, self.path, len(text)) from None
         try:
             os.link(tmp, self.path)
             return True
@@ -472,7 +477,7 @@ class RunLock:
             return False
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
-                raise _disk_error(e, self.path, 200) from None
+                raise _disk_error(e, self.path, len(text)) from None
             # a file system without hard links: O_EXCL, then the content
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
