@@ -74,7 +74,10 @@ class Gram:
         """H G H = Xc Xc^T with every feature centered over the stimuli (CKA, PCA, ridge)."""
         g = self.gram
         row = g.mean(axis=1)
-        return g - row[:, None] - row[None, :] + g.mean()
+        c = g - row[:, None]  # then in place: one n x n array, not three
+        c -= row[None, :]
+        c += g.mean()
+        return c
 
     def select(self, stimuli: Sequence[str]) -> Gram:
         """The rows and columns of `stimuli`, in that order (aligning two sources by id)."""
@@ -296,6 +299,7 @@ def _stream(da, keep: np.ndarray, chunk: int, device: str, memory_gb: float, pro
         read_s += time.perf_counter() - t
         acc.add(panel)
     bar.close()
+    del buffer, panel  # before the result: its n x n work needs the room
     gram, sums = acc.result()
     # how often each stored chunk was decoded: once per panel for a store chunked by rows only
     touched = sum(-(-c.stop // span) - c.start // span for c in panels)
@@ -443,11 +447,29 @@ class _CpuAccumulator:
             self.part = ssyrk(1.0, block.T, beta=float(i > 0), c=self.part, trans=1, overwrite_c=1)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        upper = np.triu(self.gram)
+        """The Gram in place of the accumulator: no n x n temporary (at n = 5,000 each is
+        200 MB, and four of them were half the stream's peak)."""
+        self.part = None
+        g = self.gram.T  # C order; ssyrk filled the Fortran upper triangle: this lower one
+        symmetrize_lower(g)
         with np.errstate(invalid="ignore", over="ignore"):
-            g = upper + np.triu(upper, 1).T
-            g += self.cross[:, None] + self.cross[None, :] + self.shift2
-        return np.ascontiguousarray(g), self.sums
+            g += self.cross[:, None]
+            g += self.cross[None, :]
+            g += self.shift2
+        self.gram = None
+        return g, self.sums
+
+
+def symmetrize_lower(g: np.ndarray, rows: int = 512) -> None:
+    """Copy the lower triangle of square `g` onto its upper one in place, a band of rows at a
+    time (np.triu/tril would each allocate another n x n)."""
+    n = len(g)
+    for a in range(0, n, rows):
+        b = min(a + rows, n)
+        block = g[a:b, a:b]
+        upper = np.triu_indices(b - a, 1)
+        block[upper] = block.T[upper]
+        g[a:b, b:] = g[b:, a:b].T
 
 
 class _CudaAccumulator:

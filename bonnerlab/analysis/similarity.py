@@ -64,17 +64,26 @@ def rdm(source: Source, layer: str | None = None, metric: str = "correlation", *
 
     _choice(metric, METRICS, "metric")
     g = as_gram(source, layer, **options)
-    gram, p = g.gram, g.n_features
+    p = g.n_features
+    # one n x n array worked in place (at n = 5,000 each is 200 MB, beside the Gram's own)
     if metric == "correlation":
-        gram = gram - np.outer(g.sums, g.sums) / p
-    sq = np.diag(gram)
+        d = np.multiply.outer(g.sums, g.sums / -p)
+        d += g.gram
+    else:
+        d = g.gram.copy()
+    sq = np.diag(d).copy()
     if metric == "euclidean":
-        d = (sq[:, None] + sq[None, :] - 2 * gram) / p
-        d = np.maximum(d, 0.0)  # cancellation leaves tiny negatives for near-equal stimuli
+        d *= -2.0
+        d += sq[:, None]
+        d += sq[None, :]
+        d /= p
+        np.maximum(d, 0.0, out=d)  # cancellation leaves tiny negatives for near-equal stimuli
     else:
         with np.errstate(divide="ignore", invalid="ignore"):
-            norm = np.sqrt(sq)
-            d = 1.0 - gram / np.outer(norm, norm)
+            inv = 1.0 / np.sqrt(sq)
+            d *= inv[:, None]
+            d *= inv[None, :]
+        np.subtract(1.0, d, out=d)
     np.fill_diagonal(d, 0.0)
     coords = {"stimulus": (PRESENTATION, g.stimulus), "stimulus_": (f"{PRESENTATION}_", g.stimulus)}
     for name, values in g.coords.items():
