@@ -150,7 +150,9 @@ class TrainBatches:
     `batches(epoch, start_step)` yields (uint8 images, labels, step) on `device`, skipping
     `start_step` batches of the epoch without loading them (mid-epoch resume). Nothing in the
     loop waits for the GPU: an epoch's indices move to the device once, in-memory data is
-    indexed where it lives, folder batches arrive pinned from persistent workers.
+    indexed where it lives, folder batches arrive pinned from persistent workers. `decode` is
+    `data.decode` (auto = on the GPU when `device` is CUDA: `bonnerlab.data.gpu_decode`); cpu
+    unless a caller passes the config's.
     """
 
     def __init__(
@@ -163,7 +165,7 @@ class TrainBatches:
         device: torch.device,
         num_workers: int = 0,
         max_steps: int = 0,
-        decode: str = "auto",
+        decode: str = "cpu",
     ) -> None:
         if global_batch % world_size:
             raise DataError(
@@ -237,7 +239,7 @@ class EvalBatches:
         world_size: int,
         device: torch.device,
         num_workers: int = 0,
-        decode: str = "auto",
+        decode: str = "cpu",
     ) -> None:
         self.source, self.device = source, device
         self.chunks = list(torch.arange(rank, len(source), world_size).split(batch_size))
@@ -265,7 +267,7 @@ def eval_batches(
     world_size: int,
     device: torch.device,
     num_workers: int = 0,
-    decode: str = "auto",
+    decode: str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass of `EvalBatches` (for a single evaluation); its workers stop after it."""
     batches = EvalBatches(source, batch_size, rank, world_size, device, num_workers, decode)
