@@ -25,6 +25,11 @@ class RunDirError(UserError):
     """A run folder that already holds a different run."""
 
 
+class FolderInUseError(RunDirError):
+    """The run folder's LOCK belongs to another live (or unknown) process: its STATE and files
+    are that process's to write."""
+
+
 class ClusterError(UserError):
     """A job SLURM would refuse or could not run, or a folder that holds no job: nothing was
     queued."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bonnerlab.errors import DiskSpaceError, RunDirError
+from bonnerlab.errors import DiskSpaceError, FolderInUseError, RunDirError
 
 STATES = ("PENDING", "RUNNING", "DONE", "FAILED", "INTERRUPTED", "CANCELLED")
 # a `checkpoint` value that means the newest run folder under runs_root (`latest` is always a
@@ -334,11 +334,6 @@ def latest_run(runs_root: str | Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- one writer
-
-
-class FolderInUseError(RunDirError):
-    """The run folder's LOCK belongs to another live (or unknown) process: its STATE and files
-    are that process's to write."""
 
 
 def _slurm_job() -> str:

@@ -42,7 +42,7 @@ def _write_state(run_dir: Path, state: str) -> None:
 
 def _held_by_another(error: BaseException) -> bool:
     """The run folder's LOCK is another live process's: its STATE is that process's to write."""
-    from bonnerlab.runs import FolderInUseError
+    from bonnerlab.errors import FolderInUseError
 
     return isinstance(error, FolderInUseError)
 

@@ -27,7 +27,7 @@ from bonnerlab.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from bonnerlab.config import TrainConfig, from_dict, save_yaml, to_dict
+from bonnerlab.config import TrainConfig, flat_keys, from_dict, save_yaml, to_dict
 from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.loaders import TrainBatches
 from bonnerlab.errors import DiskSpaceError, RunDirError, UserError
@@ -54,7 +54,7 @@ from bonnerlab.train.build import (
 )
 from bonnerlab.train.evaluate import evaluate_model
 from bonnerlab.train.precision import Precision
-from bonnerlab.train.trackers import open_trackers
+from bonnerlab.train.trackers import check_trackers, open_trackers
 
 # Config keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = {
@@ -221,16 +221,6 @@ def _resolve_run_dir(cfg: TrainConfig) -> Path:
     return Path(dist.broadcast_object(name))
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 # What the launcher writes into a run folder before the job starts, and the lock: a folder
 # holding only these is a run that has not started yet.
 _BEFORE_START = {"LOCK", "STATE", "slurm.yaml", "submit.sh", "code", "logs", "git.txt", "git.diff"}
@@ -268,7 +258,7 @@ def check_same_config(cfg: TrainConfig, saved: dict[str, Any], fix: str, run_dir
     `saved` is config.yaml's content or a checkpoint's own copy (when config.yaml is gone)."""
     # read like any config file: a key an older run's config lacks (added since) is its default,
     # a renamed key its new name
-    ours, theirs = _flat(to_dict(cfg)), _flat(to_dict(from_dict(TrainConfig, saved)))
+    ours, theirs = flat_keys(to_dict(cfg)), flat_keys(to_dict(from_dict(TrainConfig, saved)))
     changed = sorted(
         k
         for k in ours.keys() | theirs.keys()
@@ -357,6 +347,7 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     paths = RunPaths(run_dir)
     # Everything that can fail on bad input happens before the run folder is touched.
     files = scan_files(cfg, run_dir)
+    check_trackers(cfg, run_dir)
     run = build(cfg, info, files)
     lock = hold_run_folder(run_dir, info)
     try:
@@ -369,12 +360,11 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
     state = run.state
     failed, last, logger = False, {}, None
     try:
-        logger = Logger(
-            run_dir if info.is_main else None,
-            trackers=open_trackers(cfg, run_dir) if info.is_main else None,
-        )
+        logger = Logger(run_dir if info.is_main else None)
         if info.is_main:
             start_run_folder(run, run_dir, resumed=resume_from is not None)
+            # after the run folder's records, so trackers log the commit git.txt holds
+            logger.trackers = open_trackers(cfg, run_dir)
             if files is not None and not paths.files_json.is_file():
                 files.save(paths.files_json)
             interrupt.on_stop(mark_interrupted(run_dir))
@@ -383,7 +373,8 @@ def _train(cfg: TrainConfig, info: dist.DistInfo) -> dict[str, Any]:
         dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
         dist.print0(
             f"[bonnerlab] {where}: {cfg.model.arch} on {cfg.data.dataset} "
-            f"({len(run.splits.train)} train / {len(run.splits.val)} val), "
+            f"({len(run.splits.train)} train / {len(run.splits.val)} val, "
+            f"augment {run.splits.augment}), "
             f"{trainable:,}/{total:,} trainable "
             f"params, {info.world_size} process(es) on {info.device}, run folder {run_dir}"
         )

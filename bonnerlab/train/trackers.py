@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bonnerlab.config import LogConfig, TrainConfig, to_dict
+from bonnerlab.config import LogConfig, TrainConfig, flat_keys, to_dict
 from bonnerlab.runs import (
     RunPaths,
     Sink,
@@ -139,17 +139,6 @@ def _commit(run_dir: Path) -> str | None:
     except OSError:
         return None
     return first[1] if len(first) > 1 and first[0] == "commit" else None
-
-
-def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}: a config as its flags' names."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flat_keys(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _about(ident: RunIdentity) -> dict[str, Any]:
@@ -451,6 +440,13 @@ class Trackers:
         self.trackers = []
 
 
+def check_trackers(cfg: TrainConfig, run_dir: Path) -> None:
+    """Bad tracker input (a sweep given one SQLite file) as a ConfigError, before the run folder
+    is touched."""
+    if cfg.log.mlflow:
+        mlflow_uri(cfg.log, run_identity(run_dir))
+
+
 def open_trackers(cfg: TrainConfig, run_dir: Path) -> Sink | None:
     """The trackers `cfg.log` asks for, or None (nothing imported) when it asks for none.
 
@@ -459,9 +455,8 @@ def open_trackers(cfg: TrainConfig, run_dir: Path) -> Sink | None:
     """
     if not (cfg.log.wandb or cfg.log.mlflow):
         return None
+    check_trackers(cfg, run_dir)
     ident = run_identity(run_dir)
-    if cfg.log.mlflow:
-        mlflow_uri(cfg.log, ident)  # refuse bad input before any tracker writes
     opened: list[Any] = []
     for wanted, kind, extra in (
         (cfg.log.wandb, WandbTracker, "wandb"),

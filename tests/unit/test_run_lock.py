@@ -20,9 +20,8 @@ from helpers import REPO, SMOKE_FLAGS, cli_flags, fake_sweep, job, repo_env
 
 from bonnerlab.cluster.status import status_all, sweep_status
 from bonnerlab.config import EvaluateConfig
-from bonnerlab.errors import DiskSpaceError, RunDirError, UserError
+from bonnerlab.errors import DiskSpaceError, FolderInUseError, RunDirError, UserError
 from bonnerlab.runs import (
-    FolderInUseError,
     RunLock,
     RunPaths,
     read_lock,
