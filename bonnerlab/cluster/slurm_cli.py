@@ -151,13 +151,6 @@ def max_array_size() -> int:
     return int(match.group(1)) if match else 1001
 
 
-def node_addr(node: str) -> str:
-    """A node's NodeAddr (the local cluster's cpu node has a name that does not resolve)."""
-    out = run(["scontrol", "show", "node", node, "-o"])
-    match = re.search(r"NodeAddr=(\S+)", out)
-    return match.group(1) if match else node
-
-
 # ----------------------------------------------------------------------------- jobs
 
 

@@ -361,14 +361,10 @@ def sweep_status(
         best_idx = table[col].idxmax() if mode == "max" else table[col].idxmin()
         table.loc[best_idx, "best"] = "*"
     if write:
-        from bonnerlab.cluster.report import plot_sweep, write_report
-        from bonnerlab.runs import atomic_write_text
+        from bonnerlab.cluster.report import write_results
 
-        atomic_write_text(RunPaths(path).results_csv, table.to_csv(index=False))
         keys = sorted({k for r in records for k in r.get("overrides", {})})
-        if keys and table[col].notna().any():
-            plot_sweep(table, keys, col, RunPaths(path).results_png)
-        write_report(path, table, metric)
+        write_results(path, table, keys, metric)
     return table
 
 

@@ -40,7 +40,7 @@ from bonnerlab.cluster.registry import JOBS, JobSpec
 from bonnerlab.config import SlurmConfig, apply_overrides, to_dict
 from bonnerlab.config.cluster import control_character
 from bonnerlab.errors import ClusterError
-from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, write_git_info
+from bonnerlab.runs import NEWEST, RunPaths, SweepPaths, keep_previous, write_git_info
 
 
 def _check(condition: bool, message: str) -> None:
@@ -469,18 +469,6 @@ def check_folder_text(folder: Path) -> None:
     )
 
 
-def keep_previous(path: Path) -> None:
-    """Move an earlier submission's file aside before a resubmission writes its own: slurm.yaml
-    becomes slurm.1.yaml (the next one slurm.2.yaml, ...), so what each attempt was submitted
-    with is kept; the plain name is always the newest."""
-    if not path.exists():
-        return
-    n = 1
-    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-        n += 1
-    os.replace(path, kept)
-
-
 def write_run_description(
     run_dir: Path,
     kind: str,
@@ -505,13 +493,17 @@ def write_run_description(
     if git_from is None or git_from == run_dir:
         write_git_info(run_dir)
     else:
-        for src, dest in (
-            (RunPaths(git_from).git_txt, paths.git_txt),
-            (RunPaths(git_from).git_diff, paths.git_diff),
-        ):
-            if src.exists():
-                keep_previous(dest)
-                shutil.copyfile(src, dest)
+        copies = [
+            (src, dest)
+            for src, dest in (
+                (RunPaths(git_from).git_txt, paths.git_txt),
+                (RunPaths(git_from).git_diff, paths.git_diff),
+            )
+            if src.exists()
+        ]
+        keep_previous(*(dest for _, dest in copies))  # one number for the pair
+        for src, dest in copies:
+            shutil.copyfile(src, dest)
     paths.state.write_text("PENDING\n")
 
 

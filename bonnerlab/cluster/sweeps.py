@@ -231,6 +231,9 @@ def submit_sweep(
     check_folder_text(sweep_dir)  # before sweep.yaml is written
     paths = SweepPaths(sweep_dir)
     configs = expand(base, points)
+    if kind == "train":  # before anything is queued (each task checks again)
+        for c in configs:
+            c.log.check_sweep(str(sweep_dir))
     if task >= len(points) or task < -1:
         raise ClusterError(
             f"--task {task} is out of range: the sweep has tasks 0-{len(points) - 1}"

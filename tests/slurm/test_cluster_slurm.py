@@ -100,7 +100,8 @@ def test_launcher_submits_a_train_job_that_comes_back_with_metrics_and_checkpoin
     assert metrics[-1]["val_acc"] > 0.3  # digits: well above chance after 2 tiny epochs
     assert RunPaths(run).latest.is_file() and RunPaths(run).best.is_file()
     assert "#SBATCH --partition=cpu" in (run / "submit.sh").read_text()
-    assert f"code from {run}/code/bonnerlab" in log_of(run)  # ran the snapshot, not the checkout
+    (code,) = (run / "code").iterdir()  # the snapshot, named by its content
+    assert f"code from {code}/bonnerlab" in log_of(run)  # ran the snapshot, not the checkout
     assert str(job_id) == str(
         __import__("yaml").safe_load((run / "slurm.yaml").read_text())["submitted"]["job_id"]
     )
