@@ -15,8 +15,10 @@ Random weights (seeded; no download): the speed does not depend on the weights' 
 Modes run interleaved for `--rounds` rounds and each keeps its best images/s, so a burst of load
 from other jobs hurts every mode alike. Also printed: CPU ms per image of the main process over
 the batch loop only (all its threads: the writer's compression counts, the decoding workers do
-not), a measure of the extra work that holds when the machine is busy; and the store's bytes
-per stimulus.
+not), a measure of the extra work that holds when the machine is busy; minor page faults and
+system time per image (the whole process); the store's bytes per stimulus; and, for the
+extraction, what a rerun's integrity pass costs (each file's bytes hashed again, each chunk's
+checksum read) and how long `verify` takes on the store.
 """
 
 from __future__ import annotations
@@ -107,10 +109,23 @@ def run_bare(args) -> dict:
 
 
 def run_extract(args) -> dict:
+    from dataclasses import replace
+
+    from bonnerlab.activations.store import verify
     from bonnerlab.extract.run import extract
 
-    result = extract(_cfg(args, args.mode))
+    cfg = _cfg(args, args.mode)
+    result = extract(cfg)
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # before the checks below add their own
     store = Path(result["store"])
+    # the integrity figures: a rerun re-hashes every file (bytes only) and checks every chunk's
+    # checksum before deciding there is nothing to do; verify decodes every chunk
+    again = extract(replace(cfg, overwrite=False))
+    assert again["chunks_written"] == 0, again
+    checks = {
+        "rerun_check_ms_per_image": 1000 * again["check_seconds"] / result["n_stimuli"],
+        "verify_seconds": verify(store)["seconds"],
+    }
     nbytes = sum(
         f.stat().st_size for f in store.rglob("*") if f.is_file() and ".done" not in f.parts
     )
@@ -118,6 +133,8 @@ def run_extract(args) -> dict:
         "seconds": result["seconds"],
         "cpu_seconds": result["cpu_seconds"],
         "store_bytes_per_stimulus": nbytes / result["n_stimuli"],
+        "usage": usage,
+        **checks,
     }
 
 
@@ -129,7 +146,10 @@ def child(args) -> None:
     result = fn(args)
     result["cpu_ms_per_image"] = 1000 * result["cpu_seconds"] / args.n
     result["images_per_s"] = args.n / result["seconds"]
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = result.pop("usage", None) or resource.getrusage(resource.RUSAGE_SELF)
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    result["faults_per_image"] = usage.ru_minflt / args.n  # the whole process: build included
+    result["sys_ms_per_image"] = 1000 * usage.ru_stime / args.n
     print("RESULT " + json.dumps(result))
 
 
@@ -186,7 +206,9 @@ def main() -> None:
                     print(
                         f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
                         f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  "
-                        f"peak RSS {r['peak_rss_mb']:7.0f} MB",
+                        f"peak RSS {r['peak_rss_mb']:7.0f} MB  "
+                        f"faults {r['faults_per_image']:6.0f}/img  "
+                        f"sys {r['sys_ms_per_image']:4.0f} ms/img",
                         flush=True,
                     )
                     best = rows.get(mode)
@@ -218,6 +240,13 @@ def main() -> None:
             print(
                 f"{mode:<10}{r['images_per_s']:>10.2f}{speed:>9}{r['cpu_ms_per_image']:>12.0f}"
                 f"{r['peak_rss_mb']:>13.0f}{rss:>9}{size:>18}"
+            )
+        if "rerun_check_ms_per_image" in rows.get("extract", {}):
+            r = rows["extract"]
+            print(
+                f"a rerun's content-hash and checksum pass: {r['rerun_check_ms_per_image']:.2f} "
+                f"ms/image; verify of the store: {r['verify_seconds']:.2f} s "
+                f"({args.n} stimuli)"
             )
         print(flush=True)
 

@@ -200,26 +200,6 @@ def check_disk_space(output: Path, needed: int) -> None:
         )
 
 
-def _return_large_buffers_to_os(threshold: int = 16 << 20) -> None:
-    """Serve allocations >= 16 MB with mmap, so they go back to the OS when freed (glibc only).
-
-    glibc raises its mmap threshold as large blocks are freed (up to 32 MB), after which blocks
-    below it come from per-thread heaps that rarely shrink. The writer thread's zarr encode
-    buffers (about one batch of one layer) would then stay resident on top of the forward pass's
-    peak: +10% RSS on ResNet-18 at batch 64. A fixed threshold costs page faults only for
-    16-32 MB blocks. Process-wide, so only worth it in a job process; a no-op off glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3  # from <malloc.h>
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(m_mmap_threshold, threshold)
-    except (OSError, AttributeError):
-        pass
-
-
 @dataclass
 class Work:
     """What a run computes: chunks to (re)write, and for --update the rows of each that keep
@@ -281,7 +261,6 @@ def storage_dtype(cfg: ExtractConfig, precision: Precision) -> str:
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Write the configured layers' activations to the store; returns a summary dict."""
     t_start = time.perf_counter()
-    _return_large_buffers_to_os()
     device = dist.use_device(cfg.device)
     # recorded in the identity: TF32 changes activations by ~1e-3; autotuning would pick kernels
     # that differ between runs
