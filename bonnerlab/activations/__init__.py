@@ -10,7 +10,7 @@ from bonnerlab.activations.reader import (
     stored_layers,
     to_numpy,
 )
-from bonnerlab.activations.store import finalize
+from bonnerlab.activations.store import finalize, verify
 
 __all__ = [
     "export_netcdf",
@@ -21,4 +21,5 @@ __all__ = [
     "store_info",
     "stored_layers",
     "to_numpy",
+    "verify",
 ]

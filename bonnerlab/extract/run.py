@@ -321,8 +321,9 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     )
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
-    if not missing:
-        store.finalize()  # the last shard to finish (or a rerun) consolidates the store
+    verify_seconds = 0.0
+    if not missing:  # the last shard to finish (or a rerun) verifies and consolidates the store
+        verify_seconds = store.finalize()["verify_seconds"]
     n_images = sum(len(r) for r in rows)
     return {
         "store": str(output),
@@ -334,6 +335,7 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
         "changed": len(work.changed),
         "repaired": len(work.damaged),
         "check_seconds": work.check_seconds,
+        "verify_seconds": verify_seconds,
         "skipped": n_skipped,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,  # this process, all threads (the writer's too); not the workers
