@@ -413,7 +413,6 @@ class _CpuAccumulator:
         self.seconds = 0.0
         self.block = np.empty(n * sub_cols, dtype=np.float32)  # to_float32's, reused
         self.scratch = np.empty(n * sub_cols, dtype=np.uint32)
-        self.ones = np.ones(n, dtype=np.float32)
 
     def add(self, panel: np.ndarray) -> None:
         from scipy.linalg.blas import ssyrk
@@ -434,13 +433,15 @@ class _CpuAccumulator:
                 self.scratch[:size].reshape(n, -1),
             )
             self.sums += block.sum(axis=1)  # before the shift: an inf row stays the only one
-            # a float32 GEMV is 5x faster than numpy's float64 mean over axis 0, and the shift
-            # only has to be near the mean: any shift is restored exactly
-            shift = self.ones[:n] @ block
+            # float32 sums (the shift only has to be near the mean: any shift is restored
+            # exactly), 5x faster than a float64 mean. numpy's loops, not BLAS GEMVs: a GEMV
+            # between two ssyrk calls slowed the next ssyrk by half (OpenBLAS, 2 threads)
+            shift = block.sum(axis=0)
             shift /= n
             block -= shift
             shift64 = shift.astype(np.float64)
-            self.cross += block @ shift  # float32 GEMV: |Xs||c| rounding, below the product's
+            # float32: |Xs||c| rounding, below the product's
+            self.cross += np.einsum("ij,j->i", block, shift)
             self.shift2 += float(shift64 @ shift64)
             # block.T is Fortran-ordered (no copy into BLAS); trans=1: block.T^T block.T.
             # beta=0 on the first block resets the accumulator without a separate pass over it.
