@@ -37,7 +37,8 @@ def verify_store(store: ActivationStore, workers: int = 4) -> dict[str, Any]:
             f"{store.path}: {len(missing)} of {store.n_chunks} chunks not written yet "
             f"(first: {missing[:5]})"
         )
-    done = [c for c in range(store.n_chunks) if c not in set(missing)]
+    unmarked = set(missing)
+    done = [c for c in range(store.n_chunks) if c not in unmarked]
     position = {s: i for i, s in enumerate(ids)} if ids is not None else {}
     jobs = [(layer, chunk) for chunk in done for layer in store.layers]
     with ThreadPoolExecutor(max(1, workers)) as pool:

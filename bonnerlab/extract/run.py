@@ -221,7 +221,8 @@ def plan_work(
     line naming it, before anything is written."""
     t0 = time.perf_counter()
     missing = store.missing_chunks(chunks)
-    done = [c for c in chunks if c not in set(missing)]
+    unmarked = set(missing)
+    done = [c for c in chunks if c not in unmarked]
     rows = [i for c in done for i in range(store.chunk_slice(c).start, store.chunk_slice(c).stop)]
     stored = store.content_hashes()
     now = content_hashes(stimuli, rows, workers)
