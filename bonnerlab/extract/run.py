@@ -323,7 +323,10 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     missing = store.missing_chunks()
     verify_seconds = 0.0
-    if not missing:  # the last shard to finish (or a rerun) verifies and consolidates the store
+    finished = bool(store.group.attrs["bonnerlab"].get("complete"))
+    if not missing and (todo or not finished):
+        # the last shard to finish (or a rerun that wrote) verifies and consolidates the store;
+        # a rerun with nothing to do has just checked every file and chunk it covers
         verify_seconds = store.finalize()["verify_seconds"]
     n_images = sum(len(r) for r in rows)
     return {
