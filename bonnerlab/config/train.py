@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from bonnerlab.config.core import check, check_checkpoint, check_choice
 
-DATASETS = ("digits", "mnist", "imagefolder")
+DATASETS = ("digits", "mnist", "imagefolder", "shards")
 AUGMENTATIONS = ("auto", "digits", "natural", "none")
 OPTIMIZERS = ("sgd", "adamw", "adadelta")
 SCHEDULES = ("onecycle", "cosine", "step", "constant")
@@ -22,7 +22,8 @@ class DataConfig:
     # keys of configs saved before a rename (a run's config.yaml, a checkpoint) -> today's name
     renamed_keys: ClassVar[dict[str, str]] = {"channels": "in_channels"}
 
-    # dataset: digits (scikit-learn's handwritten digits, offline default), mnist, imagefolder
+    # dataset: digits (scikit-learn's handwritten digits, offline default), mnist, imagefolder,
+    # shards (a folder `python -m bonnerlab.data pack` wrote from an image folder)
     dataset: str = "digits"
     # folder with the data: MNIST's torchvision layout (root/MNIST/raw) or root/<class>/*.png
     root: str = "data"

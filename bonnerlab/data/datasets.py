@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from bonnerlab.config import DataConfig
 from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.data.images import digit_like, opened_image, to_8bit
+from bonnerlab.data.shards import open_shards
 from bonnerlab.errors import DataError
 from bonnerlab.pixels import to_unit_float
 
@@ -336,7 +337,7 @@ def augment_preset(cfg: DataConfig, files: FileList | None = None) -> str:
     scanned before its looks were recorded (what such runs trained with)."""
     if cfg.augment != "auto":
         return cfg.augment
-    if cfg.dataset != "imagefolder":
+    if cfg.dataset not in ("imagefolder", "shards"):
         return "digits"
     looks = files.looks if files is not None else None
     return "digits" if looks is not None and digit_like(looks) else "natural"
@@ -362,9 +363,10 @@ def load_splits(
     validation and test splits with the evaluation transform (resize + centre crop). With
     `published` (fine-tuning pretrained weights), the weights' own mean, std and crop share.
     """
-    if cfg.dataset == "imagefolder":
+    if cfg.dataset in ("imagefolder", "shards"):
         root = Path(cfg.root)
-        listing = files or scan_collection(root)
+        packed = open_shards(root) if cfg.dataset == "shards" else None
+        listing = files or (packed.collection() if packed else scan_collection(root))
         train_files, train_labels = listing.splits["train"]
         if "val" in listing.splits:
             tr, va = np.arange(len(train_files)), None
@@ -375,9 +377,10 @@ def load_splits(
         eval_fit = "center_crop" if natural else "squash"
 
         def make(names: list[str], labels: list[int], idx: np.ndarray, fit: str) -> FolderDataset:
+            chosen = [names[i] for i in idx]
             return FolderDataset(
                 root,
-                [root / names[i] for i in idx],
+                packed.files(chosen) if packed else [root / n for n in chosen],
                 [labels[i] for i in idx],
                 cfg.image_size,
                 cfg.in_channels,

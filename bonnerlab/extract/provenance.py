@@ -109,6 +109,8 @@ def provenance(
         "batch_size": cfg.batch_size,
         "compression": cfg.compression,
         "skip_bad_images": cfg.skip_bad_images,
+        # nvJPEG's pixels differ from PIL's by a level or two: a store of either is its own
+        **({"decode": "gpu"} if cfg.decode == "gpu" else {}),
     }
     attrs = {
         "arch": source.arch,

@@ -266,6 +266,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     # recorded in the identity: TF32 changes activations by ~1e-3; autotuning would pick kernels
     # that differ between runs
     dist.configure_backends(device, benchmark=False, tf32=cfg.tf32)
+    if cfg.decode == "gpu" and device.type != "cuda":
+        raise ConfigError(f"--decode gpu needs a CUDA device; this extraction runs on {device}")
     precision = Precision.resolve(device, amp=cfg.amp)  # on CUDA only: amp_cpu stays off
     cfg = replace(cfg, dtype=storage_dtype(cfg, precision))
     source = load_model(cfg)
@@ -411,6 +413,7 @@ def run_batches(
                 device.type == "cuda",
                 in_workers,
                 cfg.max_image_pixels,
+                device if cfg.decode == "gpu" else None,
             )
             for step, (chunk, r, (images, bad, errors, hashes)) in enumerate(
                 zip(todo, rows, batches, strict=True)

@@ -20,6 +20,7 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +28,8 @@ import torch
 from bonnerlab.config import DATASET_STIMULI, DataConfig, ExtractConfig, to_dict
 from bonnerlab.data import sheets
 from bonnerlab.data.folders import scan_stimulus_folder
+from bonnerlab.data.gpu_decode import decodable_on_device
+from bonnerlab.data.shards import is_shard_set, shard_stimuli
 from bonnerlab.errors import ConfigError, DataError
 from bonnerlab.models.preprocess import Transform
 
@@ -61,6 +64,9 @@ def load_stimuli(
         path = Path(cfg.stimuli)
         if path.suffix.lower() in sheets.SHEET_SUFFIXES:
             return read_sheet(path, cfg.limit)
+        if is_shard_set(path):  # packed: the set's order, ids, labels and sheet columns
+            s = shard_stimuli(path, cfg.limit)
+            return Stimuli(s.ids, s.labels, s.root, s.classes, files=s.files, coords=s.coords)
         files, labels, classes = scan_stimulus_folder(path)
         if cfg.limit:
             files, labels = files[: cfg.limit], labels[: cfg.limit]
@@ -147,11 +153,14 @@ class FileImages(torch.utils.data.Dataset):
         shape: tuple[int, int, int],
         dtype: torch.dtype = torch.float32,
         max_pixels: int = 0,
+        encoded: bool = False,
     ):
         # dtype: what `transform` returns (uint8 when the device scales and normalizes); an
         # unreadable image's placeholder matches it, so the batch still stacks
         self.files, self.transform, self.shape, self.dtype = files, transform, shape, dtype
         self.max_pixels = max_pixels
+        # encoded (--decode gpu): a JPEG the device can decode is returned as its bytes (1-D)
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.files)
@@ -166,6 +175,8 @@ class FileImages(torch.utils.data.Dataset):
         except OSError as e:
             return torch.zeros(self.shape, dtype=self.dtype), f"cannot read image {path}: {e}", ""
         digest = bytes_hash(data)
+        if self.encoded and decodable_on_device(data, str(path), self.shape[0], self.max_pixels):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), "", digest
         try:
             x = self.transform(read_image(io.BytesIO(data), path, self.max_pixels))
         except DataError as e:  # unreadable, or a decompression bomb
@@ -179,13 +190,59 @@ class FileImages(torch.utils.data.Dataset):
         if tuple(x.shape) != self.shape:
             return (
                 torch.zeros(self.shape, dtype=self.dtype),
-                (
-                    f"image {path} preprocesses to {list(x.shape)}, not {list(self.shape)}: this "
-                    "preprocessing keeps each image's aspect ratio; pass --preprocess center_crop"
-                ),
+                shape_error(path, x, self.shape),
                 digest,
             )
         return x, "", digest
+
+
+def shape_error(path: Any, x: torch.Tensor, shape: tuple[int, int, int]) -> str:
+    return (
+        f"image {path} preprocesses to {list(x.shape)}, not {list(shape)}: this "
+        "preprocessing keeps each image's aspect ratio; pass --preprocess center_crop"
+    )
+
+
+def _as_lists(items: list[tuple[torch.Tensor, str, str]]) -> tuple[Any, list, list]:
+    """--decode gpu batches: JPEG bytes differ in length; packed into two tensors (one
+    shared-memory file each, not one per image) to cross from the worker."""
+    from bonnerlab.data.gpu_decode import pack_tensors
+
+    images, errors, hashes = zip(*items, strict=True)
+    return pack_tensors(list(images)), list(errors), list(hashes)
+
+
+def finish_encoded(
+    packed: Any,
+    errors: list[str],
+    paths: list[Any],
+    transform: Transform,
+    shape: tuple[int, int, int],
+    device: torch.device,
+    max_pixels: int,
+) -> torch.Tensor:
+    """A --decode gpu batch on `device`: JPEG bytes decoded there (nvJPEG) and put through the
+    workers' part of the preprocessing there; a file the device refuses decoded here by the
+    CPU path; `errors` filled in for files neither can read, as the workers' are."""
+    from bonnerlab.data.gpu_decode import decode_on_device, unpack_tensors
+    from bonnerlab.data.images import read_image
+
+    images = unpack_tensors(packed)
+
+    def cpu_path(i: int) -> torch.Tensor:
+        try:
+            data = images[i].numpy().tobytes()
+            return transform(read_image(io.BytesIO(data), paths[i], max_pixels))
+        except DataError as e:
+            errors[i] = str(e)
+            return torch.zeros(shape, dtype=torch.uint8)
+
+    out = decode_on_device(images, shape[0], device, transform, cpu_path)
+    for i, x in enumerate(out):
+        if tuple(x.shape) != shape:
+            errors[i] = errors[i] or shape_error(paths[i], x, shape)
+            out[i] = torch.zeros(shape, dtype=torch.uint8, device=device)
+    return torch.stack(out)
 
 
 def iter_batches(
@@ -197,10 +254,13 @@ def iter_batches(
     pin: bool,
     worker_transform: Transform | None = None,
     max_pixels: int = 0,
+    decode_on: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str], list[str]]]:
     """(batch, positions that could not be read, their errors, every row's content hash) per
     chunk: preprocessed floats, or with `worker_transform` (the uint8 part of `transform`, see
-    PreprocessSpec.split_at_float) the uint8 batch it gives, to be finished on the device."""
+    PreprocessSpec.split_at_float) the uint8 batch it gives, to be finished on the device. With
+    `decode_on` as well (--decode gpu), workers read bytes and JPEGs are decoded and take
+    `worker_transform` on that device (`finish_encoded`)."""
     if stimuli.images is not None:  # in memory: transformed here, a batch at a time
         for rows in chunks:
             batch = stimuli.images[rows.start : rows.stop]
@@ -208,13 +268,23 @@ def iter_batches(
         return
     assert stimuli.files is not None
     dtype = torch.float32 if worker_transform is None else torch.uint8
+    encoded = decode_on is not None and worker_transform is not None
+    files = stimuli.files
     loader = torch.utils.data.DataLoader(
-        FileImages(stimuli.files, worker_transform or transform, shape, dtype, max_pixels),
+        FileImages(files, worker_transform or transform, shape, dtype, max_pixels, encoded),
         batch_sampler=[list(rows) for rows in chunks],
         num_workers=num_workers,
-        pin_memory=pin,
+        pin_memory=pin and not encoded,
         persistent_workers=False,
+        collate_fn=_as_lists if encoded else None,
     )
-    for images, errors, hashes in loader:
+    for rows, (images, errors, hashes) in zip(chunks, loader, strict=True):
+        if encoded:
+            assert worker_transform is not None and decode_on is not None
+            # what errors call each image: its path, or (a shard set) its id
+            paths = [files[i] if isinstance(files, list) else stimuli.ids[i] for i in rows]
+            images = finish_encoded(
+                images, errors, paths, worker_transform, shape, decode_on, max_pixels
+            )
         bad = [i for i, err in enumerate(errors) if err]
         yield images, bad, [errors[i] for i in bad], list(hashes)

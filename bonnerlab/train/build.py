@@ -24,6 +24,7 @@ from bonnerlab.data.augment import BatchAugment
 from bonnerlab.data.datasets import Normalization, Splits, load_splits
 from bonnerlab.data.folders import FileList, scan_collection
 from bonnerlab.data.loaders import EvalBatches, TrainBatches, place_in_memory
+from bonnerlab.data.shards import open_shards
 from bonnerlab.errors import CheckpointError, ConfigError, UserError
 from bonnerlab.models.sources import build_model_and_transform, resolve_weights
 from bonnerlab.runs import RunPaths
@@ -136,7 +137,7 @@ class Training:
 def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     """An image folder's file list: the run folder's own when resuming, else one scan on rank 0
     shared with the other ranks (a million-image tree is walked once per run)."""
-    if cfg.data.dataset != "imagefolder":
+    if cfg.data.dataset not in ("imagefolder", "shards"):
         return None
     cached = RunPaths(run_dir).files_json
     if cfg.resume and cached.is_file():
@@ -144,7 +145,11 @@ def scan_files(cfg: TrainConfig, run_dir: Path) -> FileList | None:
     found: FileList | UserError | None = None
     if dist.info().is_main:
         try:
-            found = scan_collection(Path(cfg.data.root))
+            found = (
+                open_shards(cfg.data.root, map_now=False).collection()
+                if cfg.data.dataset == "shards"
+                else scan_collection(Path(cfg.data.root))
+            )
         except UserError as e:  # every rank raises it, none waits for a list that never comes
             found = e
     found = dist.broadcast_object(found)
@@ -160,7 +165,7 @@ def published_normalization(
     weights were published with (`transform`, as `build_model_and_transform` returns it, read
     by bonnerlab.models.preprocess)."""
     if (
-        cfg.data.dataset != "imagefolder"
+        cfg.data.dataset not in ("imagefolder", "shards")
         or resolve_weights(cfg.model.arch, cfg.model.weights) == "none"
         or cfg.data.in_channels != 3
     ):
@@ -208,6 +213,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
         info.device,
         cfg.data.num_workers,
         cfg.max_steps_per_epoch,
+        cfg.data.decode,
     )
     val_batches = EvalBatches(
         val_split,
@@ -216,6 +222,7 @@ def build(cfg: TrainConfig, info: dist.DistInfo, files: FileList | None = None) 
         info.world_size,
         info.device,
         cfg.data.num_workers,
+        cfg.data.decode,
     )
     optimizer = build_optimizer(model, cfg.optim)
     return Training(

@@ -114,6 +114,7 @@ def _evaluate(cfg: EvaluateConfig, info: dist.DistInfo) -> dict[str, Any]:
         info.world_size,
         info.device,
         cfg.num_workers,
+        data_cfg.decode,
     )
     dist.print0(f"[bonnerlab] {dist.describe_device(info.device)}")
     precision = Precision.resolve(
