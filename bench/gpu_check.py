@@ -725,28 +725,11 @@ def section_throughput(tmp: Path, quick: bool) -> None:
             output=str(tmp / "rate.zarr"),
             progress=False,
         )
-        samples: list[str] = []
-        import threading
-
-        stop = threading.Event()
-
-        def poll():
-            while not stop.is_set():
-                samples.append(gpu_utilisation())
-                time.sleep(0.5)
-
-        poller = threading.Thread(target=poll, daemon=True)
-        poller.start()
-        try:
-            summary = extract(cfg)
-        finally:
-            stop.set()
-            poller.join()
-        util = [int(s) for s in samples if s.isdigit()]
+        summary, util = polled_utilisation(lambda: extract(cfg))
         return {
             "images_per_s": round(summary["images_per_s"]),
             "images": summary["images"],
-            "gpu_utilisation_pct_mean": round(sum(util) / len(util)) if util else "n/a",
+            "gpu_utilisation_pct_mean": util,
             "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         }
 
