@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import (
@@ -37,6 +38,24 @@ def cluster(request):
         yield request.getfixturevalue("slurm_cluster")
 
 
+def _srun_script(run: Path, log: Path, *exports: str) -> str:
+    """A batch script as a user writes it: 2 tasks, `srun python jobs/train.py`."""
+    return "\n".join(
+        [
+            "#!/bin/bash",
+            "#SBATCH --ntasks=2",
+            "#SBATCH --partition=cpu",
+            "#SBATCH --mem=4G",
+            "#SBATCH --time=5",
+            f"#SBATCH --output={log}",
+            f"export PYTHONPATH={REPO} OMP_NUM_THREADS=1",
+            *exports,
+            f"srun {sys.executable} {JOBS / 'train.py'} {' '.join(FLAGS)} --run_dir {run}",
+            "",
+        ]
+    )
+
+
 def _sbatch(script: str) -> str:
     out = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -56,20 +75,7 @@ def _wait_gone(job_id: str, timeout: float) -> None:
 
 def test_srun_with_two_tasks_trains_as_one_job_within_two_minutes(cluster, tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.out"
-    script = "\n".join(
-        [
-            "#!/bin/bash",
-            "#SBATCH --ntasks=2",
-            "#SBATCH --partition=cpu",
-            "#SBATCH --mem=4G",
-            "#SBATCH --time=5",
-            f"#SBATCH --output={log}",
-            f"export PYTHONPATH={REPO} OMP_NUM_THREADS=1",
-            f"srun {sys.executable} {JOBS / 'train.py'} {' '.join(FLAGS)} --run_dir {run}",
-            "",
-        ]
-    )
-    job_id = _sbatch(script)
+    job_id = _sbatch(_srun_script(run, log))
     _wait_gone(job_id, timeout=120)
     text = log.read_text() if log.exists() else ""
     assert read_state(run) == "DONE", text[-3000:]
@@ -88,21 +94,8 @@ def test_srun_with_two_tasks_trains_as_one_job_within_two_minutes(cluster, tmp_p
 def test_srun_whose_rendezvous_host_is_unreachable_ends_in_one_line(cluster, tmp_path):
     run, log = tmp_path / "run", tmp_path / "job.out"
     # an address that answers nothing (TEST-NET-1), the way a wrong MASTER_ADDR would be
-    script = "\n".join(
-        [
-            "#!/bin/bash",
-            "#SBATCH --ntasks=2",
-            "#SBATCH --partition=cpu",
-            "#SBATCH --mem=4G",
-            "#SBATCH --time=5",
-            f"#SBATCH --output={log}",
-            f"export PYTHONPATH={REPO} OMP_NUM_THREADS=1",
-            "export MASTER_ADDR=192.0.2.1 MASTER_PORT=29999 BONNERLAB_RENDEZVOUS_TIMEOUT_S=10",
-            f"srun {sys.executable} {JOBS / 'train.py'} {' '.join(FLAGS)} --run_dir {run}",
-            "",
-        ]
-    )
-    _wait_gone(_sbatch(script), timeout=120)
+    env = "export MASTER_ADDR=192.0.2.1 MASTER_PORT=29999 BONNERLAB_RENDEZVOUS_TIMEOUT_S=10"
+    _wait_gone(_sbatch(_srun_script(run, log, env)), timeout=120)
     text = log.read_text()
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, text[-3000:]  # one line per task
