@@ -126,8 +126,10 @@ except ImportError:  # pragma: no cover - xarray is a dependency
 
 class CheckedChunks(_BackendArray):
     """One layer's zarr array for xarray's lazy indexing; each read first checks that the chunks
-    it touches exist (when marked done: `done`, None = all) and names the chunk that fails to
-    decode. A stat per touched chunk: reading stays as fast as zarr's own."""
+    it touches exist (when marked done: `done`, None = all) and names the chunk (and, sharded, the
+    inner chunk) that fails to decode. A stat (sharded: a read of the shard's index) per touched
+    chunk: reading stays as fast as zarr's own, and a panel of features (`da[:, a:b]`) decodes
+    only the inner chunks holding it."""
 
     def __init__(self, store: ActivationStore, layer: str, done: set[int] | None):
         self.store, self.layer, self.done = store, layer, done
@@ -168,19 +170,40 @@ class CheckedChunks(_BackendArray):
 
     def _read(self, key: tuple, read):
         chunks = self._chunks(key[0] if key else slice(None))
+        features = self._features(key[1] if len(key) > 1 else slice(None))
         for chunk in chunks:
             if self.done is None or chunk in self.done:
-                problem = self.store.check_chunk_file(self.layer, chunk, checksum=False)
+                problem = self.store.check_chunk_file(
+                    self.layer, chunk, checksum=False, features=features
+                )
                 if problem:
                     raise StoreError(f"{problem}; rerun the extraction with the same config")
         try:
             return read(key)
         except StoreError:
             raise
-        except Exception:
-            for chunk in chunks:  # which one: each touched chunk alone (the error path only)
+        except Exception as e:
+            # which one (the error path only): the checksums of the touched (inner) chunks, then
+            # each touched chunk decoded alone
+            for chunk in chunks:
+                problem = self.store.check_chunk_file(self.layer, chunk, features=features)
+                if problem:
+                    raise StoreError(f"{problem}; rerun the extraction with the same config") from e
+            for chunk in chunks:
                 self.store.read_chunk(self.layer, chunk)
             raise
+
+    def _features(self, index: Any) -> range | None:
+        """The indices of the first feature dim a key's `index` touches, as one range; None when
+        the layer has none."""
+        if len(self.shape) < 2:
+            return None
+        n = self.shape[1]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            return range(start, stop) if step == 1 else self._features(np.arange(start, stop, step))
+        picked = np.asarray(index).reshape(-1) % max(n, 1)
+        return range(int(picked.min()), int(picked.max()) + 1) if picked.size else range(0)
 
 
 def flatten(da):

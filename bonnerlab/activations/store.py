@@ -150,10 +150,22 @@ class ActivationStore:
         return slice(chunk * self.chunk_size, min((chunk + 1) * self.chunk_size, self.n))
 
     def array(self, name: str) -> Any:
-        """The zarr array of a layer (or coordinate), opened once."""
+        """The zarr array of a layer (or coordinate), opened once. `write_empty_chunks` is a
+        runtime setting, not stored in the metadata: without it here, zarr would skip an all-NaN
+        chunk (or inner chunk) written through a reopened store, and that gap would read as
+        damage."""
         if name not in self._arrays:
-            self._arrays[name] = self.group[name]
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
         return self._arrays[name]
+
+    def inner_chunks(self, layer: str) -> int | None:
+        """How many indices of the first feature dim one inner chunk of a sharded layer spans
+        (its `array.chunks[1]`); None for a layer written without shards (format 2 before
+        sharding: one chunk file = one decode unit)."""
+        array = self.array(layer)
+        if getattr(array, "shards", None) is None or array.ndim < 2:
+            return None
+        return int(array.chunks[1])
 
     def chunk_file(self, layer: str, chunk: int) -> Path:
         array = self.array(layer)
@@ -218,16 +230,90 @@ class ActivationStore:
             if len(keep):
                 values = np.array(values)
                 values[list(keep)] = self.read_chunk(layer, chunk)[list(keep)]
-            self.array(layer)[sl] = values
+            if _sharding(self.array(layer)) is None:
+                self.array(layer)[sl] = values  # one whole chunk file: zarr reads nothing
+            else:
+                self._write_shard(layer, chunk, values)
             marker = self._marker(layer, chunk)
             tmp = marker.with_name(f".{chunk}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             tmp.write_text(payload)
             os.replace(tmp, marker)
 
+    def _write_shard(self, layer: str, chunk: int, values: np.ndarray) -> None:
+        """One chunk of a sharded layer as its whole shard file, written temp + rename.
+
+        Not `array[rows] = values`: zarr merges any write into the shard file already there
+        (reading it, and failing on a damaged one, so a rerun could not repair it) even when the
+        write covers it whole, and copies each inner chunk into a fresh NaN-filled one, then
+        the whole shard into one buffer (+20% CPU per batch, bench/bench_store_write.py). Here
+        zarr's own codecs (the layer's inner pipeline) encode each inner chunk from its slice of
+        the batch, and the file is their bytes then the index, in the order zarr writes: the
+        same bytes as `array[rows] = values` (tests/unit/test_store_sharding.py checks it)."""
+        import google_crc32c
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.buffer.cpu import NDBuffer
+        from zarr.core.sync import sync
+
+        array = self.array(layer)
+        sharding = _sharding(array)
+        per_shard = _inner_per_shard(array)
+        if any(n != 1 for i, n in enumerate(per_shard) if i != 1):
+            # not split as `_create` does (along the first feature dim only): zarr's way
+            self.chunk_file(layer, chunk).unlink(missing_ok=True)  # so it reads no old shard
+            array[self.chunk_slice(chunk)] = values
+            return
+        shard = tuple(array.shards)
+        values = np.asarray(values, dtype=array.dtype)
+        if values.shape != shard:  # the last chunk's rows, a padded feature dim: fill the rest
+            block = np.full(shard, array.fill_value, dtype=array.dtype)
+            block[tuple(slice(0, n) for n in values.shape)] = values
+            values = block
+        spec = sharding._get_chunk_spec(
+            array.metadata.get_chunk_spec(
+                (chunk,) + (0,) * (array.ndim - 1), array.config, default_buffer_prototype()
+            )
+        )
+        width = array.chunks[1] if array.ndim > 1 else shard[0]
+        pieces = (
+            [values]
+            if array.ndim < 2
+            else [values[:, j : j + width] for j in range(0, shard[1], width)]
+        )
+        encoded = sync(
+            sharding.codec_pipeline.encode(
+                [(NDBuffer.from_numpy_array(np.ascontiguousarray(p)), spec) for p in pieces]
+            )
+        )
+        parts = [b.as_numpy_array() for b in encoded]  # every inner chunk, all-NaN ones too
+        sizes = np.array([p.nbytes for p in parts], dtype="<u8")
+        index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
+        index += np.uint32(google_crc32c.value(index)).astype("<u4").tobytes()
+        path = self.chunk_file(layer, chunk)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")  # as zarr names its
+        try:
+            with open(tmp, "wb") as f:
+                f.writelines([*parts, index])
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     # ------------------------------------------------------------------ damage
-    def _where(self, layer: str, chunk: int) -> str:
+    def _where(self, layer: str, chunk: int, inner: int | None = None) -> str:
+        """The store, layer and chunk (its rows), and a sharded layer's inner chunk `inner` (its
+        range of the first feature dim)."""
         sl = self.chunk_slice(chunk)
-        return f"{self.path}: layer {layer} chunk {chunk} (rows {sl.start}-{sl.stop - 1})"
+        where = f"{self.path}: layer {layer} chunk {chunk} (rows {sl.start}-{sl.stop - 1})"
+        if inner is None:
+            return where
+        array = self.array(layer)
+        if array.ndim < 2:
+            return f"{where}, its only inner chunk"
+        width = self.inner_chunks(layer) or array.shape[1]
+        stop = min((inner + 1) * width, array.shape[1])
+        dim = (array.metadata.dimension_names or [None, "feature"])[1]
+        return f"{where}, inner chunk {inner} ({dim} {inner * width}-{stop - 1})"
 
     def chunk_skipped(self, chunk: int, layer: str | None = None) -> list[str]:
         """The stimuli recorded as unreadable in one chunk (its marker); [] if unmarked."""
@@ -237,32 +323,83 @@ class ActivationStore:
             return []
         return json.loads(text)["skipped"] if text else []
 
-    def check_chunk_file(self, layer: str, chunk: int, checksum: bool = True) -> str | None:
-        """Why one written chunk file is damaged (missing; its crc32c does not match), or None.
-        Reads the file's bytes (only its presence without `checksum`) but decodes nothing.
+    def check_chunk_file(
+        self, layer: str, chunk: int, checksum: bool = True, features: range | None = None
+    ) -> str | None:
+        """Why one written chunk file is damaged (missing; a crc32c does not match), or None.
+        Decodes nothing. With `checksum`, reads the file's bytes and checks its crc32c or, for a
+        sharded layer (a file per chunk holding inner chunks, each with its own crc32c, and an
+        index with one), every inner chunk's or only those holding `features` (indices of the
+        first feature dim). Without, only that the file is there and, sharded, that its index is
+        whole and lists the inner chunks (zarr would read a never-written one as NaN).
         Format-1 stores have no checksums (and left all-NaN chunks unwritten)."""
         path = self.chunk_file(layer, chunk)
+        sharded = _sharding(self.array(layer)) is not None and self.checksummed(layer)
         try:
-            data = path.read_bytes() if checksum else b""
-            if not checksum and not path.is_file():
+            if checksum:
+                data = path.read_bytes()
+            elif sharded:
+                data = _tail(path, self._index_size(layer))  # the index and the file's size
+            elif not path.is_file():
                 raise FileNotFoundError(path)
         except FileNotFoundError:
             sl = self.chunk_slice(chunk)
             if self.format < 2 and len(self.chunk_skipped(chunk, layer)) == sl.stop - sl.start:
                 return None  # every row unreadable: zarr 3 did not write an all-NaN chunk
             return f"{self._where(layer, chunk)}: its file {path.relative_to(self.path)} is missing"
-        if checksum and self.checksummed(layer):
-            import google_crc32c
+        if sharded:
+            return self._check_shard(layer, chunk, data, features)
+        if checksum and self.checksummed(layer) and not _crc_ok(data):
+            return f"{self._where(layer, chunk)}: its {_DAMAGED}"
+        return None
 
-            if len(data) < 4 or np.uint32(google_crc32c.value(data[:-4])).tobytes() != data[-4:]:
-                return f"{self._where(layer, chunk)}: its checksum does not match (damaged file)"
+    def _index_size(self, layer: str) -> int:
+        """Bytes of a sharded layer's shard index: 16 per inner chunk, then a crc32c."""
+        array = self.array(layer)
+        return 16 * int(np.prod(_inner_per_shard(array))) + 4
+
+    def _check_shard(
+        self, layer: str, chunk: int, data: bytes | tuple[bytes, int], features: range | None
+    ) -> str | None:
+        """The first damage in a shard file (`data`: its bytes, or its index and size). The index
+        (at the end: zarr's default, required by `checksummed`) is one little-endian uint64
+        (offset, nbytes) pair per inner chunk in C order (2**64-1 twice: never written), then its
+        crc32c; each inner chunk ends in its own crc32c (checked when `data` is all the bytes)."""
+        array = self.array(layer)
+        per_shard = _inner_per_shard(array)
+        size = self._index_size(layer)
+        index_bytes, file_size = data if isinstance(data, tuple) else (data[-size:], len(data))
+        if file_size < size or not _crc_ok(index_bytes):
+            return f"{self._where(layer, chunk)}: its shard index {_DAMAGED} (or it is truncated)"
+        index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
+        inner = range(len(index))
+        if features is not None and array.ndim > 1 and len(index) == per_shard[1]:
+            width = array.chunks[1]  # only the first feature dim is split (as `_create` does)
+            inner = range(features.start // width, min(len(index), -(-features.stop // width)))
+        for j in inner:
+            offset, nbytes = (int(v) for v in index[j])
+            if offset == _EMPTY and nbytes == _EMPTY:
+                # zarr writes every inner chunk here (write_empty_chunks), all-NaN ones too
+                return f"{self._where(layer, chunk, j)}: it was never written (damaged file)"
+            if nbytes < 4 or offset + nbytes > file_size - size:
+                return f"{self._where(layer, chunk, j)}: it lies outside the file (damaged index)"
+            if not isinstance(data, tuple) and not _crc_ok(data[offset : offset + nbytes]):
+                return f"{self._where(layer, chunk, j)}: its {_DAMAGED}"
         return None
 
     def checksummed(self, layer: str) -> bool:
-        """Whether a layer's chunk files end in a crc32c of the rest (its last codec: format 2;
-        an array rewritten with other codecs, e.g. sharded, is checked by decoding)."""
-        codecs = self.array(layer).metadata.codecs
-        return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
+        """Whether a layer's chunk files can be checked without decoding: each ends in a crc32c
+        of the rest (format 2), or is a shard whose index and inner chunks each end in one, with
+        the index at the end (zarr's default; `_check_shard` reads it there)."""
+        array = self.array(layer)
+        sharding = _sharding(array)
+        if sharding is None:
+            return _ends_in_crc(array.metadata.codecs)
+        return (
+            _ends_in_crc(sharding.codecs)
+            and _ends_in_crc(sharding.index_codecs)
+            and str(getattr(sharding.index_location, "value", sharding.index_location)) == "end"
+        )
 
     def read_chunk(self, layer: str, chunk: int) -> np.ndarray:
         """One chunk's values; a StoreError naming the layer and chunk if it cannot be read."""
@@ -354,6 +491,42 @@ class ActivationStore:
             "skipped": len(skipped),
             "verify_seconds": report["seconds"],
         }
+
+
+_EMPTY = 2**64 - 1  # a shard index entry for an inner chunk never written
+_DAMAGED = "checksum does not match (damaged file)"
+
+
+def _crc_ok(data: bytes) -> bool:
+    """Whether `data` ends in the crc32c of the rest (zarr's crc32c codec: little-endian)."""
+    import google_crc32c
+
+    return len(data) >= 4 and np.uint32(google_crc32c.value(data[:-4])).tobytes() == data[-4:]
+
+
+def _tail(path: Path, n: int) -> tuple[bytes, int]:
+    """The last `n` bytes of a file (all of it if shorter) and its size: a shard's index."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - n))
+        return f.read(), size
+
+
+def _inner_per_shard(array: Any) -> list[int]:
+    """How many inner chunks a sharded array's shard holds along each dim."""
+    return [-(-s // c) for s, c in zip(array.shards, array.chunks, strict=True)]
+
+
+def _ends_in_crc(codecs: Sequence[Any]) -> bool:
+    return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
+
+
+def _sharding(array: Any) -> Any:
+    """A layer's sharding codec (its only array-to-bytes codec), or None if unsharded."""
+    from zarr.codecs import ShardingCodec
+
+    codecs = array.metadata.codecs
+    return codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -476,6 +649,30 @@ def _compressors(name: str) -> list[Any]:
     raise StoreError(f"compression must be none, zstd or lz4; got {name!r}")
 
 
+# A layer's inner chunks (decode units) split its first feature dim into blocks of about this
+# many features: an analysis reading a panel of features (a range of channels or neuroids, every
+# stimulus) decodes only the inner chunks holding it, ~1 MiB of float32 each at batch 64, while a
+# batch is still written as one shard file per layer.
+FEATURES_PER_INNER_CHUNK = 4096
+
+
+def shard_and_inner_chunk(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A layer's shard and inner chunk shapes without the presentation dim. The inner chunk is
+    k indices of the first feature dim by the rest whole, k * (the rest's size) about
+    FEATURES_PER_INNER_CHUNK (at least 1, at most all). Zarr wants the shard a multiple of the
+    inner chunk: k is the largest divisor of the dim not above that target when one is at least
+    half of it (ResNet's 512 channels of 28x28: 4, not 5), else the target, and the shard runs
+    past the array's edge to the next multiple of k (the last inner chunk is partly padding)."""
+    if not shape:
+        return (), ()
+    first, rest = int(shape[0]), int(np.prod(shape[1:]))
+    target = min(max(1, FEATURES_PER_INNER_CHUNK // max(rest, 1)), max(first, 1))
+    k = max(d for d in range(1, target + 1) if first % d == 0)
+    if 2 * k < target:
+        k = target
+    return (-(-first // k) * k, *shape[1:]), (k, *shape[1:])
+
+
 def _create(
     path: Path,
     fp: str,
@@ -536,11 +733,13 @@ def _create(
             config=always,
         )
         for spec in layers:
+            shard, inner = shard_and_inner_chunk(spec.shape)
             group.create_array(
                 spec.name,
                 shape=(n, *spec.shape),
                 dtype=spec.dtype,
-                chunks=(chunk_size, *spec.shape),
+                shards=(chunk_size, *shard),  # one file per batch, as a chunk was
+                chunks=(chunk_size, *inner),
                 dimension_names=[PRESENTATION, *spec.dims],
                 compressors=_compressors(compression),
                 fill_value=np.nan,

@@ -77,10 +77,10 @@ def _lengths(store: ActivationStore, coord_names: Sequence[str]) -> list[str]:
         array = store.group[name]
         if array.shape[0] != store.n:
             out.append(f"{store.path}: {name} has {array.shape[0]} rows, not {store.n}")
-        if name in store.layers and array.chunks[0] != store.chunk_size:
-            out.append(
-                f"{store.path}: {name} is chunked by {array.chunks[0]}, not {store.chunk_size}"
-            )
+        # a chunk (unsharded) or shard (sharded) per batch
+        per_batch = (getattr(array, "shards", None) or array.chunks)[0]
+        if name in store.layers and per_batch != store.chunk_size:
+            out.append(f"{store.path}: {name} is chunked by {per_batch}, not {store.chunk_size}")
     return out
 
 
