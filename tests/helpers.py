@@ -555,3 +555,16 @@ def mlflow_runs(run_dir: Path, experiment: str = "bonnerlab") -> tuple[Any, list
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no MLflow experiment {experiment} in {run_dir}"
     return client, client.search_runs([found.experiment_id])
+
+
+def flip_in_inner_chunk(shard: Path, n_inner: int, j: int) -> None:
+    """Flip one bit in the middle of inner chunk `j` of a zarr v3 shard file of `n_inner` inner
+    chunks, found by the sharding spec's index (at the end: (offset, nbytes) little-endian
+    uint64 pairs, then a crc32c)."""
+    import numpy as np
+
+    data = bytearray(shard.read_bytes())
+    index = np.frombuffer(bytes(data[-(16 * n_inner + 4) : -4]), "<u8").reshape(n_inner, 2)
+    offset, nbytes = (int(v) for v in index[j])
+    data[offset + nbytes // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
