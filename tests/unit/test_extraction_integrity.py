@@ -10,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import extract_cfg
+import zarr
+from helpers import extract_cfg, flip_in_inner_chunk
 from PIL import Image
 
 from bonnerlab import activations
+from bonnerlab.activations import store as store_module
 from bonnerlab.activations.store import ActivationStore, verify
 from bonnerlab.config import ModelConfig
 from bonnerlab.errors import StoreError, UserError
@@ -121,26 +123,55 @@ def test_in_memory_dataset_content_hashes(tmp_path):
     assert da["content_hash"].values.tolist() == expected
 
 
-@pytest.mark.parametrize("compression", ["zstd", "none"])
-def test_rerun_rewrites_exactly_the_damaged_chunks_bit_for_bit(tmp_path, compression):
+@pytest.mark.parametrize(
+    "compression,layout", [("zstd", "sharded"), ("none", "sharded"), ("zstd", "unsharded")]
+)
+def test_rerun_rewrites_exactly_the_damaged_chunks_bit_for_bit(
+    tmp_path, monkeypatch, compression, layout
+):
     root = tmp_path / "stim"
     _folder(root)
     out = tmp_path / "s.zarr"
-    extract(_cfg(root, out, compression=compression))
+    with monkeypatch.context() as m:
+        if layout == "unsharded":  # a store written before sharding: one chunk per batch
+            create = zarr.Group.create_array
+
+            def previous(self, name, *, shards=None, chunks=None, **kwargs):
+                return create(self, name, chunks=shards or chunks, **kwargs)
+
+            m.setattr(zarr.Group, "create_array", previous)
+        # features.0 is (16, 14, 14): inner chunks of 1024 // 196 ~ 4 channels, not all 16; the
+        # rerun below takes the layout from the store, not from this
+        m.setattr(store_module, "FEATURES_PER_INNER_CHUNK", 1024)
+        extract(_cfg(root, out, compression=compression))
     intact = tmp_path / "intact.zarr"
     shutil.copytree(out, intact)
     store = ActivationStore(out)
+    assert (store.inner_chunks("features.0") is None) == (layout == "unsharded")
     store.chunk_file("features.0", 1).unlink()
     corrupt = store.chunk_file("fc", 2)
     data = bytearray(corrupt.read_bytes())
     data[len(data) // 2] ^= 0x01
     corrupt.write_bytes(bytes(data))
+    problems = 2
+    if layout == "sharded":
+        assert store.inner_chunks("features.0") == 4
+        flip_in_inner_chunk(store.chunk_file("features.0", 2), 4, 1)
+        where = r"layer features.0 chunk 2 \(rows 8-9\), inner chunk 1 \(channel 4-7\)"
+        with pytest.raises(StoreError, match=where):
+            activations.open_activations(out, "features.0")[8:, 5:6].values.sum()
+        for panel in (slice(0, 4), slice(8, 16)):  # the panels around it read
+            np.testing.assert_array_equal(
+                activations.open_activations(out, "features.0")[8:, panel].values,
+                activations.open_activations(intact, "features.0")[8:, panel].values,
+            )
+        problems = 3
 
     with pytest.raises(StoreError, match=r"layer features.0 chunk 1 \(rows 4-7\).*missing"):
         activations.open_activations(out, "features.0").values.sum()
     with pytest.raises(StoreError, match=r"layer fc chunk 2 \(rows 8-9\)"):
         activations.open_activations(out, "fc").values.sum()
-    assert verify(out)["n_problems"] == 2
+    assert verify(out)["n_problems"] == problems
 
     result = extract(_cfg(root, out, compression=compression))
     assert result["repaired"] == 2 and result["chunks_written"] == 2 and result["complete"]
