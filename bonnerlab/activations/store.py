@@ -8,20 +8,29 @@ stimulus, label, ...      coordinates along `presentation` (written once, at cre
 content_hash              a coordinate too: each stimulus's content (blake2b of the file's bytes,
                           or of the array), written with its chunk
 <layer>/                  one array per layer: (presentation, channel, y, x) or
-                          (presentation, neuroid)
+                          (presentation, neuroid); c/<chunk>/0/... one shard file per batch
 .done/<layer>/<chunk>     a marker per finished chunk, written temp + rename (atomic)
 ```
 Why this shape:
-- Arrays are chunked along `presentation` only, one chunk per batch, so a batch is written as
-  whole chunk files: no read-modify-write, no locks, and a shard owns a chunk-aligned range.
+- A layer has one file per batch (a zarr shard spanning the batch's rows and every feature), so a
+  batch is written as whole files: no read-modify-write, no locks, and a job shard owns a
+  chunk-aligned range. The store writes that file itself (`_write_shard`): zarr would read the
+  old one first, and fail on a damaged one.
+- Inside, the file holds inner chunks (the decode units) of a few indices of the first feature
+  dim, ~FEATURES_PER_INNER_CHUNK features each (`array.chunks[1]` indices): an analysis reading a
+  panel of features (`da[:, a:b]`, every stimulus, as the Gram does) decodes only the inner chunks
+  holding it, each once, not every batch whole.
+- A store written before sharding (format 2, one chunk per batch) keeps its layout: everything
+  here reads the layout from each array's metadata, never from the constants.
 - A chunk counts as done only when its marker exists; the marker is written after the chunk, so a
   job killed at any point redoes exactly the unmarked chunks (same batches, same bits).
 - The store is first built in a temporary folder and renamed into place, so two shards starting at
   once never see (or clobber) a half-made store: one rename wins, the other opens the winner's.
 - No HDF5, no file locks: safe on network filesystems.
-- Every chunk file ends in a crc32c checksum (zarr's codec, with any compression) and is written
-  even when it holds only NaN, so a missing or damaged chunk is found (`verify`, the reader) and
-  rewritten by the next run, never read as NaN.
+- Every chunk file, and in a shard every inner chunk and the index, ends in a crc32c checksum
+  (zarr's codec, after any compression) and is written even when it holds only NaN, so a missing
+  or damaged chunk is found without decoding (`verify`, the reader), named down to the inner
+  chunk's features, and rewritten by the next run, never read as NaN.
 - The identity fingerprint decides whether a run may reuse a store; finalizing folds the rows'
   content hashes into it (`content_sha256`), so a cache keyed by the fingerprint (the analysis
   Gram) changes when any stimulus did.
