@@ -128,11 +128,12 @@ class CheckedChunks(_BackendArray):
     """One layer's zarr array for xarray's lazy indexing; each read first checks that the chunks
     it touches exist (when marked done: `done`, None = all) and names the chunk (and, sharded, the
     inner chunk) that fails to decode. A stat (sharded: a read of the shard's index) per touched
-    chunk: reading stays as fast as zarr's own, and a panel of features (`da[:, a:b]`) decodes
+    chunk, once: reading stays as fast as zarr's own, and a panel of features (`da[:, a:b]`) decodes
     only the inner chunks holding it."""
 
     def __init__(self, store: ActivationStore, layer: str, done: set[int] | None):
         self.store, self.layer, self.done = store, layer, done
+        self.sound: set[int] = set()  # chunks whose file (and shard index) was found whole
         self.array = store.array(layer)
         self.shape, self.dtype = tuple(self.array.shape), self.array.dtype
 
@@ -172,12 +173,16 @@ class CheckedChunks(_BackendArray):
         chunks = self._chunks(key[0] if key else slice(None))
         features = self._features(key[1] if len(key) > 1 else slice(None))
         for chunk in chunks:
-            if self.done is None or chunk in self.done:
-                problem = self.store.check_chunk_file(
-                    self.layer, chunk, checksum=False, features=features
-                )
-                if problem:
-                    raise StoreError(f"{problem}; rerun the extraction with the same config")
+            if chunk in self.sound or (self.done is not None and chunk not in self.done):
+                continue
+            if self.store.check_chunk_file(self.layer, chunk, checksum=False) is None:
+                self.sound.add(chunk)  # its file and index once: a Gram reads it once per panel
+                continue
+            problem = self.store.check_chunk_file(  # only what this read touches
+                self.layer, chunk, checksum=False, features=features
+            )
+            if problem:
+                raise StoreError(f"{problem}; rerun the extraction with the same config")
         try:
             return read(key)
         except StoreError:
