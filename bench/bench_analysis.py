@@ -4,8 +4,8 @@
                                                        references alone take ~10 min)
     python bench/bench_analysis.py --scale 0.2       # n, p and targets x 0.2: a quick look
     python bench/bench_analysis.py --only gram       # or --only encode
-    python bench/bench_analysis.py --only gram --feature-chunk 2048   # a store sharded along
-                                                       features: each chunk decoded once
+    python bench/bench_analysis.py --only gram --compression none   # the store uncompressed
+                                                       (default zstd, as extraction writes)
 
 Data: one synthetic float16 store in bench/out/analysis/ (written once per scale, reused on
 reruns; gitignored) of n stimuli with three layers, each ReLU(Z B + noise) (16 latent factors,
@@ -22,10 +22,11 @@ imports included: torch when device auto imports it) is its own:
              store is timed and reported apart; the ratio is against the product alone), and
              at p_rsa, bonnerlab vs rsatoolbox `calc_rdm(method="correlation")` on the loaded
              float64 array. Agreement: max |RDM difference| (the reference's Gram goes
-             through the same correlation formula; rsatoolbox's RDM is its own). With
-             bonnerlab's row-chunked store every panel decodes whole rows, so a layer larger
-             than memory_gb is decoded once per panel (the row's detail says how often);
-             --feature-chunk shows a store sharded along features, decoded once.
+             through the same correlation formula; rsatoolbox's RDM is its own). The store is
+             written by bonnerlab's writer (layers sharded along features, so each panel
+             decodes only its own chunks: the row's detail says how often each was decoded),
+             compressed as --compression says; --rounds N measures bonnerlab and the GEMM N
+             times, interleaved, and keeps each one's best.
 2. encode:   bonnerlab `encode` (per-target alphas by leave-one-out inside each training fold)
              from the store and the targets file, vs scikit-learn `RidgeCV(alphas,
              alpha_per_target=True)` fitted per training fold and himalaya `KernelRidgeCV`
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -82,50 +84,13 @@ def peak_rss_gb() -> float:
 # ----------------------------------------------------------------------------- the data
 
 
-def store_path(s: dict[str, int], feature_chunk: int = 0) -> Path:
-    shards = f"-f{feature_chunk}" if feature_chunk else ""
-    name = f"store-n{s['n']}-p{s['p']}-q{s['p_rsa']}-e{s['p_enc']}-t{s['targets']}{shards}"
+def store_path(s: dict[str, int], compression: str = "zstd") -> Path:
+    name = f"store-n{s['n']}-p{s['p']}-q{s['p_rsa']}-e{s['p_enc']}-t{s['targets']}-{compression}"
     return OUT / f"{name}.zarr"
 
 
-def shard_features(path: Path, span: int) -> None:
-    """Rewrite every layer sharded: one shard per row chunk (the file extraction writes per
-    batch), inner chunks of `span` features, so a feature panel decodes only its own chunks.
-    What a store chunked along features would give (bonnerlab's writer chunks by rows only)."""
-    import warnings
-
-    import zarr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr on the store's .done folder and consolidation
-        group = zarr.open_group(str(path), mode="r+")
-        for layer in ("gram", "rsa", "encode"):
-            old = group[layer]
-            if old.shards is not None:
-                continue
-            inner = min(span, old.shape[1])
-            # a shard holds whole inner chunks: the last one may run past the features' end
-            width = -(-old.shape[1] // inner) * inner
-            new = group.create_array(
-                f"{layer}.sharded",
-                shape=old.shape,
-                dtype=old.dtype,
-                shards=(old.chunks[0], width),
-                chunks=(old.chunks[0], inner),
-                compressors=old.compressors,
-                attributes=dict(old.attrs),
-                dimension_names=old.metadata.dimension_names,
-                fill_value=old.fill_value,
-            )
-            for a in range(0, old.shape[0], old.chunks[0]):
-                new[a : a + old.chunks[0]] = old[a : a + old.chunks[0]]
-            shutil.rmtree(path / layer)
-            os.replace(path / f"{layer}.sharded", path / layer)
-        zarr.consolidate_metadata(str(path))
-
-
-def targets_path(s: dict[str, int]) -> Path:
-    return store_path(s).with_suffix(".targets.nc")
+def targets_path(s: dict[str, int], compression: str = "zstd") -> Path:
+    return store_path(s, compression).with_suffix(".targets.nc")
 
 
 def folds(n: int, cv: int, seed: int = 0) -> np.ndarray:
@@ -136,29 +101,18 @@ def folds(n: int, cv: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def make_data(s: dict[str, int], cv: int, feature_chunk: int = 0) -> tuple[Path, Path]:
-    """The store and targets for sizes `s`, written once (a half-written store is resumed);
-    with `feature_chunk`, a copy of the store sharded along features."""
+def make_data(s: dict[str, int], cv: int, compression: str = "zstd") -> tuple[Path, Path]:
+    """The store and targets for sizes `s`, written once (a half-written store is resumed)."""
     import xarray as xr
 
     from bonnerlab.activations.store import LayerSpec, open_store
 
-    if feature_chunk:
-        path, tpath = make_data(s, cv)
-        sharded = store_path(s, feature_chunk)
-        if not (sharded / "zarr.json").is_file():
-            log(f"sharding {path.name} along features ({feature_chunk:,} a chunk) ...")
-            shutil.rmtree(sharded, ignore_errors=True)
-            shutil.copytree(path, sharded.with_suffix(".tmp"))
-            shard_features(sharded.with_suffix(".tmp"), feature_chunk)
-            os.replace(sharded.with_suffix(".tmp"), sharded)
-        return sharded, tpath
-    path, tpath = store_path(s), targets_path(s)
+    path, tpath = store_path(s, compression), targets_path(s, compression)
     n = s["n"]
     widths = {"gram": s["p"], "rsa": s["p_rsa"], "encode": s["p_enc"]}
     ids = [f"img{i:05d}.png" for i in range(n)]
     specs = [LayerSpec(name, ("neuroid",), (p,), "float16") for name, p in widths.items()]
-    identity = {"bench_analysis": 1, **s, "cv": cv}
+    identity = {"bench_analysis": 1, **s, "cv": cv, "compression": compression}
     OUT.mkdir(parents=True, exist_ok=True)
     store, outcome = open_store(
         path,
@@ -169,6 +123,7 @@ def make_data(s: dict[str, int], cv: int, feature_chunk: int = 0) -> tuple[Path,
         chunk_size=CHUNK,
         coords={"fold": folds(n, cv)},
         overwrite=True,
+        compression=compression,
     )
     missing = store.missing_chunks()
     if not missing and tpath.is_file():
@@ -409,22 +364,39 @@ HEADER = (
 )
 
 
+def layout(store: Path, layer: str) -> str:
+    """How the store holds `layer`: its compression and chunks, from zarr's own metadata."""
+    import warnings
+
+    import zarr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr on the store's .done folder
+        array = zarr.open_group(str(store), mode="r")[layer]
+    codecs = "+".join(type(c).__name__.removesuffix("Codec").lower() for c in array.compressors)
+    if array.shards is None:
+        return f"chunks of {array.chunks[0]} rows, {codecs}"
+    return (
+        f"a shard per {array.shards[0]} rows, inner chunks of {math.prod(array.chunks[1:]):,} "
+        f"features, {codecs}"
+    )
+
+
 def bench_gram(args, s, store: Path, tmp: Path) -> list[str]:
     base = {"store": str(store), "device": args.device, "memory_gb": args.memory_gb}
-    layout = (
-        f"sharded along features ({args.feature_chunk:,} a chunk)"
-        if args.feature_chunk
-        else "chunked by rows, as extraction writes it"
-    )
     out = [
-        f"gram/RDM: n {s['n']:,} x p {s['p']:,} float16 from the store ({layout}), "
-        f"memory_gb {args.memory_gb:g}",
+        f"gram/RDM: n {s['n']:,} x p {s['p']:,} float16 from the store ({layout(store, 'gram')}),"
+        f" memory_gb {args.memory_gb:g}, best of {args.rounds}",
         HEADER,
     ]
-    ours = measure("gram-ours", {**base, "layer": "gram", "save": str(tmp / "ours.npy")})
-    log(f"  bonnerlab gram+rdm p={s['p']:,}: {ours['seconds']:.2f} s, {ours['peak_rss_gb']:.2f} GB")
-    ref = measure("gram-numpy", {**base, "layer": "gram", "save": str(tmp / "numpy.npy")})
-    log(f"  numpy X @ X.T: {ref['seconds']:.2f} s (+ load {ref['load_s']:.2f} s)")
+    ours = ref = None
+    for _ in range(args.rounds):  # interleaved: a burst of load hits both alike
+        o = measure("gram-ours", {**base, "layer": "gram", "save": str(tmp / "ours.npy")})
+        log(f"  bonnerlab gram+rdm p={s['p']:,}: {o['seconds']:.2f} s, {o['peak_rss_gb']:.2f} GB")
+        r = measure("gram-numpy", {**base, "layer": "gram", "save": str(tmp / "numpy.npy")})
+        log(f"  numpy X @ X.T: {r['seconds']:.2f} s (+ load {r['load_s']:.2f} s)")
+        ours = o if ours is None or o["seconds"] < ours["seconds"] else ours
+        ref = r if ref is None or r["seconds"] < ref["seconds"] else ref
     diff = np.abs(np.load(tmp / "ours.npy") - np.load(tmp / "numpy.npy")).max()
     detail = (
         f"{ours['passes']} panels, each chunk decoded {ours['store_reads']:g}x, "
@@ -543,12 +515,12 @@ def main() -> None:
         "under 1 GB: 0.8 reached 1.0 GB at n = 5,000)",
     )
     p.add_argument(
-        "--feature-chunk",
-        type=int,
-        default=0,
-        help="also shard the store along features, N a chunk (0: rows only, as extraction "
-        "writes): how the Gram reads a store whose chunks split the features",
+        "--compression",
+        choices=("zstd", "lz4", "none"),
+        default="zstd",
+        help="the store's compression (zstd: extraction's default; the Gram pays its decode)",
     )
+    p.add_argument("--rounds", type=int, default=1, help="gram: best of N, interleaved")
     p.add_argument("--no-rsatoolbox", dest="rsatoolbox", action="store_false")
     p.add_argument(
         "--encode-refs", default="sklearn,himalaya", help="comma-separated: sklearn, himalaya"
@@ -573,7 +545,7 @@ def main() -> None:
         f"scale {args.scale:g}"
     )
     s = sizes(args.scale)
-    store, targets = make_data(s, args.cv, args.feature_chunk)
+    store, targets = make_data(s, args.cv, args.compression)
     tmp = OUT / "results"
     tmp.mkdir(parents=True, exist_ok=True)
     lines = []

@@ -26,6 +26,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,16 @@ from urllib.parse import quote
 import numpy as np
 
 from bonnerlab.activations import open_activations, store_info
-from bonnerlab.errors import AnalysisError, UserError
+from bonnerlab.activations.store import ActivationStore
+from bonnerlab.errors import AnalysisError, StoreError, UserError
 from bonnerlab.runs import atomic_write_bytes
 
 CACHE_FORMAT = 1  # bump when what a cache file holds changes: older files are rebuilt
-# float32 columns handed to BLAS at once: ssyrk runs as fast from ~512 columns as from 8k
-# (n = 5,000, OpenBLAS), so a small block leaves the memory to wider panels (fewer passes)
-SUB_BLOCK_BYTES = 32 * 2**20
-MIN_SUB_COLS = 512
-READ_CHUNKS = 4  # row chunks per store read: zarr decodes them in parallel (1.4x on 2 cores)
+# reader threads filling a panel (each decodes its own row chunks; numpy and the codecs release
+# the GIL): one per core, up to this many
+MAX_THREADS = 8
+# values of a panel taken through the fused pass at once (_shift_rows): 256 KB of float32
+GROUP_VALUES = 2**16
 
 
 @dataclass
@@ -155,9 +157,22 @@ def layer_gram(
         gram, sums, p = cached["gram"], cached["sums"], int(cached["n_features"])
         attrs["cache"] = "reused"
     else:
-        gram, sums, p, stats = _stream(
-            da, keep, int(meta["chunk_size"]), device, memory_gb, progress
-        )
+        source = ActivationStore(store, mode="r")
+        try:
+            gram, sums, p, stats = _stream(
+                source.array(layer), keep, int(meta["chunk_size"]), device, memory_gb, progress
+            )
+        except _NonFinite as e:
+            _name_damage(source, layer)  # a missing chunk reads as NaN: that, if it is one
+            raise AnalysisError(
+                f"layer {layer!r} of {store} has non-finite activations (inf or NaN) for "
+                f"{len(e.rows)} stimuli, e.g. {str(stimulus[e.rows[0]])!r}"
+            ) from None
+        except (UserError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception:  # a codec's error (zstd, crc32c, a truncated file): which chunk
+            _name_damage(source, layer)
+            raise
         attrs.update(stats, cache="written" if cache else "off")
         if cache:
             _save_cache(path, meta["fingerprint"], layer, gram, sums, p, stimulus)
@@ -171,6 +186,18 @@ def layer_gram(
             f"{int(bad.sum())} stimuli, e.g. {str(stimulus[np.flatnonzero(bad)[0]])!r}"
         )
     return Gram(gram, sums, p, stimulus, coords, attrs)
+
+
+def _name_damage(source: ActivationStore, layer: str) -> None:
+    """Raise the StoreError naming the first damaged chunk of `layer` (missing, checksum, or
+    not decodable), if any: only on the error path, so the stream itself reads each chunk
+    once."""
+    for chunk in range(source.n_chunks):
+        problem = source.check_chunk_file(layer, chunk)
+        if problem:
+            raise StoreError(f"{problem}; rerun the extraction with the same config to rewrite it")
+        if not source.checksummed(layer):
+            source.read_chunk(layer, chunk)  # raises the StoreError naming it
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -203,13 +230,13 @@ def _save_cache(path, fingerprint, layer, gram, sums, p, stimulus) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-# ----------------------------------------------------------------------------- the stream
+class _NonFinite(Exception):
+    """Rows of a panel holding inf or NaN (positions among the kept stimuli): layer_gram names
+    them. Raised as soon as a panel shows one, before the rest of the layer is read."""
 
-
-def _read_block(da, rows: slice, cols: slice) -> np.ndarray:
-    """Rows of a panel: the store decodes every chunk the rows and `cols` touch (zarr decodes
-    the chunks of one read in parallel threads), we keep `cols`."""
-    return np.asarray(da[rows, cols].values)
+    def __init__(self, rows: np.ndarray):
+        super().__init__(f"{len(rows)} rows with non-finite values")
+        self.rows = rows
 
 
 @dataclass(frozen=True)
@@ -217,8 +244,7 @@ class Plan:
     """How one layer is streamed (plan_panels)."""
 
     step: int  # indices of the first feature dim in one panel
-    sub_cols: int  # float32 columns handed to BLAS in one call
-    read_chunks: int  # row chunks per store read
+    threads: int  # readers filling a panel at once (and sharing its vector passes)
 
 
 def feature_chunk(da) -> int:
@@ -227,6 +253,10 @@ def feature_chunk(da) -> int:
     chunked (or sharded into inner chunks) along its features."""
     chunks = da.encoding.get("chunks") or ()
     return int(chunks[1]) if len(chunks) > 1 else int(da.shape[1])
+
+
+def threads() -> int:
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
 
 
 def plan_panels(
@@ -238,25 +268,18 @@ def plan_panels(
     feature_chunk: int | None = None,
 ) -> Plan:
     """Panels as wide as `memory_gb` allows after the float64 Gram and its float32 partial
-    (12 n^2 bytes), the float32 block BLAS gets and its conversion scratch, and the store's
-    decoded and compressed row chunks; panel edges fall on the store's feature chunks, so a
-    store chunked along features is decoded once whatever the number of panels."""
+    (12 n^2 bytes): per index of the first feature dim, the float32 panel (all stimuli) and,
+    for each reader thread, one row chunk as stored, its decode scratch and its uint32 scratch.
+    Panel edges fall on the store's feature chunks, so a store chunked along features is
+    decoded once whatever the number of panels."""
     inner = math.prod(shape[1:])
     p = shape[0] * inner
     span = shape[0] if feature_chunk is None else max(1, min(feature_chunk, shape[0]))
+    readers = threads()
     budget = memory_gb * 2**30
-    sub = min(SUB_BLOCK_BYTES, budget / 16)
-    sub_cols = int(min(p, max(MIN_SUB_COLS, sub // (4 * max(n, 1)))))
-    convert = 2 * 4 * n * sub_cols  # the float32 block and its uint32 scratch
-    # zarr's decoded chunks and their compressed bytes: an eighth of the budget, at least one
-    # chunk (grows smoothly, so wider budgets never give narrower panels)
-    chunk_bytes = 1.5 * chunk * span * inner * itemsize
-    read = min(READ_CHUNKS * chunk_bytes, max(chunk_bytes, budget / 8))
-    read_chunks = int(read // chunk_bytes)
-    fixed = 12 * n * n + convert + read
-    # one index of the first feature dim: in the panel for all stimuli, and in the selection a
-    # read returns (up to READ_CHUNKS row chunks) before it is copied in
-    column = (n + READ_CHUNKS * chunk) * inner * itemsize
+    fixed = 12 * n * n
+    # zarr holds a row chunk's compressed and decoded bytes while it copies out the selection
+    column = inner * (4 * n + readers * chunk * (3 * itemsize + 4))
     step = int(min(shape[0], (budget - fixed) // column))
     if span < shape[0] and step >= span:
         step -= step % span
@@ -266,41 +289,72 @@ def plan_panels(
             f"memory_gb={memory_gb} is too small for the Gram of {n} stimuli x {p} features "
             f"(needs at least {need:.2f})"
         )
-    return Plan(step, sub_cols, read_chunks)
+    return Plan(step, readers)
 
 
-def _stream(da, keep: np.ndarray, chunk: int, device: str, memory_gb: float, progress: bool):
-    shape = tuple(int(s) for s in da.shape[1:])
-    n, n_all = int(keep.sum()), da.shape[0]
+def _read_block(array, rows: slice, cols: slice) -> np.ndarray:
+    """Rows of a panel as stored: zarr decodes every chunk (inner chunk, when sharded) the rows
+    and `cols` touch, in its own threads."""
+    return np.asarray(array[rows, cols])
+
+
+def _stream(array, keep: np.ndarray, chunk: int, device: str, memory_gb: float, progress: bool):
+    """The Gram of a zarr `array` (presentation, features...) over the rows `keep`, in panels.
+
+    Each panel (all kept stimuli, a range of features) is filled by `plan.threads` threads
+    (zarr's codecs and numpy's loops release the GIL), in two passes (`_fill`): decoded to
+    float32, then shifted by its column means into the row sums and v. Then the accumulator
+    adds Xs Xs^T. Reading and the product do not overlap: on a machine whose cores BLAS
+    already fills, a reader thread beside it only slows both (measured: 2x).
+
+    The shift (X = Xs + 1 c^T, c the panel's column means): float32 products then round
+    relative to the features' spread, not their offset (a ReLU layer's mean is as large as its
+    spread, and correlation and CKA keep only the spread); it comes back exactly in float64 at
+    the end: G = sum Xs Xs^T + v 1^T + 1 v^T + |c|^2, v = Xs c, and X 1 = Xs 1 + sum c.
+    """
+    shape = tuple(int(s) for s in array.shape[1:])
+    n, n_all = int(keep.sum()), int(array.shape[0])
     p = math.prod(shape)
     inner = p // shape[0]
-    span = feature_chunk(da)
-    plan = plan_panels(n, shape, np.dtype(da.dtype).itemsize, chunk, memory_gb, span)
+    span = int(array.chunks[1]) if len(array.chunks) > 1 else shape[0]
+    plan = plan_panels(n, shape, np.dtype(array.dtype).itemsize, chunk, memory_gb, span)
     panels = [slice(a, min(a + plan.step, shape[0])) for a in range(0, shape[0], plan.step)]
-    rows_per_read = chunk * plan.read_chunks
-    reads = [slice(r, min(r + rows_per_read, n_all)) for r in range(0, n_all, rows_per_read)]
-    acc = _accumulator(device, n, plan.sub_cols)
-    buffer = np.empty(n * plan.step * inner, dtype=da.dtype)
-    every_row = bool(keep.all())
-    bar = _bar(progress, len(panels) * len(reads), da.name)
+    reads = [slice(a, min(a + chunk, n_all)) for a in range(0, n_all, chunk)]
+    reads = [r for r in reads if keep[r].any()]  # a chunk of only skipped stimuli: nothing
+    # where each read's kept rows go in the panel
+    starts = np.concatenate([[0], np.cumsum([int(keep[r].sum()) for r in reads])]).astype(int)
+    acc = _accumulator(device, n)
+    buffer = np.empty(n * plan.step * inner, dtype=np.float32)
+    row_sums, cross = np.zeros(n), np.zeros(n)  # float64: X 1 and v, summed over panels
+    shift2 = 0.0  # |c|^2, summed over panels
+    bar = _bar(progress, len(panels) * len(reads), getattr(array, "name", "layer"))
+    pool = ThreadPoolExecutor(plan.threads) if plan.threads > 1 else None
     read_s = 0.0
-    for cols in panels:
-        width = (cols.stop - cols.start) * inner
-        panel = buffer[: n * width].reshape(n, width)  # contiguous, also the narrower last one
-        t = time.perf_counter()
-        row = 0
-        for rows in reads:
-            block = _read_block(da, rows, cols).reshape(rows.stop - rows.start, width)
-            if not every_row:
-                block = block[keep[rows]]
-            panel[row : row + len(block)] = block
-            row += len(block)
-            bar.update(1)
-        read_s += time.perf_counter() - t
-        acc.add(panel)
-    bar.close()
+    try:
+        for cols in panels:
+            width = (cols.stop - cols.start) * inner
+            panel = buffer[: n * width].reshape(n, width)  # contiguous, also the narrower last one
+            t = time.perf_counter()
+            shift, sums, dots = _fill(array, cols, panel, reads, starts, keep, pool, bar)
+            read_s += time.perf_counter() - t
+            if not (np.isfinite(sums).all() and np.isfinite(dots).all()):
+                raise _NonFinite(np.flatnonzero(~(np.isfinite(sums) & np.isfinite(dots))))
+            shift64 = shift.astype(np.float64)
+            row_sums += sums
+            row_sums += shift64.sum()
+            cross += dots
+            shift2 += float(shift64 @ shift64)
+            acc.add(panel)
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown()
     del buffer, panel  # before the result: its n x n work needs the room
-    gram, sums = acc.result()
+    gram = acc.result()
+    with np.errstate(invalid="ignore", over="ignore"):
+        gram += cross[:, None]
+        gram += cross[None, :]
+        gram += shift2
     # how often each stored chunk was decoded: once per panel for a store chunked by rows only
     touched = sum(-(-c.stop // span) - c.start // span for c in panels)
     stats = {
@@ -309,8 +363,71 @@ def _stream(da, keep: np.ndarray, chunk: int, device: str, memory_gb: float, pro
         "read_s": round(read_s, 3),
         "compute_s": round(acc.seconds, 3),
         "device": acc.device,
+        "threads": plan.threads,
     }
-    return gram, sums, p, stats
+    return gram, row_sums, p, stats
+
+
+def _fill(array, cols: slice, panel: np.ndarray, reads, starts, keep, pool, bar):
+    """Read one panel into `panel` in two passes over it, each split among the pool's threads:
+    every row chunk decoded and converted to float32 (`_convert_rows`, with its column sums),
+    then shifted by the column means (`_shift_rows`). Returns the shift, row sums and v."""
+    n, width = panel.shape
+    sums, dots = np.empty(n, np.float32), np.empty(n, np.float32)
+
+    def convert(i: int) -> np.ndarray:
+        rows = reads[i]
+        block = _read_block(array, rows, cols).reshape(rows.stop - rows.start, -1)
+        if not keep[rows].all():
+            block = block[keep[rows]]
+        colsum = np.zeros(width, np.float64)
+        _convert_rows(block, panel[starts[i] : starts[i + 1]], colsum)
+        bar.update(1)
+        return colsum
+
+    colsum = sum(pool.map(convert, range(len(reads))) if pool else map(convert, range(len(reads))))
+    if not np.isfinite(colsum).all():
+        raise _NonFinite(np.flatnonzero(~np.isfinite(panel).all(axis=1)))
+    shift = (colsum / n).astype(np.float32)
+    step = -(-n // (pool._max_workers if pool else 1))
+    parts = [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
+    def center(rows: slice) -> None:
+        _shift_rows(panel[rows], shift, sums[rows], dots[rows])
+
+    list(pool.map(center, parts) if pool else map(center, parts))
+    return shift, sums, dots
+
+
+def _group(out: np.ndarray) -> int:
+    """Rows of `out` (r, w) taken at once: a few, so each vector step of a group reads and
+    writes the CPU's cache and memory sees each value once a pass."""
+    return max(1, GROUP_VALUES // max(1, out.shape[1]))
+
+
+def _convert_rows(src: np.ndarray, out: np.ndarray, colsum: np.ndarray) -> None:
+    """`src` (r, w) as stored into `out` (r, w) float32, its column sums added to `colsum`."""
+    rows = _group(out)
+    scratch = np.empty(rows * out.shape[1], np.uint32)
+    part = np.zeros(out.shape[1], np.float32)  # float32 within a chunk: only the shift uses it
+    for a in range(0, len(out), rows):
+        o = out[a : a + rows]
+        to_float32(src[a : a + rows], o, scratch[: o.size].reshape(o.shape))
+        part += o.sum(axis=0)
+    colsum += part
+
+
+def _shift_rows(out: np.ndarray, shift: np.ndarray, sums: np.ndarray, dots: np.ndarray) -> None:
+    """`out` (r, w) minus `shift` in place; each row's sum into `sums` and its dot with `shift`
+    into `dots`."""
+    rows = _group(out)
+    for a in range(0, len(out), rows):
+        o = out[a : a + rows]
+        np.subtract(o, shift, out=o)
+        sums[a : a + rows] = o.sum(axis=1)
+        # numpy's loop, not a BLAS GEMV: one between two ssyrk calls slowed the next by half
+        # (OpenBLAS, 2 threads); float32, its rounding below the product's
+        dots[a : a + rows] = np.einsum("ij,j->i", o, shift)
 
 
 def to_float32(src: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
@@ -360,21 +477,21 @@ class _NoBar:
         pass
 
 
-def _accumulator(device: str, n: int, sub_cols: int):
+def _accumulator(device: str, n: int):
     """The CPU (numpy/BLAS) accumulator, or the CUDA one when the device resolves to a GPU;
     torch is imported only when it may be used."""
     if device == "cpu" or (device == "auto" and not gpu_may_be_present()):
-        return _CpuAccumulator(n, sub_cols)
+        return _CpuAccumulator(n)
     if importlib.util.find_spec("torch") is None:
         if device == "auto":
-            return _CpuAccumulator(n, sub_cols)
+            return _CpuAccumulator(n)
         raise UserError(f"device {device!r} needs torch, which is not installed; use cpu")
     from bonnerlab.distributed import use_device
 
     resolved = use_device(device)
     if resolved.type == "cpu":
-        return _CpuAccumulator(n, sub_cols)
-    return _CudaAccumulator(n, sub_cols, resolved)
+        return _CpuAccumulator(n)
+    return _CudaAccumulator(n, resolved)
 
 
 def gpu_may_be_present() -> bool:
@@ -388,77 +505,34 @@ def gpu_may_be_present() -> bool:
     return Path("/proc/driver/nvidia/version").exists()
 
 
-def _sub_blocks(width: int, step: int):
-    return [slice(a, min(a + step, width)) for a in range(0, width, step)]
-
-
 class _CpuAccumulator:
-    """Each panel's X X^T through BLAS ssyrk in float32 (upper triangle), then into float64.
-
-    Every sub-block is first shifted by its features' means (X = Xs + 1 c^T): float32 then
-    rounds relative to the spread of the features, not to their offset (a ReLU layer's mean
-    is as large as its spread, and correlation and CKA keep only the spread). The shift comes
-    back exactly in float64 at the end: G = sum Xs Xs^T + v 1^T + 1 v^T + |c|^2, v = Xs c.
-    """
+    """Each panel's Xs Xs^T through BLAS ssyrk in float32 (upper triangle), into float64."""
 
     device = "cpu"
 
-    def __init__(self, n: int, sub_cols: int):
-        self.sub_cols = sub_cols
+    def __init__(self, n: int):
         self.gram = np.zeros((n, n), dtype=np.float64, order="F")
         self.part = np.zeros((n, n), dtype=np.float32, order="F")
-        self.sums = np.zeros(n, dtype=np.float64)
-        self.cross = np.zeros(n, dtype=np.float64)  # v = sum over blocks of Xs c
-        self.shift2 = 0.0  # sum over blocks of |c|^2
         self.seconds = 0.0
-        self.block = np.empty(n * sub_cols, dtype=np.float32)  # to_float32's, reused
-        self.scratch = np.empty(n * sub_cols, dtype=np.uint32)
 
     def add(self, panel: np.ndarray) -> None:
         from scipy.linalg.blas import ssyrk
 
         t = time.perf_counter()
-        with np.errstate(invalid="ignore", over="ignore"):  # inf rows: caught by layer_gram
-            self._add(panel, ssyrk)
+        # panel.T is Fortran-ordered (no copy into BLAS); trans=1: panel.T^T panel.T. ssyrk
+        # holds the GIL; nothing runs beside it anyway (see _stream)
+        self.part = ssyrk(1.0, panel.T, beta=0.0, c=self.part, trans=1, overwrite_c=1)
         self.gram += self.part
         self.seconds += time.perf_counter() - t
 
-    def _add(self, panel: np.ndarray, ssyrk) -> None:
-        n = len(panel)
-        for i, cols in enumerate(_sub_blocks(panel.shape[1], self.sub_cols)):
-            size = n * (cols.stop - cols.start)
-            block = to_float32(
-                panel[:, cols],
-                self.block[:size].reshape(n, -1),
-                self.scratch[:size].reshape(n, -1),
-            )
-            self.sums += block.sum(axis=1)  # before the shift: an inf row stays the only one
-            # float32 sums (the shift only has to be near the mean: any shift is restored
-            # exactly), 5x faster than a float64 mean. numpy's loops, not BLAS GEMVs: a GEMV
-            # between two ssyrk calls slowed the next ssyrk by half (OpenBLAS, 2 threads)
-            shift = block.sum(axis=0)
-            shift /= n
-            block -= shift
-            shift64 = shift.astype(np.float64)
-            # float32: |Xs||c| rounding, below the product's
-            self.cross += np.einsum("ij,j->i", block, shift)
-            self.shift2 += float(shift64 @ shift64)
-            # block.T is Fortran-ordered (no copy into BLAS); trans=1: block.T^T block.T.
-            # beta=0 on the first block resets the accumulator without a separate pass over it.
-            self.part = ssyrk(1.0, block.T, beta=float(i > 0), c=self.part, trans=1, overwrite_c=1)
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self) -> np.ndarray:
         """The Gram in place of the accumulator: no n x n temporary (at n = 5,000 each is
         200 MB, and four of them were half the stream's peak)."""
         self.part = None
         g = self.gram.T  # C order; ssyrk filled the Fortran upper triangle: this lower one
         symmetrize_lower(g)
-        with np.errstate(invalid="ignore", over="ignore"):
-            g += self.cross[:, None]
-            g += self.cross[None, :]
-            g += self.shift2
         self.gram = None
-        return g, self.sums
+        return g
 
 
 def symmetrize_lower(g: np.ndarray, rows: int = 512) -> None:
@@ -477,17 +551,13 @@ class _CudaAccumulator:
     """The same on a GPU: float32 matmul with TF32 off (TF32 keeps 10 mantissa bits, a 1e-3
     error in every RDM entry), each panel's product added into a float64 Gram on the device."""
 
-    def __init__(self, n: int, sub_cols: int, device):
+    def __init__(self, n: int, device):
         import torch
 
-        self.sub_cols = sub_cols
         self.torch, self.dev = torch, device
         self.device = str(device)
         self.gram = torch.zeros((n, n), dtype=torch.float64, device=device)
         self.part = torch.zeros((n, n), dtype=torch.float32, device=device)
-        self.sums = torch.zeros(n, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(n, dtype=torch.float64, device=device)
-        self.shift2 = torch.zeros((), dtype=torch.float64, device=device)
         self.seconds = 0.0
 
     def add(self, panel: np.ndarray) -> None:
@@ -496,24 +566,14 @@ class _CudaAccumulator:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            self.part.zero_()
-            for cols in _sub_blocks(panel.shape[1], self.sub_cols):
-                host = torch.from_numpy(np.ascontiguousarray(panel[:, cols]))
-                block = host.to(self.dev, non_blocking=True).float()
-                self.sums += block.sum(dim=1, dtype=torch.float64)
-                shift = block.mean(dim=0, dtype=torch.float64).float()  # as on the CPU
-                block -= shift
-                self.cross += block.double() @ shift.double()
-                self.shift2 += shift.double() @ shift.double()
-                self.part.addmm_(block, block.T)
-            self.gram += self.part.double()
+            block = torch.from_numpy(panel).to(self.dev)
+            torch.mm(block, block.T, out=self.part)
+            self.gram += self.part
             torch.cuda.synchronize(self.dev)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         self.seconds += time.perf_counter() - t
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self) -> np.ndarray:
         g = self.gram.cpu().numpy()
-        cross = self.cross.cpu().numpy()
-        g = (g + g.T) / 2 + cross[:, None] + cross[None, :] + float(self.shift2)
-        return g, self.sums.cpu().numpy()
+        return (g + g.T) / 2
