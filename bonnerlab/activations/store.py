@@ -282,12 +282,10 @@ class ActivationStore:
                 (chunk,) + (0,) * (array.ndim - 1), array.config, default_buffer_prototype()
             )
         )
-        width = array.chunks[1] if array.ndim > 1 else shard[0]
-        pieces = (
-            [values]
-            if array.ndim < 2
-            else [values[:, j : j + width] for j in range(0, shard[1], width)]
-        )
+        pieces = [values]  # no feature dims: one inner chunk
+        if array.ndim > 1:
+            width = array.chunks[1]
+            pieces = [values[:, j : j + width] for j in range(0, shard[1], width)]
         encoded = sync(
             sharding.codec_pipeline.encode(
                 [(NDBuffer.from_numpy_array(np.ascontiguousarray(p)), spec) for p in pieces]
