@@ -20,6 +20,10 @@ Sections (each prints figures; the run exits non-zero if any check fails):
      image folder (CPU and GPU decode) and from shards as a share of synthetic input; extraction
      from JPEG files and from shards; the GPU-decode feed + forward (extraction's ceiling), each
      with GPU utilisation (`--sections 7` alone: about 3 minutes on an H200)
+  8. analysis on the GPU: a layer's streamed Gram (n 2,000 x p 100,000 float16 from a store)
+     on CUDA against the CPU stream (equal to float32 rounding), its product's rate against
+     the device's float32 matmul rate (TF32 off; the issue asks >= 50%), and cross-validated
+     ridge with per-target alphas (1,000 targets) on CUDA against the CPU, end to end
 Figures go to the screen and to DIR/gpu-check.txt and DIR/gpu-check.json (default bench/out).
 """
 
@@ -1043,13 +1047,91 @@ def section_decode_and_shards(tmp: Path, quick: bool) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def section_analysis(tmp: Path, quick: bool) -> None:
+    """The analysis job's CUDA paths: the streamed Gram and the encoding model, against the
+    CPU's numbers, with the product's share of the device's float32 matmul rate."""
+    from bonnerlab.activations.store import LayerSpec, open_store
+    from bonnerlab.analysis import layer_gram
+    from bonnerlab.analysis.encoding import kernel_ridge_cv, make_folds
+
+    say("8. analysis on the GPU")
+    n, p = (1000, 50_000) if quick else (2000, 100_000)
+    path = tmp / "analysis.zarr"
+    ids = [f"s{i:05d}" for i in range(n)]
+    store, _ = open_store(path, identity={"gpu_check": 8, "n": n, "p": p},
+                          layers=[LayerSpec("x", ("neuroid",), (p,), "float16")],
+                          stimuli=ids, labels=None, chunk_size=100)  # fmt: skip
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((16, p), dtype=np.float32)
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        z = rng.standard_normal((sl.stop - sl.start, 16), dtype=np.float32)
+        x = np.maximum(z @ basis + rng.standard_normal((len(z), p), dtype=np.float32), 0)
+        store.write_chunk(c, {"x": x.astype(np.float16)})
+    store.finalize()
+
+    def matmul_rate() -> float:
+        """float32 TFLOP/s of the device on a panel-shaped product, TF32 off."""
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a = torch.randn(n, 16384, device="cuda")
+        c = torch.empty(n, n, device="cuda")
+        torch.mm(a, a.T, out=c)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, a.T, out=c)
+        torch.cuda.synchronize()
+        return 10 * 2 * n * n * 16384 / (time.perf_counter() - t) / 1e12
+
+    def gram() -> str:
+        rate = matmul_rate()
+        cpu = layer_gram(path, "x", device="cpu", memory_gb=1.0, cache=False)
+        gpu, util = polled_utilisation(
+            lambda: layer_gram(path, "x", device="cuda", memory_gb=1.0, cache=False)
+        )
+        err = float(np.abs(gpu.gram - cpu.gram).max() / np.abs(cpu.gram).max())
+        assert err < 1e-6, f"CUDA Gram differs from the CPU's by {err:.1e} of the largest entry"
+        achieved = 2 * n * n * p / gpu.attrs["compute_s"] / 1e12
+        return (
+            f"n {n} x p {p:,}: max|dG|/max|G| {err:.1e}; CUDA stream {gpu.attrs['read_s']:.2f} s "
+            f"reading + {gpu.attrs['compute_s']:.2f} s product ({achieved:.1f} TFLOP/s = "
+            f"{100 * achieved / rate:.0f}% of the device's {rate:.1f} TFLOP/s float32 matmul, "
+            f"TF32 off), CPU {cpu.attrs['read_s']:.2f} + {cpu.attrs['compute_s']:.2f} s, "
+            f"GPU utilisation {util}%"
+        )
+
+    def encode() -> str:
+        g = layer_gram(path, "x", device="cpu", memory_gb=1.0, cache=True)
+        k = g.centered()
+        w = np.random.default_rng(1).standard_normal((n, 1000)) / np.sqrt(n)
+        y = k @ w / np.sqrt(p) + np.random.default_rng(2).standard_normal((n, 1000))
+        folds = make_folds(n, 5)
+        alphas = np.logspace(-2, 6, 9)
+        t = time.perf_counter()
+        cpu = kernel_ridge_cv(g.gram, y, folds, alphas, device="cpu")
+        t_cpu = time.perf_counter() - t
+        t = time.perf_counter()
+        gpu = kernel_ridge_cv(g.gram, y, folds, alphas, device="cuda")
+        t_gpu = time.perf_counter() - t
+        same = float((gpu.alpha_index == cpu.alpha_index).mean())
+        dp = float(np.abs(gpu.prediction - cpu.prediction).max() / np.abs(cpu.prediction).max())
+        assert dp < 1e-6, f"CUDA encoding predictions differ from the CPU's by {dp:.1e}"
+        return (
+            f"1,000 targets, 5 folds, 9 alphas: max|d prediction| {dp:.1e} of the largest, "
+            f"{100 * same:.1f}% of the alphas the same; CUDA {t_gpu:.2f} s, CPU {t_cpu:.2f} s"
+        )
+
+    check("8", "streamed Gram: CUDA vs CPU, and its matmul rate", gram)
+    check("8", "encoding (per-target alphas): CUDA vs CPU", encode)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--out", default=str(REPO / "bench" / "out"), help="folder for gpu-check.txt/.json"
     )
     parser.add_argument("--quick", action="store_true", help="fewer throughput steps")
-    parser.add_argument("--sections", default="1234567", help="which sections to run, e.g. 145")
+    parser.add_argument("--sections", default="12345678", help="which sections to run, e.g. 145")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         allocated = dist.gpus_allocated()
@@ -1079,6 +1161,8 @@ def main() -> int:
         section_throughput(tmp, args.quick)
     if "7" in sections:
         section_decode_and_shards(tmp, args.quick)
+    if "8" in sections:
+        section_analysis(tmp, args.quick)
     failed = [r for r in RESULTS if r["status"] != "ok"]
     say(
         f"\ngpu-check: {len(RESULTS) - len(failed)} passed, {len(failed)} failed "

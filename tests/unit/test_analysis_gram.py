@@ -222,3 +222,20 @@ def test_a_layer_larger_than_the_memory_limit_is_still_analysed(tmp_path):
     # the panel, the Gram, a block for BLAS and zarr's read buffers (~44 MB of the 80 here)
     assert result["grew_mb"] < 0.7 * stored_mb, (result, stored_mb)
     _close(np.load(tmp_path / "gram.npy")[::20], x64[::20] @ x64.T)  # every 20th row
+
+
+def test_the_torch_lines_the_cuda_path_runs_give_the_numpy_results(tmp_path, monkeypatch):
+    """The CUDA accumulator's torch calls on a CPU device (no GPU here): the same Gram as
+    numpy's path and the in-memory product, with the same shift bookkeeping around it."""
+    torch = pytest.importorskip("torch")
+    x = _features(3)
+    path = write_store(tmp_path / "t.zarr", {"conv": x})
+    cpu = layer_gram(path, "conv", device="cpu", memory_gb=_memory_for(4), cache=False)
+    monkeypatch.setattr(
+        gram, "_accumulator", lambda device, n: gram._CudaAccumulator(n, torch.device("cpu"))
+    )
+    via_torch = layer_gram(path, "conv", device="cuda", memory_gb=_memory_for(4), cache=False)
+    assert via_torch.attrs["passes"] == 2 and via_torch.attrs["device"] == "cpu"
+    _close(via_torch.gram, cpu.gram)
+    _close(via_torch.gram, Gram.from_array(x).gram)
+    np.testing.assert_allclose(via_torch.sums, cpu.sums, rtol=1e-6)
