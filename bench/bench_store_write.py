@@ -1,19 +1,23 @@
-"""What a batch write costs in the activation store, sharded (the layout now, written by the store's
-own shard writer) vs unsharded (one chunk per batch, the layout before) vs sharded written by
-zarr (`array[rows] = values`), measured in one run: CPU time of `write_chunk` for a
-ResNet-50-like batch (layer2 (64, 512, 28, 28), layer3 (64, 1024, 14, 14), float32, zstd), and
-the peak RSS of each, one fresh process per layout. Prints ratios against unsharded (the machine
-may be busy: CPU time, not wall time). `python bench/bench_store_write.py [--batches N]`."""
+"""What a batch write costs in the activation store: sharded (the layout now, written by the
+store's own shard writer) vs unsharded (one chunk per batch, the layout before) vs sharded
+written by zarr (`array[rows] = values`, what the store avoids). CPU time of `write_chunk` for a
+ResNet-50-like batch (layer2 (64, 512, 28, 28), layer3 (64, 1024, 14, 14), float32, zstd), the
+three layouts written in turn, batch by batch, in one process (a busy spell hits all three); then
+the peak RSS of writing, one fresh process per layout. Prints ratios against unsharded (the
+machine may be busy: CPU time, not wall time). `python bench/bench_store_write.py [--batches N]`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,83 +27,92 @@ BATCH = 64
 LAYOUTS = ("unsharded", "sharded", "sharded-zarr")
 
 
-def _write(layout: str, batches: int, out: Path) -> dict[str, float]:
-    """One store of `batches` batches in `layout`; CPU seconds per batch and the RSS peak."""
+def _by_zarr(self, layer: str, chunk: int, values: np.ndarray) -> None:
+    self.chunk_file(layer, chunk).unlink(missing_ok=True)  # else zarr reads the old shard first
+    self.array(layer)[self.chunk_slice(chunk)] = values
+
+
+def _store(layout: str, path: Path, batches: int):
     import zarr
 
     from bonnerlab.activations.store import LayerSpec, open_store
 
-    if layout == "unsharded":  # the previous `_create`: one chunk per batch, no shards
-        create = zarr.Group.create_array
+    create = zarr.Group.create_array
 
-        def unsharded(self, name, *, shards=None, chunks=None, **kw):
-            return create(self, name, chunks=shards or chunks, **kw)
+    def unsharded(self, name, *, shards=None, chunks=None, **kw):
+        return create(self, name, chunks=shards or chunks, **kw)  # the previous `_create`
 
-        zarr.Group.create_array = unsharded
-    if layout == "sharded-zarr":  # zarr's own write of a whole shard (what the store avoids)
-        from bonnerlab.activations.store import ActivationStore
+    with contextlib.ExitStack() as stack:
+        if layout == "unsharded":
+            zarr.Group.create_array = unsharded
+            stack.callback(setattr, zarr.Group, "create_array", create)
+        store, _ = open_store(
+            path,
+            identity={"bench": layout},
+            layers=[LayerSpec(k, ("channel", "y", "x"), v) for k, v in LAYERS.items()],
+            stimuli=[f"s{i}" for i in range(BATCH * batches)],
+            labels=None,
+            chunk_size=BATCH,
+        )
+    if layout == "sharded-zarr":
+        store._write_shard = types.MethodType(_by_zarr, store)
+    return store
 
-        def by_zarr(self, layer, chunk, values):
-            self.chunk_file(layer, chunk).unlink(missing_ok=True)  # else zarr reads it first
-            self.array(layer)[self.chunk_slice(chunk)] = values
 
-        ActivationStore._write_shard = by_zarr
-    specs = [LayerSpec(k, ("channel", "y", "x"), v) for k, v in LAYERS.items()]
-    store, _ = open_store(
-        out,
-        identity={"bench": layout},
-        layers=specs,
-        stimuli=[f"s{i}" for i in range(BATCH * batches)],
-        labels=None,
-        chunk_size=BATCH,
-    )
+def _batch() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    # ReLU outputs: half zeros, like the real thing (zstd's work depends on it)
-    data = {
-        k: np.maximum(rng.standard_normal((BATCH, *v), np.float32), 0) for k, v in LAYERS.items()
-    }
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    cpu = []
-    for c in range(batches):
-        t0 = time.process_time()
-        store.write_chunk(c, data)
-        cpu.append(time.process_time() - t0)
+    out = {}
+    for k, v in LAYERS.items():  # in place: no temporaries to raise the RSS peak before writing
+        out[k] = rng.standard_normal((BATCH, *v), np.float32)
+        np.maximum(out[k], 0, out=out[k])  # ReLU outputs: half zeros (zstd's work depends on it)
+    return out
+
+
+def _peak_rss(layout: str, batches: int) -> tuple[float, float]:
+    """MB of peak RSS of a process writing `batches` batches in `layout`, and how much of it
+    the writes added (over the batch in memory and the imports)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _store(layout, Path(tmp) / "s.zarr", batches)
+        data = _batch()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for c in range(batches):
+            store.write_chunk(c, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    files = sum(1 for _ in out.rglob("c/*/0/0/0"))
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return {
-        "cpu_s_per_batch": float(np.median(cpu)),
-        "rss_added_mb": (peak - before) / 1024,
-        "peak_rss_mb": peak / 1024,
-        "files": files,
-        "store_mb": size / 2**20,
-    }
+    return peak / 1024, (peak - before) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--batches", type=int, default=6)
-    parser.add_argument("--one", choices=LAYOUTS)
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--rss", choices=LAYOUTS)
     args = parser.parse_args()
-    if args.one:  # a fresh process per layout: each peak RSS its own
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(_write(args.one, args.batches, Path(tmp) / "s.zarr")))
+    if args.rss:
+        print(json.dumps(_peak_rss(args.rss, args.batches)))
         return
-    results = {}
-    for _round in range(2):  # alternate, so a busy spell hits both
-        for layout in LAYOUTS:
-            cmd = [sys.executable, __file__, "--one", layout, "--batches", str(args.batches)]
-            run = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-            results.setdefault(layout, []).append(run)
-    for layout, runs in results.items():
-        print(layout, json.dumps(runs))
-    best = {k: min(r["cpu_s_per_batch"] for r in v) for k, v in results.items()}
-    peak = {k: max(r["peak_rss_mb"] for r in v) for k, v in results.items()}
+    data = _batch()
+    cpu: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    wall: dict[str, list[float]] = {layout: [] for layout in LAYOUTS}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {k: _store(k, Path(tmp) / f"{k}.zarr", args.batches) for k in LAYOUTS}
+        for c in range(args.batches):
+            for layout, store in stores.items():
+                t0, w0 = time.process_time(), time.perf_counter()
+                store.write_chunk(c, data)
+                cpu[layout].append(time.process_time() - t0)
+                wall[layout].append(time.perf_counter() - w0)
+    rss = {}
     for layout in LAYOUTS:
+        cmd = [sys.executable, __file__, "--rss", layout, "--batches", str(args.batches)]
+        rss[layout] = json.loads(subprocess.run(cmd, capture_output=True, check=True).stdout)
+    base, base_wall = np.median(cpu["unsharded"]), np.median(wall["unsharded"])
+    for layout in LAYOUTS:
+        median, median_wall = np.median(cpu[layout]), np.median(wall[layout])
         print(
-            f"{layout}: write_chunk CPU {best[layout]:.3f} s/batch "
-            f"(x{best[layout] / best['unsharded']:.2f} of unsharded), peak RSS "
-            f"{peak[layout]:.0f} MB (x{peak[layout] / peak['unsharded']:.2f})"
+            f"{layout}: write_chunk CPU {median:.3f} s/batch (median of {args.batches}; "
+            f"x{median / base:.2f} of unsharded), wall {median_wall:.3f} s "
+            f"(x{median_wall / base_wall:.2f}; inner chunks encode on zarr's threads), "
+            f"peak RSS {rss[layout][0]:.0f} MB, {rss[layout][1]:.0f} MB of it added by the "
+            f"writes (x{rss[layout][1] / max(rss['unsharded'][1], 1):.2f})"
         )
 
 

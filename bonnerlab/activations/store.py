@@ -259,8 +259,10 @@ class ActivationStore:
         the batch, and the file is their bytes then the index, in the order zarr writes: the
         same bytes as `array[rows] = values` (tests/unit/test_store_sharding.py checks it)."""
         import google_crc32c
+        import zarr
         from zarr.core.buffer import default_buffer_prototype
         from zarr.core.buffer.cpu import NDBuffer
+        from zarr.core.common import concurrent_map
         from zarr.core.sync import sync
 
         array = self.array(layer)
@@ -286,11 +288,16 @@ class ActivationStore:
         if array.ndim > 1:
             width = array.chunks[1]
             pieces = [values[:, j : j + width] for j in range(0, shard[1], width)]
-        encoded = sync(
-            sharding.codec_pipeline.encode(
-                [(NDBuffer.from_numpy_array(np.ascontiguousarray(p)), spec) for p in pieces]
-            )
-        )
+
+        async def encode(piece: np.ndarray) -> Any:
+            # copied out of the batch here, under the limit: a few inner chunks at a time
+            buffer = NDBuffer.from_numpy_array(np.ascontiguousarray(piece))
+            [out] = await sharding.codec_pipeline.encode([(buffer, spec)])
+            return out
+
+        # as zarr encodes chunks: concurrently, on its threads (the codecs release the GIL)
+        limit = zarr.config.get("async.concurrency")
+        encoded = sync(concurrent_map([(p,) for p in pieces], encode, limit))
         parts = [b.as_numpy_array() for b in encoded]  # every inner chunk, all-NaN ones too
         sizes = np.array([p.nbytes for p in parts], dtype="<u8")
         index = np.stack([np.cumsum(sizes) - sizes, sizes], axis=1).astype("<u8").tobytes()
