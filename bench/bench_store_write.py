@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -68,17 +67,27 @@ def _batch() -> dict[str, np.ndarray]:
     return out
 
 
+def _status_mb(field: str) -> float:
+    """VmHWM (peak RSS) or VmRSS of this process, in MB, from /proc (ru_maxrss would carry the
+    parent's RSS from before exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def _peak_rss(layout: str, batches: int) -> tuple[float, float]:
     """MB of peak RSS of a process writing `batches` batches in `layout`, and how much of it
-    the writes added (over the batch in memory and the imports)."""
+    the writes added over the RSS before them (the batch in memory, the imports)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = _store(layout, Path(tmp) / "s.zarr", batches)
         data = _batch()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _status_mb("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # the peak from here on
         for c in range(batches):
             store.write_chunk(c, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024, (peak - before) / 1024
+        peak = _status_mb("VmHWM")
+    return peak, peak - before
 
 
 def main() -> None:
