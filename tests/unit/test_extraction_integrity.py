@@ -147,7 +147,7 @@ def test_rerun_rewrites_exactly_the_damaged_chunks_bit_for_bit(
     intact = tmp_path / "intact.zarr"
     shutil.copytree(out, intact)
     store = ActivationStore(out)
-    assert (store.inner_chunks("features.0") is None) == (layout == "unsharded")
+    assert (store.inner_chunk_width("features.0") is None) == (layout == "unsharded")
     store.chunk_file("features.0", 1).unlink()
     corrupt = store.chunk_file("fc", 2)
     data = bytearray(corrupt.read_bytes())
@@ -155,7 +155,7 @@ def test_rerun_rewrites_exactly_the_damaged_chunks_bit_for_bit(
     corrupt.write_bytes(bytes(data))
     problems = 2
     if layout == "sharded":
-        assert store.inner_chunks("features.0") == 4
+        assert store.inner_chunk_width("features.0") == 4
         flip_in_inner_chunk(store.chunk_file("features.0", 2), 4, 1)
         where = r"layer features.0 chunk 2 \(rows 8-9\), inner chunk 1 \(channel 4-7\)"
         with pytest.raises(StoreError, match=where):

@@ -99,7 +99,7 @@ def test_one_shard_file_per_batch_inner_chunks_along_the_first_feature_dim(tmp_p
         # how an analysis finds a panel's width: the inner chunk along the first feature dim
         assert da.encoding["chunks"] == (CHUNK, *inner)
         assert store.checksummed(layer)
-    assert store.inner_chunks("conv") == k and store.inner_chunks("fc") == 5
+    assert store.inner_chunk_width("conv") == k and store.inner_chunk_width("fc") == 5
     assert verify(path)["checksums"] == "crc32c" and verify(path)["problems"] == []
 
 
@@ -121,7 +121,7 @@ def test_flipped_byte_in_one_inner_chunk_named_and_panels_read_around_it(tmp_pat
     path = tmp_path / "s.zarr"
     values = _values()
     store = _store(path, values)
-    k = store.inner_chunks("conv")
+    k = store.inner_chunk_width("conv")
     _flip_in_inner_chunk(store.chunk_file("conv", 1), 24 // k, 1)
     where = rf"layer conv chunk 1 \(rows 4-7\), inner chunk 1 \(channel {k}-{2 * k - 1}\)"
 
@@ -223,7 +223,7 @@ def test_all_nan_inner_chunks_written_and_a_never_written_one_is_damage(tmp_path
         2, {k: v[8:] for k, v in values.items()}, skipped[2]
     )
     assert store.finalize()["skipped"] == 3
-    k = store.inner_chunks("conv")
+    k = store.inner_chunk_width("conv")
     for c in range(store.n_chunks):
         index = _index(store.chunk_file("conv", c), 24 // k)
         assert (index != 2**64 - 1).all()  # every inner chunk written, all-NaN ones too
@@ -280,7 +280,7 @@ def test_unsharded_store_reads_verifies_resumes_and_repairs(tmp_path, monkeypatc
     assert store.chunk_file("conv", 2).is_file()
     store.finalize()
     assert json.loads((path / "conv" / "zarr.json").read_text())["codecs"] == meta["codecs"]
-    assert store.inner_chunks("conv") is None and store.checksummed("conv")
+    assert store.inner_chunk_width("conv") is None and store.checksummed("conv")
     for layer in values:
         np.testing.assert_array_equal(
             activations.open_activations(path, layer, drop_skipped=False).values, values[layer]
