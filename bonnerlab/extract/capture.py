@@ -282,14 +282,17 @@ def feature_dims(ndim: int, pooling: str, projected: bool = False) -> tuple[str,
 class Capture:
     """Forward hooks that reduce and copy the requested layers' outputs; a context manager.
 
-    Each capture is copied straight into a preallocated CPU buffer: the copy happens inside the
-    hook, so an in-place op that follows cannot change it, and reusing `slots` fixed buffers
-    (instead of allocating per batch) keeps the process's memory flat however many batches run.
+    Each capture is copied into a CPU buffer inside the hook, so an in-place op that follows
+    cannot change it. Pinned buffers (CUDA) are `slots` fixed ones reused round-robin (pinning is
+    costly). Plain CPU buffers are allocated per batch and freed as soon as the writer has written
+    them: a fixed slot would stay allocated through the next batch's first layers, which are the
+    forward pass's own peak (ResNet-50's layer1 at 56x56), and add a whole batch of captures to
+    it (layer2+layer3 at batch 32: 77 MB, +6% peak RSS); a fresh one costs a page fault per 4 kB
+    written once, well under 1 ms per image.
     The caller must not reuse a slot while its previous contents are still being written:
     `before_first_copy` (e.g. the writer's `acquire`) is called when a forward pass is about to
     fill its slot, i.e. at the first requested layer, not before the pass starts. So one slot
-    still overlaps writing batch N with batch N+1's layers before the first captured one, and
-    holds one batch of captures instead of two (ResNet-50 layer2+layer3 at batch 32: 77 MB).
+    still overlaps writing batch N with batch N+1's layers before the first captured one.
     """
 
     def __init__(
@@ -313,6 +316,8 @@ class Capture:
 
     def _dest(self, name: str, t: torch.Tensor) -> torch.Tensor:
         shape = tuple(t.shape)
+        if not self.pin_memory:
+            return torch.empty(shape, dtype=self.dtype)  # this batch's own, see the class doc
         bufs = self.buffers.get(name)
         if bufs is None or bufs[0].shape[0] < shape[0] or bufs[0].shape[1:] != shape[1:]:
             bufs = [

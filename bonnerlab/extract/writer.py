@@ -25,13 +25,13 @@ _MALLOC_TRIM = _load_malloc_trim()
 def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim`; a no-op elsewhere).
 
-    Once per written chunk, on the writer thread: zarr's encode buffers (a compressed copy of a
-    batch of one layer, and its checksummed copy) are freed into heaps glibc rarely shrinks, on
-    top of the forward pass's own peak (+19% peak RSS on ResNet-50 at batch 32 without it). A
-    fixed mmap threshold (16 MB) kept RSS down too, but made every 16-32 MB tensor of the
-    forward pass a fresh mmap, zero-filled by the kernel on each batch: +32% page faults and
-    +19 ms of system time per image on ResNet-50, +55% and +22 ms on ViT-B/16
-    (bench/bench_extract.py). Trimming once per chunk costs a few page faults, no more."""
+    Once per written chunk, on the writer thread: the chunk's capture buffers and zarr's encode
+    buffers (a compressed copy of a batch of one layer, and its checksummed copy) are freed into
+    heaps glibc rarely shrinks, on top of the forward pass's own peak (+19% peak RSS on ResNet-50
+    at batch 32 without it). A fixed mmap threshold (16 MB) kept RSS down too, but made every
+    16-32 MB tensor of the forward pass a fresh mmap, zero-filled by the kernel on each batch:
+    +32% page faults and +19 ms of system time per image on ResNet-50, +55% and +22 ms on
+    ViT-B/16 (bench/bench_extract.py). Trimming once per chunk costs a few page faults, no more."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
@@ -60,17 +60,31 @@ class ChunkWriter:
                 return
             if self.error is None:
                 try:
-                    chunk, data, skipped, ready, bad, content, keep = item
-                    if ready is not None:
-                        ready.synchronize()  # the device-to-host copies of this batch have landed
-                    for values in data.values():
-                        if bad:
-                            values[bad] = np.nan
-                    self.store.write_chunk(chunk, data, skipped, content, keep)
-                    release_free_memory()
+                    self._write(*item)
                 except BaseException as e:  # reported to the main thread
                     self.error = e
+            # the batch's buffers are freed here (this was their last reference) and given back
+            # to the OS, before the next batch's first capture: see Capture
+            del item
+            release_free_memory()
             self.free.release()
+
+    def _write(
+        self,
+        chunk: int,
+        data: dict[str, np.ndarray],
+        skipped: list[str],
+        ready: torch.cuda.Event | None,
+        bad: list[int],
+        content: list[str] | None,
+        keep: list[int],
+    ) -> None:
+        if ready is not None:
+            ready.synchronize()  # the device-to-host copies of this batch have landed
+        for values in data.values():
+            if bad:
+                values[bad] = np.nan
+        self.store.write_chunk(chunk, data, skipped, content, keep)
 
     def acquire(self) -> None:
         self.free.acquire()
