@@ -14,7 +14,9 @@ PRESENTATION = "presentation"
 COORDS = ("stimulus", "label")
 CONTENT = "content_hash"  # per row: the stimulus's content, written with the row's chunk
 DONE_DIR = ".done"
-# 2: content hashes, crc32c on every chunk, all-NaN chunks written; 1 (no `format`): neither
+# 2: content hashes, crc32c on every chunk, all-NaN chunks written; 1 (no `format`): neither.
+# Layers sharded along their features are format 2 too: each array's zarr metadata says whether
+# it is sharded (the store reads its layout from there), so stores written before still resume.
 FORMAT = 2
 CONTENT_KEY = "content_sha256"  # the identity's part that finalize adds: all rows' content
 

@@ -1,6 +1,7 @@
-"""`verify`: is a store whole? Every chunk present, its checksum right and decodable, every array
-as long as the stimuli, ids unique and in the order the identity recorded, NaN exactly in the rows
-recorded as skipped. Run by `python -m bonnerlab.activations verify STORE` and at finalize.
+"""`verify`: is a store whole? Every chunk present, its checksums (a sharded layer's: its index's
+and every inner chunk's) right and decodable, every array as long as the stimuli, ids unique and
+in the order the identity recorded, NaN exactly in the rows recorded as skipped. Run by
+`python -m bonnerlab.activations verify STORE` and at finalize.
 
 It reads every chunk once (in threads: file reads, checksums and decompression release the GIL);
 nothing here imports torch.
