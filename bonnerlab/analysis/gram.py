@@ -5,14 +5,15 @@ of a layer's flattened features and its row sums, never the features themselves;
 where X is n x p, and p (hundreds of thousands of features) is what breaks in-memory tools.
 
 How the stream reads the store: a *panel* is a range of the first feature dim for all stimuli,
-as wide as `memory_gb` allows after the Gram itself; its product goes into a float32
-accumulator (BLAS syrk on float32 blocks of the panel, half the flops of a GEMM), added into
-float64 once per panel. Extraction chunks layers along `presentation` only (one chunk per
-batch, all features), so every panel decodes whole row chunks: the decode cost is one full read
-per panel, and few, wide panels matter (`store_reads` in the attrs). A store chunked (or
-sharded) along features too is read chunk-aligned, each chunk decoded once however many
-panels. Cost per value besides the product: one float16 -> float32 conversion (bit
-arithmetic: numpy's cast branches per value) and a few vector passes (row sums, the shift).
+as wide as `memory_gb` allows after the Gram itself; its product (BLAS ssyrk on float32, half
+the flops of a GEMM) is added into float64 once per panel. Extraction shards each layer along
+its features (one file per batch, inner chunks of a few indices of the first feature dim), and
+panel edges fall on those inner chunks, so each is decoded once however many panels
+(`store_reads` in the attrs). A store written before sharding holds one chunk per batch, all
+features: every panel decodes whole rows, and few, wide panels matter. Cost per value besides
+the product: the codec's decode (zstd: ~4 ns of CPU, as much as the rest together), a float16
+-> float32 conversion (bit arithmetic: numpy's cast branches per value), and the shift's few
+vector steps, all in reader threads (`_stream`).
 Nothing here imports torch unless the device is CUDA (or `auto` with torch installed).
 """
 
