@@ -111,12 +111,21 @@ def run_bare(args) -> dict:
 def run_extract(args) -> dict:
     from dataclasses import replace
 
-    from bonnerlab.activations.store import verify
+    from bonnerlab.activations.store import ActivationStore, verify
     from bonnerlab.extract.run import extract
 
     cfg = _cfg(args, args.mode)
+    # the peak so far when finalize starts: the batches' own, apart from finalize's verify
+    real_finalize, at_finalize = ActivationStore.finalize, []
+
+    def finalize(self: ActivationStore) -> dict:
+        at_finalize.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return real_finalize(self)
+
+    ActivationStore.finalize = finalize
     result = extract(cfg)
     usage = resource.getrusage(resource.RUSAGE_SELF)  # before the checks below add their own
+    ActivationStore.finalize = real_finalize
     store = Path(result["store"])
     # the integrity figures: a rerun re-hashes every file (bytes only) and checks every chunk's
     # checksum before deciding there is nothing to do; verify decodes every chunk
@@ -134,6 +143,7 @@ def run_extract(args) -> dict:
         "cpu_seconds": result["cpu_seconds"],
         "store_bytes_per_stimulus": nbytes / result["n_stimuli"],
         "usage": usage,
+        "peak_rss_before_finalize_mb": at_finalize[0],
         **checks,
     }
 
@@ -206,8 +216,13 @@ def main() -> None:
                     print(
                         f"  round {round_} {arch} {mode:<8} {r['images_per_s']:7.2f} images/s  "
                         f"CPU {r['cpu_ms_per_image']:5.0f} ms/img  "
-                        f"peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                        f"faults {r['faults_per_image']:6.0f}/img  "
+                        f"peak RSS {r['peak_rss_mb']:7.0f} MB"
+                        + (
+                            f" ({r['peak_rss_before_finalize_mb']:.0f} before finalize)  "
+                            if "peak_rss_before_finalize_mb" in r
+                            else "  "
+                        )
+                        + f"faults {r['faults_per_image']:6.0f}/img  "
                         f"sys {r['sys_ms_per_image']:4.0f} ms/img",
                         flush=True,
                     )

@@ -51,7 +51,7 @@ from bonnerlab.extract.capture import (
 )
 from bonnerlab.extract.provenance import provenance
 from bonnerlab.extract.stimuli import Stimuli, content_hashes, iter_batches, load_stimuli
-from bonnerlab.extract.writer import ChunkWriter, release_free_memory
+from bonnerlab.extract.writer import ChunkWriter, release_free_memory, share_one_heap
 from bonnerlab.models.preprocess import PreprocessSpec, Transform, resolve_preprocess
 from bonnerlab.models.sources import LoadedModel, load_checkpoint_source, load_source
 from bonnerlab.seeds import projection_seed
@@ -263,6 +263,7 @@ def storage_dtype(cfg: ExtractConfig, precision: Precision) -> str:
 def extract(cfg: ExtractConfig) -> dict[str, Any]:
     """Write the configured layers' activations to the store; returns a summary dict."""
     t_start = time.perf_counter()
+    share_one_heap()  # before zarr's threads and the writer's exist
     device = dist.use_device(cfg.device)
     # recorded in the identity: TF32 changes activations by ~1e-3; autotuning would pick kernels
     # that differ between runs
@@ -339,8 +340,8 @@ def extract(cfg: ExtractConfig) -> dict[str, Any]:
     )
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     layers = plan.layers
-    # finalize's verify decodes a chunk per thread on top of whatever is left: give back the model
-    # (ResNet-50: 100 MB) and the heap the forward passes freed first (+16% peak RSS without)
+    # finalize's verify decodes a chunk per thread on top of whatever is left (ResNet-50 at batch
+    # 32: +650 MB): give back the model (100 MB) and the heap the forward passes freed first
     del model, source, plan
     gc.collect()
     release_free_memory()
