@@ -29,8 +29,8 @@ def share_one_heap() -> None:
     elsewhere). Without it the writer thread and zarr's I/O threads each grow a heap of their own
     from zarr's encode buffers, and the batches' peak RSS crept up batch after batch (ResNet-50 at
     batch 32: +8% over the bare forward pass's after 10 batches, +14% after 32; +3% after 10 with
-    one heap). Those threads malloc a few large buffers per chunk, so sharing one lock costs nothing
-    measurable."""
+    one heap). Those threads malloc a few large buffers per chunk, so they rarely wait on the one
+    lock (CPU per image within a busy machine's noise; to confirm on an idle one)."""
     if _MALLOPT is not None:
         _MALLOPT(_M_ARENA_MAX, 1)
 
