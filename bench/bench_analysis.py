@@ -400,7 +400,7 @@ def bench_gram(args, s, store: Path, tmp: Path) -> list[str]:
     diff = np.abs(np.load(tmp / "ours.npy") - np.load(tmp / "numpy.npy")).max()
     detail = (
         f"{ours['passes']} panels, each chunk decoded {ours['store_reads']:g}x, "
-        f"read {ours['read_s']:.1f} s, "
+        f"read {ours['read_s']:.1f} s, rdm from the Gram {ours['rdm_s']:.2f} s, "
         f"compute {ours['compute_s']:.1f} s, {ours['device']}"
     )
     out += [
