@@ -303,3 +303,39 @@ def test_unsharded_store_reads_verifies_resumes_and_repairs(tmp_path, monkeypatc
     assert store.chunk_file("conv", 1).read_bytes() == intact
     store.finalize()
     assert verify(path)["problems"] == []
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none", "lz4"])
+def test_read_features_equals_zarr_and_names_a_damaged_inner_chunk(tmp_path, compression):
+    """The store's own shard reader (what the Gram reads panels with) against zarr's read of
+    the same rows and features, for every compression, a padded shard (tok: 7 of 8 tokens) and
+    the last, short chunk; a flipped inner chunk is a StoreError naming it, while features
+    outside it still read."""
+    path = tmp_path / "r.zarr"
+    values = _values()
+    store, _ = open_store(
+        path, identity={"toy": 1}, layers=SPECS, stimuli=STIMULI, labels=None,
+        chunk_size=CHUNK, compression=compression,
+    )  # fmt: skip
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        store.write_chunk(c, {k: v[sl] for k, v in values.items()})
+    store.finalize()
+    store = ActivationStore(path, mode="r")
+    for layer, stop in (("conv", 24), ("tok", 7), ("fc", 5)):
+        for chunk in range(store.n_chunks):
+            rows = store.chunk_slice(chunk)
+            for cols in (slice(0, stop), slice(1, stop - 1), slice(stop - 1, stop)):
+                got = store.read_features(layer, chunk, cols)
+                want = np.asarray(store.array(layer)[rows, cols])
+                assert got.dtype == want.dtype and got.shape == want.shape, (layer, chunk, cols)
+                np.testing.assert_array_equal(got, want)
+                np.testing.assert_array_equal(got, values[layer][rows, cols])
+    assert store.read_features("score", 0, slice(0, 1)) is None  # no feature dim: zarr reads it
+    k = store.inner_chunk_width("conv")
+    _flip_in_inner_chunk(store.chunk_file("conv", 1), 24 // k, 1)
+    with pytest.raises(StoreError, match=rf"layer conv chunk 1 .*inner chunk 1 \(channel {k}-"):
+        store.read_features("conv", 1, slice(0, 2 * k))
+    np.testing.assert_array_equal(  # the inner chunks around it
+        store.read_features("conv", 1, slice(2 * k, 24)), values["conv"][4:8, 2 * k :]
+    )
