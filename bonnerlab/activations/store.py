@@ -45,7 +45,6 @@ import json
 import math
 import os
 import shutil
-import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
@@ -66,6 +65,18 @@ from bonnerlab.activations.layout import (
     fingerprint,
     identity_fingerprint,
     stimuli_digest,
+)
+from bonnerlab.activations.shard_file import (
+    DAMAGED,
+    EMPTY,
+    as_array,
+    crc_ok,
+    ends_in_crc,
+    inner_per_shard,
+    sharding_codec,
+    tail,
+    thread_buffer,
+    through,
 )
 from bonnerlab.activations.verify import verify_store
 from bonnerlab.errors import StoreError
@@ -242,7 +253,7 @@ class ActivationStore:
             if len(keep):
                 values = np.array(values)
                 values[list(keep)] = self.read_chunk(layer, chunk)[list(keep)]
-            if _sharding(self.array(layer)) is None:
+            if sharding_codec(self.array(layer)) is None:
                 self.array(layer)[sl] = values  # one whole chunk file: zarr reads nothing
             else:
                 self._write_shard(layer, chunk, values)
@@ -270,8 +281,8 @@ class ActivationStore:
         from zarr.core.sync import sync
 
         array = self.array(layer)
-        sharding = _sharding(array)
-        per_shard = _inner_per_shard(array)
+        sharding = sharding_codec(array)
+        per_shard = inner_per_shard(array)
         if any(n != 1 for i, n in enumerate(per_shard) if i != 1):
             # not split as `_create` does (along the first feature dim only): zarr's way
             self.chunk_file(layer, chunk).unlink(missing_ok=True)  # so it reads no old shard
@@ -352,12 +363,12 @@ class ActivationStore:
         whole and lists the inner chunks (zarr would read a never-written one as NaN).
         Format-1 stores have no checksums (and left all-NaN chunks unwritten)."""
         path = self.chunk_file(layer, chunk)
-        sharded = _sharding(self.array(layer)) is not None and self.checksummed(layer)
+        sharded = sharding_codec(self.array(layer)) is not None and self.checksummed(layer)
         try:
             if checksum:
                 data = path.read_bytes()
             elif sharded:
-                data = _tail(path, self._index_size(layer))  # the index and the file's size
+                data = tail(path, self._index_size(layer))  # the index and the file's size
             elif not path.is_file():
                 raise FileNotFoundError(path)
         except FileNotFoundError:
@@ -367,14 +378,14 @@ class ActivationStore:
             return f"{self._where(layer, chunk)}: its file {path.relative_to(self.path)} is missing"
         if sharded:
             return self._check_shard(layer, chunk, data, features)
-        if checksum and self.checksummed(layer) and not _crc_ok(data):
-            return f"{self._where(layer, chunk)}: its {_DAMAGED}"
+        if checksum and self.checksummed(layer) and not crc_ok(data):
+            return f"{self._where(layer, chunk)}: its {DAMAGED}"
         return None
 
     def _index_size(self, layer: str) -> int:
         """Bytes of a sharded layer's shard index: 16 per inner chunk, then a crc32c."""
         array = self.array(layer)
-        return 16 * int(np.prod(_inner_per_shard(array))) + 4
+        return 16 * int(np.prod(inner_per_shard(array))) + 4
 
     def _check_shard(
         self, layer: str, chunk: int, data: bytes | tuple[bytes, int], features: range | None
@@ -384,11 +395,11 @@ class ActivationStore:
         (offset, nbytes) pair per inner chunk in C order (2**64-1 twice: never written), then its
         crc32c; each inner chunk ends in its own crc32c (checked when `data` is all the bytes)."""
         array = self.array(layer)
-        per_shard = _inner_per_shard(array)
+        per_shard = inner_per_shard(array)
         size = self._index_size(layer)
         index_bytes, file_size = data if isinstance(data, tuple) else (data[-size:], len(data))
-        if file_size < size or not _crc_ok(index_bytes):
-            return f"{self._where(layer, chunk)}: its shard index {_DAMAGED} (or it is truncated)"
+        if file_size < size or not crc_ok(index_bytes):
+            return f"{self._where(layer, chunk)}: its shard index {DAMAGED} (or it is truncated)"
         index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
         inner = range(len(index))
         if features is not None and array.ndim > 1 and len(index) == per_shard[1]:
@@ -396,13 +407,13 @@ class ActivationStore:
             inner = range(features.start // width, min(len(index), -(-features.stop // width)))
         for j in inner:
             offset, nbytes = (int(v) for v in index[j])
-            if offset == _EMPTY and nbytes == _EMPTY:
+            if offset == EMPTY and nbytes == EMPTY:
                 # zarr writes every inner chunk here (write_empty_chunks), all-NaN ones too
                 return f"{self._where(layer, chunk, j)}: it was never written (damaged file)"
             if nbytes < 4 or offset + nbytes > file_size - size:
                 return f"{self._where(layer, chunk, j)}: it lies outside the file (damaged index)"
-            if not isinstance(data, tuple) and not _crc_ok(data[offset : offset + nbytes]):
-                return f"{self._where(layer, chunk, j)}: its {_DAMAGED}"
+            if not isinstance(data, tuple) and not crc_ok(data[offset : offset + nbytes]):
+                return f"{self._where(layer, chunk, j)}: its {DAMAGED}"
         return None
 
     def checksummed(self, layer: str) -> bool:
@@ -410,12 +421,12 @@ class ActivationStore:
         of the rest (format 2), or is a shard whose index and inner chunks each end in one, with
         the index at the end (zarr's default; `_check_shard` reads it there)."""
         array = self.array(layer)
-        sharding = _sharding(array)
+        sharding = sharding_codec(array)
         if sharding is None:
-            return _ends_in_crc(array.metadata.codecs)
+            return ends_in_crc(array.metadata.codecs)
         return (
-            _ends_in_crc(sharding.codecs)
-            and _ends_in_crc(sharding.index_codecs)
+            ends_in_crc(sharding.codecs)
+            and ends_in_crc(sharding.index_codecs)
             and str(getattr(sharding.index_location, "value", sharding.index_location)) == "end"
         )
 
@@ -443,17 +454,17 @@ class ActivationStore:
                 file_size = f.seek(0, os.SEEK_END)
                 f.seek(max(0, file_size - size))
                 index_bytes = f.read(size)
-                if file_size < size or not _crc_ok(index_bytes):
+                if file_size < size or not crc_ok(index_bytes):
                     raise StoreError(self._damage(layer, chunk))
                 index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
-                if last > len(index) or int(index[first:last, 0].max()) == _EMPTY:
+                if last > len(index) or int(index[first:last, 0].max()) == EMPTY:
                     raise StoreError(self._damage(layer, chunk))
                 start = int(index[first, 0])
                 stop = int(index[last - 1, 0] + index[last - 1, 1])
                 if stop > file_size - size or np.any(np.diff(index[first:last, 0]) < 0):
                     raise StoreError(self._damage(layer, chunk))
                 f.seek(start)
-                raw = _thread_buffer("raw", stop - start)  # the inner chunks in order: one read
+                raw = thread_buffer("raw", stop - start)  # the inner chunks in order: one read
                 if f.readinto(raw) != len(raw):
                     raise StoreError(self._damage(layer, chunk))
         except FileNotFoundError:
@@ -463,11 +474,11 @@ class ActivationStore:
         inner = (int(array.chunks[0]), width, *rest)
         if out is None:
             out = np.empty((n_rows, features.stop - features.start, *rest), dtype=array.dtype)
-        piece = _thread_buffer("piece", math.prod(inner) * array.dtype.itemsize)
+        piece = thread_buffer("piece", math.prod(inner) * array.dtype.itemsize)
         for j in range(first, last):
             a = int(index[j, 0]) - start
             data = raw[a : a + int(index[j, 1])]
-            if not _crc_ok(data):
+            if not crc_ok(data):
                 raise StoreError(self._damage(layer, chunk))
             values = decode(data[:-4], piece).view(array.dtype).reshape(inner)
             lo, hi = max(features.start, j * width), min(features.stop, (j + 1) * width)
@@ -487,13 +498,13 @@ class ActivationStore:
         if layer in self._decoders:
             return self._decoders[layer]
         array = self.array(layer)
-        sharding = _sharding(array)
+        sharding = sharding_codec(array)
         decode = None
         if (
             sharding is not None
             and self.checksummed(layer)
             and array.ndim > 1
-            and all(n == 1 for i, n in enumerate(_inner_per_shard(array)) if i != 1)
+            and all(n == 1 for i, n in enumerate(inner_per_shard(array)) if i != 1)
             and array.dtype.byteorder in "<=|"
         ):
             from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
@@ -502,15 +513,15 @@ class ActivationStore:
             middle = codecs[1:-1]
             if isinstance(codecs[0], BytesCodec) and str(codecs[0].endian.value) == "little":
                 if not middle:
-                    decode = _as_array
+                    decode = as_array
                 elif len(middle) == 1 and isinstance(middle[0], ZstdCodec):
                     from numcodecs import Zstd
 
-                    decode = _through(Zstd())
+                    decode = through(Zstd())
                 elif len(middle) == 1 and isinstance(middle[0], BloscCodec):
                     from numcodecs import Blosc
 
-                    decode = _through(Blosc())
+                    decode = through(Blosc())
         self._decoders[layer] = decode
         return decode
 
@@ -604,67 +615,6 @@ class ActivationStore:
             "skipped": len(skipped),
             "verify_seconds": report["seconds"],
         }
-
-
-_EMPTY = 2**64 - 1  # a shard index entry for an inner chunk never written
-_DAMAGED = "checksum does not match (damaged file)"
-
-
-def _as_array(data: np.ndarray, out: np.ndarray) -> np.ndarray:
-    return data
-
-
-def _through(codec: Any) -> Any:
-    """A numcodecs codec's decode into `out` (a uint8 buffer of the decoded size; it releases
-    the GIL)."""
-    return lambda data, out: np.frombuffer(codec.decode(data, out=out), dtype=np.uint8)
-
-
-_THREAD = threading.local()
-
-
-def _thread_buffer(name: str, nbytes: int) -> np.ndarray:
-    """A uint8 buffer of `nbytes` of the calling thread's own, grown as needed and reused."""
-    buf = getattr(_THREAD, name, None)
-    if buf is None or buf.size < nbytes:
-        buf = np.empty(nbytes, dtype=np.uint8)
-        setattr(_THREAD, name, buf)
-    return buf[:nbytes]
-
-
-def _crc_ok(data: bytes | np.ndarray) -> bool:
-    """Whether `data` (bytes, or a uint8 array: google_crc32c takes no memoryview) ends in the
-    crc32c of the rest (zarr's crc32c codec: little-endian)."""
-    import google_crc32c
-
-    return len(data) >= 4 and np.uint32(google_crc32c.value(data[:-4])).tobytes() == bytes(
-        data[-4:]
-    )
-
-
-def _tail(path: Path, n: int) -> tuple[bytes, int]:
-    """The last `n` bytes of a file (all of it if shorter) and its size: a shard's index."""
-    with open(path, "rb") as f:
-        size = f.seek(0, os.SEEK_END)
-        f.seek(max(0, size - n))
-        return f.read(), size
-
-
-def _inner_per_shard(array: Any) -> list[int]:
-    """How many inner chunks a sharded array's shard holds along each dim."""
-    return [-(-s // c) for s, c in zip(array.shards, array.chunks, strict=True)]
-
-
-def _ends_in_crc(codecs: Sequence[Any]) -> bool:
-    return bool(codecs) and type(codecs[-1]).__name__ == "Crc32cCodec"
-
-
-def _sharding(array: Any) -> Any:
-    """A layer's sharding codec (its only array-to-bytes codec), or None if unsharded."""
-    from zarr.codecs import ShardingCodec
-
-    codecs = array.metadata.codecs
-    return codecs[0] if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec) else None
 
 
 def _one_line(e: BaseException) -> str:
