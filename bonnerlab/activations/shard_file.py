@@ -49,6 +49,27 @@ def crc_ok(data: bytes | np.ndarray) -> bool:
     )
 
 
+def read_index(index_bytes: bytes, file_size: int, size: int) -> np.ndarray | None:
+    """A shard's index from its last `size` bytes (`index_bytes`, of a file of `file_size`): one
+    (offset, nbytes) row per inner chunk in C order; None if it is truncated or its crc32c does
+    not match."""
+    if file_size < size or len(index_bytes) != size or not crc_ok(index_bytes):
+        return None
+    return np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
+
+
+def entry_problem(entry: np.ndarray, data_end: int) -> str | None:
+    """What is wrong with one index entry (offset, nbytes) of a shard whose inner chunks end
+    before `data_end` (the index's start), or None."""
+    offset, nbytes = int(entry[0]), int(entry[1])
+    if offset == EMPTY and nbytes == EMPTY:
+        # the store writes every inner chunk (write_empty_chunks), all-NaN ones too
+        return "it was never written (damaged file)"
+    if nbytes < 4 or offset + nbytes > data_end:
+        return "it lies outside the file (damaged index)"
+    return None
+
+
 def tail(path: Path, n: int) -> tuple[bytes, int]:
     """The last `n` bytes of a file (all of it if shorter) and its size: a shard's index."""
     with open(path, "rb") as f:

@@ -68,11 +68,12 @@ from bonnerlab.activations.layout import (
 )
 from bonnerlab.activations.shard_file import (
     DAMAGED,
-    EMPTY,
     as_array,
     crc_ok,
     ends_in_crc,
+    entry_problem,
     inner_per_shard,
+    read_index,
     sharding_codec,
     tail,
     thread_buffer,
@@ -398,20 +399,18 @@ class ActivationStore:
         per_shard = inner_per_shard(array)
         size = self._index_size(layer)
         index_bytes, file_size = data if isinstance(data, tuple) else (data[-size:], len(data))
-        if file_size < size or not crc_ok(index_bytes):
+        index = read_index(index_bytes, file_size, size)
+        if index is None:
             return f"{self._where(layer, chunk)}: its shard index {DAMAGED} (or it is truncated)"
-        index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
         inner = range(len(index))
         if features is not None and array.ndim > 1 and len(index) == per_shard[1]:
             width = array.chunks[1]  # only the first feature dim is split (as `_create` does)
             inner = range(features.start // width, min(len(index), -(-features.stop // width)))
         for j in inner:
+            problem = entry_problem(index[j], file_size - size)
+            if problem:
+                return f"{self._where(layer, chunk, j)}: {problem}"
             offset, nbytes = (int(v) for v in index[j])
-            if offset == EMPTY and nbytes == EMPTY:
-                # zarr writes every inner chunk here (write_empty_chunks), all-NaN ones too
-                return f"{self._where(layer, chunk, j)}: it was never written (damaged file)"
-            if nbytes < 4 or offset + nbytes > file_size - size:
-                return f"{self._where(layer, chunk, j)}: it lies outside the file (damaged index)"
             if not isinstance(data, tuple) and not crc_ok(data[offset : offset + nbytes]):
                 return f"{self._where(layer, chunk, j)}: its {DAMAGED}"
         return None
@@ -453,16 +452,14 @@ class ActivationStore:
             with open(path, "rb", buffering=0) as f:
                 file_size = f.seek(0, os.SEEK_END)
                 f.seek(max(0, file_size - size))
-                index_bytes = f.read(size)
-                if file_size < size or not crc_ok(index_bytes):
+                index = read_index(f.read(size), file_size, size)
+                if index is None or last > len(index):
                     raise StoreError(self._damage(layer, chunk))
-                index = np.frombuffer(index_bytes[:-4], dtype="<u8").reshape(-1, 2)
-                if last > len(index) or int(index[first:last, 0].max()) == EMPTY:
+                entries = index[first:last]
+                if any(entry_problem(e, file_size - size) for e in entries):
                     raise StoreError(self._damage(layer, chunk))
-                start = int(index[first, 0])
-                stop = int(index[last - 1, 0] + index[last - 1, 1])
-                if stop > file_size - size or np.any(np.diff(index[first:last, 0]) < 0):
-                    raise StoreError(self._damage(layer, chunk))
+                start = int(entries[:, 0].min())
+                stop = int((entries[:, 0] + entries[:, 1]).max())
                 f.seek(start)
                 raw = thread_buffer("raw", stop - start)  # the inner chunks in order: one read
                 if f.readinto(raw) != len(raw):

@@ -28,9 +28,10 @@ stimulus predicted once, by the fold that held it out), and per fold as well.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ from bonnerlab.analysis.targets import (
 from bonnerlab.errors import AnalysisError, ConfigError, UserError
 
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 6, 9).tolist())
-BLOCK_ELEMENTS = 2**24  # training rows x targets per block: ~128 MB per float64 temporary
+# training rows x targets per block: ~32 MB per float64 temporary (a block has about six;
+# at 2**24, 128 MB each, they were a quarter of encode's peak at 10,000 targets)
+BLOCK_ELEMENTS = 2**22
 
 
 @dataclass
@@ -153,13 +156,22 @@ class _Fold:
 
 def _fold_setup(xp: Any, K: Any, tr: Any, te: Any, alphas: Any) -> _Fold:
     """Everything a fold needs that does not depend on the targets: one eigendecomposition."""
-    k_tr = K[tr][:, tr]
-    k_te = K[te][:, tr]
-    col = k_tr.mean(0)
+    # in place, one (n_tr, n_tr) at a time: at n = 5,000 each is 128 MB, and the fold's
+    # temporaries were the peak of encode
+    kc = K[tr[:, None], tr[None, :]]
+    col = kc.mean(0)
     total = col.mean()
-    kc = k_tr - col[:, None] - col[None, :] + total
-    kc_te = k_te - k_te.mean(1)[:, None] - col[None, :] + total
-    lam, Q = xp.linalg.eigh((kc + kc.T) / 2)
+    kc_te = K[te[:, None], tr[None, :]]
+    kc_te -= kc_te.mean(1)[:, None]
+    kc_te -= col[None, :]
+    kc_te += total
+    kc -= col[:, None]
+    kc -= col[None, :]
+    kc += total
+    # eigh reads one triangle (numpy's and torch's: the lower), so kc's round-off asymmetry
+    # needs no (kc + kc.T) / 2
+    lam, Q = xp.linalg.eigh(kc)
+    del kc
     lam = lam.clip(min=0)  # round-off below zero (the constant vector is a 0-eigenvector)
     D = 1.0 / (lam[:, None] + alphas[None, :])
     ones = Q.sum(0)  # Q^T 1
@@ -207,6 +219,23 @@ def _backend(device: str):
 # ----------------------------------------------------------------------------- scores
 
 
+def _by_columns(score):
+    """`score(y, p)` a block of columns at a time: its centred copies stay ~32 MB each, not
+    three n x targets temporaries (1.2 GB at 5,000 x 10,000, encode's peak)."""
+
+    @functools.wraps(score)
+    def scored(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+        step = max(1, BLOCK_ELEMENTS // max(1, len(y)))
+        if y.ndim < 2 or y.shape[1] <= step:
+            return score(y, p)
+        return np.concatenate(
+            [score(y[:, a : a + step], p[:, a : a + step]) for a in range(0, y.shape[1], step)]
+        )
+
+    return scored
+
+
+@_by_columns
 def pearson(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Per-column Pearson r (NaN for a constant column)."""
     yc, pc = y - y.mean(0), p - p.mean(0)
@@ -214,6 +243,7 @@ def pearson(y: np.ndarray, p: np.ndarray) -> np.ndarray:
         return (yc * pc).sum(0) / np.sqrt((yc**2).sum(0) * (pc**2).sum(0))
 
 
+@_by_columns
 def r2_score(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Per-column R^2 = 1 - SSE / SS about the column's mean (scikit-learn's r2_score)."""
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -304,6 +334,9 @@ def encode(
         else _layer_gram(source, layer, device, memory_gb, cache, progress)
     )
     K = gram.select(list(stimuli)).gram
+    # the fit needs only K: the Gram's own n x n (a copy when targets reorder or drop stimuli)
+    # goes, unless the caller holds it
+    gram = replace(gram, gram=np.empty((0, 0)), sums=np.empty(0))
     fit = kernel_ridge_cv(K, y, folds, alphas, device=device)
     return _dataset(
         da,

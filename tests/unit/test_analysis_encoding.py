@@ -9,11 +9,12 @@ import pytest
 import xarray as xr
 from helpers import write_store
 from sklearn.linear_model import Ridge, RidgeCV
+from sklearn.metrics import r2_score as sklearn_r2
 from sklearn.model_selection import GroupKFold
 
 from bonnerlab.activations import flatten, open_activations
 from bonnerlab.analysis import Gram, encode, kernel_ridge_cv, load_targets
-from bonnerlab.analysis.encoding import make_folds, pearson
+from bonnerlab.analysis.encoding import make_folds, pearson, r2_score
 from bonnerlab.errors import UserError
 
 ALPHAS = np.logspace(-2, 6, 9)
@@ -306,3 +307,20 @@ def test_the_torch_lines_the_cuda_path_runs_give_the_numpy_results(monkeypatch):
     np.testing.assert_array_equal(got.alpha_index, expected.alpha_index)
     np.testing.assert_allclose(got.prediction, expected.prediction, rtol=0, atol=1e-10)
     np.testing.assert_allclose(got.loo_mse, expected.loo_mse, rtol=1e-10)
+
+
+def test_scores_over_more_targets_than_a_block_equal_scipy_and_sklearn(monkeypatch):
+    # pearson and r2 go a block of columns at a time (memory): the blocks' seams change nothing
+    from scipy.stats import pearsonr
+
+    import bonnerlab.analysis.encoding as encoding
+
+    monkeypatch.setattr(encoding, "BLOCK_ELEMENTS", 40 * 7)  # 7 columns a block at 40 rows
+    rng = np.random.default_rng(3)
+    y = rng.standard_normal((40, 30))
+    p = y + rng.standard_normal(y.shape)
+    p[:, 13] = 1.0  # a constant prediction: NaN r, as pearsonr's undefined one
+    r = pearson(y, p)
+    expected = [pearsonr(y[:, i], p[:, i])[0] if i != 13 else np.nan for i in range(30)]
+    np.testing.assert_allclose(r, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(r2_score(y, p), sklearn_r2(y, p, multioutput="raw_values"))
