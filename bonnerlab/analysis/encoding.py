@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -334,9 +334,10 @@ def encode(
         else _layer_gram(source, layer, device, memory_gb, cache, progress)
     )
     K = gram.select(list(stimuli)).gram
-    # the fit needs only K: the Gram's own n x n (a copy when targets reorder or drop stimuli)
-    # goes, unless the caller holds it
-    gram = replace(gram, gram=np.empty((0, 0)), sums=np.empty(0))
+    # the fit needs only K and the results only the Gram's provenance: its own n x n (a copy
+    # when targets reorder or drop stimuli) goes now, unless the caller holds it
+    attrs, n_features = gram.attrs, gram.n_features
+    del gram
     fit = kernel_ridge_cv(K, y, folds, alphas, device=device)
     return _dataset(
         da,
@@ -346,7 +347,8 @@ def encode(
         fit,
         folds,
         alphas,
-        gram,
+        attrs,
+        n_features,
         groups,
         cv,
         seed,
@@ -419,7 +421,21 @@ def _store_coords(source, layer) -> dict[str, np.ndarray]:
 
 
 def _dataset(
-    da, stimuli, y, counts, fit, folds, alphas, gram, groups, cv, seed, device, predictions, n_store
+    da,
+    stimuli,
+    y,
+    counts,
+    fit,
+    folds,
+    alphas,
+    gram_attrs,
+    n_features,
+    groups,
+    cv,
+    seed,
+    device,
+    predictions,
+    n_store,
 ):
     import xarray as xr
 
@@ -458,8 +474,8 @@ def _dataset(
         else f"KFold({cv}, shuffle=True, random_state={seed})"
     )
     attrs = {
-        **{k: gram.attrs[k] for k in ("store", "fingerprint", "layer") if k in gram.attrs},
-        "n_features": gram.n_features,
+        **{k: gram_attrs[k] for k in ("store", "fingerprint", "layer") if k in gram_attrs},
+        "n_features": n_features,
         "analysis": "encoding: dual-form ridge, intercept, per-target alpha by efficient LOO",
         "folds": how,
         "cv": int(cv),
@@ -471,6 +487,6 @@ def _dataset(
         "repeats_max": int(counts.max()),
         "scores": "r, r2 over the concatenated held-out predictions; r_fold, r2_fold per fold",
         "device": str(device),
-        "versions": gram.attrs.get("versions") or versions(),
+        "versions": gram_attrs.get("versions") or versions(),
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
